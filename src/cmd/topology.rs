@@ -1,0 +1,137 @@
+//! `warren topology show|apply|verify`.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use serde_json::json;
+use warren_topology::{ConnectOptions, ObjectState, Plan, Topology};
+
+use crate::cli::Global;
+
+/// What to do with the topology file.
+#[derive(Debug, clap::Subcommand)]
+pub enum TopologyCmd {
+    /// Print the plan: every exchange, queue (with its arguments) and binding.
+    Show,
+    /// Declare the plan on the broker (idempotent; never deletes anything).
+    Apply,
+    /// Check the broker against the plan: exit 0 when it matches, 1 otherwise.
+    Verify,
+}
+
+/// Runs `warren topology ...`.
+pub async fn run(g: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> {
+    let topology = g.topology()?;
+    let plan = Plan::new(&topology);
+    match cmd {
+        TopologyCmd::Show => {
+            if g.json() {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({ "plan": plan, "lints": topology.lints() })
+                    )?
+                );
+            } else {
+                print!("{plan}");
+                print_lints(&topology);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TopologyCmd::Apply => apply(g, &topology, &plan).await,
+        TopologyCmd::Verify => verify(g, &topology, &plan).await,
+    }
+}
+
+fn print_lints(t: &Topology) {
+    let lints = t.lints();
+    if !lints.is_empty() {
+        println!("WARNINGS");
+        for l in lints {
+            println!("  {l}");
+        }
+    }
+}
+
+async fn connect(g: &Global) -> anyhow::Result<warren_topology::lapin::Connection> {
+    let url = g.url()?;
+    let opts = ConnectOptions::new(url, "cli").attempts(3);
+    Ok(warren_topology::connect(&opts).await?)
+}
+
+async fn apply(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode> {
+    let conn = connect(g).await?;
+    let result = warren_topology::apply(&conn, plan).await;
+    let _ = conn.close(200, "done".into()).await;
+    let done = result.context("topology apply stopped; nothing was declared")?;
+    if g.json() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "applied": done, "lints": t.lints() }))?
+        );
+    } else {
+        for a in &done {
+            let action = match a.action {
+                warren_topology::Action::Created => "created",
+                warren_topology::Action::Unchanged => "unchanged",
+                warren_topology::Action::Bound => "bound",
+            };
+            println!("{action:<10} {:<9} {}", a.kind, a.name);
+        }
+        let created = done
+            .iter()
+            .filter(|a| a.action == warren_topology::Action::Created)
+            .count();
+        println!(
+            "applied {}: {created} created, {} already there",
+            g.topology.display(),
+            done.iter()
+                .filter(|a| a.action == warren_topology::Action::Unchanged)
+                .count()
+        );
+        print_lints(t);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode> {
+    let conn = connect(g).await?;
+    let result = warren_topology::verify(&conn, plan).await;
+    let _ = conn.close(200, "done".into()).await;
+    let report = result?;
+    let ok = report.matches();
+    if g.json() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({ "matches": ok, "checks": report.checks, "lints": t.lints() })
+            )?
+        );
+    } else {
+        for c in &report.checks {
+            match &c.state {
+                ObjectState::Matches => println!("ok        {:<9} {}", c.kind, c.name),
+                ObjectState::Missing => println!("MISSING   {:<9} {}", c.kind, c.name),
+                ObjectState::Differs(d) => println!("DIFFERS   {:<9} {}: {d}", c.kind, c.name),
+            }
+        }
+        println!("bindings are declared by `apply` (idempotent); AMQP cannot list them, so verify does not check them");
+        print_lints(t);
+        if ok {
+            println!("the broker matches {}", g.topology.display());
+        } else {
+            let missing = report
+                .checks
+                .iter()
+                .filter(|c| c.state == ObjectState::Missing)
+                .count();
+            let differ = report.differing().count();
+            println!("the broker does not match {}: {missing} missing, {differ} different (`warren topology apply` creates what is missing; it never changes what differs)", g.topology.display());
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

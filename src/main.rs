@@ -1,0 +1,36 @@
+//! `warren`: the command line. It parses flags, reads env and files, sets up
+//! tracing, wires signals, serves `/metrics` `/healthz` `/readyz`, and calls the
+//! libraries (`warren-topology`, `warren-producer`, `warren-consumer`,
+//! `warren-operator`), which do the work.
+
+mod cli;
+mod cmd;
+#[allow(dead_code)] // used by `consume` and `dlq watch` as they land
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    cli::init_tracing(&cli.global);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(cmd::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = cli::exit_code_of(&e);
+            eprintln!("error: {}", cli::render_error(&e));
+            ExitCode::from(code)
+        }
+    }
+}

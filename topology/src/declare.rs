@@ -1,0 +1,375 @@
+//! Declaring a plan on the broker (`apply`) and checking the broker against it
+//! (`verify`).
+//!
+//! AMQP 0-9-1 cannot read an object's arguments, but it can compare them: a
+//! passive declare says whether an object exists, and an active declare of an
+//! existing object with the same arguments is a no-op while different ones
+//! fail with PRECONDITION_FAILED, whose text names the argument. Every check
+//! runs on its own channel because a failed declare closes the channel.
+//!
+//! `apply` checks everything first and declares nothing when any object
+//! differs: it never deletes or changes an existing queue.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::FieldTable;
+use lapin::{Connection, ErrorKind};
+use serde::Serialize;
+
+use crate::error::TopologyError;
+use crate::plan::{Plan, PlannedExchange, PlannedQueue};
+
+/// What the broker has for one planned object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "detail", rename_all = "snake_case")]
+pub enum ObjectState {
+    /// Exists with exactly the planned settings.
+    Matches,
+    /// Does not exist.
+    Missing,
+    /// Exists with other settings; the detail says which, as far as the broker says.
+    Differs(String),
+}
+
+/// One object's check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// `exchange` or `queue`.
+    pub kind: &'static str,
+    /// Its name.
+    pub name: String,
+    /// What the broker has.
+    #[serde(flatten)]
+    pub state: ObjectState,
+}
+
+/// What the broker has for a whole plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// One check per planned exchange and queue.
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// Whether every object exists with the planned settings.
+    pub fn matches(&self) -> bool {
+        self.checks.iter().all(|c| c.state == ObjectState::Matches)
+    }
+
+    /// The objects that exist with other settings.
+    pub fn differing(&self) -> impl Iterator<Item = &Check> {
+        self.checks
+            .iter()
+            .filter(|c| matches!(c.state, ObjectState::Differs(_)))
+    }
+}
+
+fn lapin_kind(k: crate::config::ExchangeKind) -> lapin::ExchangeKind {
+    use crate::config::ExchangeKind as K;
+    match k {
+        K::Direct => lapin::ExchangeKind::Direct,
+        K::Topic => lapin::ExchangeKind::Topic,
+        K::Fanout => lapin::ExchangeKind::Fanout,
+        K::Headers => lapin::ExchangeKind::Headers,
+    }
+}
+
+fn soft_error(e: &lapin::Error) -> Option<(AMQPSoftError, String)> {
+    match e.kind() {
+        ErrorKind::ProtocolError(p) => match p.kind() {
+            AMQPErrorKind::Soft(s) => Some((s.clone(), p.get_message().to_string())),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// Turns RabbitMQ's "inequivalent arg 'x-message-ttl' for queue 'q' in vhost
+/// '/': received the value '2000' of type 'signedint' but current is the
+/// value '1000' of type 'signedint'" into "x-message-ttl: the broker has 1000,
+/// the topology wants 2000".
+pub fn explain_precondition(text: &str) -> String {
+    let text = text.trim_start_matches("PRECONDITION_FAILED - ");
+    let Some(rest) = text.strip_prefix("inequivalent arg '") else {
+        return text.to_owned();
+    };
+    let Some((arg, rest)) = rest.split_once('\'') else {
+        return text.to_owned();
+    };
+    let quoted = |s: &str| -> Option<String> {
+        let start = s.find("value '")? + "value '".len();
+        let end = s[start..].find('\'')? + start;
+        Some(s[start..end].to_owned())
+    };
+    let (wanted_part, current_part) = match rest.split_once("but current is") {
+        Some((w, c)) => (w, c),
+        None => return format!("argument {arg}: {}", text),
+    };
+    let wanted = quoted(wanted_part).unwrap_or_else(|| "none".into());
+    let current = quoted(current_part)
+        .unwrap_or_else(|| current_part.trim().trim_end_matches('.').to_owned());
+    let current = if current.is_empty() {
+        "none".to_owned()
+    } else {
+        current
+    };
+    format!("{arg}: the broker has {current}, the topology wants {wanted}")
+}
+
+async fn check_exchange(
+    conn: &Connection,
+    e: &PlannedExchange,
+) -> Result<ObjectState, TopologyError> {
+    let broker = |source| TopologyError::Broker {
+        object: format!("exchange {:?}", e.name),
+        source,
+    };
+    let ch = conn.create_channel().await.map_err(broker)?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        durable: true,
+        ..Default::default()
+    };
+    if let Err(err) = ch
+        .exchange_declare(
+            e.name.as_str().into(),
+            lapin_kind(e.kind),
+            passive,
+            FieldTable::default(),
+        )
+        .await
+    {
+        return match soft_error(&err) {
+            Some((AMQPSoftError::NOTFOUND, _)) => Ok(ObjectState::Missing),
+            _ => Err(broker(err)),
+        };
+    }
+    let active = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let state = match ch
+        .exchange_declare(
+            e.name.as_str().into(),
+            lapin_kind(e.kind),
+            active,
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(()) => ObjectState::Matches,
+        Err(err) => match soft_error(&err) {
+            Some((AMQPSoftError::PRECONDITIONFAILED, text)) => {
+                ObjectState::Differs(explain_precondition(&text))
+            }
+            _ => return Err(broker(err)),
+        },
+    };
+    let _ = ch.close(200, "checked".into()).await;
+    Ok(state)
+}
+
+async fn check_queue(conn: &Connection, q: &PlannedQueue) -> Result<ObjectState, TopologyError> {
+    let broker = |source| TopologyError::Broker {
+        object: format!("queue {:?}", q.name),
+        source,
+    };
+    let ch = conn.create_channel().await.map_err(broker)?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..Default::default()
+    };
+    if let Err(err) = ch
+        .queue_declare(q.name.as_str().into(), passive, FieldTable::default())
+        .await
+    {
+        return match soft_error(&err) {
+            Some((AMQPSoftError::NOTFOUND, _)) => Ok(ObjectState::Missing),
+            _ => Err(broker(err)),
+        };
+    }
+    let state = match ch
+        .queue_declare(
+            q.name.as_str().into(),
+            QueueDeclareOptions::durable(),
+            q.field_table(),
+        )
+        .await
+    {
+        Ok(_) => ObjectState::Matches,
+        Err(err) => match soft_error(&err) {
+            Some((AMQPSoftError::PRECONDITIONFAILED, text)) => {
+                ObjectState::Differs(explain_precondition(&text))
+            }
+            _ => return Err(broker(err)),
+        },
+    };
+    let _ = ch.close(200, "checked".into()).await;
+    Ok(state)
+}
+
+/// Checks every planned exchange and queue against the broker. Changes
+/// nothing: missing objects are reported, not created.
+pub async fn verify(conn: &Connection, plan: &Plan) -> Result<Report, TopologyError> {
+    let mut report = Report::default();
+    for e in &plan.exchanges {
+        report.checks.push(Check {
+            kind: "exchange",
+            name: e.name.clone(),
+            state: check_exchange(conn, e).await?,
+        });
+    }
+    for q in &plan.queues {
+        report.checks.push(Check {
+            kind: "queue",
+            name: q.name.clone(),
+            state: check_queue(conn, q).await?,
+        });
+    }
+    Ok(report)
+}
+
+/// What `apply` did to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// It did not exist and was declared.
+    Created,
+    /// It existed with the same settings; nothing changed.
+    Unchanged,
+    /// A binding was declared (idempotent: the broker keeps one).
+    Bound,
+}
+
+/// One line of what `apply` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    /// `exchange`, `queue` or `binding`.
+    pub kind: &'static str,
+    /// The object.
+    pub name: String,
+    /// What happened.
+    pub action: Action,
+}
+
+/// Declares a plan. Checks everything first: if any existing object differs,
+/// returns [`TopologyError::Mismatch`] for the first of them and declares
+/// nothing at all. Applying twice changes nothing.
+pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, TopologyError> {
+    let report = verify(conn, plan).await?;
+    if let Some(c) = report.differing().next() {
+        let ObjectState::Differs(detail) = &c.state else {
+            unreachable!("differing() yields Differs only")
+        };
+        let others: Vec<String> = report
+            .differing()
+            .skip(1)
+            .map(|c| format!("{} {:?}", c.kind, c.name))
+            .collect();
+        let detail = if others.is_empty() {
+            detail.clone()
+        } else {
+            format!("{detail} (also differing: {})", others.join(", "))
+        };
+        return Err(TopologyError::Mismatch {
+            kind: c.kind,
+            name: c.name.clone(),
+            detail,
+        });
+    }
+    let existed = |kind: &str, name: &str| {
+        report
+            .checks
+            .iter()
+            .any(|c| c.kind == kind && c.name == name && c.state == ObjectState::Matches)
+    };
+    let broker = |object: String| move |source| TopologyError::Broker { object, source };
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(broker("a channel".into()))?;
+    let mut done = Vec::new();
+    for e in &plan.exchanges {
+        let opts = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            e.name.as_str().into(),
+            lapin_kind(e.kind),
+            opts,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker(format!("exchange {:?}", e.name)))?;
+        done.push(Applied {
+            kind: "exchange",
+            name: e.name.clone(),
+            action: if existed("exchange", &e.name) {
+                Action::Unchanged
+            } else {
+                Action::Created
+            },
+        });
+    }
+    for q in &plan.queues {
+        ch.queue_declare(
+            q.name.as_str().into(),
+            QueueDeclareOptions::durable(),
+            q.field_table(),
+        )
+        .await
+        .map_err(broker(format!("queue {:?}", q.name)))?;
+        done.push(Applied {
+            kind: "queue",
+            name: q.name.clone(),
+            action: if existed("queue", &q.name) {
+                Action::Unchanged
+            } else {
+                Action::Created
+            },
+        });
+    }
+    for b in &plan.bindings {
+        ch.queue_bind(
+            b.queue.as_str().into(),
+            b.exchange.as_str().into(),
+            b.key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker(format!(
+            "binding {} -> {} ({:?})",
+            b.exchange, b.queue, b.key
+        )))?;
+        done.push(Applied {
+            kind: "binding",
+            name: format!("{} -> {} key {:?}", b.exchange, b.queue, b.key),
+            action: Action::Bound,
+        });
+    }
+    let _ = ch.close(200, "applied".into()).await;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precondition_text_is_explained() {
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'g.retry.1' in vhost '/': received the value '2000' of type 'signedint' but current is the value '1000' of type 'signedint'";
+        assert_eq!(
+            explain_precondition(t),
+            "x-message-ttl: the broker has 1000, the topology wants 2000"
+        );
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue 'g' in vhost '/': received the value 'warren.dlx' of type 'longstr' but current is none";
+        assert_eq!(
+            explain_precondition(t),
+            "x-dead-letter-exchange: the broker has none, the topology wants warren.dlx"
+        );
+        assert_eq!(explain_precondition("something else"), "something else");
+    }
+}

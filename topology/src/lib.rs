@@ -1,0 +1,40 @@
+//! warren-topology: the broker side of warren.
+//!
+//! The topology file model and its validation, the names every object derives
+//! (DESIGN.md's table), the header names of the message contract, connecting
+//! to the broker (with backoff, and a URL that never shows its password), and
+//! declaring or verifying a topology.
+//!
+//! # Layout
+//!
+//! - `config`: [`Topology`], [`Group`], [`Exchange`]: parsing `warren.toml`
+//!   with errors that name file, line and field; lints.
+//! - `names`: derived queue names, `warren.dlx`, and [`headers`].
+//! - `plan`: [`Plan`]: every exchange, queue (with arguments) and binding.
+//! - `connect`: [`AmqpUrl`], [`ConnectOptions`], [`connect`], and [`Broker`],
+//!   the one supervised connection a process shares.
+//! - `declare`: [`apply`] and [`verify`].
+//! - `error`: [`TopologyError`] and [`ConfigError`].
+
+mod config;
+mod connect;
+mod declare;
+mod error;
+mod names;
+mod plan;
+
+pub use config::{
+    parse_duration, Exchange, ExchangeKind, Group, Lint, QueueType, Topology,
+    BROKER_CONSUMER_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH,
+    DEFAULT_RETRY, MAX_NAME_BYTES, MAX_TIERS,
+};
+pub use connect::{connect, redact, AmqpUrl, Broker, ConnectOptions, DEFAULT_AMQP_URL};
+pub use declare::{
+    apply, explain_precondition, verify, Action, Applied, Check, ObjectState, Report,
+};
+pub use error::{ConfigError, TopologyError};
+pub use names::{dead_queue, headers, retry_queue, work_queue, DEAD_LETTER_EXCHANGE};
+pub use plan::{Arg, Plan, PlannedBinding, PlannedExchange, PlannedQueue, Role};
+
+/// Re-exported so that users of the topology crate name the same client types.
+pub use lapin;
