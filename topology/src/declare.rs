@@ -96,22 +96,20 @@ pub fn explain_precondition(text: &str) -> String {
     let Some((arg, rest)) = rest.split_once('\'') else {
         return text.to_owned();
     };
-    let quoted = |s: &str| -> Option<String> {
-        let start = s.find("value '")? + "value '".len();
-        let end = s[start..].find('\'')? + start;
-        Some(s[start..end].to_owned())
+    // "... received the value '2000' of type ..." / "received '2000' ..." / "received none"
+    let value_after = |s: &str, marker: &str| -> Option<String> {
+        let rest = s[s.find(marker)? + marker.len()..].trim_start();
+        let rest = rest.strip_prefix("the value ").unwrap_or(rest);
+        if let Some(q) = rest.strip_prefix('\'') {
+            return Some(q[..q.find('\'')?].to_owned());
+        }
+        rest.starts_with("none").then(|| "none".to_owned())
     };
-    let (wanted_part, current_part) = match rest.split_once("but current is") {
-        Some((w, c)) => (w, c),
-        None => return format!("argument {arg}: {}", text),
-    };
-    let wanted = quoted(wanted_part).unwrap_or_else(|| "none".into());
-    let current = quoted(current_part)
-        .unwrap_or_else(|| current_part.trim().trim_end_matches('.').to_owned());
-    let current = if current.is_empty() {
-        "none".to_owned()
-    } else {
-        current
+    let (Some(wanted), Some(current)) = (
+        value_after(rest, "received"),
+        value_after(rest, "but current is"),
+    ) else {
+        return format!("argument {arg}: {text}");
     };
     format!("{arg}: the broker has {current}, the topology wants {wanted}")
 }
@@ -369,6 +367,11 @@ mod tests {
         assert_eq!(
             explain_precondition(t),
             "x-dead-letter-exchange: the broker has none, the topology wants warren.dlx"
+        );
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'q' in vhost '/': received '20000' of type 'long' but current is '10000' of type 'long'";
+        assert_eq!(
+            explain_precondition(t),
+            "x-message-ttl: the broker has 10000, the topology wants 20000"
         );
         assert_eq!(explain_precondition("something else"), "something else");
     }

@@ -1,0 +1,264 @@
+//! `apply` and `verify` against the real broker, checked through
+//! `rabbitmqctl` rather than through warren's own structs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use serde_json::json;
+use support::*;
+use warren_topology::{apply, verify, Action, ObjectState, Plan, TopologyError};
+
+const FILE: &str = r#"
+[[exchange]]
+name = "orders"
+kind = "topic"
+
+[[group]]
+name = "billing"
+exchange = "orders"
+bindings = ["order.created", "order.paid"]
+retry = ["1s", "10s"]
+delivery_limit = 5
+
+[[group]]
+name = "shipping"
+exchange = "orders"
+bindings = ["order.paid"]
+queue_type = "classic"
+retry = ["500ms"]
+"#;
+
+#[tokio::test]
+async fn apply_creates_exactly_the_derived_objects_and_twice_changes_nothing() {
+    let p = unique_prefix();
+    let t = topology(&p, FILE);
+    let plan = Plan::new(&t);
+    let _guard = Guard::new(&plan);
+    let conn = connect().await;
+
+    let before = verify(&conn, &plan).await.unwrap();
+    assert!(before
+        .checks
+        .iter()
+        .filter(|c| c.name != "warren.dlx")
+        .all(|c| c.state == ObjectState::Missing));
+
+    let done = apply(&conn, &plan).await.unwrap();
+    assert!(done
+        .iter()
+        .filter(|a| a.kind == "queue")
+        .all(|a| a.action == Action::Created));
+
+    let q = broker_queues(&p);
+    let names: Vec<&str> = q.keys().map(String::as_str).collect();
+    let expected: Vec<String> = [
+        "billing",
+        "billing.dead",
+        "billing.retry.1",
+        "billing.retry.2",
+        "shipping",
+        "shipping.dead",
+        "shipping.retry.1",
+    ]
+    .iter()
+    .map(|n| format!("{p}{n}"))
+    .collect();
+    assert_eq!(names, expected);
+    assert!(q.values().all(|q| q.durable));
+
+    let args = |n: &str| json!(q[&format!("{p}{n}")].arguments);
+    assert_eq!(
+        args("billing"),
+        json!({"x-dead-letter-exchange": "warren.dlx", "x-dead-letter-routing-key": format!("{p}billing"), "x-delivery-limit": 5, "x-queue-type": "quorum"})
+    );
+    assert_eq!(q[&format!("{p}billing")].kind, "quorum");
+    assert_eq!(
+        args("billing.retry.2"),
+        json!({"x-dead-letter-exchange": "", "x-dead-letter-routing-key": format!("{p}billing"), "x-dead-letter-strategy": "at-least-once", "x-message-ttl": 10000, "x-overflow": "reject-publish", "x-queue-type": "quorum"})
+    );
+    assert_eq!(
+        args("billing.dead"),
+        json!({"x-queue-type": "classic", "x-queue-version": 2})
+    );
+    assert_eq!(q[&format!("{p}billing.dead")].kind, "classic");
+    assert_eq!(
+        args("shipping"),
+        json!({"x-dead-letter-exchange": "warren.dlx", "x-dead-letter-routing-key": format!("{p}shipping"), "x-queue-type": "classic", "x-queue-version": 2})
+    );
+    assert_eq!(
+        args("shipping.retry.1"),
+        json!({"x-dead-letter-exchange": "", "x-dead-letter-routing-key": format!("{p}shipping"), "x-message-ttl": 500, "x-queue-type": "classic", "x-queue-version": 2})
+    );
+
+    let bindings = broker_bindings(&p);
+    let mut expected = vec![
+        (
+            format!("{p}orders"),
+            format!("{p}billing"),
+            "order.created".to_owned(),
+        ),
+        (
+            format!("{p}orders"),
+            format!("{p}billing"),
+            "order.paid".to_owned(),
+        ),
+        (
+            format!("{p}orders"),
+            format!("{p}shipping"),
+            "order.paid".to_owned(),
+        ),
+        (
+            "warren.dlx".to_owned(),
+            format!("{p}billing.dead"),
+            format!("{p}billing"),
+        ),
+        (
+            "warren.dlx".to_owned(),
+            format!("{p}shipping.dead"),
+            format!("{p}shipping"),
+        ),
+    ];
+    expected.sort();
+    assert_eq!(bindings, expected);
+
+    // Verify matches; applying again changes nothing.
+    assert!(verify(&conn, &plan).await.unwrap().matches());
+    let again = apply(&conn, &plan).await.unwrap();
+    assert!(
+        again
+            .iter()
+            .filter(|a| a.kind != "binding")
+            .all(|a| a.action == Action::Unchanged),
+        "{again:?}"
+    );
+    assert_eq!(broker_queues(&p), q);
+    assert_eq!(broker_bindings(&p), bindings);
+}
+
+#[tokio::test]
+async fn a_changed_tier_ttl_fails_naming_the_queue_and_deletes_nothing() {
+    let p = unique_prefix();
+    let t = topology(&p, FILE);
+    let plan = Plan::new(&t);
+    let _guard = Guard::new(&plan);
+    let conn = connect().await;
+    apply(&conn, &plan).await.unwrap();
+
+    // A message waits in the tier queue: it must survive the failed apply.
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        format!("{p}billing.retry.2").as_str().into(),
+        BasicPublishOptions::default(),
+        b"waiting",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap();
+
+    let changed = topology(
+        &p,
+        &FILE.replace("retry = [\"1s\", \"10s\"]", "retry = [\"1s\", \"20s\"]"),
+    );
+    let changed_plan = Plan::new(&changed);
+    let err = apply(&conn, &changed_plan).await.unwrap_err();
+    match &err {
+        TopologyError::Mismatch { kind, name, detail } => {
+            assert_eq!(*kind, "queue");
+            assert_eq!(name, &format!("{p}billing.retry.2"));
+            assert_eq!(
+                detail,
+                "x-message-ttl: the broker has 10000, the topology wants 20000"
+            );
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("warren deleted nothing"), "{text}");
+
+    let report = verify(&conn, &changed_plan).await.unwrap();
+    assert!(!report.matches());
+    let differing: Vec<_> = report.differing().map(|c| c.name.clone()).collect();
+    assert_eq!(differing, vec![format!("{p}billing.retry.2")]);
+
+    let q = broker_queues(&p);
+    assert_eq!(q.len(), 7, "nothing deleted or added: {:?}", q.keys());
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || async {
+            count(&conn, &format!("{p}billing.retry.2")).await == 1
+        })
+        .await
+    );
+    assert_eq!(
+        json!(q[&format!("{p}billing.retry.2")].arguments["x-message-ttl"]),
+        json!(10000)
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_declared_when_one_object_differs() {
+    let p = unique_prefix();
+    let t = topology(&p, FILE);
+    let plan = Plan::new(&t);
+    let _guard = Guard::new(&plan);
+    let conn = connect().await;
+    // Someone declared the classic work queue by hand, without warren's arguments.
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        format!("{p}shipping").as_str().into(),
+        lapin::options::QueueDeclareOptions::durable(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let err = apply(&conn, &plan).await.unwrap_err();
+    assert!(
+        matches!(&err, TopologyError::Mismatch { name, .. } if name == &format!("{p}shipping")),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("x-dead-letter-exchange: the broker has none, the topology wants warren.dlx"),
+        "{err}"
+    );
+    let q = broker_queues(&p);
+    assert_eq!(
+        q.keys().collect::<Vec<_>>(),
+        vec![&format!("{p}shipping")],
+        "apply declared nothing else"
+    );
+}
+
+#[tokio::test]
+async fn an_exchange_of_another_kind_is_reported() {
+    let p = unique_prefix();
+    let t = topology(&p, FILE);
+    let plan = Plan::new(&t);
+    let _guard = Guard::new(&plan);
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        format!("{p}orders").as_str().into(),
+        lapin::ExchangeKind::Fanout,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let report = verify(&conn, &plan).await.unwrap();
+    let c = report
+        .checks
+        .iter()
+        .find(|c| c.name == format!("{p}orders"))
+        .unwrap();
+    match &c.state {
+        ObjectState::Differs(d) => assert!(d.contains("type"), "{d}"),
+        other => panic!("expected a difference, got {other:?}"),
+    }
+}

@@ -1,0 +1,216 @@
+//! Every kind of bad topology file gets an error naming the file, the line,
+//! the field and what is allowed — the exact text a user sees.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use warren_topology::Topology;
+
+const EXCHANGE: &str = "[[exchange]]\nname = \"orders\"\nkind = \"topic\"\n\n";
+
+fn err(text: &str) -> String {
+    match Topology::parse(text, "warren.toml") {
+        Ok(t) => panic!("expected an error, got {t:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn group(extra: &str) -> String {
+    format!("{EXCHANGE}[[group]]\nname = \"billing\"\nexchange = \"orders\"\nbindings = [\"order.*\"]\n{extra}")
+}
+
+#[test]
+fn unknown_key() {
+    assert_eq!(
+        err(&group("colour = \"red\"\n")),
+        "warren.toml:9:1: group.colour: unknown field `colour`, expected one of `name`, `exchange`, `bindings`, `queue_type`, `retry`, `prefetch`, `concurrency`, `handler_timeout`, `delivery_limit`"
+    );
+}
+
+#[test]
+fn unknown_table() {
+    let e = err("[[exchanges]]\nname = \"orders\"\n");
+    assert!(e.starts_with("warren.toml:1:"), "{e}");
+    assert!(
+        e.contains("unknown field `exchanges`, expected `exchange` or `group`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_exchange() {
+    assert_eq!(
+        err(&format!("{EXCHANGE}{EXCHANGE}")),
+        "warren.toml:6:8: exchange.name: exchange \"orders\" is declared twice; names must be unique"
+    );
+}
+
+#[test]
+fn duplicate_group() {
+    let g = "[[group]]\nname = \"billing\"\nexchange = \"orders\"\n";
+    assert_eq!(
+        err(&format!("{EXCHANGE}{g}{g}")),
+        "warren.toml:9:8: group.name: group \"billing\" is declared twice (or its queue \"billing\" clashes with another group's); group names must be unique"
+    );
+}
+
+#[test]
+fn group_bound_to_undeclared_exchange() {
+    assert_eq!(
+        err(&format!("{EXCHANGE}[[group]]\nname = \"billing\"\nexchange = \"payments\"\n")),
+        "warren.toml:7:12: group.exchange: group \"billing\" is bound to exchange \"payments\", which the file does not declare; declared: orders"
+    );
+}
+
+#[test]
+fn empty_name() {
+    assert_eq!(
+        err("[[exchange]]\nname = \"\"\nkind = \"topic\"\n"),
+        "warren.toml:2:8: exchange.name: must not be empty"
+    );
+}
+
+#[test]
+fn name_over_255_bytes() {
+    let long = "x".repeat(256);
+    assert_eq!(
+        err(&format!(
+            "[[exchange]]\nname = \"{long}\"\nkind = \"topic\"\n"
+        )),
+        "warren.toml:2:8: exchange.name: 256 bytes is over the broker's limit of 255"
+    );
+}
+
+#[test]
+fn group_name_whose_derived_queue_is_too_long() {
+    let long = "g".repeat(250);
+    let e = err(&format!(
+        "{EXCHANGE}[[group]]\nname = \"{long}\"\nexchange = \"orders\"\n"
+    ));
+    assert!(
+        e.starts_with("warren.toml:6:8: group.name: too long: the derived queue"),
+        "{e}"
+    );
+    assert!(e.contains("use a name of at most 246 bytes"), "{e}");
+}
+
+#[test]
+fn reserved_amq_prefix() {
+    assert_eq!(
+        err("[[exchange]]\nname = \"amq.orders\"\nkind = \"topic\"\n"),
+        "warren.toml:2:8: exchange.name: \"amq.orders\" starts with \"amq.\", which the broker reserves for its own objects"
+    );
+}
+
+#[test]
+fn dead_letter_exchange_is_warrens() {
+    let e = err("[[exchange]]\nname = \"warren.dlx\"\nkind = \"topic\"\n");
+    assert!(e.contains("warren's dead-letter exchange"), "{e}");
+}
+
+#[test]
+fn bad_exchange_kind() {
+    assert_eq!(
+        err("[[exchange]]\nname = \"orders\"\nkind = \"round-robin\"\n"),
+        "warren.toml:3:8: exchange.kind: unknown variant `round-robin`, expected one of `direct`, `topic`, `fanout`, `headers`"
+    );
+}
+
+#[test]
+fn bad_queue_type() {
+    let e = err(&group("queue_type = \"stream\"\n"));
+    assert_eq!(e, "warren.toml:9:14: group.queue_type: unknown variant `stream`, expected `quorum` or `classic`");
+}
+
+#[test]
+fn zero_duration() {
+    assert_eq!(
+        err(&group("retry = [\"1s\", \"0s\"]\n")),
+        "warren.toml:9:16: group.retry: \"0s\" is zero; a duration must be positive"
+    );
+}
+
+#[test]
+fn unparsable_duration() {
+    let e = err(&group("handler_timeout = \"soon\"\n"));
+    assert!(
+        e.starts_with("warren.toml:9:19: group.handler_timeout: \"soon\" is not a duration"),
+        "{e}"
+    );
+    assert!(e.contains("like \"500ms\", \"10s\", \"1m\", \"2h\""), "{e}");
+}
+
+#[test]
+fn duration_of_the_wrong_type() {
+    let e = err(&group("handler_timeout = 30\n"));
+    assert!(e.starts_with("warren.toml:9:19: group.handler_timeout: invalid type: integer `30`, expected a string"), "{e}");
+}
+
+#[test]
+fn delivery_limit_on_classic() {
+    assert_eq!(
+        err(&group("queue_type = \"classic\"\ndelivery_limit = 5\n")),
+        "warren.toml:10:18: group.delivery_limit: only quorum queues have a delivery limit; remove it or set queue_type = \"quorum\""
+    );
+}
+
+#[test]
+fn too_many_tiers() {
+    let tiers = vec!["\"1s\""; 21].join(", ");
+    assert_eq!(
+        err(&group(&format!("retry = [{tiers}]\n"))),
+        "warren.toml:9:9: group.retry: 21 tiers; at most 20 are allowed (each tier is a queue: use longer delays instead)"
+    );
+}
+
+#[test]
+fn handler_timeout_at_the_broker_consumer_timeout() {
+    assert_eq!(
+        err(&group("handler_timeout = \"30m\"\n")),
+        "warren.toml:9:19: group.handler_timeout: \"30m\" is at or over the broker's default consumer timeout of 30m, after which the broker closes the channel; use less than 30m"
+    );
+}
+
+#[test]
+fn zero_prefetch_and_concurrency_over_prefetch() {
+    assert!(err(&group("prefetch = 0\n"))
+        .starts_with("warren.toml:9:12: group.prefetch: must be at least 1"));
+    assert_eq!(
+        err(&group("prefetch = 4\nconcurrency = 8\n")),
+        "warren.toml:10:15: group.concurrency: 8 handlers can never be busy with a prefetch of 4; set concurrency at most prefetch"
+    );
+}
+
+#[test]
+fn negative_prefetch() {
+    let e = err(&group("prefetch = -1\n"));
+    assert!(e.starts_with("warren.toml:9:12: group.prefetch:"), "{e}");
+}
+
+#[test]
+fn not_toml_at_all() {
+    let e = err("this is not toml\n");
+    assert!(e.starts_with("warren.toml:1:"), "{e}");
+}
+
+#[test]
+fn missing_file_says_how_to_point_at_another() {
+    let e = Topology::from_file("/nonexistent/warren.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("cannot read topology file /nonexistent/warren.toml:"),
+        "{e}"
+    );
+    assert!(e.contains("-f or WARREN_TOPOLOGY"), "{e}");
+}
+
+#[test]
+fn the_demo_topology_is_valid() {
+    let t = Topology::from_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/demo.toml"
+    ))
+    .unwrap();
+    assert_eq!(t.groups.len(), 2);
+    assert!(t.lints().is_empty(), "{:?}", t.lints());
+}
