@@ -1,0 +1,803 @@
+//! [`ConsumerGroup`]: the runtime. One consuming channel (basic.qos
+//! `prefetch`, per consumer) and one confirm-mode publishing channel for
+//! retry and dead-letter copies, on the process's supervised [`Broker`]
+//! connection; handlers run concurrently, at most `concurrency` at a time.
+//!
+//! # Order
+//!
+//! - `prefetch` bounds deliveries the broker sends before acks;
+//!   `concurrency` bounds handlers running. With `concurrency < prefetch`
+//!   the difference waits in the client, already delivered (and counted by
+//!   `consumer_timeout`). Nothing else is queued.
+//! - A failed delivery's copy is published and confirmed *before* the
+//!   original is acked. A copy that is not confirmed within
+//!   `confirm_timeout` (nacked, unroutable, channel gone) leaves the original
+//!   nacked with requeue: a crash can duplicate, never lose.
+//! - `handler_timeout` cancels the handler (kind `timeout`), which then goes
+//!   through the retry tiers like any retryable error.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::Confirmation;
+use lapin::{Channel, Consumer};
+use prometheus::Registry;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+use warren_topology::{Broker, Group, DEAD_LETTER_EXCHANGE};
+
+use crate::acks::{AckOp, AckWindow, Settle};
+use crate::delivery::Delivery;
+use crate::error::ConsumerError;
+use crate::handler::{ErrorKind, Handler, HandlerError, HandlerResult};
+use crate::headers::{failure_headers, CopyTarget, Failure};
+use crate::metrics::Metrics;
+
+/// Default grace period for in-flight handlers at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default time to wait for the broker to confirm a retry or dead-letter copy.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default pause before requeueing a delivery whose copy was refused (so a
+/// missing retry queue does not turn into a hot redelivery loop).
+pub const DEFAULT_REQUEUE_DELAY: Duration = Duration::from_secs(1);
+
+/// What happens to a delivery, decided from the handler's result. The one
+/// place where results map to ack / retry / dead-letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    /// Success: ack.
+    Ack,
+    /// Publish a copy to retry tier `tier` (1-based), confirm, ack.
+    Retry {
+        /// The tier.
+        tier: usize,
+    },
+    /// Publish a copy to `warren.dlx` (key `{group}`), confirm, ack.
+    DeadLetter,
+}
+
+/// Maps a handler result to a disposition. `failed_before` is the incoming
+/// `x-warren-attempts` (malformed = 0); `tiers` the group's retry tiers.
+pub(crate) fn disposition(result: &HandlerResult, failed_before: u32, tiers: usize) -> Disposition {
+    match result {
+        Ok(()) => Disposition::Ack,
+        Err(e) if e.kind().is_retryable() && (failed_before as usize) < tiers => {
+            Disposition::Retry {
+                tier: failed_before as usize + 1,
+            }
+        }
+        Err(_) => Disposition::DeadLetter,
+    }
+}
+
+/// Settings of a [`ConsumerGroup`]; see [`ConsumerGroup::builder`].
+#[derive(Debug, Clone)]
+struct Settings {
+    group: Group,
+    grace: Duration,
+    confirm_timeout: Duration,
+    requeue_delay: Duration,
+}
+
+/// Builds a [`ConsumerGroup`]. Defaults come from the topology's [`Group`]
+/// (`prefetch`, `concurrency`, `handler_timeout`) and the `DEFAULT_*`
+/// constants of this crate.
+#[derive(Debug)]
+pub struct ConsumerGroupBuilder<H> {
+    settings: Settings,
+    handler: H,
+    metrics: Option<Metrics>,
+}
+
+impl<H: Handler> ConsumerGroupBuilder<H> {
+    /// Handlers in flight at once in this process (at least 1). Default:
+    /// the group's `concurrency`.
+    pub fn concurrency(mut self, n: u16) -> Self {
+        self.settings.group.concurrency = n.max(1);
+        self
+    }
+
+    /// basic.qos prefetch of the consuming channel (at least 1). Default:
+    /// the group's `prefetch`.
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.settings.group.prefetch = n.max(1);
+        self
+    }
+
+    /// How long a handler may run. Default: the group's `handler_timeout`.
+    pub fn handler_timeout(mut self, d: Duration) -> Self {
+        self.settings.group.handler_timeout = d;
+        self
+    }
+
+    /// How long shutdown waits for in-flight handlers before requeueing what
+    /// did not finish. Default [`DEFAULT_SHUTDOWN_GRACE`].
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.settings.grace = d;
+        self
+    }
+
+    /// How long to wait for the confirm of a retry or dead-letter copy.
+    /// Default [`DEFAULT_CONFIRM_TIMEOUT`].
+    pub fn confirm_timeout(mut self, d: Duration) -> Self {
+        self.settings.confirm_timeout = d;
+        self
+    }
+
+    /// Pause before requeueing a delivery whose copy was refused. Default
+    /// [`DEFAULT_REQUEUE_DELAY`].
+    pub fn requeue_delay(mut self, d: Duration) -> Self {
+        self.settings.requeue_delay = d;
+        self
+    }
+
+    /// Metrics to update (register once per registry with
+    /// [`Metrics::register`], clone into each group).
+    pub fn metrics(mut self, m: Metrics) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+
+    /// Registers fresh metrics into `registry` (fails if a group already
+    /// registered them there: use [`Self::metrics`] to share).
+    pub fn registry(mut self, registry: &Registry) -> Result<Self, prometheus::Error> {
+        self.metrics = Some(Metrics::register(registry)?);
+        Ok(self)
+    }
+
+    /// The group.
+    pub fn build(self) -> Result<ConsumerGroup<H>, prometheus::Error> {
+        let metrics = match self.metrics {
+            Some(m) => m,
+            None => Metrics::unregistered()?,
+        };
+        let (ready, _) = watch::channel(false);
+        let name: Arc<str> = self.settings.group.name.as_str().into();
+        Ok(ConsumerGroup {
+            ctx: Arc::new(Ctx {
+                name,
+                settings: self.settings,
+                metrics,
+            }),
+            handler: Arc::new(self.handler),
+            ready,
+        })
+    }
+}
+
+struct Ctx {
+    name: Arc<str>,
+    settings: Settings,
+    metrics: Metrics,
+}
+
+/// A consumer group runtime: a group of the topology plus a handler.
+///
+/// ```no_run
+/// # async fn demo(group: warren_topology::Group, broker: warren_topology::Broker) -> Result<(), Box<dyn std::error::Error>> {
+/// use warren_consumer::{handler_fn, ConsumerGroup, Delivery};
+/// let registry = prometheus::Registry::new();
+/// let group = ConsumerGroup::builder(group, handler_fn(|d: Delivery| async move {
+///     tracing::info!(bytes = d.body().len(), "got one");
+///     Ok(())
+/// }))
+/// .registry(&registry)?
+/// .build()?;
+/// let cancel = tokio_util::sync::CancellationToken::new();
+/// group.run(&broker, cancel).await?;
+/// broker.close().await;
+/// # Ok(()) }
+/// ```
+pub struct ConsumerGroup<H> {
+    ctx: Arc<Ctx>,
+    handler: Arc<H>,
+    ready: watch::Sender<bool>,
+}
+
+impl<H> std::fmt::Debug for ConsumerGroup<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerGroup")
+            .field("group", &self.ctx.settings.group.name)
+            .field("prefetch", &self.ctx.settings.group.prefetch)
+            .field("concurrency", &self.ctx.settings.group.concurrency)
+            .finish()
+    }
+}
+
+/// One consuming session: both channels of one connection generation.
+struct Session {
+    consume: Channel,
+    publish: Channel,
+    consumer: Consumer,
+}
+
+/// Why a session ended.
+enum Ended {
+    /// Cancelled: shut down.
+    Shutdown(AckWindow),
+    /// Channel or connection lost: reconnect.
+    Lost,
+}
+
+/// What a handler task reports back to the consuming loop.
+struct Completion {
+    tag: u64,
+    epoch: u64,
+    settle: Settle,
+    publisher_broken: bool,
+}
+
+impl<H: Handler> ConsumerGroup<H> {
+    /// A builder for `group` handled by `handler`.
+    pub fn builder(group: Group, handler: H) -> ConsumerGroupBuilder<H> {
+        ConsumerGroupBuilder {
+            settings: Settings {
+                group,
+                grace: DEFAULT_SHUTDOWN_GRACE,
+                confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+                requeue_delay: DEFAULT_REQUEUE_DELAY,
+            },
+            handler,
+            metrics: None,
+        }
+    }
+
+    /// Readiness: `true` while connected and consuming, `false` before,
+    /// while reconnecting, and from the moment shutdown starts.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// The group it consumes.
+    pub fn group(&self) -> &Group {
+        &self.ctx.settings.group
+    }
+
+    /// Consumes until `cancel` fires, reconnecting (with backoff) whenever the
+    /// channel or connection is lost. On cancel: basic.cancel, in-flight
+    /// handlers get the grace period, what did not finish is requeued, the
+    /// channels are closed. The connection belongs to `broker` (it may be
+    /// shared with a producer): call [`Broker::close`] after this returns.
+    ///
+    /// Returns an error only for what retrying cannot fix (the work queue
+    /// does not exist, the broker refuses the credentials).
+    pub async fn run(
+        &self,
+        broker: &Broker,
+        cancel: CancellationToken,
+    ) -> Result<(), ConsumerError> {
+        let sem = Arc::new(Semaphore::new(usize::from(
+            self.ctx.settings.group.concurrency.max(1),
+        )));
+        let mut tasks: JoinSet<Completion> = JoinSet::new();
+        let mut epoch = 0u64;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times();
+        let mut delays = backoff.build();
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let opened = tokio::select! {
+                _ = cancel.cancelled() => break,
+                s = self.open(broker) => s,
+            };
+            let mut session = match opened {
+                Ok(s) => s,
+                Err(e) if e.is_transient() => {
+                    let wait = delays.next().unwrap_or(Duration::from_secs(10));
+                    warn!(group = %self.ctx.name, error = %e, retry_in = ?wait, "cannot start consuming; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+                Err(e) => {
+                    self.ready.send_replace(false);
+                    drain_aborting(&mut tasks).await;
+                    return Err(e);
+                }
+            };
+            delays = backoff.build();
+            if epoch > 0 {
+                self.ctx.metrics.reconnects.inc();
+                info!(group = %self.ctx.name, "consuming again after a reconnect");
+            }
+            epoch += 1;
+            self.ready.send_replace(true);
+            let ended = self
+                .consume(&mut session, epoch, &mut tasks, &sem, &cancel)
+                .await;
+            self.ready.send_replace(false);
+            match ended {
+                Ended::Shutdown(window) => {
+                    self.shutdown(session, epoch, tasks, window).await;
+                    return Ok(());
+                }
+                Ended::Lost => {
+                    warn!(group = %self.ctx.name, "channel or connection lost; deliveries in flight will be redelivered by the broker");
+                    close_quietly(&session.consume, 320).await;
+                    close_quietly(&session.publish, 320).await;
+                    if !session_connection_alive(&session) {
+                        broker.invalidate().await;
+                    }
+                }
+            }
+        }
+        self.ready.send_replace(false);
+        drain_aborting(&mut tasks).await;
+        Ok(())
+    }
+
+    async fn open(&self, broker: &Broker) -> Result<Session, ConsumerError> {
+        let group = &self.ctx.settings.group;
+        let err = |what: &'static str| {
+            let group = group.name.clone();
+            move |source| ConsumerError::Broker {
+                group,
+                what,
+                source,
+            }
+        };
+        let connect = |source| ConsumerError::Connect {
+            group: group.name.clone(),
+            source,
+        };
+        let (consume, generation) = broker.channel().await.map_err(connect)?;
+        let queue = group.work_queue();
+        if let Err(e) = consume
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        {
+            let text = e.to_string();
+            if text.contains("NOT_FOUND") || text.contains("NOT-FOUND") || text.contains("no queue")
+            {
+                return Err(ConsumerError::QueueMissing {
+                    group: group.name.clone(),
+                    queue,
+                    detail: text,
+                });
+            }
+            return Err(err("checking the work queue")(e));
+        }
+        consume
+            .basic_qos(group.prefetch.max(1), BasicQosOptions { global: false })
+            .await
+            .map_err(err("basic.qos"))?;
+        let (publish, publish_generation) = broker.channel().await.map_err(connect)?;
+        if publish_generation != generation {
+            close_quietly(&publish, 200).await;
+            return Err(ConsumerError::Connect {
+                group: group.name.clone(),
+                source: warren_topology::TopologyError::Connect {
+                    url: broker.options().url.to_string(),
+                    reason: "the connection changed while opening channels".into(),
+                },
+            });
+        }
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(err("confirm.select"))?;
+        let consumer = consume
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(err("basic.consume"))?;
+        info!(group = %group.name, queue = %queue, prefetch = group.prefetch, concurrency = group.concurrency, consumer_tag = %consumer.tag(), "consuming");
+        Ok(Session {
+            consume,
+            publish,
+            consumer,
+        })
+    }
+
+    async fn consume(
+        &self,
+        s: &mut Session,
+        epoch: u64,
+        tasks: &mut JoinSet<Completion>,
+        sem: &Arc<Semaphore>,
+        cancel: &CancellationToken,
+    ) -> Ended {
+        let prefetch = usize::from(self.ctx.settings.group.prefetch.max(1));
+        let mut window = AckWindow::new(prefetch.div_ceil(2));
+        let mut ops = Vec::with_capacity(8);
+        loop {
+            let next = async {
+                let permit = sem.clone().acquire_owned().await;
+                (permit, s.consumer.next().await)
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ended::Shutdown(window),
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    let mut broken = self.record(done, epoch, &mut window);
+                    while let Some(done) = tasks.try_join_next() {
+                        broken |= self.record(done, epoch, &mut window);
+                    }
+                    if let Err(e) = send_acks(&s.consume, &mut window, &mut ops).await {
+                        warn!(group = %self.ctx.name, error = %e, "ack failed");
+                        return Ended::Lost;
+                    }
+                    if broken {
+                        return Ended::Lost;
+                    }
+                }
+                (permit, item) = next => match (permit, item) {
+                    (Ok(permit), Some(Ok(d))) => {
+                        window.received(d.delivery_tag);
+                        self.spawn(tasks, s.publish.clone(), d, epoch, permit);
+                    }
+                    (_, Some(Err(e))) => {
+                        warn!(group = %self.ctx.name, error = %e, "consumer failed");
+                        return Ended::Lost;
+                    }
+                    (_, None) => {
+                        warn!(group = %self.ctx.name, "the broker ended the consumer (channel closed or queue deleted)");
+                        return Ended::Lost;
+                    }
+                    (Err(_), Some(Ok(_))) => return Ended::Lost,
+                }
+            }
+        }
+    }
+
+    /// Records a finished task; true if its publishing channel broke.
+    fn record(
+        &self,
+        done: Result<Completion, tokio::task::JoinError>,
+        epoch: u64,
+        window: &mut AckWindow,
+    ) -> bool {
+        match done {
+            Ok(c) if c.epoch == epoch => {
+                window.complete(c.tag, c.settle);
+                c.publisher_broken
+            }
+            Ok(c) => {
+                debug!(group = %self.ctx.name, tag = c.tag, "delivery from a lost channel finished; the broker redelivers it");
+                false
+            }
+            Err(e) => {
+                error!(group = %self.ctx.name, error = %e, "handler task failed");
+                false
+            }
+        }
+    }
+
+    fn spawn(
+        &self,
+        tasks: &mut JoinSet<Completion>,
+        publish: Channel,
+        d: lapin::message::Delivery,
+        epoch: u64,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let ctx = self.ctx.clone();
+        let handler = self.handler.clone();
+        let tag = d.delivery_tag;
+        let delivery = Delivery::from_lapin(ctx.name.clone(), d);
+        ctx.metrics
+            .deliveries
+            .with_label_values(&[&*ctx.name])
+            .inc();
+        let span = info_span!(
+            "delivery",
+            group = %ctx.name,
+            message_id = delivery.message_id().unwrap_or(""),
+            attempt = delivery.attempt(),
+            redelivered = delivery.redelivered(),
+        );
+        tasks.spawn(
+            async move {
+                let _permit = permit;
+                let (settle, publisher_broken) = process(&ctx, &*handler, &publish, delivery).await;
+                Completion {
+                    tag,
+                    epoch,
+                    settle,
+                    publisher_broken,
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn shutdown(
+        &self,
+        s: Session,
+        epoch: u64,
+        mut tasks: JoinSet<Completion>,
+        mut window: AckWindow,
+    ) {
+        let name = &self.ctx.name;
+        info!(group = %name, in_flight = tasks.len(), grace = ?self.ctx.settings.grace, "shutting down: cancelling the consumer");
+        let tag = s.consumer.tag();
+        if let Err(e) = with_timeout(
+            Duration::from_secs(5),
+            s.consume.basic_cancel(tag, BasicCancelOptions::default()),
+        )
+        .await
+        {
+            warn!(group = %name, error = %e, "basic.cancel failed");
+        }
+        let deadline = tokio::time::Instant::now() + self.ctx.settings.grace;
+        let mut ops = Vec::new();
+        while !tasks.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                Some(done) = tasks.join_next() => {
+                    self.record(done, epoch, &mut window);
+                    while let Some(done) = tasks.try_join_next() {
+                        self.record(done, epoch, &mut window);
+                    }
+                    if let Err(e) = send_acks(&s.consume, &mut window, &mut ops).await {
+                        warn!(group = %name, error = %e, "ack failed during shutdown; the broker requeues");
+                        break;
+                    }
+                }
+            }
+        }
+        let unfinished = tasks.len();
+        drain_aborting(&mut tasks).await;
+        let requeued = window.outstanding();
+        info!(group = %name, unfinished, requeued, "in-flight handlers done or cancelled; unacked deliveries go back to the queue");
+        // Closing the channel returns every unacked delivery to the queue.
+        close_quietly(&s.publish, 200).await;
+        close_quietly(&s.consume, 200).await;
+    }
+}
+
+async fn drain_aborting(tasks: &mut JoinSet<Completion>) {
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+fn session_connection_alive(s: &Session) -> bool {
+    s.consume.status().connected() || s.publish.status().connected()
+}
+
+async fn with_timeout<T>(
+    d: Duration,
+    f: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(d, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {d:?}")),
+    }
+}
+
+async fn close_quietly(ch: &Channel, code: u16) {
+    if ch.status().connected() {
+        let _ = with_timeout(Duration::from_secs(2), ch.close(code, "bye".into())).await;
+    }
+}
+
+async fn send_acks(
+    ch: &Channel,
+    window: &mut AckWindow,
+    ops: &mut Vec<AckOp>,
+) -> Result<(), lapin::Error> {
+    ops.clear();
+    window.flush(ops);
+    for op in ops.iter() {
+        match op.settle {
+            Settle::Ack => {
+                ch.basic_ack(
+                    op.tag,
+                    BasicAckOptions {
+                        multiple: op.multiple,
+                    },
+                )
+                .await?
+            }
+            Settle::Requeue => {
+                ch.basic_nack(
+                    op.tag,
+                    BasicNackOptions {
+                        multiple: op.multiple,
+                        requeue: true,
+                    },
+                )
+                .await?
+            }
+        }
+    }
+    Ok(())
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        format!("handler panicked: {s}")
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        format!("handler panicked: {s}")
+    } else {
+        "handler panicked".into()
+    }
+}
+
+/// Runs the handler (with its timeout, panics caught) and settles the
+/// delivery. Returns how to settle it and whether the publishing channel
+/// broke.
+async fn process<H: Handler>(
+    ctx: &Ctx,
+    handler: &H,
+    publish: &Channel,
+    delivery: Delivery,
+) -> (Settle, bool) {
+    let group = &*ctx.name;
+    let m = &ctx.metrics;
+    let limit = ctx.settings.group.handler_timeout;
+    let in_flight = m.in_flight.with_label_values(&[group]);
+    in_flight.inc();
+    let started = Instant::now();
+    let run = AssertUnwindSafe(handler.handle(delivery.clone())).catch_unwind();
+    let result: HandlerResult = match tokio::time::timeout(limit, run).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(p)) => Err(HandlerError::new(ErrorKind::Panic, panic_text(&*p))),
+        Err(_) => Err(HandlerError::new(
+            ErrorKind::Timeout,
+            format!(
+                "handler ran past handler_timeout ({}) and was cancelled",
+                humantime::format_duration(limit)
+            ),
+        )),
+    };
+    in_flight.dec();
+    m.handler_seconds
+        .with_label_values(&[group])
+        .observe(started.elapsed().as_secs_f64());
+
+    let tiers = ctx.settings.group.retry.len();
+    let decided = disposition(&result, delivery.failed_attempts(), tiers);
+    let (target, exchange, key, tier) = match decided {
+        Disposition::Ack => {
+            m.handled.with_label_values(&[group, "ack"]).inc();
+            return (Settle::Ack, false);
+        }
+        Disposition::Retry { tier } => (
+            CopyTarget::Retry,
+            String::new(),
+            ctx.settings.group.retry_queue(tier),
+            Some(tier),
+        ),
+        Disposition::DeadLetter => (
+            CopyTarget::DeadLetter,
+            DEAD_LETTER_EXCHANGE.to_owned(),
+            group.to_owned(),
+            None,
+        ),
+    };
+    let Err(failure) = result else {
+        return (Settle::Ack, false);
+    };
+    let headers = failure_headers(
+        delivery.headers(),
+        &Failure {
+            kind: failure.kind(),
+            error: failure.message(),
+            group,
+            attempts: delivery.failed_attempts().saturating_add(1),
+            exchange: delivery.exchange(),
+            routing_key: delivery.routing_key(),
+            now: SystemTime::now(),
+            target,
+        },
+    );
+    match publish_copy(ctx, publish, &exchange, &key, &delivery, headers).await {
+        Ok(()) => {
+            match tier {
+                Some(tier) => {
+                    info!(kind = %failure.kind(), error = %failure.message(), tier, queue = %key, "handler failed; retrying later");
+                    m.handled.with_label_values(&[group, "retry"]).inc();
+                    m.retries
+                        .with_label_values(&[group, &tier.to_string()])
+                        .inc();
+                }
+                None => {
+                    warn!(kind = %failure.kind(), error = %failure.message(), "handler failed; dead-lettered");
+                    m.handled.with_label_values(&[group, "dead_letter"]).inc();
+                }
+            }
+            (Settle::Ack, false)
+        }
+        Err(why) => {
+            let broken = !publish.status().connected();
+            error!(error = %why, exchange = %exchange, routing_key = %key, "the copy was not confirmed; requeueing the delivery");
+            m.handled.with_label_values(&[group, "requeue"]).inc();
+            if !broken {
+                tokio::time::sleep(ctx.settings.requeue_delay).await;
+            }
+            (Settle::Requeue, broken)
+        }
+    }
+}
+
+/// Publishes a copy (mandatory) and waits for its confirm.
+async fn publish_copy(
+    ctx: &Ctx,
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    delivery: &Delivery,
+    headers: FieldTable,
+) -> Result<(), String> {
+    let props = delivery.properties().clone().with_headers(headers);
+    let limit = ctx.settings.confirm_timeout;
+    let confirm = with_timeout(
+        limit,
+        ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            delivery.body(),
+            props,
+        ),
+    )
+    .await?;
+    match with_timeout(limit, confirm).await? {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(format!(
+            "unroutable: no queue bound for exchange {exchange:?} key {key:?} (apply the topology)"
+        )),
+        Confirmation::Nack(_) => Err("the broker nacked the copy".into()),
+        Confirmation::NotRequested => Err("the channel is not in confirm mode".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_table() {
+        let ok: HandlerResult = Ok(());
+        let retry: HandlerResult = Err(HandlerError::retryable("x"));
+        let perm: HandlerResult = Err(HandlerError::permanent("x"));
+        let decode: HandlerResult = Err(HandlerError::decode("x"));
+        let panic: HandlerResult = Err(HandlerError::new(ErrorKind::Panic, "x"));
+        let timeout: HandlerResult = Err(HandlerError::new(ErrorKind::Timeout, "x"));
+        assert_eq!(disposition(&ok, 0, 3), Disposition::Ack);
+        assert_eq!(disposition(&ok, 9, 3), Disposition::Ack);
+        assert_eq!(disposition(&retry, 0, 3), Disposition::Retry { tier: 1 });
+        assert_eq!(disposition(&retry, 2, 3), Disposition::Retry { tier: 3 });
+        assert_eq!(disposition(&retry, 3, 3), Disposition::DeadLetter);
+        assert_eq!(disposition(&retry, 0, 0), Disposition::DeadLetter);
+        assert_eq!(disposition(&panic, 1, 3), Disposition::Retry { tier: 2 });
+        assert_eq!(disposition(&timeout, 0, 1), Disposition::Retry { tier: 1 });
+        assert_eq!(disposition(&perm, 0, 3), Disposition::DeadLetter);
+        assert_eq!(disposition(&decode, 0, 3), Disposition::DeadLetter);
+        // A count past the tiers (a clamped or hand-edited header) never
+        // loops: straight to the dead-letter exchange.
+        assert_eq!(disposition(&retry, 10_000, 3), Disposition::DeadLetter);
+    }
+}

@@ -1,0 +1,245 @@
+//! Handlers and their result type.
+//!
+//! A handler is an async function of a [`Delivery`] returning
+//! [`HandlerResult`]: `Ok(())` (ack), or a [`HandlerError`] that is retryable
+//! or permanent. The runtime turns that result into ack / retry queue /
+//! dead-letter in one place (`disposition`).
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use serde::de::DeserializeOwned;
+
+use crate::delivery::Delivery;
+
+/// What a handler returns: `Ok(())` acks the delivery.
+pub type HandlerResult = Result<(), HandlerError>;
+
+/// The kind of a failure, as written to `x-warren-error-kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// May succeed later: goes through the retry tiers.
+    Retryable,
+    /// Will never succeed: dead-lettered at once.
+    Permanent,
+    /// The handler ran past `handler_timeout` (retried).
+    Timeout,
+    /// The handler panicked (retried).
+    Panic,
+    /// The body did not decode: dead-lettered at once.
+    Decode,
+}
+
+impl ErrorKind {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Retryable => "retryable",
+            ErrorKind::Permanent => "permanent",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Panic => "panic",
+            ErrorKind::Decode => "decode",
+        }
+    }
+
+    /// Whether a failure of this kind goes through the retry tiers.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Retryable | ErrorKind::Timeout | ErrorKind::Panic
+        )
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A handler's failure: its kind and a message (stored, one line and at most
+/// 1 KiB, in `x-warren-error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl HandlerError {
+    /// A failure that may succeed later (retried through the tiers).
+    pub fn retryable(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Retryable, message)
+    }
+
+    /// A failure that will never succeed (dead-lettered at once).
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Permanent, message)
+    }
+
+    /// A body that does not decode (dead-lettered at once, kind `decode`).
+    pub fn decode(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Decode, message)
+    }
+
+    /// A failure of any kind.
+    pub fn new(kind: ErrorKind, message: impl fmt::Display) -> Self {
+        HandlerError {
+            kind,
+            message: message.to_string(),
+        }
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Its message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+/// Processes one delivery.
+///
+/// Implement it on a struct (an HTTP client, a command runner) or wrap a
+/// closure with [`handler_fn`]. The delivery is an owned, cheaply cloned
+/// handle: move it into spawned work freely. The future must be `Send`; it
+/// may be dropped (cancelled) at an `.await` when `handler_timeout` passes.
+///
+/// For a handler chosen at run time, box it with [`BoxHandler::new`].
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one delivery.
+    fn handle(&self, delivery: Delivery) -> impl Future<Output = HandlerResult> + Send;
+}
+
+/// A closure handler: see [`handler_fn`].
+pub struct HandlerFn<F> {
+    f: F,
+}
+
+impl<F> fmt::Debug for HandlerFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandlerFn")
+    }
+}
+
+/// A handler from an async closure `Fn(Delivery) -> impl Future<Output = HandlerResult>`.
+///
+/// ```
+/// use warren_consumer::{handler_fn, Delivery, HandlerError};
+/// let h = handler_fn(|d: Delivery| async move {
+///     if d.body().is_empty() {
+///         return Err(HandlerError::permanent("empty body"));
+///     }
+///     Ok(())
+/// });
+/// # let _ = h;
+/// ```
+pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    HandlerFn { f }
+}
+
+impl<F, Fut> Handler for HandlerFn<F>
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    fn handle(&self, delivery: Delivery) -> impl Future<Output = HandlerResult> + Send {
+        (self.f)(delivery)
+    }
+}
+
+/// A typed JSON handler: see [`json_handler`].
+pub struct JsonHandler<T, F> {
+    f: F,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T, F> fmt::Debug for JsonHandler<T, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JsonHandler<{}>", std::any::type_name::<T>())
+    }
+}
+
+/// A handler that decodes the body as JSON into `T` first. A body that does
+/// not decode is dead-lettered with kind `decode` in one attempt, never
+/// retried; the closure is not called.
+pub fn json_handler<T, F, Fut>(f: F) -> JsonHandler<T, F>
+where
+    T: DeserializeOwned + Send + 'static,
+    F: Fn(T, Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    JsonHandler { f, _t: PhantomData }
+}
+
+impl<T, F, Fut> Handler for JsonHandler<T, F>
+where
+    T: DeserializeOwned + Send + 'static,
+    F: Fn(T, Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    fn handle(&self, delivery: Delivery) -> impl Future<Output = HandlerResult> + Send {
+        let decoded = delivery.json::<T>();
+        let fut = decoded.map(|value| (self.f)(value, delivery));
+        async move {
+            match fut {
+                Ok(fut) => fut.await,
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// The object-safe form of [`Handler`], implemented for every handler.
+pub trait DynHandler: Send + Sync + 'static {
+    /// Handles one delivery (boxed future).
+    fn handle_boxed(&self, delivery: Delivery) -> BoxFuture<'_, HandlerResult>;
+}
+
+impl<H: Handler> DynHandler for H {
+    fn handle_boxed(&self, delivery: Delivery) -> BoxFuture<'_, HandlerResult> {
+        Box::pin(self.handle(delivery))
+    }
+}
+
+/// A type-erased handler, for choosing one at run time
+/// (`--http` or `--exec`).
+#[derive(Clone)]
+pub struct BoxHandler(Arc<dyn DynHandler>);
+
+impl BoxHandler {
+    /// Boxes a handler.
+    pub fn new(handler: impl Handler) -> Self {
+        BoxHandler(Arc::new(handler))
+    }
+}
+
+impl fmt::Debug for BoxHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BoxHandler")
+    }
+}
+
+impl Handler for BoxHandler {
+    fn handle(&self, delivery: Delivery) -> impl Future<Output = HandlerResult> + Send {
+        self.0.handle_boxed(delivery)
+    }
+}
