@@ -1,1 +1,64 @@
-//! warren-operator
+//! warren-operator: the dead-letter queues are the operator's inbox.
+//!
+//! Read them without consuming (`stats`, `list`, `show`), put dead letters
+//! back to work (`replay`), delete them (`purge`), move them between
+//! brokers or keep them (`export`, `import`), and watch them (`watch`).
+//! Every function takes a connection (or connect options) and a
+//! [`Metrics`]; none reads the environment, installs a signal handler or
+//! serves HTTP: the `warren dlq` command does that.
+//!
+//! # Layout
+//!
+//! - `reader`: reading a queue without consuming it: [`ReadOptions`],
+//!   [`Coverage`], [`count`]. The order-keeping requeue lives here.
+//! - `message`: [`DeadLetter`] and [`Info`]: what a dead letter's headers
+//!   (or the broker's `x-death`) say.
+//! - `fingerprint`: failure groups: [`fingerprint`], [`normalize`].
+//! - `select`: [`Selection`]: which dead letters a replay or purge takes.
+//! - `inspect`: [`stats`], [`list`], [`show`].
+//! - `replay`: [`replay`] with [`ReplayOptions`], [`Target`].
+//! - `purge`: [`prepare_purge`] → [`PendingPurge::commit`] or `abort`.
+//! - `transfer`: the export format ([`ExportedMessage`]), [`export`],
+//!   [`read_export`], [`import`], [`ExportWriter`].
+//! - `watch`: [`watch`], [`Alert`].
+//! - `audit`: [`AuditRecord`].
+//! - `publish`: the confirm-mode publisher replay and import share.
+//! - `value`: AMQP values as typed JSON and as plain JSON.
+//! - `metrics`: [`Metrics`].
+//! - `error`: [`OperatorError`].
+
+mod audit;
+mod error;
+mod fingerprint;
+mod inspect;
+mod message;
+mod metrics;
+mod publish;
+mod purge;
+mod reader;
+mod replay;
+mod select;
+mod transfer;
+mod value;
+mod watch;
+
+pub use audit::AuditRecord;
+pub use error::OperatorError;
+pub use fingerprint::{fingerprint, normalize};
+pub use inspect::{list, show, stats, stats_of, FailureGroup, GroupStats, Listing, Summary};
+pub use message::{DeadLetter, Info};
+pub use metrics::Metrics;
+pub use publish::DEFAULT_WINDOW;
+pub use purge::{prepare_purge, PendingPurge, PurgeReport};
+pub use reader::{
+    count, Coverage, ReadOptions, DEFAULT_IDLE_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_SCAN_LIMIT,
+    MAX_SCAN_LIMIT,
+};
+pub use replay::{replay, replay_properties, Progress, ReplayOptions, ReplayReport, Target};
+pub use select::Selection;
+pub use transfer::{
+    export, import, read_export, ExportReport, ExportWriter, ExportedMessage, ExportedProperties,
+    ImportReport,
+};
+pub use value::{table_to_plain, table_to_typed, typed_to_table, value_to_plain};
+pub use watch::{watch, Alert, WatchOptions, DEFAULT_INTERVAL, DEFAULT_READ_LIMIT};

@@ -1,0 +1,116 @@
+//! [`OperatorError`]: what can go wrong while reading, replaying, purging,
+//! exporting or importing dead letters.
+
+use std::time::Duration;
+
+/// An operator command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OperatorError {
+    /// The dead-letter queue does not exist.
+    #[error(
+        "queue {queue:?} does not exist (run `warren topology apply` first, or check --group)"
+    )]
+    NoSuchQueue {
+        /// The queue.
+        queue: String,
+    },
+    /// An AMQP operation failed.
+    #[error("{what} on {object:?}: {source}")]
+    Amqp {
+        /// What was being done.
+        what: &'static str,
+        /// The queue or exchange concerned.
+        object: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker did not answer in time.
+    #[error("{what} on {object:?}: no answer from the broker within {}", humantime::format_duration(*.after))]
+    Timeout {
+        /// What was being done.
+        what: &'static str,
+        /// The queue or exchange concerned.
+        object: String,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// The broker refused (nacked) or returned a publish.
+    #[error("publish to exchange {exchange:?} with routing key {routing_key:?} was {outcome} by the broker")]
+    Publish {
+        /// Target exchange ("" is the default exchange).
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+        /// `nacked` or `returned (no queue bound)`.
+        outcome: String,
+    },
+    /// A selection that cannot be used.
+    #[error("bad selection: {0}")]
+    Selection(String),
+    /// A line of an export file is not valid.
+    #[error("{file}:{line}: {reason}")]
+    Import {
+        /// The file.
+        file: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error(transparent)]
+    Topology(#[from] warren_topology::TopologyError),
+}
+
+impl OperatorError {
+    /// Whether trying again later may succeed (broker or network trouble),
+    /// as opposed to a mistake in the command or the data.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OperatorError::Amqp { source, .. } => source.can_be_recovered(),
+            OperatorError::Timeout { .. } => true,
+            OperatorError::Topology(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn amqp(
+        what: &'static str,
+        object: impl Into<String>,
+    ) -> impl FnOnce(lapin::Error) -> Self {
+        let object = object.into();
+        move |source| OperatorError::Amqp {
+            what,
+            object,
+            source,
+        }
+    }
+}
+
+/// Awaits `fut` for at most `after`, naming what and where on timeout.
+pub(crate) async fn timed<T>(
+    after: Duration,
+    what: &'static str,
+    object: &str,
+    fut: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, OperatorError> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(r) => r.map_err(OperatorError::amqp(what, object)),
+        Err(_) => Err(OperatorError::Timeout {
+            what,
+            object: object.to_owned(),
+            after,
+        }),
+    }
+}

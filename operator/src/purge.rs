@@ -1,0 +1,152 @@
+//! `purge`: delete selected dead letters, in two steps so that the caller
+//! can ask for confirmation in between.
+//!
+//! ## Order
+//!
+//! [`prepare_purge`] reads the queue, holds the selected messages (unacked,
+//! so still in the queue) and writes each to the archive when one is given.
+//! [`PendingPurge::commit`] fsyncs the archive first, then acks (deletes).
+//! [`PendingPurge::abort`], or dropping the connection, puts everything back
+//! in order.
+
+use std::time::SystemTime;
+
+use lapin::Connection;
+use serde::Serialize;
+use tracing::info;
+
+use crate::error::OperatorError;
+use crate::reader::{Coverage, ReadOptions, Scan};
+use crate::select::Selection;
+use crate::transfer::ExportWriter;
+
+/// A purge read and waiting for the go-ahead.
+pub struct PendingPurge {
+    group: String,
+    scan: Scan,
+    tags: Vec<u64>,
+    ids: Vec<String>,
+}
+
+impl std::fmt::Debug for PendingPurge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingPurge")
+            .field("group", &self.group)
+            .field("count", &self.tags.len())
+            .finish()
+    }
+}
+
+/// What a purge did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PurgeReport {
+    /// The group.
+    pub group: String,
+    /// How much of the queue was read.
+    pub coverage: Coverage,
+    /// Messages deleted.
+    pub purged: usize,
+    /// Their ids.
+    pub ids: Vec<String>,
+}
+
+/// Reads `group`'s dead letters and holds those `selection` takes; writes
+/// them to `archive` as it goes. Nothing is deleted yet.
+pub async fn prepare_purge(
+    conn: &Connection,
+    group: &str,
+    selection: &Selection,
+    opts: &ReadOptions,
+    mut archive: Option<&mut ExportWriter>,
+) -> Result<PendingPurge, OperatorError> {
+    selection.check()?;
+    let now = SystemTime::now();
+    let mut scan = Scan::open(conn, group, opts).await?;
+    let mut tags = Vec::new();
+    let mut ids = Vec::new();
+    let limit = selection.limit.unwrap_or(usize::MAX);
+    let result = async {
+        while tags.len() < limit {
+            let Some((tag, d)) = scan.next().await? else {
+                break;
+            };
+            if selection.matches(&d.info, now) {
+                if let Some(a) = archive.as_deref_mut() {
+                    a.write(&d)?;
+                }
+                tags.push(tag);
+                ids.push(d.info.id);
+            }
+        }
+        Ok::<_, OperatorError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = scan.finish().await;
+        return Err(e);
+    }
+    Ok(PendingPurge {
+        group: group.to_owned(),
+        scan,
+        tags,
+        ids,
+    })
+}
+
+impl PendingPurge {
+    /// How many it will delete.
+    pub fn count(&self) -> usize {
+        self.tags.len()
+    }
+
+    /// The ids it will delete.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// The group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// How much of the queue was read.
+    pub fn coverage(&self) -> Coverage {
+        self.scan.coverage()
+    }
+
+    /// Deletes them: fsyncs `archive` first (if any), then acks.
+    pub async fn commit(
+        self,
+        archive: Option<&mut ExportWriter>,
+    ) -> Result<PurgeReport, OperatorError> {
+        if let Some(a) = archive {
+            if let Err(e) = a.sync() {
+                let _ = self.scan.finish().await;
+                return Err(e);
+            }
+        }
+        let mut purged = 0;
+        let mut result = Ok(());
+        for tag in &self.tags {
+            if let Err(e) = self.scan.ack(*tag).await {
+                result = Err(e);
+                break;
+            }
+            purged += 1;
+        }
+        let coverage = self.scan.finish().await?;
+        result?;
+        info!(group = %self.group, purged, "purged");
+        Ok(PurgeReport {
+            group: self.group,
+            coverage,
+            purged,
+            ids: self.ids,
+        })
+    }
+
+    /// Deletes nothing: every message goes back in order.
+    pub async fn abort(self) -> Result<(), OperatorError> {
+        self.scan.finish().await.map(|_| ())
+    }
+}

@@ -1,0 +1,313 @@
+//! Reading a dead-letter queue without consuming it.
+//!
+//! AMQP 0-9-1 has no peek. A scan consumes with manual acks and holds every
+//! delivery it reads unacked (the prefetch window is as large as the scan,
+//! so the broker never stalls); at the end it closes its channel, and the
+//! broker puts every unacked message back **at its original position**
+//! (classic queues keep requeued messages in publication order; the
+//! `scan_keeps_order_*` tests check it on the real broker). Messages an
+//! operation took (replayed, purged) are acked before that, and only after
+//! what they were taken for is safe (a confirmed publish, an fsynced
+//! archive).
+//!
+//! ## Limits
+//!
+//! - A scan reads at most the number of messages the queue held when it
+//!   started (so it ends even while dead letters keep arriving), and at most
+//!   [`ReadOptions::scan_limit`]; [`Coverage`] says "scanned N of M".
+//! - Dead-letter queues are classic: a read never counts toward a delivery
+//!   limit. A delivery that carries `x-delivery-count` comes from a quorum
+//!   queue; the scan stops at once rather than burn its delivery limit.
+//! - Every broker call has a timeout; a queue that yields fewer messages
+//!   than it counted (another reader holds some) ends the scan after
+//!   [`ReadOptions::idle_timeout`].
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use serde::Serialize;
+use tracing::{debug, warn};
+use warren_topology::dead_queue;
+
+use crate::error::{timed, OperatorError};
+use crate::message::{DeadLetter, Info};
+
+/// Default most messages one scan reads.
+pub const DEFAULT_SCAN_LIMIT: usize = 50_000;
+/// The largest scan limit: the prefetch window of a scan (basic.qos is 16 bits).
+pub const MAX_SCAN_LIMIT: usize = u16::MAX as usize;
+/// Default wait for the next delivery before a scan ends early.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default timeout of every broker call (declare, consume, publish confirm, close).
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How dead-letter queues are read.
+#[derive(Debug, Clone)]
+pub struct ReadOptions {
+    /// Most messages a scan reads. Default [`DEFAULT_SCAN_LIMIT`], at most
+    /// [`MAX_SCAN_LIMIT`].
+    pub scan_limit: usize,
+    /// Wait for the next delivery before ending a scan early. Default
+    /// [`DEFAULT_IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
+    /// Timeout of every broker call. Default [`DEFAULT_RPC_TIMEOUT`].
+    pub rpc_timeout: Duration,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            scan_limit: DEFAULT_SCAN_LIMIT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            rpc_timeout: DEFAULT_RPC_TIMEOUT,
+        }
+    }
+}
+
+impl ReadOptions {
+    /// Sets the scan limit (clamped to 1..=[`MAX_SCAN_LIMIT`]).
+    pub fn scan_limit(mut self, n: usize) -> Self {
+        self.scan_limit = n.clamp(1, MAX_SCAN_LIMIT);
+        self
+    }
+
+    /// Sets the idle timeout.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = d;
+        self
+    }
+
+    /// Sets the broker-call timeout.
+    pub fn rpc_timeout(mut self, d: Duration) -> Self {
+        self.rpc_timeout = d;
+        self
+    }
+}
+
+/// How much of a queue a scan saw.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Coverage {
+    /// Messages read.
+    pub scanned: usize,
+    /// Messages the queue held when the scan started.
+    pub total: u64,
+}
+
+impl Coverage {
+    /// Whether the scan saw fewer messages than the queue held.
+    pub fn partial(&self) -> bool {
+        (self.scanned as u64) < self.total
+    }
+}
+
+impl std::fmt::Display for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "scanned {} of {}", self.scanned, self.total)
+    }
+}
+
+/// Counts the messages ready in a group's dead-letter queue (passive
+/// declare: reads nothing).
+pub async fn count(conn: &Connection, group: &str, rpc: Duration) -> Result<u64, OperatorError> {
+    let queue = dead_queue(group);
+    let ch = timed(rpc, "opening a channel", &queue, conn.create_channel()).await?;
+    let n = passive_count(&ch, &queue, rpc).await;
+    if n.is_ok() {
+        let _ = tokio::time::timeout(rpc, ch.close(200, "counted".into())).await;
+    }
+    n
+}
+
+async fn passive_count(ch: &Channel, queue: &str, rpc: Duration) -> Result<u64, OperatorError> {
+    let declared = timed(
+        rpc,
+        "counting messages (passive declare)",
+        queue,
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    match declared {
+        Ok(q) => Ok(u64::from(q.message_count())),
+        Err(OperatorError::Amqp { source, .. }) if is_not_found(&source) => {
+            Err(OperatorError::NoSuchQueue {
+                queue: queue.to_owned(),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A scan in progress: deliveries read and held unacked on its own channel.
+pub(crate) struct Scan {
+    group: String,
+    queue: String,
+    channel: Channel,
+    consumer: Option<Consumer>,
+    total: u64,
+    target: usize,
+    seen: usize,
+    opts: ReadOptions,
+}
+
+impl Scan {
+    /// Opens a scan of `group`'s dead-letter queue.
+    pub(crate) async fn open(
+        conn: &Connection,
+        group: &str,
+        opts: &ReadOptions,
+    ) -> Result<Scan, OperatorError> {
+        let queue = dead_queue(group);
+        let rpc = opts.rpc_timeout;
+        let total = count(conn, group, rpc).await?;
+        let target = usize::try_from(total)
+            .unwrap_or(usize::MAX)
+            .min(opts.scan_limit.clamp(1, MAX_SCAN_LIMIT));
+        let channel = timed(rpc, "opening a channel", &queue, conn.create_channel()).await?;
+        let mut consumer = None;
+        if target > 0 {
+            let window = u16::try_from(target).unwrap_or(u16::MAX);
+            timed(
+                rpc,
+                "setting the prefetch window",
+                &queue,
+                channel.basic_qos(window, BasicQosOptions::default()),
+            )
+            .await?;
+            consumer = Some(
+                timed(
+                    rpc,
+                    "starting to read",
+                    &queue,
+                    channel.basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    ),
+                )
+                .await?,
+            );
+        }
+        debug!(queue = %queue, total, target, "scan opened");
+        Ok(Scan {
+            group: group.to_owned(),
+            queue,
+            channel,
+            consumer,
+            total,
+            target,
+            seen: 0,
+            opts: opts.clone(),
+        })
+    }
+
+    /// The next dead letter and its delivery tag; `None` at the end of the scan.
+    pub(crate) async fn next(&mut self) -> Result<Option<(u64, DeadLetter)>, OperatorError> {
+        if self.seen >= self.target {
+            return Ok(None);
+        }
+        let Some(consumer) = self.consumer.as_mut() else {
+            return Ok(None);
+        };
+        let delivery = match tokio::time::timeout(self.opts.idle_timeout, consumer.next()).await {
+            Err(_) => {
+                warn!(queue = %self.queue, expected = self.target, read = self.seen,
+                    "the queue gave fewer messages than it counted (another reader may hold some); ending the scan");
+                self.target = self.seen;
+                return Ok(None);
+            }
+            Ok(None) => {
+                self.target = self.seen;
+                return Ok(None);
+            }
+            Ok(Some(Err(e))) => {
+                return Err(OperatorError::Amqp {
+                    what: "reading",
+                    object: self.queue.clone(),
+                    source: e,
+                })
+            }
+            Ok(Some(Ok(d))) => d,
+        };
+        if delivery
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.contains_key("x-delivery-count"))
+        {
+            return Err(OperatorError::Selection(format!(
+                "queue {:?} counts deliveries (it is a quorum queue): reading it would burn its delivery limit; dead-letter queues must be classic (see `warren topology verify`)",
+                self.queue
+            )));
+        }
+        let position = self.seen;
+        self.seen += 1;
+        let info = Info::from_parts(&delivery.properties, &delivery.data);
+        Ok(Some((
+            delivery.delivery_tag,
+            DeadLetter {
+                position,
+                group: self.group.clone(),
+                exchange: delivery.exchange.as_str().to_owned(),
+                routing_key: delivery.routing_key.as_str().to_owned(),
+                properties: delivery.properties,
+                body: delivery.data,
+                info,
+            },
+        )))
+    }
+
+    /// Removes a message for good (after what it was taken for is safe).
+    pub(crate) async fn ack(&self, tag: u64) -> Result<(), OperatorError> {
+        timed(
+            self.opts.rpc_timeout,
+            "acking",
+            &self.queue,
+            self.channel.basic_ack(tag, BasicAckOptions::default()),
+        )
+        .await
+    }
+
+    /// How much of the queue was read so far.
+    pub(crate) fn coverage(&self) -> Coverage {
+        Coverage {
+            scanned: self.seen,
+            total: self.total,
+        }
+    }
+
+    /// The queue's name.
+    pub(crate) fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Ends the scan: closing the channel puts every message read and not
+    /// acked back in the queue, in its original order.
+    pub(crate) async fn finish(self) -> Result<Coverage, OperatorError> {
+        let coverage = self.coverage();
+        drop(self.consumer);
+        timed(
+            self.opts.rpc_timeout,
+            "closing the scan channel",
+            &self.queue,
+            self.channel.close(200, "scan done".into()),
+        )
+        .await?;
+        Ok(coverage)
+    }
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    let s = e.to_string().to_uppercase();
+    s.contains("NOT_FOUND") || s.contains("NOT-FOUND") || s.contains("NOTFOUND")
+}

@@ -1,0 +1,401 @@
+//! `replay`: publish selected dead letters again, with confirms, then ack
+//! them.
+//!
+//! ## Order
+//!
+//! For each selected dead letter: publish a copy (attempts reset, replays
+//! incremented, body and every other property kept), wait for the broker's
+//! confirm, then ack the dead letter. A crash between the two leaves the
+//! dead letter in its queue and the copy in the work queue: a duplicate,
+//! never a loss. Up to [`ReplayOptions::window`] copies await their confirm
+//! at once. Dead letters that are not selected, or whose publish failed, go
+//! back to the queue unchanged and in order when the scan ends.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use warren_topology::{headers, work_queue};
+
+use crate::error::{timed, OperatorError};
+use crate::message::DeadLetter;
+use crate::metrics::Metrics;
+use crate::publish::{Confirmed, DEFAULT_WINDOW};
+use crate::reader::{Coverage, ReadOptions, Scan};
+use crate::select::Selection;
+use crate::value::as_int;
+
+/// Where replayed messages go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// The group's own work queue, through the default exchange: only the
+    /// group that failed reprocesses (the default).
+    #[default]
+    WorkQueue,
+    /// The original exchange and routing key: every group bound there sees
+    /// the message again.
+    Original,
+}
+
+/// How to replay.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Where to. Default [`Target::WorkQueue`].
+    pub target: Target,
+    /// Messages per second at most; `None` = as fast as confirms allow (the default).
+    pub rate: Option<f64>,
+    /// Only say what would be replayed. Default false.
+    pub dry_run: bool,
+    /// Publishes awaiting a confirm at once. Default [`DEFAULT_WINDOW`].
+    pub window: usize,
+    /// How the queue is read.
+    pub read: ReadOptions,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            target: Target::WorkQueue,
+            rate: None,
+            dry_run: false,
+            window: DEFAULT_WINDOW,
+            read: ReadOptions::default(),
+        }
+    }
+}
+
+/// Progress, reported after every message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Messages read so far.
+    pub scanned: usize,
+    /// Messages the scan will read at most.
+    pub to_scan: usize,
+    /// Selected so far.
+    pub selected: usize,
+    /// Replayed (confirmed and acked) so far.
+    pub replayed: usize,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ReplayReport {
+    /// The group.
+    pub group: String,
+    /// How much of the queue was read.
+    pub coverage: Option<Coverage>,
+    /// Where to.
+    pub target: Target,
+    /// Only a dry run.
+    pub dry_run: bool,
+    /// Dead letters the selection took.
+    pub selected: usize,
+    /// Replayed: confirmed and removed from the dead-letter queue.
+    pub replayed: usize,
+    /// Selected but not replayed (left in the dead-letter queue).
+    pub failed: usize,
+    /// Ids replayed (dry run: ids that would be).
+    pub ids: Vec<String>,
+    /// Why some failed (the first few).
+    pub errors: Vec<String>,
+    /// Stopped before the end (Ctrl-C or a broken channel).
+    pub stopped_early: bool,
+}
+
+const MAX_ERRORS: usize = 20;
+
+impl ReplayReport {
+    fn fail(&mut self, e: String) {
+        self.failed += 1;
+        if self.errors.len() < MAX_ERRORS {
+            self.errors.push(e);
+        }
+    }
+}
+
+/// The copy that is published: attempts reset to 0, replays + 1, all else kept.
+pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
+    let mut h = p.headers().clone().unwrap_or_default();
+    let replays = h
+        .inner()
+        .get(headers::REPLAYS)
+        .and_then(as_int)
+        .filter(|n| *n >= 0)
+        .unwrap_or(0);
+    h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(0));
+    h.insert(
+        headers::REPLAYS.into(),
+        AMQPValue::LongLongInt(replays.saturating_add(1)),
+    );
+    p.clone().with_headers(h)
+}
+
+fn destination(d: &DeadLetter, target: Target) -> Result<(String, String), String> {
+    match target {
+        Target::WorkQueue => Ok((String::new(), work_queue(&d.group))),
+        Target::Original => match (&d.info.original_exchange, &d.info.original_routing_key) {
+            (Some(e), Some(k)) => Ok((e.clone(), k.clone())),
+            _ => Err(format!(
+                "{}: no original exchange/routing key in its headers; replay it to the work queue instead",
+                d.info.id
+            )),
+        },
+    }
+}
+
+/// Replays the selected dead letters of `group`. Stops after the current
+/// message when `cancel` fires; `progress` is called after every message.
+pub async fn replay(
+    conn: &Connection,
+    group: &str,
+    selection: &Selection,
+    opts: &ReplayOptions,
+    metrics: &Metrics,
+    progress: &(dyn Fn(Progress) + Sync),
+    cancel: &CancellationToken,
+) -> Result<ReplayReport, OperatorError> {
+    selection.check()?;
+    let mut report = ReplayReport {
+        group: group.to_owned(),
+        target: opts.target,
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    let mut scan = Scan::open(conn, group, &opts.read).await?;
+    let to_scan = usize::try_from(scan.coverage().total)
+        .unwrap_or(usize::MAX)
+        .min(opts.read.scan_limit);
+    let result = run(
+        conn,
+        &mut scan,
+        selection,
+        opts,
+        metrics,
+        progress,
+        cancel,
+        to_scan,
+        &mut report,
+    )
+    .await;
+    report.coverage = Some(scan.finish().await?);
+    result?;
+    info!(
+        group,
+        selected = report.selected,
+        replayed = report.replayed,
+        failed = report.failed,
+        dry_run = report.dry_run,
+        "replay done"
+    );
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    conn: &Connection,
+    scan: &mut Scan,
+    selection: &Selection,
+    opts: &ReplayOptions,
+    metrics: &Metrics,
+    progress: &(dyn Fn(Progress) + Sync),
+    cancel: &CancellationToken,
+    to_scan: usize,
+    report: &mut ReplayReport,
+) -> Result<(), OperatorError> {
+    let now = SystemTime::now();
+    let rpc = opts.read.rpc_timeout;
+    let mut publisher: Option<Confirmed<(u64, String)>> = None;
+    let mut exchanges: HashMap<String, bool> = HashMap::new();
+    let mut p = Progress {
+        to_scan,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let replayed = metrics.replayed.with_label_values(&[scan_group(scan)]);
+    let limit = selection.limit.unwrap_or(usize::MAX);
+    loop {
+        if cancel.is_cancelled() {
+            report.stopped_early = true;
+            break;
+        }
+        if report.selected >= limit {
+            break;
+        }
+        let Some((tag, d)) = scan.next().await? else {
+            break;
+        };
+        p.scanned += 1;
+        if !selection.matches(&d.info, now) {
+            progress(p);
+            continue;
+        }
+        report.selected += 1;
+        p.selected += 1;
+        if opts.dry_run {
+            report.ids.push(d.info.id.clone());
+            progress(p);
+            continue;
+        }
+        let (exchange, routing_key) = match destination(&d, opts.target) {
+            Ok(t) => t,
+            Err(e) => {
+                report.fail(e);
+                progress(p);
+                continue;
+            }
+        };
+        if !exchange.is_empty() {
+            let exists = match exchanges.get(&exchange) {
+                Some(e) => *e,
+                None => {
+                    let e = exchange_exists(conn, &exchange, rpc).await?;
+                    exchanges.insert(exchange.clone(), e);
+                    e
+                }
+            };
+            if !exists {
+                report.fail(format!(
+                    "{}: exchange {exchange:?} does not exist",
+                    d.info.id
+                ));
+                progress(p);
+                continue;
+            }
+        }
+        if let Some(rate) = opts.rate.filter(|r| *r > 0.0) {
+            let due =
+                started + Duration::from_secs_f64(report.selected.saturating_sub(1) as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let confirms = match &mut publisher {
+            Some(c) => c,
+            None => publisher.insert(Confirmed::open(conn, opts.window, rpc).await?),
+        };
+        if let Err(e) = confirms
+            .publish(
+                &exchange,
+                &routing_key,
+                &d.body,
+                replay_properties(&d.properties),
+                (tag, d.info.id.clone()),
+            )
+            .await
+        {
+            warn!(error = %e, "publishing failed; stopping the replay");
+            report.fail(e.to_string());
+            report.stopped_early = true;
+            break;
+        }
+        while confirms.full() {
+            settle(confirms, scan, report, &replayed, &mut p).await?;
+        }
+        progress(p);
+    }
+    if let Some(mut confirms) = publisher {
+        while confirms.in_flight() > 0 {
+            settle(&mut confirms, scan, report, &replayed, &mut p).await?;
+        }
+        progress(p);
+        confirms.close().await;
+    }
+    Ok(())
+}
+
+fn scan_group(scan: &Scan) -> &str {
+    scan.queue().strip_suffix(".dead").unwrap_or(scan.queue())
+}
+
+/// Takes the oldest confirm: acks its dead letter when it was confirmed.
+async fn settle(
+    confirms: &mut Confirmed<(u64, String)>,
+    scan: &Scan,
+    report: &mut ReplayReport,
+    replayed: &prometheus::IntCounter,
+    p: &mut Progress,
+) -> Result<(), OperatorError> {
+    if let Some(((tag, id), outcome)) = confirms.next().await {
+        match outcome {
+            Ok(()) => {
+                scan.ack(tag).await?;
+                report.replayed += 1;
+                p.replayed += 1;
+                replayed.inc();
+                report.ids.push(id);
+            }
+            Err(e) => report.fail(format!("{id}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+async fn exchange_exists(
+    conn: &Connection,
+    name: &str,
+    rpc: Duration,
+) -> Result<bool, OperatorError> {
+    let ch = timed(rpc, "opening a channel", name, conn.create_channel()).await?;
+    let r = tokio::time::timeout(
+        rpc,
+        ch.exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    match r {
+        Ok(Ok(())) => {
+            let _ = tokio::time::timeout(rpc, ch.close(200, "checked".into())).await;
+            Ok(true)
+        }
+        Ok(Err(_)) => Ok(false),
+        Err(_) => Err(OperatorError::Timeout {
+            what: "checking that the exchange exists",
+            object: name.to_owned(),
+            after: rpc,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_resets_attempts_and_counts_replays() {
+        let mut h = FieldTable::default();
+        h.insert(headers::ATTEMPTS.into(), AMQPValue::ShortShortUInt(5));
+        h.insert(headers::REPLAYS.into(), AMQPValue::LongInt(2));
+        h.insert("keep".into(), AMQPValue::LongString("me".into()));
+        let p = BasicProperties::default()
+            .with_headers(h)
+            .with_message_id("m".into())
+            .with_priority(3);
+        let r = replay_properties(&p);
+        let rh = r.headers().clone().unwrap();
+        assert_eq!(
+            rh.inner().get(headers::ATTEMPTS),
+            Some(&AMQPValue::LongLongInt(0))
+        );
+        assert_eq!(
+            rh.inner().get(headers::REPLAYS),
+            Some(&AMQPValue::LongLongInt(3))
+        );
+        assert_eq!(
+            rh.inner().get("keep"),
+            Some(&AMQPValue::LongString("me".into()))
+        );
+        assert_eq!(r.message_id(), p.message_id());
+        assert_eq!(r.priority(), &Some(3));
+    }
+}
