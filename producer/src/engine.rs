@@ -1,0 +1,582 @@
+//! The task that owns the publishing channel: it sends every message (so that
+//! lapin's delivery tags follow our order), collects confirms, matches
+//! returned messages to their owners, fails what passes its deadline, and
+//! reopens the channel after a failure.
+//!
+//! ## Why returned messages are matched by `message_id`
+//!
+//! lapin hands a `basic.return` to whichever confirm it resolves next, and
+//! resolves a multiple-ack in hash-map order. With many publishes in flight,
+//! `Confirmation::Ack(Some(returned))` may therefore belong to another
+//! message, and the unroutable one may see `Ack(None)`. The engine collects
+//! every returned message's `message_id` and decides a message's outcome
+//! only when its return, if any, must have been seen:
+//!
+//! - an `Ack(None)` means lapin's queue of returns was empty when it was
+//!   resolved, so a return for this message went to a confirm resolved
+//!   earlier; the engine drains every ready confirm before deciding, so it has
+//!   seen it;
+//! - a message that got someone else's return waits until a later round shows
+//!   an empty queue again (an `Ack(None)`), or until nothing is in flight.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, ErrorKind};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Span};
+use warren_topology::Broker;
+
+use crate::config::PublisherConfig;
+use crate::error::{PublishError, Stage};
+use crate::message::Confirmed;
+use crate::metrics::{PublisherMetrics, CONFIRMED};
+
+/// How often deadlines are checked.
+const TICK: Duration = Duration::from_millis(50);
+/// Sends of one message after which a channel error it cannot be cleared of
+/// fails it.
+const MAX_ATTEMPTS: u32 = 10;
+
+pub(crate) type Reply = oneshot::Sender<Result<Confirmed, PublishError>>;
+
+/// One message on its way, holding its window slot until the broker answered
+/// or its channel died.
+pub(crate) struct Job {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Arc<[u8]>,
+    pub properties: BasicProperties,
+    pub message_id: String,
+    pub started: Instant,
+    pub deadline: Instant,
+    pub reply: Option<Reply>,
+    pub span: Span,
+    pub attempts: u32,
+    pub order: u64,
+    pub epoch: u64,
+    pub permit: OwnedSemaphorePermit,
+}
+
+type Output = (u64, u64, Result<Confirmation, lapin::Error>);
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+pub(crate) struct Engine {
+    broker: Arc<Broker>,
+    config: PublisherConfig,
+    metrics: PublisherMetrics,
+    rx: mpsc::Receiver<Job>,
+    cancel: CancellationToken,
+    channel: Option<Channel>,
+    /// Bumped for every channel opened: outputs of older channels are stale.
+    epoch: u64,
+    /// The broker's connection generation of the current channel.
+    generation: u64,
+    next_key: u64,
+    next_order: u64,
+    jobs: HashMap<u64, Job>,
+    in_flight: FuturesUnordered<BoxFut<Output>>,
+    retry: VecDeque<Job>,
+    /// message_id → how many returns not yet matched, on the current channel.
+    returned: HashMap<String, (usize, u16, String)>,
+    /// Keys acked with someone else's return, and the round they came in.
+    undecided: Vec<(u64, u64)>,
+    round: u64,
+    connecting: Option<BoxFut<Result<(Channel, u64), PublishError>>>,
+    backoff: Box<dyn Iterator<Item = Duration> + Send>,
+    connect_after: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        broker: Arc<Broker>,
+        config: PublisherConfig,
+        metrics: PublisherMetrics,
+        rx: mpsc::Receiver<Job>,
+        cancel: CancellationToken,
+        channel: Channel,
+        generation: u64,
+    ) -> Self {
+        let backoff = Box::new(backoff(&config));
+        Engine {
+            broker,
+            config,
+            metrics,
+            rx,
+            cancel,
+            channel: Some(channel),
+            epoch: 1,
+            generation,
+            next_key: 0,
+            next_order: 0,
+            jobs: HashMap::new(),
+            in_flight: FuturesUnordered::new(),
+            retry: VecDeque::new(),
+            returned: HashMap::new(),
+            undecided: Vec::new(),
+            round: 0,
+            connecting: None,
+            backoff,
+            connect_after: None,
+            last_error: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut accepting = true;
+        loop {
+            if !accepting && self.jobs.is_empty() && self.retry.is_empty() {
+                break;
+            }
+            self.maybe_connect();
+            if self.channel.is_some() {
+                while let Some(job) = self.retry.pop_front() {
+                    self.start(job);
+                    if self.channel.is_none() {
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled(), if accepting => {
+                    accepting = false;
+                    self.rx.close();
+                    while let Ok(job) = self.rx.try_recv() {
+                        self.finish(job, Err(PublishError::Closed));
+                    }
+                }
+                Some(out) = self.in_flight.next(), if !self.in_flight.is_empty() => self.on_outputs(out),
+                res = poll_opt(&mut self.connecting) => {
+                    self.connecting = None;
+                    self.on_channel(res);
+                }
+                job = self.rx.recv(), if accepting => match job {
+                    Some(job) => self.start(job),
+                    None => accepting = false,
+                },
+                _ = tick.tick() => self.expire(),
+            }
+        }
+        if let Some(ch) = self.channel.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "bye".into())).await;
+        }
+        debug!("publisher engine stopped");
+    }
+
+    fn maybe_connect(&mut self) {
+        if self.channel.is_some() || self.connecting.is_some() || self.retry.is_empty() {
+            return;
+        }
+        if self.connect_after.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let broker = self.broker.clone();
+        let timeout = self.config.channel_timeout;
+        self.connecting = Some(Box::pin(open_channel(broker, timeout)));
+    }
+
+    fn on_channel(&mut self, res: Result<(Channel, u64), PublishError>) {
+        match res {
+            Ok((ch, generation)) => {
+                if generation != self.generation {
+                    self.metrics.reconnected();
+                    info!(generation, "publisher reconnected to the broker");
+                }
+                self.generation = generation;
+                self.epoch += 1;
+                self.channel = Some(ch);
+                self.connect_after = None;
+                self.backoff = Box::new(backoff(&self.config));
+                self.returned.clear();
+                self.undecided.clear();
+            }
+            Err(e) => {
+                let delay = self
+                    .backoff
+                    .next()
+                    .unwrap_or(self.config.reconnect_max_delay);
+                warn!(error = %e, retry_in = ?delay, "publisher cannot get a channel; retrying");
+                self.last_error = Some(e.to_string());
+                self.connect_after = Some(Instant::now() + delay);
+                if !e.is_transient() {
+                    // A wrong password will not fix itself: fail what waits.
+                    let text = e.to_string();
+                    for job in std::mem::take(&mut self.retry) {
+                        self.finish(job, Err(PublishError::Channel(text.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a message to the channel (or parks it until there is one).
+    fn start(&mut self, mut job: Job) {
+        if job.reply.is_none() {
+            return; // answered already (timed out); drop it and free its slot
+        }
+        if job.order == u64::MAX {
+            job.order = self.next_order;
+            self.next_order += 1;
+        }
+        let ch = match &self.channel {
+            Some(ch) if ch.status().connected() => ch.clone(),
+            _ => {
+                self.retry.push_back(job);
+                self.channel_failed(None);
+                return;
+            }
+        };
+        let key = self.next_key;
+        self.next_key += 1;
+        let epoch = self.epoch;
+        job.epoch = epoch;
+        job.attempts += 1;
+        let exchange = job.exchange.as_str().into();
+        let routing_key = job.routing_key.as_str().into();
+        let body = job.body.clone();
+        let properties = job.properties.clone();
+        // The future is first polled by this task, in push order: lapin
+        // numbers confirms in the order frames are queued.
+        self.in_flight.push(Box::pin(async move {
+            let opts = BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            };
+            let res = match ch
+                .basic_publish(exchange, routing_key, opts, &body, properties)
+                .await
+            {
+                Ok(confirm) => confirm.await,
+                Err(e) => Err(e),
+            };
+            (key, epoch, res)
+        }));
+        self.jobs.insert(key, job);
+    }
+
+    fn on_outputs(&mut self, first: Output) {
+        // Drain every confirm that is ready now (see the module docs). A
+        // single `None` can be FuturesUnordered yielding to the scheduler,
+        // so stop after two in a row.
+        let mut batch = vec![first];
+        let mut idle = 0;
+        while idle < 2 {
+            match self.in_flight.next().now_or_never() {
+                Some(Some(out)) => {
+                    batch.push(out);
+                    idle = 0;
+                }
+                Some(None) => break,
+                None => idle += 1,
+            }
+        }
+        self.round += 1;
+        let round = self.round;
+
+        // 1. Harvest every returned message of the current channel.
+        let mut queue_was_empty = false;
+        for (_, epoch, res) in &batch {
+            if *epoch != self.epoch {
+                continue;
+            }
+            match res {
+                Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => {
+                    let id = r
+                        .delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    let entry = self.returned.entry(id).or_insert((0, 0, String::new()));
+                    entry.0 += 1;
+                    entry.1 = r.reply_code;
+                    entry.2 = r.reply_text.to_string();
+                }
+                Ok(Confirmation::Ack(None) | Confirmation::Nack(None)) => queue_was_empty = true,
+                _ => {}
+            }
+        }
+
+        // 2. Decide what can be decided; remember channel errors.
+        let mut failure = None;
+        for (key, epoch, res) in batch {
+            let Some(job) = self.jobs.get(&key) else {
+                continue; // abandoned with its channel, or already decided
+            };
+            if job.epoch != epoch {
+                continue;
+            }
+            match res {
+                Ok(Confirmation::Ack(r)) => {
+                    let own = r.as_ref().is_some_and(|r| {
+                        r.delivery
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|s| s.as_str())
+                            == Some(job.message_id.as_str())
+                    });
+                    if own || r.is_none() {
+                        self.decide(key);
+                    } else {
+                        self.undecided.push((key, round));
+                        // Settled now if its own return was already seen.
+                        if self.returned.get(&job.message_id).is_some_and(|e| e.0 > 0) {
+                            self.undecided.pop();
+                            self.decide(key);
+                        }
+                    }
+                }
+                Ok(Confirmation::Nack(_)) => {
+                    if let Some(job) = self.jobs.remove(&key) {
+                        let err = PublishError::Nacked {
+                            exchange: job.exchange.clone(),
+                            routing_key: job.routing_key.clone(),
+                        };
+                        self.finish(job, Err(err));
+                    }
+                }
+                Ok(Confirmation::NotRequested) => {
+                    if let Some(job) = self.jobs.remove(&key) {
+                        let err = PublishError::Channel("confirms are not enabled".into());
+                        self.finish(job, Err(err));
+                    }
+                }
+                Err(e) => {
+                    if failure.is_none() && epoch == self.epoch {
+                        failure = Some(e);
+                    }
+                }
+            }
+        }
+
+        // 3. Settle those that waited for an empty return queue.
+        if !self.undecided.is_empty() {
+            let all = self.in_flight.is_empty() || failure.is_some();
+            let ready: Vec<u64> = self
+                .undecided
+                .iter()
+                .filter(|(_, r)| all || (queue_was_empty && *r < round))
+                .map(|(k, _)| *k)
+                .collect();
+            if failure.is_none() {
+                self.undecided
+                    .retain(|(_, r)| !(all || (queue_was_empty && *r < round)));
+                for key in ready {
+                    self.decide(key);
+                }
+            }
+        }
+        if self.in_flight.is_empty() && self.undecided.is_empty() {
+            self.returned.clear();
+        }
+
+        if let Some(e) = failure {
+            self.channel_failed(Some(e));
+        }
+    }
+
+    /// Confirmed, or returned if a return with its id was seen.
+    fn decide(&mut self, key: u64) {
+        let Some(job) = self.jobs.remove(&key) else {
+            return;
+        };
+        let returned = match self.returned.get_mut(&job.message_id) {
+            Some(entry) if entry.0 > 0 => {
+                entry.0 -= 1;
+                Some((entry.1, entry.2.clone()))
+            }
+            _ => None,
+        };
+        match returned {
+            Some((reply_code, reply_text)) => {
+                let err = PublishError::Unroutable {
+                    exchange: job.exchange.clone(),
+                    routing_key: job.routing_key.clone(),
+                    reply_code,
+                    reply_text,
+                };
+                self.finish(job, Err(err));
+            }
+            None => {
+                let ok = Confirmed {
+                    message_id: job.message_id.clone(),
+                    attempts: job.attempts,
+                    elapsed: job.started.elapsed(),
+                };
+                self.finish(job, Ok(ok));
+            }
+        }
+    }
+
+    /// The channel died: attribute the error to the messages that caused it,
+    /// park the others for the next channel (at-least-once).
+    fn channel_failed(&mut self, e: Option<lapin::Error>) {
+        let Some(_dead) = self.channel.take() else {
+            return;
+        };
+        let (code, text) = match &e {
+            Some(e) => match e.kind() {
+                ErrorKind::ProtocolError(amqp) => (amqp.get_id(), amqp.get_message().to_string()),
+                _ => (0, e.to_string()),
+            },
+            None => (0, "the channel is closed".to_owned()),
+        };
+        warn!(error = %text, code, in_flight = self.jobs.len(), "publishing channel closed; republishing unconfirmed messages on a new channel");
+        self.last_error = Some(text.clone());
+        let soft = e.as_ref().is_some_and(|e| e.is_amqp_soft_error());
+        let dead: Vec<u64> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.epoch == self.epoch)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut parked = Vec::new();
+        for key in dead {
+            let Some(job) = self.jobs.remove(&key) else {
+                continue;
+            };
+            let named = soft && text.contains(&format!("'{}'", job.exchange));
+            if named && code == 404 {
+                let err = PublishError::ExchangeNotFound {
+                    exchange: job.exchange.clone(),
+                    reason: text.clone(),
+                };
+                self.finish(job, Err(err));
+            } else if named || job.attempts >= MAX_ATTEMPTS {
+                let err = PublishError::Refused {
+                    exchange: job.exchange.clone(),
+                    reason: text.clone(),
+                };
+                self.finish(job, Err(err));
+            } else if job.reply.is_some() {
+                parked.push(job);
+            }
+        }
+        self.abandon_epoch();
+        parked.extend(self.retry.drain(..));
+        parked.sort_by_key(|j| j.order);
+        self.retry.extend(parked);
+    }
+
+    fn abandon_epoch(&mut self) {
+        self.returned.clear();
+        self.undecided.clear();
+        // Keys of the dead channel may still yield; bump the epoch so that
+        // they are ignored even before a new channel exists.
+        self.epoch += 1;
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for job in self.jobs.values_mut() {
+            if job.deadline <= now {
+                if let Some(reply) = job.reply.take() {
+                    expired.push((reply, job.exchange.clone(), job.started, job.span.clone()));
+                }
+            }
+        }
+        for (reply, exchange, started, span) in expired {
+            span.in_scope(|| debug!("no confirm before the deadline"));
+            self.metrics.count(&exchange, crate::metrics::FAILED);
+            let _ = reply.send(Err(PublishError::Timeout {
+                exchange,
+                waited: started.elapsed(),
+                stage: Stage::Confirm,
+                last_error: self.last_error.clone(),
+            }));
+        }
+        let (late, keep): (Vec<Job>, Vec<Job>) =
+            self.retry.drain(..).partition(|j| j.deadline <= now);
+        self.retry.extend(keep);
+        for job in late {
+            let err = PublishError::Timeout {
+                exchange: job.exchange.clone(),
+                waited: job.started.elapsed(),
+                stage: Stage::Reconnect,
+                last_error: self.last_error.clone(),
+            };
+            self.finish(job, Err(err));
+        }
+    }
+
+    /// Answers the caller (if still waiting), counts, logs, frees the slot.
+    fn finish(&self, mut job: Job, result: Result<Confirmed, PublishError>) {
+        let Some(reply) = job.reply.take() else {
+            return;
+        };
+        let _enter = job.span.enter();
+        match &result {
+            Ok(_) => {
+                self.metrics.count(&job.exchange, CONFIRMED);
+                self.metrics
+                    .observe_confirm(job.started.elapsed().as_secs_f64());
+                debug!(attempts = job.attempts, "confirmed");
+            }
+            Err(e) => {
+                self.metrics.count(&job.exchange, e.outcome());
+                if matches!(
+                    e,
+                    PublishError::Unroutable { .. } | PublishError::Nacked { .. }
+                ) {
+                    self.metrics
+                        .observe_confirm(job.started.elapsed().as_secs_f64());
+                }
+                debug!(error = %e, "not confirmed");
+            }
+        }
+        let _ = reply.send(result);
+        drop(job.permit);
+    }
+}
+
+async fn poll_opt<T>(fut: &mut Option<BoxFut<T>>) -> T {
+    match fut {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn backoff(config: &PublisherConfig) -> impl Iterator<Item = Duration> + Send {
+    ExponentialBuilder::default()
+        .with_min_delay(config.reconnect_min_delay)
+        .with_max_delay(config.reconnect_max_delay)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// A channel in confirm mode, reconnecting through the broker if needed.
+pub(crate) async fn open_channel(
+    broker: Arc<Broker>,
+    timeout: Duration,
+) -> Result<(Channel, u64), PublishError> {
+    let work = async {
+        let (ch, generation) = broker.channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| PublishError::Channel(format!("confirm.select failed: {e}")))?;
+        Ok((ch, generation))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(res) => res,
+        Err(_) => Err(PublishError::Channel(format!(
+            "no channel within {timeout:?}"
+        ))),
+    }
+}

@@ -1,0 +1,167 @@
+//! [`PublishError`]: why a publish was not confirmed.
+
+use std::time::Duration;
+
+use warren_topology::TopologyError;
+
+/// Where a publish was when its time ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stage {
+    /// Waiting for a free slot in the window (back-pressure: the broker is
+    /// slow, blocked, or away).
+    Window,
+    /// Waiting for a channel (the connection is down and reconnecting).
+    Reconnect,
+    /// Sent, waiting for the broker's confirm. The message may still reach
+    /// the queue: at-least-once, so publish it again if in doubt.
+    Confirm,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Window => {
+                "waiting for a free slot in the publish window (the broker is slow, blocked or away)"
+            }
+            Stage::Reconnect => "waiting to reconnect to the broker",
+            Stage::Confirm => {
+                "waiting for the broker's confirm (the message may or may not have reached a queue)"
+            }
+        })
+    }
+}
+
+/// Why a publish was not confirmed. No variant ever means "sent".
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The broker accepted the message but no queue is bound for it
+    /// (`mandatory` returned it). Nothing was stored.
+    #[error("unroutable: no queue is bound to exchange {exchange:?} for routing key {routing_key:?} (broker said {reply_code} {reply_text}); declare the binding (warren topology apply) or fix the routing key")]
+    Unroutable {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The broker's reply code (312 NO_ROUTE).
+        reply_code: u16,
+        /// The broker's reply text.
+        reply_text: String,
+    },
+    /// The broker refused to store the message (basic.nack), for example a
+    /// queue at its `x-max-length` with `x-overflow=reject-publish`.
+    #[error("the broker nacked the message to exchange {exchange:?} with routing key {routing_key:?} (a full queue with reject-publish, or a broker-side failure); it was not stored")]
+    Nacked {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
+    /// The exchange does not exist (the broker closed the channel with 404).
+    #[error("exchange {exchange:?} does not exist on the broker ({reason}); declare it (warren topology apply)")]
+    ExchangeNotFound {
+        /// The exchange.
+        exchange: String,
+        /// The broker's words.
+        reason: String,
+    },
+    /// The broker closed the channel because of this message for another
+    /// reason (for example no permission to publish to the exchange).
+    #[error("the broker refused the publish to exchange {exchange:?}: {reason}")]
+    Refused {
+        /// The exchange.
+        exchange: String,
+        /// The broker's words.
+        reason: String,
+    },
+    /// The body is larger than the configured limit; nothing was sent.
+    #[error("message of {size} bytes is over the limit of {limit} bytes (PublisherConfig::max_message_size); nothing was sent")]
+    TooLarge {
+        /// The body's size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The publish did not complete within its timeout.
+    #[error("publish to exchange {exchange:?} timed out after {waited:?} {stage}{}", last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default())]
+    Timeout {
+        /// The exchange.
+        exchange: String,
+        /// How long the publish waited in all.
+        waited: Duration,
+        /// What it was waiting for.
+        stage: Stage,
+        /// The last connection or channel error seen, if any.
+        last_error: Option<String>,
+    },
+    /// Could not connect to the broker (the URL is shown with its password masked).
+    #[error(transparent)]
+    Connect(#[from] TopologyError),
+    /// A channel could not be opened or put in confirm mode.
+    #[error("cannot open a publishing channel: {0}")]
+    Channel(String),
+    /// The value could not be serialized as JSON.
+    #[error("cannot serialize the message as JSON: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The publisher was closed.
+    #[error("the publisher is closed")]
+    Closed,
+    /// The metrics could not be registered.
+    #[error("cannot register the producer metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+impl PublishError {
+    /// Whether publishing the same message again later may succeed: timeouts,
+    /// nacks and connection trouble are transient; an unroutable message, a
+    /// missing exchange, a message too large or a bad URL are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PublishError::Nacked { .. } | PublishError::Timeout { .. } => true,
+            PublishError::Channel(_) => true,
+            PublishError::Connect(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// The outcome label of `warren_published_total` for this error.
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self {
+            PublishError::Unroutable { .. } => crate::metrics::RETURNED,
+            PublishError::Nacked { .. } => crate::metrics::NACKED,
+            _ => crate::metrics::FAILED,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_what_and_classify() {
+        let e = PublishError::TooLarge {
+            size: 2048,
+            limit: 1024,
+        };
+        assert_eq!(
+            e.to_string(),
+            "message of 2048 bytes is over the limit of 1024 bytes (PublisherConfig::max_message_size); nothing was sent"
+        );
+        assert!(!e.is_transient());
+        let t = PublishError::Timeout {
+            exchange: "orders".into(),
+            waited: Duration::from_millis(1500),
+            stage: Stage::Window,
+            last_error: Some("connection reset".into()),
+        };
+        assert!(t.is_transient());
+        assert!(t.to_string().contains("free slot"), "{t}");
+        assert!(
+            t.to_string().ends_with("; last error: connection reset"),
+            "{t}"
+        );
+        assert_eq!(t.outcome(), "failed");
+    }
+}
