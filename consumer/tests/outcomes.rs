@@ -1,0 +1,646 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The outcome table row by row against the real broker, two groups on one
+//! exchange, malformed headers, shutdown and a forcibly closed connection.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use support::*;
+use warren_consumer::{handler_fn, json_handler, Delivery, HandlerError};
+use warren_topology::headers;
+
+fn classic(retry: &str, extra: &str) -> String {
+    format!(
+        "[[exchange]]\nname = 'orders'\nkind = 'topic'\n\
+         [[group]]\nname = 'billing'\nexchange = 'orders'\nbindings = ['order.*']\n\
+         queue_type = 'classic'\nretry = [{retry}]\nprefetch = 16\nconcurrency = 8\n\
+         handler_timeout = '2s'\n{extra}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_is_acked_once() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                l.note(&d);
+                assert_eq!(d.body(), b"{\"n\":1}");
+                assert_eq!(d.routing_key(), "order.created");
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"{\"n\":1}", props("ok-1"))
+        .await;
+    wait_for(Duration::from_secs(5), "handled", || ledger.len() == 1).await;
+    let seen = ledger.of("ok-1");
+    assert_eq!(seen[0].attempt, 1);
+    assert!(!seen[0].redelivered);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run.metric("warren_handled_total", &[("outcome", "ack")]) < 1.0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    run.stop().await;
+    assert_eq!(f.count(&g.work_queue()).await, 0, "acked, not requeued");
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+    assert_eq!(ledger.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_goes_through_every_tier_then_dead_letters() {
+    let f = Fixture::new(&classic("'300ms', '600ms'", "")).await;
+    let g = f.group(0);
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                l.note(&d);
+                Err(HandlerError::retryable(format!(
+                    "upstream down\nattempt {}",
+                    d.attempt()
+                )))
+            }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"body-bytes", props("r-1"))
+        .await;
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(10)).await;
+    let seen = ledger.of("r-1");
+    assert_eq!(
+        seen.iter().map(|s| s.attempt).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "one attempt per tier plus the first"
+    );
+    assert_eq!(seen[0].kind, None);
+    assert_eq!(seen[1].kind.as_deref(), Some("retryable"));
+    let gap1 = seen[1].at - seen[0].at;
+    let gap2 = seen[2].at - seen[1].at;
+    assert!(
+        gap1 >= Duration::from_millis(300),
+        "tier 1 TTL observed: {gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(600),
+        "tier 2 TTL observed: {gap2:?}"
+    );
+    assert!(gap2 < Duration::from_secs(5), "{gap2:?}");
+
+    let m = &dead[0];
+    assert_eq!(m.delivery.data, b"body-bytes");
+    assert_eq!(m.delivery.exchange.as_str(), "warren.dlx");
+    assert_eq!(m.delivery.routing_key.as_str(), g.name);
+    assert_eq!(header_int(m, headers::ATTEMPTS), Some(3));
+    assert_eq!(
+        header_str(m, headers::ERROR).as_deref(),
+        Some("upstream down attempt 3")
+    );
+    assert_eq!(
+        header_str(m, headers::ERROR_KIND).as_deref(),
+        Some("retryable")
+    );
+    assert_eq!(
+        header_str(m, headers::GROUP).as_deref(),
+        Some(g.name.as_str())
+    );
+    assert_eq!(
+        header_str(m, headers::ORIGINAL_EXCHANGE).as_deref(),
+        Some(f.exchange().as_str())
+    );
+    assert_eq!(
+        header_str(m, headers::ORIGINAL_ROUTING_KEY).as_deref(),
+        Some("order.created")
+    );
+    let first = header_str(m, headers::FIRST_FAILED_AT).unwrap();
+    let dead_at = header_str(m, headers::DEAD_LETTERED_AT).unwrap();
+    assert!(first.ends_with('Z') && first.len() == 24, "{first}");
+    assert!(first < dead_at, "{first} < {dead_at}");
+    assert_eq!(header_str(m, "x-custom").as_deref(), Some("kept"));
+    let p = &m.delivery.properties;
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), "r-1");
+    assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "corr-r-1");
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
+    assert_eq!(*p.timestamp(), Some(1_700_000_000));
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(run.metric("warren_retries_total", &[("tier", "1")]), 1.0);
+    assert_eq!(run.metric("warren_retries_total", &[("tier", "2")]), 1.0);
+    assert_eq!(
+        run.metric("warren_handled_total", &[("outcome", "dead_letter")]),
+        1.0
+    );
+    assert_eq!(run.metric("warren_deliveries_total", &[]), 3.0);
+    run.stop().await;
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    for n in 1..=2 {
+        assert_eq!(f.count(&g.retry_queue(n)).await, 0);
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Order {
+    id: u32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_and_undecodable_go_straight_to_dead_letters() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let run = Running::start(
+        g.clone(),
+        json_handler(move |o: Order, _d: Delivery| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                if o.id == 13 {
+                    return Err(HandlerError::permanent("order 13 is cursed"));
+                }
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    f.publish(
+        &f.exchange(),
+        "order.created",
+        b"{\"id\":13}",
+        props("perm"),
+    )
+    .await;
+    f.publish(
+        &f.exchange(),
+        "order.created",
+        b"\xff\xfenot json",
+        props("bad"),
+    )
+    .await;
+    f.publish(
+        &f.exchange(),
+        "order.created",
+        b"{\"id\":\"x\"}",
+        props("wrong"),
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"{\"id\":1}", props("good"))
+        .await;
+    let mut dead = f.take(&g.dead_queue(), 3, Duration::from_secs(10)).await;
+    dead.sort_by_key(|m| {
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .to_string()
+    });
+    let kinds: Vec<(String, Option<String>, Option<i64>)> = dead
+        .iter()
+        .map(|m| {
+            (
+                m.delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .unwrap()
+                    .to_string(),
+                header_str(m, headers::ERROR_KIND),
+                header_int(m, headers::ATTEMPTS),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("bad".into(), Some("decode".into()), Some(1)),
+            ("perm".into(), Some("permanent".into()), Some(1)),
+            ("wrong".into(), Some("decode".into()), Some(1)),
+        ]
+    );
+    assert_eq!(
+        header_str(&dead[1], headers::ERROR).as_deref(),
+        Some("order 13 is cursed")
+    );
+    assert!(header_str(&dead[0], headers::ERROR)
+        .unwrap()
+        .contains("JSON"));
+    assert_eq!(dead[0].delivery.data, b"\xff\xfenot json");
+    wait_for(Duration::from_secs(5), "good one handled", || {
+        calls.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(
+        run.metric("warren_retries_total", &[]),
+        0.0,
+        "never retried"
+    );
+    run.stop().await;
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.retry_queue(1)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panics_and_timeouts_are_retried_and_the_consumer_keeps_going() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                l.note(&d);
+                match (d.message_id(), d.attempt()) {
+                    (Some("panics"), 1) => panic!("index out of bounds"),
+                    (Some("slow"), 1) => {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }),
+        "consumer-test",
+        |b| b.handler_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"p", props("panics"))
+        .await;
+    f.publish(&f.exchange(), "order.created", b"s", props("slow"))
+        .await;
+    wait_for(Duration::from_secs(10), "both retried once", || {
+        ledger.count("panics") == 2 && ledger.count("slow") == 2
+    })
+    .await;
+    assert_eq!(ledger.of("panics")[1].kind.as_deref(), Some("panic"));
+    assert_eq!(ledger.of("panics")[1].attempt, 2);
+    assert_eq!(ledger.of("slow")[1].kind.as_deref(), Some("timeout"));
+    f.publish(&f.exchange(), "order.created", b"later", props("later"))
+        .await;
+    wait_for(Duration::from_secs(5), "still consuming", || {
+        ledger.count("later") == 1
+    })
+    .await;
+    assert!(*run.ready.borrow());
+    run.stop().await;
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(ledger.count("panics"), 2);
+    assert_eq!(ledger.count("slow"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_groups_on_one_exchange_retry_only_where_it_failed() {
+    let toml = "[[exchange]]\nname = 'orders'\nkind = 'topic'\n\
+        [[group]]\nname = 'billing'\nexchange = 'orders'\nbindings = ['#']\nqueue_type = 'classic'\nretry = ['200ms']\n\
+        [[group]]\nname = 'audit'\nexchange = 'orders'\nbindings = ['#']\nqueue_type = 'classic'\nretry = ['200ms']\n";
+    let f = Fixture::new(toml).await;
+    let (billing, audit) = (Ledger::default(), Ledger::default());
+    let b = billing.clone();
+    let run_b = Running::start(
+        f.group(0),
+        handler_fn(move |d: Delivery| {
+            let b = b.clone();
+            async move {
+                b.note(&d);
+                if d.attempt() == 1 {
+                    Err(HandlerError::retryable("flaky"))
+                } else {
+                    Ok(())
+                }
+            }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    let a = audit.clone();
+    let run_a = Running::start(
+        f.group(1),
+        handler_fn(move |d: Delivery| {
+            let a = a.clone();
+            async move {
+                a.note(&d);
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    f.publish(&f.exchange(), "order.paid", b"x", props("m1"))
+        .await;
+    wait_for(Duration::from_secs(10), "billing handled it twice", || {
+        billing.count("m1") == 2
+    })
+    .await;
+    // Give a wrong second delivery to audit the time of another tier.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(audit.count("m1"), 1, "audit sees it exactly once");
+    assert_eq!(billing.count("m1"), 2);
+    run_a.stop().await;
+    run_b.stop().await;
+    for g in [f.group(0), f.group(1)] {
+        assert_eq!(f.count(&g.work_queue()).await, 0);
+        assert_eq!(f.count(&g.dead_queue()).await, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_attempt_headers_count_as_absent_and_never_loop() {
+    let f = Fixture::new(&classic("'100ms'", "")).await;
+    let g = f.group(0);
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                l.note(&d);
+                Err(HandlerError::retryable("always"))
+            }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    let bad: Vec<(&str, AMQPValue)> = vec![
+        ("string", AMQPValue::LongString("3".into())),
+        ("negative", AMQPValue::LongLongInt(-3)),
+        ("huge", AMQPValue::LongLongInt(i64::MAX)),
+        ("float", AMQPValue::Double(2.5)),
+        ("table", AMQPValue::FieldTable(FieldTable::default())),
+        ("bool", AMQPValue::Boolean(true)),
+    ];
+    for (id, v) in &bad {
+        let mut h = FieldTable::default();
+        h.insert(headers::ATTEMPTS.into(), v.clone());
+        h.insert(headers::ORIGINAL_EXCHANGE.into(), AMQPValue::LongLongInt(5));
+        let p = BasicProperties::default()
+            .with_message_id((*id).into())
+            .with_headers(h);
+        f.publish(&f.exchange(), "order.created", b"{}", p).await;
+    }
+    let dead = f
+        .take(&g.dead_queue(), bad.len(), Duration::from_secs(10))
+        .await;
+    for m in &dead {
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            header_int(m, headers::ATTEMPTS),
+            Some(2),
+            "{id}: rewritten valid"
+        );
+        assert_eq!(
+            header_str(m, headers::ORIGINAL_EXCHANGE).as_deref(),
+            Some(f.exchange().as_str()),
+            "{id}: a malformed original exchange is replaced"
+        );
+        assert_eq!(
+            ledger.count(&id),
+            2,
+            "{id}: treated as 0, one tier, then dead"
+        );
+        assert_eq!(ledger.of(&id)[0].attempt, 1);
+    }
+    assert!(*run.ready.borrow(), "consumer still running");
+    run.stop().await;
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_handlers_finish_and_acks_them() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let (started, finished) = (Ledger::default(), Ledger::default());
+    let (s, d2) = (started.clone(), finished.clone());
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (s, d2) = (s.clone(), d2.clone());
+            async move {
+                s.note(&d);
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                d2.note(&d);
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b.shutdown_grace(Duration::from_secs(5)),
+    )
+    .await;
+    for i in 0..8 {
+        f.publish(
+            &f.exchange(),
+            "order.created",
+            b"x",
+            props(&format!("s{i}")),
+        )
+        .await;
+    }
+    wait_for(Duration::from_secs(5), "all 8 running", || {
+        started.len() == 8
+    })
+    .await;
+    let mut ready = run.ready.clone();
+    run.cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(2), ready.wait_for(|r| !*r))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), run.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(finished.len(), 8, "every handler finished");
+    assert_eq!(f.count(&g.work_queue()).await, 0, "and was acked");
+    assert_eq!(started.len(), 8, "nothing handled twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_requeues_what_does_not_finish_in_the_grace_period() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let started = Ledger::default();
+    let s = started.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let s = s.clone();
+            async move {
+                s.note(&d);
+                if d.message_id() == Some("q0") {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| {
+            b.shutdown_grace(Duration::from_millis(300))
+                .handler_timeout(Duration::from_secs(120))
+        },
+    )
+    .await;
+    for i in 0..6 {
+        f.publish(
+            &f.exchange(),
+            "order.created",
+            b"x",
+            props(&format!("q{i}")),
+        )
+        .await;
+    }
+    wait_for(Duration::from_secs(5), "all running", || started.len() == 6).await;
+    let t0 = Instant::now();
+    run.stop().await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // q0 was acked; the five unfinished went back to the queue.
+    let back = f.take(&g.work_queue(), 5, Duration::from_secs(5)).await;
+    let mut ids: Vec<String> = back
+        .iter()
+        .map(|m| {
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["q1", "q2", "q3", "q4", "q5"]);
+    assert!(back.iter().all(|m| m.delivery.redelivered));
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+fn connection_pids(name: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(name))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_is_reopened_and_nothing_is_lost() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let component = format!("ctest-{}", unique_prefix().trim_end_matches('.'));
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                l.note(&d);
+                Ok(())
+            }
+        }),
+        &component,
+        |b| b,
+    )
+    .await;
+    let n = 400;
+    let ids: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    let publisher = {
+        let ch = f.conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let ex = f.exchange();
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            for id in ids {
+                ch.basic_publish(
+                    ex.as_str().into(),
+                    "order.created".into(),
+                    Default::default(),
+                    b"x",
+                    props(&id),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    wait_for(Duration::from_secs(10), "flowing", || ledger.len() >= 50).await;
+    let pids = connection_pids(&format!("warren-{component}@"));
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", &pids[0], "test: forced close"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut ready = run.ready.clone();
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| !*r))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+    publisher.await.unwrap();
+    wait_for(Duration::from_secs(30), "every id handled", || {
+        let seen = ledger.0.lock().unwrap();
+        ids.iter().all(|id| seen.iter().any(|s| &s.id == id))
+    })
+    .await;
+    assert_eq!(
+        run.metric("warren_reconnects_total", &[("component", "consumer")]),
+        1.0
+    );
+    run.stop().await;
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+    assert!(ledger.len() >= n);
+}

@@ -1,0 +1,401 @@
+//! Shared by the consumer integration tests: unique names, a guard that
+//! deletes what a test declared, bare-lapin publishing and reading, and
+//! waiting on conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio_util::sync::CancellationToken;
+use warren_consumer::{ConsumerGroup, Handler, Metrics};
+use warren_topology::{AmqpUrl, Broker, ConnectOptions, Group, Plan, Topology};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A prefix no other test (or run) uses: `tc<pid>-<n>-<nanos>.`.
+pub fn unique_prefix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "tc{}-{}-{nanos}.",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn url() -> AmqpUrl {
+    std::env::var("WARREN_AMQP_URL")
+        .unwrap_or_else(|_| warren_topology::DEFAULT_AMQP_URL.to_owned())
+        .parse()
+        .unwrap()
+}
+
+pub async fn connect() -> Connection {
+    warren_topology::connect(&ConnectOptions::new(url(), "test").attempts(3))
+        .await
+        .unwrap()
+}
+
+/// A declared topology, deleted when dropped (never `warren.dlx`).
+pub struct Fixture {
+    pub topology: Topology,
+    pub conn: Connection,
+    pub ch: Channel,
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Fixture {
+    /// Parses `toml`, prefixes every name uniquely, applies it.
+    pub async fn new(toml: &str) -> Fixture {
+        Self::with_prefix(toml, &unique_prefix()).await
+    }
+
+    pub async fn with_prefix(toml: &str, prefix: &str) -> Fixture {
+        let topology = Topology::parse(toml, "test.toml")
+            .unwrap()
+            .with_prefix(prefix);
+        let plan = Plan::new(&topology);
+        let conn = connect().await;
+        warren_topology::apply(&conn, &plan).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Fixture {
+            queues: plan.queues.iter().map(|q| q.name.clone()).collect(),
+            exchanges: plan
+                .exchanges
+                .iter()
+                .map(|e| e.name.clone())
+                .filter(|n| n != warren_topology::DEAD_LETTER_EXCHANGE)
+                .collect(),
+            topology,
+            conn,
+            ch,
+        }
+    }
+
+    pub fn group(&self, i: usize) -> Group {
+        self.topology.groups[i].clone()
+    }
+
+    pub fn exchange(&self) -> String {
+        self.topology.exchanges[0].name.clone()
+    }
+
+    /// Publishes with a confirm (mandatory).
+    pub async fn publish(&self, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
+        let c = self
+            .ch
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            c.is_ack() && c.take_message().is_none(),
+            "publish not routed"
+        );
+    }
+
+    /// Messages ready in a queue.
+    pub async fn count(&self, queue: &str) -> u32 {
+        self.ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Takes (and acks) `n` messages from a queue, waiting up to `within`.
+    pub async fn take(
+        &self,
+        queue: &str,
+        n: usize,
+        within: Duration,
+    ) -> Vec<lapin::message::BasicGetMessage> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self
+                .ch
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                Some(m) => {
+                    self.ch
+                        .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
+                        .await
+                        .unwrap();
+                    out.push(m);
+                }
+                None => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "only {} of {n} messages arrived in {queue} within {within:?}",
+                        out.len()
+                    );
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut self.queues);
+        let exchanges = std::mem::take(&mut self.exchanges);
+        // Drop cannot await: clean up on a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(conn) = warren_topology::connect(
+                    &ConnectOptions::new(url(), "test-cleanup").attempts(2),
+                )
+                .await
+                else {
+                    return;
+                };
+                for q in queues {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                }
+                for e in exchanges {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch
+                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
+                    }
+                }
+                let _ = conn.close(200, "bye".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Properties with a message id and a few more to check they survive copies.
+pub fn props(id: &str) -> BasicProperties {
+    let mut h = FieldTable::default();
+    h.insert("x-custom".into(), AMQPValue::LongString("kept".into()));
+    BasicProperties::default()
+        .with_message_id(id.into())
+        .with_correlation_id(format!("corr-{id}").into())
+        .with_content_type("application/json".into())
+        .with_timestamp(1_700_000_000)
+        .with_delivery_mode(2)
+        .with_headers(h)
+}
+
+pub fn header_str(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
+    match m
+        .delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(name)?
+    {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+pub fn header_int(m: &lapin::message::BasicGetMessage, name: &str) -> Option<i64> {
+    match m
+        .delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(name)?
+    {
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::LongInt(i) => Some(i64::from(*i)),
+        _ => None,
+    }
+}
+
+/// Waits until `cond` holds, failing with `what` after `within`.
+pub async fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running consumer group.
+pub struct Running {
+    pub cancel: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), warren_consumer::ConsumerError>>,
+    pub ready: tokio::sync::watch::Receiver<bool>,
+    pub broker: Arc<Broker>,
+    pub registry: prometheus::Registry,
+}
+
+impl Running {
+    /// Starts `group` with `handler` (connection component `component`) and
+    /// waits until it consumes.
+    pub async fn start<H: Handler>(
+        group: Group,
+        handler: H,
+        component: &str,
+        tune: impl FnOnce(
+            warren_consumer::ConsumerGroupBuilder<H>,
+        ) -> warren_consumer::ConsumerGroupBuilder<H>,
+    ) -> Running {
+        let registry = prometheus::Registry::new();
+        let broker = Arc::new(
+            Broker::connect(ConnectOptions::new(url(), component).attempts(3))
+                .await
+                .unwrap(),
+        );
+        let builder =
+            ConsumerGroup::builder(group, handler).metrics(Metrics::register(&registry).unwrap());
+        let g = tune(builder).build().unwrap();
+        let mut ready = g.ready();
+        let cancel = CancellationToken::new();
+        let (c, b) = (cancel.clone(), broker.clone());
+        let task = tokio::spawn(async move {
+            let r = g.run(&b, c).await;
+            b.close().await;
+            r
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+            .await
+            .expect("group ready in time")
+            .unwrap();
+        Running {
+            cancel,
+            task,
+            ready,
+            broker,
+            registry,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("group stops in time")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A metric's value, summed over series whose labels include `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let mut total = 0.0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                continue;
+            }
+            if labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            {
+                total += rest
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+        total
+    }
+}
+
+/// A shared record of what handlers saw.
+#[derive(Clone, Default)]
+pub struct Ledger(pub Arc<Mutex<Vec<Seen>>>);
+
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub id: String,
+    pub attempt: u32,
+    pub redelivered: bool,
+    pub kind: Option<String>,
+    pub at: Instant,
+}
+
+impl Ledger {
+    pub fn note(&self, d: &warren_consumer::Delivery) {
+        self.0.lock().unwrap().push(Seen {
+            id: d.message_id().unwrap_or("").to_owned(),
+            attempt: d.attempt(),
+            redelivered: d.redelivered(),
+            kind: d.header_str(warren_topology::headers::ERROR_KIND),
+            at: Instant::now(),
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    pub fn of(&self, id: &str) -> Vec<Seen> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.id == id)
+            .cloned()
+            .collect()
+    }
+
+    pub fn count(&self, id: &str) -> usize {
+        self.of(id).len()
+    }
+}
