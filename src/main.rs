@@ -5,8 +5,9 @@
 
 mod cli;
 mod cmd;
-#[allow(dead_code)] // used by `consume` and `dlq watch` as they land
+mod handlers;
 mod serve;
+mod signal;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,342 @@
+//! Shared by the root CLI tests: unique topologies written to temp files and
+//! removed with their queues, the `warren` binary as a child process, and
+//! broker helpers over a real connection.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+pub fn unique(tag: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{tag}{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A topology file with one exchange `{p}.orders` and the given groups
+/// (`[[group]]` bodies without the header, `{p}` replaced); deletes the file,
+/// its queues and exchange on drop.
+pub struct Topo {
+    pub p: String,
+    pub path: PathBuf,
+    queues: Vec<String>,
+}
+
+impl Topo {
+    pub fn new(tag: &str, groups: &[&str]) -> Topo {
+        let p = unique(tag);
+        let mut text = format!("[[exchange]]\nname = \"{p}.orders\"\nkind = \"topic\"\n\n");
+        for g in groups {
+            text.push_str("[[group]]\n");
+            text.push_str(&g.replace("{p}", &p));
+            text.push('\n');
+        }
+        let path = std::env::temp_dir().join(format!("{p}.toml"));
+        std::fs::write(&path, &text).unwrap();
+        let t = warren_topology::Topology::from_file(&path).unwrap();
+        let queues = warren_topology::Plan::new(&t)
+            .queues
+            .into_iter()
+            .map(|q| q.name)
+            .collect();
+        Topo { p, path, queues }
+    }
+
+    pub fn file(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    pub fn exchange(&self) -> String {
+        format!("{}.orders", self.p)
+    }
+
+    pub fn q(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.p)
+    }
+
+    pub fn apply(&self) {
+        let o = warren()
+            .args(["topology", "apply", "-f", self.file()])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "apply failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let queues = std::mem::take(&mut self.queues);
+        let exchange = self.exchange();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let Ok(conn) = Connection::connect(URL, ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                for q in queues {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                }
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// The `warren` binary with a clean environment.
+pub fn warren() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_warren"));
+    c.env_remove("WARREN_TOPOLOGY")
+        .env_remove("RUST_LOG")
+        .env("WARREN_AMQP_URL", URL);
+    c
+}
+
+/// A free local port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `warren consume` child, killed on drop if still running.
+pub struct Worker {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn start(topo: &Topo, group: &str, handler: &[&str], extra: &[&str]) -> Worker {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("{}-{port}.log", topo.p));
+        let file = std::fs::File::create(&log).unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "consume",
+            "-f",
+            topo.file(),
+            "--group",
+            group,
+            "--metrics-addr",
+            &addr,
+            "-v",
+        ];
+        args.extend_from_slice(handler);
+        args.extend_from_slice(extra);
+        let child = warren()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let w = Worker { child, port, log };
+        w.wait_ready();
+        w
+    }
+
+    fn wait_ready(&self) {
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+                let mut r = String::new();
+                let _ = s.read_to_string(&mut r);
+                if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("worker not ready in 20s: {}", self.log_text());
+    }
+
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    }
+
+    /// The value of a metric line that starts with `prefix` (0 when absent).
+    pub fn metric(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+pub async fn connect() -> Connection {
+    Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .unwrap()
+}
+
+/// Publishes with confirms; `id` becomes the message_id.
+pub async fn publish(conn: &Connection, exchange: &str, key: &str, id: &str, body: &[u8]) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let c = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            BasicProperties::default()
+                .with_message_id(id.into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        c.is_ack() && c.take_message().is_none(),
+        "publish of {id} not confirmed or unroutable"
+    );
+    let _ = ch.close(200, "".into()).await;
+}
+
+pub async fn count(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = ch.close(200, "".into()).await;
+    q.message_count()
+}
+
+pub async fn wait_until<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond().await
+}
+
+/// Takes every message of a queue (acked): (message_id, body, headers).
+pub async fn drain(conn: &Connection, queue: &str) -> Vec<(String, Vec<u8>, FieldTable)> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let p = &m.delivery.properties;
+        out.push((
+            p.message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            m.delivery.data.clone(),
+            p.headers().clone().unwrap_or_default(),
+        ));
+    }
+    let _ = ch.close(200, "".into()).await;
+    out
+}
+
+pub fn header_str(h: &FieldTable, name: &str) -> Option<String> {
+    match h.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        lapin::types::AMQPValue::ShortString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
