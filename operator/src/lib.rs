@@ -54,6 +54,8 @@ pub use reader::{
     count, Coverage, ReadOptions, DEFAULT_IDLE_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_SCAN_LIMIT,
     MAX_SCAN_LIMIT,
 };
+/// The regular expressions `Selection::error` takes.
+pub use regex::Regex;
 pub use replay::{replay, replay_properties, Progress, ReplayOptions, ReplayReport, Target};
 pub use select::Selection;
 pub use transfer::{
