@@ -1,0 +1,467 @@
+//! The operator against the real broker: reading never changes a queue,
+//! replay moves exactly what was selected, export → purge → import restores
+//! a queue byte for byte.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use lapin::types::{AMQPValue, DecimalValue, FieldTable};
+use support::*;
+use tokio_util::sync::CancellationToken;
+use warren_operator as op;
+use warren_topology::{dead_queue, headers, DEAD_LETTER_EXCHANGE};
+
+fn no_progress(_: op::Progress) {}
+
+fn quick() -> op::ReadOptions {
+    op::ReadOptions::default().idle_timeout(std::time::Duration::from_secs(3))
+}
+
+#[tokio::test]
+async fn fifty_reads_change_nothing_count_order_bodies_properties_headers() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let mut expected = Vec::new();
+    for i in 0..30 {
+        let kind = ["permanent", "retryable", "timeout"][i % 3];
+        let error = format!("order {i} failed with code {}", i * 7);
+        let body = format!("{{\"order\":{i}}}");
+        expected.push(
+            dead_letter(
+                &env.conn,
+                &env.billing,
+                &format!("m{i}"),
+                kind,
+                &error,
+                body.as_bytes(),
+                &env.orders,
+            )
+            .await,
+        );
+    }
+    broker_dead_letter(&env.conn, &env.billing, "rejected-1", b"raw").await;
+    wait_count(&env.conn, &dq, 31).await;
+
+    for run in 0..50 {
+        if run % 2 == 0 {
+            let l = op::list(&env.conn, &env.billing, &quick()).await.unwrap();
+            assert_eq!(
+                l.coverage,
+                op::Coverage {
+                    scanned: 31,
+                    total: 31
+                }
+            );
+            let ids: Vec<&str> = l.messages.iter().map(|m| m.info.id.as_str()).collect();
+            let mut want: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+            want.push("rejected-1".into());
+            assert_eq!(ids, want, "run {run}: order changed");
+            let last = l.messages.last().unwrap();
+            assert_eq!(last.info.kind, "broker");
+            assert!(
+                last.info.error.starts_with("rejected in queue"),
+                "{}",
+                last.info.error
+            );
+        } else {
+            let s = op::stats(&env.conn, &env.billing, &quick()).await.unwrap();
+            assert_eq!(s.count, 31);
+            assert_eq!(s.by_kind.get("permanent"), Some(&10));
+            assert_eq!(s.by_kind.get("broker"), Some(&1));
+            // "order N failed with code M" is one failure group per kind.
+            assert_eq!(s.failure_groups.len(), 4);
+            assert_eq!(s.failure_groups[0].count, 10);
+        }
+        wait_count(&env.conn, &dq, 31).await;
+    }
+
+    let after = drain(&env.conn, &dq).await;
+    assert_eq!(after.len(), 31);
+    for (i, (want, got)) in expected.iter().zip(&after).enumerate() {
+        assert_eq!(want.0, got.0, "body {i}");
+        assert_eq!(want.1, got.1, "properties {i}");
+    }
+    let (body, p) = &after[30];
+    assert_eq!(body, b"raw");
+    assert!(header(p, headers::X_DEATH).is_some());
+}
+
+#[tokio::test]
+async fn replay_by_id_moves_exactly_that_message_resetting_attempts() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let mut expected = Vec::new();
+    for i in 0..5 {
+        expected.push(
+            dead_letter(
+                &env.conn,
+                &env.billing,
+                &format!("m{i}"),
+                "permanent",
+                "boom",
+                format!("b{i}").as_bytes(),
+                &env.orders,
+            )
+            .await,
+        );
+    }
+    let sel = op::Selection {
+        ids: vec!["m2".into()],
+        ..Default::default()
+    };
+    let metrics = op::Metrics::unregistered();
+    let r = op::replay(
+        &env.conn,
+        &env.billing,
+        &sel,
+        &op::ReplayOptions {
+            read: quick(),
+            ..Default::default()
+        },
+        &metrics,
+        &no_progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.selected, r.replayed, r.failed), (1, 1, 0));
+    assert_eq!(r.ids, vec!["m2".to_owned()]);
+    assert_eq!(
+        metrics
+            .replayed
+            .with_label_values(&[env.billing.as_str()])
+            .get(),
+        1
+    );
+
+    wait_count(&env.conn, &dq, 4).await;
+    let work = drain(&env.conn, &env.billing).await;
+    assert_eq!(work.len(), 1);
+    let (body, p) = &work[0];
+    assert_eq!(body, b"b2");
+    assert_eq!(
+        header(p, headers::ATTEMPTS),
+        Some(&AMQPValue::LongLongInt(0))
+    );
+    assert_eq!(
+        header(p, headers::REPLAYS),
+        Some(&AMQPValue::LongLongInt(1))
+    );
+    // Everything else kept.
+    assert_eq!(
+        without(p, &[headers::ATTEMPTS, headers::REPLAYS]),
+        without(&expected[2].1, &[headers::ATTEMPTS])
+    );
+
+    let rest = drain(&env.conn, &dq).await;
+    let want: Vec<_> = expected
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, m)| m.clone())
+        .collect();
+    assert_eq!(rest, want);
+}
+
+#[tokio::test]
+async fn filtered_replay_moves_exactly_the_matching_set_and_dry_run_moves_nothing() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let mut expected = Vec::new();
+    for i in 0..12 {
+        let (kind, error) = if i % 3 == 0 {
+            ("timeout", format!("handler ran past {i}s"))
+        } else {
+            ("permanent", format!("customer {i} not found"))
+        };
+        expected.push(
+            dead_letter(
+                &env.conn,
+                &env.billing,
+                &format!("m{i}"),
+                kind,
+                &error,
+                format!("b{i}").as_bytes(),
+                &env.orders,
+            )
+            .await,
+        );
+    }
+    let sel = op::Selection {
+        error: Some(op::Regex::new("not found$").unwrap()),
+        kind: Some("permanent".into()),
+        ..Default::default()
+    };
+    let metrics = op::Metrics::unregistered();
+
+    let dry = op::ReplayOptions {
+        dry_run: true,
+        read: quick(),
+        ..Default::default()
+    };
+    let r = op::replay(
+        &env.conn,
+        &env.billing,
+        &sel,
+        &dry,
+        &metrics,
+        &no_progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.selected, 8);
+    assert_eq!(r.replayed, 0);
+    wait_count(&env.conn, &dq, 12).await;
+    assert_eq!(count(&env.conn, &env.billing).await, 0);
+    assert_eq!(peek_all(&env.conn, &dq).await, expected);
+
+    // A purge that is prepared and then aborted deletes nothing either.
+    let pending = op::prepare_purge(&env.conn, &env.billing, &sel, &quick(), None)
+        .await
+        .unwrap();
+    assert_eq!(pending.count(), 8);
+    pending.abort().await.unwrap();
+    wait_count(&env.conn, &dq, 12).await;
+
+    let r = op::replay(
+        &env.conn,
+        &env.billing,
+        &sel,
+        &op::ReplayOptions {
+            read: quick(),
+            ..Default::default()
+        },
+        &metrics,
+        &no_progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.selected, r.replayed), (8, 8));
+    wait_count(&env.conn, &dq, 4).await;
+    let moved: Vec<Vec<u8>> = drain(&env.conn, &env.billing)
+        .await
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    let want: Vec<Vec<u8>> = (0..12)
+        .filter(|i| i % 3 != 0)
+        .map(|i| format!("b{i}").into_bytes())
+        .collect();
+    assert_eq!(moved, want);
+    let rest = drain(&env.conn, &dq).await;
+    let want: Vec<_> = expected
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 == 0)
+        .map(|(_, m)| m.clone())
+        .collect();
+    assert_eq!(rest, want);
+}
+
+#[tokio::test]
+async fn to_original_goes_through_the_original_exchange() {
+    let env = setup().await;
+    dead_letter(
+        &env.conn,
+        &env.billing,
+        "m0",
+        "permanent",
+        "boom",
+        b"x",
+        &env.orders,
+    )
+    .await;
+    let sel = op::Selection {
+        all: true,
+        ..Default::default()
+    };
+    let opts = op::ReplayOptions {
+        target: op::Target::Original,
+        read: quick(),
+        ..Default::default()
+    };
+    let r = op::replay(
+        &env.conn,
+        &env.billing,
+        &sel,
+        &opts,
+        &op::Metrics::unregistered(),
+        &no_progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.replayed, 1);
+    // Both groups bound to "order.created" on the original exchange get it.
+    wait_count(&env.conn, &env.billing, 1).await;
+    wait_count(&env.conn, &env.shipping, 1).await;
+    assert_eq!(count(&env.conn, &dead_queue(&env.billing)).await, 0);
+}
+
+#[tokio::test]
+async fn export_purge_archive_import_restores_the_queue_byte_for_byte() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    // A non-UTF-8 body.
+    dead_letter(
+        &env.conn,
+        &env.billing,
+        "bin",
+        "decode",
+        "invalid utf-8",
+        &[0xff, 0x00, 0xfe, 0x80],
+        &env.orders,
+    )
+    .await;
+    // Nested tables, arrays and every integer width.
+    let mut h = warren_headers(
+        &env.billing,
+        "permanent",
+        "nested",
+        "order.paid",
+        &env.orders,
+    );
+    let mut inner = FieldTable::default();
+    inner.insert(
+        "deeper".into(),
+        AMQPValue::FieldTable({
+            let mut t = FieldTable::default();
+            t.insert("n".into(), AMQPValue::ShortInt(-3));
+            t
+        }),
+    );
+    inner.insert(
+        "list".into(),
+        AMQPValue::FieldArray(
+            vec![
+                AMQPValue::LongInt(1),
+                AMQPValue::LongString("two".into()),
+                AMQPValue::Boolean(false),
+            ]
+            .into(),
+        ),
+    );
+    h.insert("nested".into(), AMQPValue::FieldTable(inner));
+    h.insert("i8".into(), AMQPValue::ShortShortInt(-8));
+    h.insert("u8".into(), AMQPValue::ShortShortUInt(8));
+    h.insert("u16".into(), AMQPValue::ShortUInt(65000));
+    h.insert("u32".into(), AMQPValue::LongUInt(4_000_000_000));
+    h.insert("f64".into(), AMQPValue::Double(2.5));
+    h.insert("f32".into(), AMQPValue::Float(0.25));
+    h.insert(
+        "dec".into(),
+        AMQPValue::DecimalValue(DecimalValue {
+            scale: 2,
+            value: 1999,
+        }),
+    );
+    h.insert("ts".into(), AMQPValue::Timestamp(1_700_000_123));
+    h.insert(
+        "bytes".into(),
+        AMQPValue::ByteArray(vec![0u8, 1, 255].into()),
+    );
+    h.insert("void".into(), AMQPValue::Void);
+    let p = props("nested", h)
+        .with_priority(4)
+        .with_correlation_id("corr".into())
+        .with_reply_to("replies".into())
+        .with_type("order".into())
+        .with_app_id("billing-svc".into())
+        .with_content_encoding("identity".into());
+    publish(
+        &env.conn,
+        DEAD_LETTER_EXCHANGE,
+        &env.billing,
+        b"{\"a\":[1,2]}",
+        p,
+    )
+    .await;
+    // A non-Rust client (librabbitmq's amqp-publish).
+    let out = std::process::Command::new("amqp-publish")
+        .args([
+            "-u",
+            url().expose(),
+            "-e",
+            DEAD_LETTER_EXCHANGE,
+            "-r",
+            &env.billing,
+            "-p",
+            "-C",
+            "text/plain",
+            "-H",
+            "x-warren-error-kind: permanent",
+            "-H",
+            "x-warren-error: from C",
+            "-b",
+            "hello from C",
+        ])
+        .output()
+        .expect("amqp-publish (Debian package amqp-tools) is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And one the broker dead-lettered.
+    broker_dead_letter(&env.conn, &env.billing, "rej", b"rejected body").await;
+    wait_count(&env.conn, &dq, 4).await;
+    let start = peek_all(&env.conn, &dq).await;
+    assert_eq!(start.len(), 4);
+    wait_count(&env.conn, &dq, 4).await;
+
+    let dir = std::env::temp_dir().join(format!("warren-op-{}", env.prefix.trim_end_matches('.')));
+    std::fs::create_dir_all(&dir).unwrap();
+    let export_file = dir.join("export.jsonl");
+    let archive_file = dir.join("archive.jsonl");
+    let _ = std::fs::remove_file(&export_file);
+    let _ = std::fs::remove_file(&archive_file);
+
+    let mut w = op::ExportWriter::create_new(&export_file).unwrap();
+    let r = op::export(&env.conn, &env.billing, &mut w, false, &quick())
+        .await
+        .unwrap();
+    assert_eq!(r.exported, 4);
+    wait_count(&env.conn, &dq, 4).await;
+    let text = std::fs::read_to_string(&export_file).unwrap();
+    assert!(text
+        .lines()
+        .next()
+        .unwrap()
+        .contains("\"body_encoding\":\"base64\""));
+
+    let mut archive = op::ExportWriter::create_new(&archive_file).unwrap();
+    let pending = op::prepare_purge(
+        &env.conn,
+        &env.billing,
+        &op::Selection {
+            all: true,
+            ..Default::default()
+        },
+        &quick(),
+        Some(&mut archive),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pending.count(), 4);
+    let purged = pending.commit(Some(&mut archive)).await.unwrap();
+    assert_eq!(purged.purged, 4);
+    wait_count(&env.conn, &dq, 0).await;
+    assert_eq!(
+        std::fs::read_to_string(&archive_file).unwrap(),
+        text,
+        "archive = export"
+    );
+
+    let messages = op::read_export(&archive_file).unwrap();
+    let r = op::import(&env.conn, &messages, None, &quick())
+        .await
+        .unwrap();
+    assert_eq!(r.total, 4);
+    wait_count(&env.conn, &dq, 4).await;
+    let end = drain(&env.conn, &dq).await;
+    assert_eq!(end, start);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,342 @@
+//! Shared by the operator's integration tests: unique names, a guard that
+//! deletes what a test declared, publishing dead letters the way the
+//! consumer (or the broker) would, and reading queues with plain lapin.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use warren_topology::{headers, AmqpUrl, ConnectOptions, Plan, Topology, DEAD_LETTER_EXCHANGE};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn unique_prefix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "op{}-{}-{nanos}.",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn url() -> AmqpUrl {
+    std::env::var("WARREN_AMQP_URL")
+        .unwrap_or_else(|_| warren_topology::DEFAULT_AMQP_URL.to_owned())
+        .parse()
+        .unwrap()
+}
+
+pub async fn connect() -> lapin::Connection {
+    warren_topology::connect(&ConnectOptions::new(url(), "test").attempts(3))
+        .await
+        .unwrap()
+}
+
+pub const FILE: &str = r#"
+[[exchange]]
+name = "orders"
+kind = "topic"
+
+[[group]]
+name = "billing"
+exchange = "orders"
+bindings = ["order.created", "order.paid"]
+queue_type = "classic"
+retry = ["1s"]
+
+[[group]]
+name = "shipping"
+exchange = "orders"
+bindings = ["order.created"]
+queue_type = "classic"
+retry = ["1s"]
+"#;
+
+/// Deletes every queue and exchange of a plan (never `warren.dlx`).
+pub struct Guard {
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut self.queues);
+        let exchanges = std::mem::take(&mut self.exchanges);
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let conn = connect().await;
+                for q in queues {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                }
+                for e in exchanges {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch
+                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
+                    }
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+pub struct Env {
+    pub prefix: String,
+    pub topology: Topology,
+    pub conn: lapin::Connection,
+    pub billing: String,
+    pub shipping: String,
+    pub orders: String,
+    _guard: Guard,
+}
+
+pub async fn setup() -> Env {
+    let prefix = unique_prefix();
+    let topology = Topology::parse(FILE, "test.toml")
+        .unwrap()
+        .with_prefix(&prefix);
+    let plan = Plan::new(&topology);
+    let guard = Guard {
+        queues: plan.queues.iter().map(|q| q.name.clone()).collect(),
+        exchanges: plan
+            .exchanges
+            .iter()
+            .map(|e| e.name.clone())
+            .filter(|n| n != DEAD_LETTER_EXCHANGE)
+            .collect(),
+    };
+    let conn = connect().await;
+    warren_topology::apply(&conn, &plan).await.unwrap();
+    Env {
+        billing: format!("{prefix}billing"),
+        shipping: format!("{prefix}shipping"),
+        orders: format!("{prefix}orders"),
+        prefix,
+        topology,
+        conn,
+        _guard: guard,
+    }
+}
+
+/// Headers the consumer sets when it dead-letters.
+pub fn warren_headers(group: &str, kind: &str, error: &str, rk: &str, orig_ex: &str) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(4));
+    h.insert(headers::ERROR.into(), AMQPValue::LongString(error.into()));
+    h.insert(
+        headers::ERROR_KIND.into(),
+        AMQPValue::LongString(kind.into()),
+    );
+    h.insert(headers::GROUP.into(), AMQPValue::LongString(group.into()));
+    h.insert(
+        headers::ORIGINAL_EXCHANGE.into(),
+        AMQPValue::LongString(orig_ex.into()),
+    );
+    h.insert(
+        headers::ORIGINAL_ROUTING_KEY.into(),
+        AMQPValue::LongString(rk.into()),
+    );
+    h.insert(
+        headers::FIRST_FAILED_AT.into(),
+        AMQPValue::LongString("2024-01-01T00:00:00Z".into()),
+    );
+    h.insert(
+        headers::DEAD_LETTERED_AT.into(),
+        AMQPValue::LongString(
+            humantime::format_rfc3339_seconds(SystemTime::now())
+                .to_string()
+                .into(),
+        ),
+    );
+    h
+}
+
+pub fn props(id: &str, h: FieldTable) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(id.into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(1_700_000_000)
+        .with_headers(h)
+}
+
+/// Publishes to `exchange`/`key` and waits for the confirm.
+pub async fn publish(
+    conn: &lapin::Connection,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    p: BasicProperties,
+) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let c = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            p,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        c.is_ack() && c.take_message().is_none(),
+        "publish to {exchange}/{key} not routed"
+    );
+    let _ = ch.close(200, "ok".into()).await;
+}
+
+/// A dead letter as the consumer would send it.
+pub async fn dead_letter(
+    conn: &lapin::Connection,
+    group: &str,
+    id: &str,
+    kind: &str,
+    error: &str,
+    body: &[u8],
+    orig_ex: &str,
+) -> (Vec<u8>, BasicProperties) {
+    let p = props(
+        id,
+        warren_headers(group, kind, error, "order.created", orig_ex),
+    );
+    publish(conn, DEAD_LETTER_EXCHANGE, group, body, p.clone()).await;
+    (body.to_vec(), p)
+}
+
+/// A dead letter the broker made: published to the work queue, then
+/// rejected without requeue. Returns its body.
+pub async fn broker_dead_letter(conn: &lapin::Connection, group: &str, id: &str, body: &[u8]) {
+    publish(
+        conn,
+        "",
+        group,
+        body,
+        BasicProperties::default().with_message_id(id.into()),
+    )
+    .await;
+    let ch = conn.create_channel().await.unwrap();
+    let got = ch
+        .basic_get(group.into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    got.delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let _ = ch.close(200, "ok".into()).await;
+}
+
+/// Every message of a queue, taken for good (acked), head first.
+pub async fn drain(conn: &lapin::Connection, queue: &str) -> Vec<(Vec<u8>, BasicProperties)> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        out.push((m.delivery.data, m.delivery.properties));
+    }
+    let _ = ch.close(200, "ok".into()).await;
+    out
+}
+
+/// Every message of a queue, read without taking it (held unacked, then the
+/// channel is closed so the broker puts them back).
+pub async fn peek_all(conn: &lapin::Connection, queue: &str) -> Vec<(Vec<u8>, BasicProperties)> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+    {
+        out.push((m.delivery.data, m.delivery.properties));
+    }
+    ch.close(200, "ok".into()).await.unwrap();
+    out
+}
+
+/// Messages ready in a queue (passive declare).
+pub async fn count(conn: &lapin::Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = ch.close(200, "ok".into()).await;
+    q.message_count()
+}
+
+/// Waits until `queue` holds `n` ready messages (unacked ones come back
+/// asynchronously after a channel closes).
+pub async fn wait_count(conn: &lapin::Connection, queue: &str, n: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = count(conn, queue).await;
+        if c == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue}: {c} messages, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn header<'a>(p: &'a BasicProperties, k: &str) -> Option<&'a AMQPValue> {
+    p.headers().as_ref().and_then(|h| h.inner().get(k))
+}
+
+pub fn without(p: &BasicProperties, keys: &[&str]) -> BasicProperties {
+    let mut h = FieldTable::default();
+    if let Some(old) = p.headers() {
+        for (k, v) in old {
+            if !keys.contains(&k.as_str()) {
+                h.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    p.clone().with_headers(h)
+}
