@@ -1,0 +1,396 @@
+//! `warren dlq` as an operator runs it: a replay killed with SIGKILL loses
+//! nothing, and `watch` keeps its gauges and webhook honest.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+use warren_topology::{lapin, ConnectOptions, Plan, Topology, DEAD_LETTER_EXCHANGE};
+
+fn url() -> String {
+    std::env::var("WARREN_AMQP_URL").unwrap_or_else(|_| warren_topology::DEFAULT_AMQP_URL.into())
+}
+
+async fn connect() -> Connection {
+    warren_topology::connect(&ConnectOptions::new(url().parse().unwrap(), "test"))
+        .await
+        .unwrap()
+}
+
+/// A one-group topology under a unique prefix; deleted on drop.
+struct Env {
+    group: String,
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Env {
+    async fn new(conn: &Connection, tag: &str) -> Env {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let prefix = format!("dlqcli-{tag}-{}-{nanos}.", std::process::id());
+        let t = Topology::parse(
+            "[[exchange]]\nname = \"orders\"\nkind = \"topic\"\n\n[[group]]\nname = \"g\"\nexchange = \"orders\"\nbindings = [\"o.#\"]\nqueue_type = \"classic\"\nretry = [\"1s\"]\n",
+            "t.toml",
+        )
+        .unwrap()
+        .with_prefix(&prefix);
+        let plan = Plan::new(&t);
+        warren_topology::apply(conn, &plan).await.unwrap();
+        Env {
+            group: format!("{prefix}g"),
+            queues: plan.queues.iter().map(|q| q.name.clone()).collect(),
+            exchanges: plan
+                .exchanges
+                .iter()
+                .map(|e| e.name.clone())
+                .filter(|n| n != DEAD_LETTER_EXCHANGE)
+                .collect(),
+        }
+    }
+    fn dead(&self) -> String {
+        format!("{}.dead", self.group)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let (queues, exchanges) = (self.queues.clone(), self.exchanges.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let conn = connect().await;
+                let ch = conn.create_channel().await.unwrap();
+                for q in queues {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for e in exchanges {
+                    let _ = ch
+                        .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Publishes `n` dead letters with ids `{tag}-{i}` to `warren.dlx`, confirmed.
+async fn dead_letters(conn: &Connection, group: &str, tag: &str, n: usize) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let mut h = FieldTable::default();
+        h.insert("x-warren-attempts".into(), AMQPValue::LongLongInt(3));
+        h.insert(
+            "x-warren-error-kind".into(),
+            AMQPValue::LongString("permanent".into()),
+        );
+        h.insert(
+            "x-warren-error".into(),
+            AMQPValue::LongString(format!("order {i} broke").into()),
+        );
+        let p = BasicProperties::default()
+            .with_message_id(format!("{tag}-{i}").into())
+            .with_delivery_mode(2)
+            .with_headers(h);
+        pending.push(
+            ch.basic_publish(
+                DEAD_LETTER_EXCHANGE.into(),
+                group.into(),
+                BasicPublishOptions::default(),
+                format!("{{\"i\":{i}}}").as_bytes(),
+                p,
+            )
+            .await
+            .unwrap(),
+        );
+        if pending.len() >= 500 {
+            for c in pending.drain(..) {
+                assert!(c.await.unwrap().is_ack());
+            }
+        }
+    }
+    for c in pending {
+        assert!(c.await.unwrap().is_ack());
+    }
+    let _ = ch.close(200, "ok".into()).await;
+}
+
+async fn count(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = ch.close(200, "ok".into()).await;
+    q.message_count()
+}
+
+async fn ids(conn: &Connection, queue: &str) -> Vec<String> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        out.push(
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+        );
+    }
+    out
+}
+
+async fn wait_for(within: Duration, mut cond: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn warren() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_warren"));
+    c.env("WARREN_AMQP_URL", url()).env_remove("RUST_LOG");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_killed_with_sigkill_then_run_again_loses_nothing() {
+    const N: usize = 5_000;
+    let conn = connect().await;
+    let env = Env::new(&conn, "kill").await;
+    dead_letters(&conn, &env.group, "k", N).await;
+    assert_eq!(count(&conn, &env.dead()).await as usize, N);
+
+    // Slow enough (2,000/s) to be killed in the middle.
+    let mut child = warren()
+        .args([
+            "dlq", "replay", "--group", &env.group, "--all", "--rate", "2000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let g = env.group.clone();
+    assert!(
+        wait_for(Duration::from_secs(20), async || count(&conn, &g).await
+            >= 1_000)
+        .await,
+        "replay did not start"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let moved_before = count(&conn, &env.group).await as usize;
+    assert!(
+        moved_before < N,
+        "killed too late: {moved_before} already replayed"
+    );
+    // The killed process's unacked dead letters come back.
+    let (g, d) = (env.group.clone(), env.dead());
+    assert!(
+        wait_for(
+            Duration::from_secs(10),
+            async || (count(&conn, &g).await + count(&conn, &d).await) as usize >= N
+        )
+        .await,
+        "messages missing after the kill"
+    );
+
+    let out = warren()
+        .args(["dlq", "replay", "--group", &env.group, "--all"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(&conn, &env.dead()).await, 0);
+    let work = ids(&conn, &env.group).await;
+    let seen: HashSet<&String> = work.iter().collect();
+    for i in 0..N {
+        assert!(seen.contains(&format!("k-{i}")), "k-{i} lost");
+    }
+    assert!(work.len() >= N);
+    eprintln!(
+        "replayed {} messages for {N} dead letters ({} duplicates from the kill)",
+        work.len(),
+        work.len() - N
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_gauges_follow_the_queue_and_the_webhook_fires_once_per_interval() {
+    use axum::routing::post;
+    let conn = connect().await;
+    let env = Env::new(&conn, "watch").await;
+    // A webhook receiver.
+    let alerts: Arc<Mutex<Vec<(Instant, serde_json::Value)>>> = Arc::default();
+    let a = alerts.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |body: axum::body::Bytes| {
+            let a = a.clone();
+            async move {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                a.lock().unwrap().push((Instant::now(), v));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+
+    let mut child = warren()
+        .args([
+            "dlq",
+            "watch",
+            "--group",
+            &env.group,
+            "--interval",
+            "1s",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--webhook",
+            &hook,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let gauge = |name: &'static str| {
+        let (url, group) = (metrics_url.clone(), env.group.clone());
+        async move {
+            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            let prefix = format!("{name}{{group=\"{group}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        }
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), async || gauge(
+            "warren_dead_letters"
+        )
+        .await
+            == Some(0.0))
+        .await,
+        "watch never measured"
+    );
+
+    dead_letters(&conn, &env.group, "w", 3).await;
+    assert!(
+        wait_for(Duration::from_secs(10), async || gauge(
+            "warren_dead_letters"
+        )
+        .await
+            == Some(3.0))
+        .await
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), async || !alerts
+            .lock()
+            .unwrap()
+            .is_empty())
+        .await,
+        "no webhook alert"
+    );
+    // Three more, spread over several intervals: alerts never come faster than one per interval.
+    for _ in 0..3 {
+        dead_letters(&conn, &env.group, "x", 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), async || gauge(
+            "warren_dead_letters"
+        )
+        .await
+            == Some(6.0))
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    {
+        let got = alerts.lock().unwrap();
+        let total_new: u64 = got.iter().map(|(_, v)| v["new"].as_u64().unwrap()).sum();
+        assert_eq!(total_new, 6, "{got:?}");
+        assert!(got.iter().all(|(_, v)| v["group"] == env.group.as_str()));
+        for w in got.windows(2) {
+            assert!(
+                w[1].0 - w[0].0 >= Duration::from_millis(700),
+                "two alerts within one interval: {got:?}"
+            );
+        }
+    }
+    let oldest = gauge("warren_dead_letter_oldest_seconds").await;
+    assert!(oldest.is_some(), "no oldest gauge");
+
+    // They leave: the gauges follow.
+    ids(&conn, &env.dead()).await;
+    assert!(
+        wait_for(Duration::from_secs(10), async || gauge(
+            "warren_dead_letters"
+        )
+        .await
+            == Some(0.0))
+        .await
+    );
+    assert_eq!(gauge("warren_dead_letter_oldest_seconds").await, Some(0.0));
+
+    // SIGTERM stops it.
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "{s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "watch did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
