@@ -142,10 +142,12 @@ pub fn render_error(e: &anyhow::Error) -> String {
     text
 }
 
-/// Logs go to stderr; `RUST_LOG` wins over `-v`.
-pub fn init_tracing(g: &Global) {
+/// Logs go to stderr; `RUST_LOG` wins over `-v`. `quiet` commands (the demo,
+/// whose failures are the point) log only errors unless `-v` is given.
+pub fn init_tracing(g: &Global, quiet: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match g.verbose {
+        0 if quiet => "error",
         0 => "warn",
         1 => "info",
         2 => "debug",

@@ -15,7 +15,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    cli::init_tracing(&cli.global);
+    let quiet = matches!(cli.command, cli::Command::Demo(_));
+    cli::init_tracing(&cli.global, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

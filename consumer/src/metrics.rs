@@ -61,7 +61,10 @@ impl Metrics {
                 &["group", "tier"],
             )?,
             reconnects: IntCounter::with_opts(
-                Opts::new("warren_reconnects_total", "Reconnections to the broker.")
+                Opts::new(
+                    warren_topology::metrics::RECONNECTS,
+                    warren_topology::metrics::RECONNECTS_HELP,
+                )
                     .const_label("component", "consumer"),
             )?,
         })

@@ -58,8 +58,8 @@ impl PublisherMetrics {
         )?;
         let reconnects = IntCounter::with_opts(
             Opts::new(
-                "warren_reconnects_total",
-                "Reconnections to the broker after a lost connection.",
+                warren_topology::metrics::RECONNECTS,
+                warren_topology::metrics::RECONNECTS_HELP,
             )
             .const_label("component", "producer"),
         )?;

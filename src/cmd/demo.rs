@@ -1,14 +1,480 @@
-//! `warren demo`: not built yet (see the README's "Limits today").
+//! `warren demo`: the whole pipeline on a local broker.
+//!
+//! Applies `examples/demo.toml` under a `demo.` prefix with short tiers (1s,
+//! 3s), runs both groups in this process with a handler that fails about 10%
+//! of orders once (retryable) and about 2% always (permanent), publishes the
+//! orders with confirms, shows live counts, and ends with a summary that it
+//! checks against the queues, plus the next commands to try.
 
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use prometheus::Registry;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use warren_consumer::{ConsumerGroup, Delivery, Handler, HandlerError, HandlerResult, Metrics};
+use warren_producer::{Message, Publisher, PublisherConfig};
+use warren_topology::lapin::options::{
+    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use warren_topology::{Broker, ConnectOptions, Plan, Topology};
 
 use crate::cli::Global;
 
+/// The demo topology, built into the binary so `warren demo` runs anywhere.
+const DEMO_TOML: &str = include_str!("../../examples/demo.toml");
+/// The demo's retry tiers: short, so that it ends in seconds.
+const DEMO_TIERS: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(3)];
+
 /// Arguments of `warren demo`.
 #[derive(Debug, clap::Args)]
-pub struct DemoArgs {}
+pub struct DemoArgs {
+    /// Orders to publish.
+    #[arg(long, default_value_t = 2000)]
+    pub orders: u32,
+    /// Leave the demo's exchanges, queues and dead letters on the broker to
+    /// explore with `warren dlq` (otherwise they are deleted at the end).
+    #[arg(long)]
+    pub keep: bool,
+    /// Prefix of the demo's exchanges and queues.
+    #[arg(long, default_value = "demo.")]
+    pub prefix: String,
+    /// Where to write the demo's topology file (for the next commands).
+    #[arg(long)]
+    pub write_topology: Option<PathBuf>,
+    /// Give up when the pipeline has not settled after this long.
+    #[arg(long, default_value = "60s", value_parser = warren_topology::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Order {
+    order_id: u32,
+    customer: String,
+    amount_cents: u64,
+}
+
+/// Fails ~2% of orders always (permanent) and ~10% once (retryable), chosen
+/// by a hash of the message id and group, so each group fails different ones.
+struct DemoHandler;
+
+fn bucket(id: &str, group: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (id, group).hash(&mut h);
+    h.finish() % 100
+}
+
+impl Handler for DemoHandler {
+    async fn handle(&self, d: Delivery) -> HandlerResult {
+        let order: Order = d.json()?;
+        match bucket(d.message_id().unwrap_or_default(), d.group()) {
+            0..=1 => Err(HandlerError::permanent(format!(
+                "order {}: customer {} has a closed account",
+                order.order_id, order.customer
+            ))),
+            2..=11 if d.attempt() == 1 => Err(HandlerError::retryable(format!(
+                "order {}: payment provider timed out after 2000ms",
+                order.order_id
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The sum of a metric's samples whose labels include all of `labels`.
+fn metric(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let mut total = 0.0;
+    for family in registry.gather() {
+        if family.name() != name {
+            continue;
+        }
+        for m in family.get_metric() {
+            let matches = labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            });
+            if matches {
+                total += match family.get_field_type() {
+                    prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
+                    _ => m.get_gauge().get_value(),
+                };
+            }
+        }
+    }
+    total as u64
+}
+
+#[derive(Debug, Serialize)]
+struct GroupSummary {
+    group: String,
+    expected: u64,
+    acked: u64,
+    retried_by_tier: BTreeMap<usize, u64>,
+    dead_lettered: u64,
+    work_queue: u32,
+    dead_queue: u32,
+    reconciled: bool,
+}
 
 /// Runs `warren demo`.
-pub async fn run(_g: &Global, _args: DemoArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`warren demo` is not built yet")
+pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let url = g.url()?;
+    let mut topology = Topology::parse(DEMO_TOML, "examples/demo.toml")?.with_prefix(&args.prefix);
+    for group in &mut topology.groups {
+        group.retry = DEMO_TIERS.to_vec();
+    }
+    let plan = Plan::new(&topology);
+    let started = Instant::now();
+
+    let broker = Arc::new(Broker::new(
+        ConnectOptions::new(url.clone(), "demo").attempts(2),
+    ));
+    let (channel, _) = broker.channel().await.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nno broker answers at {url}: start one with `scripts/broker` (or `rabbitmq-server -detached`, or `docker compose up -d rabbitmq`), or point --amqp-url at yours"
+        )
+    })?;
+    let conn_for_apply =
+        warren_topology::connect(&ConnectOptions::new(url.clone(), "demo").attempts(2)).await?;
+    let applied = warren_topology::apply(&conn_for_apply, &plan).await;
+    let _ = conn_for_apply.close(200, "applied".into()).await;
+    applied.context("applying the demo topology")?;
+    // A previous `--keep` run may have left messages: start from empty queues.
+    for q in &plan.queues {
+        channel
+            .queue_purge(q.name.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .with_context(|| format!("purging {}", q.name))?;
+    }
+    let topology_file = args
+        .write_topology
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("warren-demo.toml"));
+    std::fs::write(&topology_file, topology.to_toml())
+        .with_context(|| format!("writing {}", topology_file.display()))?;
+
+    // Both groups consume in this process, sharing the connection and metrics.
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry)?;
+    let cancel = CancellationToken::new();
+    let mut consumers = Vec::new();
+    let mut ready = Vec::new();
+    for group in topology.groups.clone() {
+        let c = ConsumerGroup::builder(group, DemoHandler)
+            .metrics(metrics.clone())
+            .shutdown_grace(Duration::from_secs(5))
+            .build()?;
+        ready.push(c.ready());
+        let b = broker.clone();
+        let token = cancel.clone();
+        consumers.push(tokio::spawn(async move { c.run(&b, token).await }));
+    }
+    for mut r in ready {
+        tokio::time::timeout(Duration::from_secs(20), r.wait_for(|v| *v))
+            .await
+            .context("the demo consumers did not start within 20s")??;
+    }
+
+    let publisher =
+        Publisher::with_broker(PublisherConfig::default(), broker.clone(), &registry).await?;
+    let exchange = topology
+        .exchanges
+        .first()
+        .map(|e| e.name.clone())
+        .context("the demo topology has an exchange")?;
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for group in &topology.groups {
+        expected.insert(group.name.clone(), 0);
+    }
+    let total_expected = |e: &BTreeMap<String, u64>| e.values().sum::<u64>();
+
+    let bar = if std::io::stderr().is_terminal() && !g.json() {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} settled  {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(Duration::from_millis(100));
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+
+    // Publish in batches: many confirms in flight, none lost unseen.
+    let mut published = 0u64;
+    let mut failed = 0u64;
+    let batch = 250u32;
+    let mut i = 0u32;
+    while i < args.orders {
+        let end = (i + batch).min(args.orders);
+        let msgs: Vec<Message> = (i..end)
+            .map(|n| {
+                let key = if n % 2 == 0 {
+                    "order.created"
+                } else {
+                    "order.paid"
+                };
+                let order = Order {
+                    order_id: n + 1,
+                    customer: format!("c-{:04}", (n * 7919) % 5000),
+                    amount_cents: 500 + u64::from(n % 97) * 125,
+                };
+                Message::json(exchange.as_str(), key, &order)
+            })
+            .collect::<Result<_, _>>()?;
+        let keys: Vec<String> = msgs.iter().map(|m| m.routing_key().to_owned()).collect();
+        for (r, key) in publisher.publish_batch(msgs).await.into_iter().zip(keys) {
+            match r {
+                Ok(_) => {
+                    published += 1;
+                    for group in &topology.groups {
+                        if group.bindings.iter().any(|b| b == &key) {
+                            *expected.entry(group.name.clone()).or_default() += 1;
+                        }
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(error = %e, "publishing an order failed");
+                }
+            }
+        }
+        i = end;
+        bar.set_length(total_expected(&expected));
+        bar.set_message(live(&registry, &topology, published));
+    }
+
+    // Wait until every delivered order is acked or dead-lettered.
+    let settled = |registry: &Registry| -> u64 {
+        topology
+            .groups
+            .iter()
+            .map(|gr| {
+                metric(
+                    registry,
+                    "warren_handled_total",
+                    &[("group", &gr.name), ("outcome", "ack")],
+                ) + metric(
+                    registry,
+                    "warren_handled_total",
+                    &[("group", &gr.name), ("outcome", "dead_letter")],
+                )
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        let s = settled(&registry);
+        bar.set_position(s);
+        bar.set_message(live(&registry, &topology, published));
+        if s >= total_expected(&expected) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bar.abandon();
+            anyhow::bail!(
+                "the pipeline did not settle within {}: {} of {} deliveries settled",
+                humantime::format_duration(args.timeout),
+                s,
+                total_expected(&expected)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bar.finish_and_clear();
+
+    cancel.cancel();
+    for c in consumers {
+        c.await.context("a demo consumer panicked")??;
+    }
+    publisher.close().await;
+
+    let mut groups = Vec::new();
+    for gr in &topology.groups {
+        let count = |queue: String| {
+            let channel = channel.clone();
+            async move {
+                channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        Default::default(),
+                    )
+                    .await
+                    .map(|q| q.message_count())
+                    .unwrap_or(u32::MAX)
+            }
+        };
+        let acked = metric(
+            &registry,
+            "warren_handled_total",
+            &[("group", &gr.name), ("outcome", "ack")],
+        );
+        let dead = metric(
+            &registry,
+            "warren_handled_total",
+            &[("group", &gr.name), ("outcome", "dead_letter")],
+        );
+        let retried_by_tier = (1..=gr.retry.len())
+            .map(|t| {
+                (
+                    t,
+                    metric(
+                        &registry,
+                        "warren_retries_total",
+                        &[("group", &gr.name), ("tier", &t.to_string())],
+                    ),
+                )
+            })
+            .collect();
+        let work_queue = count(gr.work_queue()).await;
+        let dead_queue = count(gr.dead_queue()).await;
+        let exp = expected.get(&gr.name).copied().unwrap_or(0);
+        groups.push(GroupSummary {
+            group: gr.name.clone(),
+            expected: exp,
+            acked,
+            retried_by_tier,
+            dead_lettered: dead,
+            work_queue,
+            dead_queue,
+            reconciled: acked + dead == exp && u64::from(dead_queue) == dead && work_queue == 0,
+        });
+    }
+    let reconciled = groups.iter().all(|s| s.reconciled) && failed == 0;
+    let elapsed = started.elapsed();
+
+    if !args.keep {
+        for q in &plan.queues {
+            let _ = channel
+                .queue_delete(q.name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+        let _ = std::fs::remove_file(&topology_file);
+    }
+    drop(channel);
+    broker.close().await;
+
+    let f = topology_file.display().to_string();
+    let first = topology
+        .groups
+        .first()
+        .map(|g| g.name.clone())
+        .unwrap_or_default();
+    let next: Vec<String> = if args.keep {
+        vec![
+            format!("warren dlq stats -f {f}"),
+            format!("warren dlq list -f {f} --group {first}"),
+            format!("warren dlq replay -f {f} --group {first} --all --dry-run"),
+            format!("warren topology verify -f {f}"),
+        ]
+    } else {
+        vec!["warren demo --keep   (keeps the demo's queues and dead letters to explore with `warren dlq`)".into()]
+    };
+    if g.json() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "published": published,
+                "failed": failed,
+                "elapsed_seconds": elapsed.as_secs_f64(),
+                "groups": groups,
+                "reconciled": reconciled,
+                "kept": args.keep,
+                "topology_file": if args.keep { Some(f.clone()) } else { None },
+                "next": next,
+            }))?
+        );
+    } else {
+        println!(
+            "published {published} orders to {exchange} with confirms ({failed} failed) in {:.1}s",
+            elapsed.as_secs_f64()
+        );
+        println!();
+        println!(
+            "{:<20} {:>9} {:>7} {:>15} {:>9} {:>11}",
+            "GROUP", "RECEIVED", "ACKED", "RETRIED (TIERS)", "DEAD", "DEAD QUEUE"
+        );
+        for s in &groups {
+            let tiers: Vec<String> = s.retried_by_tier.values().map(u64::to_string).collect();
+            println!(
+                "{:<20} {:>9} {:>7} {:>15} {:>9} {:>11}",
+                s.group,
+                s.expected,
+                s.acked,
+                tiers.join(" / "),
+                s.dead_lettered,
+                s.dead_queue
+            );
+        }
+        println!();
+        if reconciled {
+            println!("reconciled: every order was acked or is in its group's dead-letter queue; nothing lost");
+        } else {
+            println!("NOT reconciled: see the counts above");
+        }
+        if args.keep {
+            println!("kept the demo topology ({f}) and its dead letters");
+        } else {
+            println!("cleaned up the demo's exchange and queues");
+        }
+        println!("\nnext:");
+        for n in &next {
+            println!("  {n}");
+        }
+    }
+    Ok(if reconciled {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn live(registry: &Registry, topology: &Topology, published: u64) -> String {
+    let mut parts = vec![format!("published {published}")];
+    for gr in &topology.groups {
+        let short = gr.name.rsplit('.').next().unwrap_or(&gr.name);
+        let tiers: Vec<String> = (1..=gr.retry.len())
+            .map(|t| {
+                metric(
+                    registry,
+                    "warren_retries_total",
+                    &[("group", &gr.name), ("tier", &t.to_string())],
+                )
+                .to_string()
+            })
+            .collect();
+        parts.push(format!(
+            "{short}: {} ok, retried {}, dead {}",
+            metric(
+                registry,
+                "warren_handled_total",
+                &[("group", &gr.name), ("outcome", "ack")]
+            ),
+            tiers.join("/"),
+            metric(
+                registry,
+                "warren_handled_total",
+                &[("group", &gr.name), ("outcome", "dead_letter")]
+            ),
+        ));
+    }
+    parts.join(" | ")
 }

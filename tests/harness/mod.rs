@@ -61,6 +61,22 @@ impl Topo {
         Topo { p, path, queues }
     }
 
+    /// Takes ownership of an existing topology file (and its queues).
+    pub fn adopt(path: &std::path::Path) -> Topo {
+        let t = warren_topology::Topology::from_file(path).unwrap();
+        let queues = warren_topology::Plan::new(&t)
+            .queues
+            .into_iter()
+            .map(|q| q.name)
+            .collect();
+        let p = t.exchanges[0].name.trim_end_matches(".orders").to_owned();
+        Topo {
+            p,
+            path: path.to_owned(),
+            queues,
+        }
+    }
+
     pub fn file(&self) -> &str {
         self.path.to_str().unwrap()
     }

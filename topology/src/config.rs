@@ -433,6 +433,44 @@ impl Topology {
         self
     }
 
+    /// The topology as a `warren.toml` text that parses back to the same
+    /// topology (used by `warren demo` to leave its prefixed file behind).
+    pub fn to_toml(&self) -> String {
+        let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
+        let d = |d: &Duration| q(&humantime::format_duration(*d).to_string());
+        let mut out = String::new();
+        for e in &self.exchanges {
+            out.push_str(&format!(
+                "[[exchange]]\nname = {}\nkind = {}\n\n",
+                q(&e.name),
+                q(e.kind.as_str())
+            ));
+        }
+        for g in &self.groups {
+            out.push_str(&format!(
+                "[[group]]\nname = {}\nexchange = {}\n",
+                q(&g.name),
+                q(&g.exchange)
+            ));
+            let bindings: Vec<String> = g.bindings.iter().map(|b| q(b)).collect();
+            out.push_str(&format!("bindings = [{}]\n", bindings.join(", ")));
+            out.push_str(&format!("queue_type = {}\n", q(g.queue_type.as_str())));
+            let retry: Vec<String> = g.retry.iter().map(d).collect();
+            out.push_str(&format!("retry = [{}]\n", retry.join(", ")));
+            out.push_str(&format!(
+                "prefetch = {}\nconcurrency = {}\nhandler_timeout = {}\n",
+                g.prefetch,
+                g.concurrency,
+                d(&g.handler_timeout)
+            ));
+            if let Some(l) = g.delivery_limit {
+                out.push_str(&format!("delivery_limit = {l}\n"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
     /// Legal but risky settings, worth a warning.
     pub fn lints(&self) -> Vec<Lint> {
         let mut out = Vec::new();
@@ -667,6 +705,13 @@ delivery_limit = 5
             lints.iter().any(|l| l.contains("delivery_limit")),
             "{lints:?}"
         );
+    }
+
+    #[test]
+    fn to_toml_round_trips() {
+        let t = Topology::parse(GOOD, "f").unwrap().with_prefix("demo.");
+        let again = Topology::parse(&t.to_toml(), "g").unwrap();
+        assert_eq!(again, t);
     }
 
     #[test]

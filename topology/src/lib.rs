@@ -33,7 +33,7 @@ pub use declare::{
     apply, explain_precondition, verify, Action, Applied, Check, ObjectState, Report,
 };
 pub use error::{ConfigError, TopologyError};
-pub use names::{dead_queue, headers, retry_queue, work_queue, DEAD_LETTER_EXCHANGE};
+pub use names::{dead_queue, headers, metrics, retry_queue, work_queue, DEAD_LETTER_EXCHANGE};
 pub use plan::{Arg, Plan, PlannedBinding, PlannedExchange, PlannedQueue, Role};
 
 /// Re-exported so that users of the topology crate name the same client types.

@@ -19,6 +19,16 @@ pub fn dead_queue(group: &str) -> String {
     format!("{group}.dead")
 }
 
+/// Metrics that several components register side by side in one registry
+/// (each with a const `component` label): they must agree on name and help.
+pub mod metrics {
+    /// `warren_reconnects_total{component}`.
+    pub const RECONNECTS: &str = "warren_reconnects_total";
+    /// Its help text.
+    pub const RECONNECTS_HELP: &str =
+        "Reconnections to the broker after a lost connection, by component.";
+}
+
 /// Message header names.
 pub mod headers {
     /// Failed attempts so far (integer, absent = 0).

@@ -1,0 +1,117 @@
+//! `warren demo` runs to completion and its summary reconciles with the
+//! queues on the broker.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_summary_reconciles_with_the_queues() {
+    let prefix = format!("{}.", unique("demo"));
+    let file = std::env::temp_dir().join(format!("{prefix}toml"));
+    let o = warren()
+        .args([
+            "demo",
+            "--keep",
+            "--output",
+            "json",
+            "--orders",
+            "600",
+            "--prefix",
+            &prefix,
+            "--write-topology",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "demo failed: {stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // The kept topology file is what the next commands use: clean it up with its queues.
+    let topo = Topo::adopt(&file);
+
+    assert_eq!(v["published"], 600);
+    assert_eq!(v["failed"], 0);
+    assert_eq!(v["reconciled"], true);
+    let conn = connect().await;
+    let groups = v["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2);
+    let mut total_dead = 0;
+    for g in groups {
+        let name = g["group"].as_str().unwrap();
+        assert!(name.starts_with(&prefix));
+        let expected = g["expected"].as_u64().unwrap();
+        let acked = g["acked"].as_u64().unwrap();
+        let dead = g["dead_lettered"].as_u64().unwrap();
+        assert_eq!(
+            acked + dead,
+            expected,
+            "{name}: every delivery acked or dead-lettered"
+        );
+        assert_eq!(
+            u64::from(count(&conn, &format!("{name}.dead")).await),
+            dead,
+            "{name}: the dead queue holds what the summary says"
+        );
+        assert_eq!(
+            count(&conn, name).await,
+            0,
+            "{name}: nothing left in the work queue"
+        );
+        let retried: u64 = g["retried_by_tier"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|x| x.as_u64().unwrap())
+            .sum();
+        assert!(retried > 0, "{name}: the demo shows retries");
+        total_dead += dead;
+    }
+    assert!(total_dead > 0, "the demo shows dead letters");
+    assert_eq!(groups[0]["expected"], 600, "billing binds created and paid");
+    assert_eq!(groups[1]["expected"], 300, "shipping binds paid only");
+    drop(topo);
+}
+
+#[test]
+fn without_keep_the_demo_cleans_up() {
+    let prefix = format!("{}.", unique("democlean"));
+    let o = warren()
+        .args(["demo", "--orders", "100", "--prefix", &prefix])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        stdout.contains("reconciled: every order was acked or is in its group's dead-letter queue"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("warren demo --keep"), "{stdout}");
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "name"])
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&listed.stdout);
+    assert!(!names.contains(&prefix), "queues left behind: {names}");
+}
+
+#[test]
+fn no_broker_is_a_clear_error_with_the_fix() {
+    let o = warren()
+        .args(["demo", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2f"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("scripts/broker"), "{err}");
+}
