@@ -1,32 +1,501 @@
-//! `warren bench consume|e2e|retry`: not built yet.
+//! `warren bench consume|e2e|retry`: the consumer group against a bare lapin
+//! loop (same prefetch, same publish window, one `basic_ack` per delivery),
+//! one JSON line per run.
 
+use std::collections::VecDeque;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+use tokio_util::sync::CancellationToken;
+use warren_consumer::{handler_fn, ConsumerGroup, Delivery, HandlerError};
+use warren_topology::{Broker, ConnectOptions, Group, Plan, Topology};
 
 use crate::cli::Global;
 
+/// Queue type of the benchmark group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchQueueType {
+    /// Quorum queues (the default of warren).
+    Quorum,
+    /// Classic queues (version 2).
+    Classic,
+}
+
+impl BenchQueueType {
+    fn as_str(self) -> &'static str {
+        match self {
+            BenchQueueType::Quorum => "quorum",
+            BenchQueueType::Classic => "classic",
+        }
+    }
+}
+
+/// Options shared by the consumer benchmarks.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Messages per measured run.
+    #[arg(long, default_value_t = 50_000)]
+    pub count: usize,
+    /// basic.qos prefetch (warren and the bare loop alike).
+    #[arg(long, default_value_t = 500)]
+    pub prefetch: u16,
+    /// Handlers in flight in warren (default: the prefetch).
+    #[arg(long)]
+    pub concurrency: Option<u16>,
+    /// Unconfirmed publishes in flight.
+    #[arg(long, default_value_t = 256)]
+    pub window: usize,
+    /// Body size in bytes (persistent messages).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Queue type.
+    #[arg(long, value_enum, default_value_t = BenchQueueType::Quorum)]
+    pub queue_type: BenchQueueType,
+}
+
 /// Arguments of `warren bench consume`.
 #[derive(Debug, clap::Args)]
-pub struct ConsumeBenchArgs {}
+pub struct ConsumeBenchArgs {
+    #[command(flatten)]
+    common: Common,
+}
 
 /// Arguments of `warren bench e2e`.
 #[derive(Debug, clap::Args)]
-pub struct E2eBenchArgs {}
+pub struct E2eBenchArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Publish at this fixed rate (msgs/s) to measure latency; 0 = as fast
+    /// as confirms allow.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+}
 
 /// Arguments of `warren bench retry`.
 #[derive(Debug, clap::Args)]
-pub struct RetryBenchArgs {}
-
-/// Runs `warren bench consume`.
-pub async fn run_consume(_g: &Global, _a: ConsumeBenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`warren bench consume` is not built yet")
+pub struct RetryBenchArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The retry tier's TTL.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    tier: Duration,
 }
 
-/// Runs `warren bench e2e`.
-pub async fn run_e2e(_g: &Global, _a: E2eBenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`warren bench e2e` is not built yet")
+/// A benchmark topology with a unique prefix, deleted at the end.
+struct Bench {
+    conn: Connection,
+    group: Group,
+    plan: Plan,
 }
 
-/// Runs `warren bench retry`.
-pub async fn run_retry(_g: &Global, _a: RetryBenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`warren bench retry` is not built yet")
+impl Bench {
+    async fn new(g: &Global, c: &Common, tier: Duration) -> anyhow::Result<Bench> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let prefix = format!("bench-{}-{nanos}.", std::process::id());
+        let toml = format!(
+            "[[exchange]]\nname='ex'\nkind='direct'\n[[group]]\nname='g'\nexchange='ex'\nbindings=['k']\n\
+             queue_type='{}'\nretry=['{}ms']\nprefetch={}\nconcurrency={}\nhandler_timeout='30s'\n{}",
+            c.queue_type.as_str(),
+            tier.as_millis().max(1),
+            c.prefetch.max(1),
+            c.concurrency.unwrap_or(c.prefetch).max(1),
+            if c.queue_type == BenchQueueType::Quorum { "delivery_limit=20\n" } else { "" },
+        );
+        let topology = Topology::parse(&toml, "bench")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_prefix(&prefix);
+        let plan = Plan::new(&topology);
+        let conn = warren_topology::connect(&ConnectOptions::new(g.url()?, "bench")).await?;
+        warren_topology::apply(&conn, &plan).await?;
+        let group = topology
+            .groups
+            .first()
+            .cloned()
+            .context("bench topology has a group")?;
+        Ok(Bench { conn, group, plan })
+    }
+
+    async fn cleanup(self) {
+        if let Ok(ch) = self.conn.create_channel().await {
+            for q in &self.plan.queues {
+                let _ = ch
+                    .queue_delete(q.name.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            for e in self
+                .plan
+                .exchanges
+                .iter()
+                .filter(|e| e.name != warren_topology::DEAD_LETTER_EXCHANGE)
+            {
+                let _ = ch
+                    .exchange_delete(e.name.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Publishes `count` persistent messages with a bounded window of
+/// unconfirmed publishes; the first 8 bytes of the body are the publish time
+/// (µs since the epoch). `rate` 0 = unpaced.
+async fn publish(conn: &Connection, exchange: &str, c: &Common, rate: u64) -> anyhow::Result<()> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut window = VecDeque::with_capacity(c.window);
+    let started = Instant::now();
+    let mut body = vec![b'x'; c.size.max(8)];
+    for i in 0..c.count {
+        if rate > 0 {
+            let at = started + Duration::from_secs_f64(i as f64 / rate as f64);
+            tokio::time::sleep_until(at.into()).await;
+        }
+        body[..8].copy_from_slice(&now_micros().to_le_bytes());
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                "k".into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        window.push_back(confirm);
+        if window.len() >= c.window.max(1) {
+            if let Some(front) = window.pop_front() {
+                anyhow::ensure!(front.await?.is_ack(), "publish nacked");
+            }
+        }
+    }
+    for confirm in window {
+        anyhow::ensure!(confirm.await?.is_ack(), "publish nacked");
+    }
+    let _ = ch.close(200, "bye".into()).await;
+    Ok(())
+}
+
+/// Latencies in µs, bounded by the message count.
+#[derive(Clone)]
+struct Recorder {
+    handled: Arc<AtomicUsize>,
+    lat: Arc<Mutex<Vec<u32>>>,
+}
+
+impl Recorder {
+    fn new(count: usize) -> Self {
+        Recorder {
+            handled: Arc::new(AtomicUsize::new(0)),
+            lat: Arc::new(Mutex::new(Vec::with_capacity(count))),
+        }
+    }
+
+    fn note(&self, body: &[u8]) {
+        if let Some(ts) = body.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            let l = now_micros().saturating_sub(u64::from_le_bytes(ts));
+            if let Ok(mut v) = self.lat.lock() {
+                v.push(u32::try_from(l).unwrap_or(u32::MAX));
+            }
+        }
+        self.handled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn wait(&self, n: usize, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while self.handled.load(Ordering::Relaxed) < n {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {} of {n} handled in {within:?}",
+                self.handled.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    fn percentiles(&self) -> (f64, f64) {
+        let mut v = self.lat.lock().map(|v| v.clone()).unwrap_or_default();
+        if v.is_empty() {
+            return (0.0, 0.0);
+        }
+        v.sort_unstable();
+        let at = |p: f64| f64::from(v[((v.len() - 1) as f64 * p) as usize]) / 1000.0;
+        (at(0.50), at(0.99))
+    }
+}
+
+/// Runs warren's group with `handler` until `n` deliveries were handled.
+struct WarrenRun {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    broker: Arc<Broker>,
+}
+
+async fn start_warren<F, Fut>(g: &Global, group: Group, f: F) -> anyhow::Result<WarrenRun>
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = warren_consumer::HandlerResult> + Send + 'static,
+{
+    let broker = Arc::new(Broker::connect(ConnectOptions::new(g.url()?, "consumer")).await?);
+    let cg = ConsumerGroup::builder(group, handler_fn(f)).build()?;
+    let mut ready = cg.ready();
+    let cancel = CancellationToken::new();
+    let (c, b) = (cancel.clone(), broker.clone());
+    let task = tokio::spawn(async move {
+        if let Err(e) = cg.run(&b, c).await {
+            tracing::error!(error = %e, "bench consumer failed");
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+        .await
+        .context("consumer not ready")??;
+    Ok(WarrenRun {
+        cancel,
+        task,
+        broker,
+    })
+}
+
+impl WarrenRun {
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+        self.broker.close().await;
+    }
+}
+
+/// The bare loop most people write: one basic_ack per delivery.
+async fn bare_loop(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+    n: usize,
+    rec: Recorder,
+) -> anyhow::Result<()> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut seen = 0;
+    while seen < n {
+        let Some(d) = consumer.next().await else {
+            anyhow::bail!("bare consumer ended")
+        };
+        let d = d?;
+        rec.note(&d.data);
+        ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
+            .await?;
+        seen += 1;
+    }
+    let _ = ch.close(200, "bye".into()).await;
+    Ok(())
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    (n as f64 / d.as_secs_f64()).round()
+}
+
+fn patience(c: &Common) -> Duration {
+    Duration::from_secs(60 + (c.count / 1000) as u64)
+}
+
+/// Runs `warren bench consume`: a pre-filled queue drained by warren, then by
+/// the bare loop.
+pub async fn run_consume(g: &Global, a: ConsumeBenchArgs) -> anyhow::Result<ExitCode> {
+    let c = a.common;
+    let bench = Bench::new(g, &c, Duration::from_millis(100)).await?;
+    let queue = bench.group.work_queue();
+    let exchange = bench.group.exchange.clone();
+    let result = async {
+        publish(&bench.conn, &exchange, &c, 0).await?;
+        let rec = Recorder::new(c.count);
+        let r = rec.clone();
+        let t0 = Instant::now();
+        let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
+            r.note(&[]);
+            let _ = d;
+            async { Ok(()) }
+        })
+        .await?;
+        rec.wait(c.count, patience(&c)).await?;
+        let warren = t0.elapsed();
+        let rss = rss_mb();
+        run.stop().await;
+
+        publish(&bench.conn, &exchange, &c, 0).await?;
+        let bare_rec = Recorder::new(c.count);
+        let t0 = Instant::now();
+        bare_loop(&bench.conn, &queue, c.prefetch, c.count, bare_rec).await?;
+        let bare = t0.elapsed();
+        let (w, b) = (rate(c.count, warren), rate(c.count, bare));
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "consume", "queue_type": c.queue_type.as_str(), "count": c.count,
+                "prefetch": c.prefetch, "concurrency": c.concurrency.unwrap_or(c.prefetch),
+                "size": c.size, "warren_msgs_per_s": w, "bare_msgs_per_s": b,
+                "ratio": ((w / b) * 100.0).round() / 100.0, "warren_rss_mb": (rss * 10.0).round() / 10.0,
+            })
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    bench.cleanup().await;
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Runs `warren bench e2e`: publisher and consumer at once, warren then the
+/// bare loop, latency publish-to-handler.
+pub async fn run_e2e(g: &Global, a: E2eBenchArgs) -> anyhow::Result<ExitCode> {
+    let c = a.common;
+    let bench = Bench::new(g, &c, Duration::from_millis(100)).await?;
+    let queue = bench.group.work_queue();
+    let exchange = bench.group.exchange.clone();
+    let result = async {
+        let pub_conn = warren_topology::connect(&ConnectOptions::new(g.url()?, "bench-publisher")).await?;
+        // warren
+        let rec = Recorder::new(c.count);
+        let r = rec.clone();
+        let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
+            r.note(d.body());
+            async { Ok(()) }
+        })
+        .await?;
+        let t0 = Instant::now();
+        publish(&pub_conn, &exchange, &c, a.rate).await?;
+        rec.wait(c.count, patience(&c)).await?;
+        let warren = t0.elapsed();
+        let rss = rss_mb();
+        run.stop().await;
+        let (wp50, wp99) = rec.percentiles();
+
+        // bare
+        let bare_rec = Recorder::new(c.count);
+        let consumer = {
+            let conn = warren_topology::connect(&ConnectOptions::new(g.url()?, "bench-bare")).await?;
+            let (q, p, n, r) = (queue.clone(), c.prefetch, c.count, bare_rec.clone());
+            tokio::spawn(async move {
+                let out = bare_loop(&conn, &q, p, n, r).await;
+                let _ = conn.close(200, "bye".into()).await;
+                out
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = Instant::now();
+        publish(&pub_conn, &exchange, &c, a.rate).await?;
+        bare_rec.wait(c.count, patience(&c)).await?;
+        let bare = t0.elapsed();
+        consumer.await??;
+        let (bp50, bp99) = bare_rec.percentiles();
+        let _ = pub_conn.close(200, "bye".into()).await;
+        let (w, b) = (rate(c.count, warren), rate(c.count, bare));
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "e2e", "queue_type": c.queue_type.as_str(), "count": c.count,
+                "rate": a.rate, "prefetch": c.prefetch, "concurrency": c.concurrency.unwrap_or(c.prefetch),
+                "window": c.window, "size": c.size,
+                "warren_msgs_per_s": w, "warren_p50_ms": wp50, "warren_p99_ms": wp99,
+                "bare_msgs_per_s": b, "bare_p50_ms": bp50, "bare_p99_ms": bp99,
+                "ratio": ((w / b) * 100.0).round() / 100.0, "warren_rss_mb": (rss * 10.0).round() / 10.0,
+            })
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    bench.cleanup().await;
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Runs `warren bench retry`: a pre-filled queue where every message fails
+/// once (one short tier) then succeeds, against the happy path.
+pub async fn run_retry(g: &Global, a: RetryBenchArgs) -> anyhow::Result<ExitCode> {
+    let c = a.common;
+    let bench = Bench::new(g, &c, a.tier).await?;
+    let exchange = bench.group.exchange.clone();
+    let result = async {
+        publish(&bench.conn, &exchange, &c, 0).await?;
+        let rec = Recorder::new(c.count);
+        let r = rec.clone();
+        let t0 = Instant::now();
+        let run = start_warren(g, bench.group.clone(), move |_d: Delivery| {
+            r.note(&[]);
+            async { Ok(()) }
+        })
+        .await?;
+        rec.wait(c.count, patience(&c)).await?;
+        let happy = t0.elapsed();
+        run.stop().await;
+
+        publish(&bench.conn, &exchange, &c, 0).await?;
+        let rec = Recorder::new(c.count);
+        let r = rec.clone();
+        let t0 = Instant::now();
+        let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
+            let r = r.clone();
+            async move {
+                if d.attempt() == 1 {
+                    return Err(HandlerError::retryable("fails once"));
+                }
+                r.note(&[]);
+                Ok(())
+            }
+        })
+        .await?;
+        rec.wait(c.count, patience(&c)).await?;
+        let retry = t0.elapsed();
+        run.stop().await;
+        let (h, r) = (rate(c.count, happy), rate(c.count, retry));
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "retry", "queue_type": c.queue_type.as_str(), "count": c.count,
+                "prefetch": c.prefetch, "tier_ms": a.tier.as_millis() as u64, "size": c.size,
+                "happy_msgs_per_s": h, "retry_msgs_per_s": r,
+                "ratio": ((r / h) * 100.0).round() / 100.0,
+            })
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    bench.cleanup().await;
+    result.map(|()| ExitCode::SUCCESS)
 }
