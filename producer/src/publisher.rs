@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use prometheus::Registry;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
@@ -188,7 +187,39 @@ impl Publisher {
 
     /// Publishes one message and waits for the broker's confirm (or the
     /// reason there was none), within the message's timeout.
-    pub async fn publish(&self, mut msg: Message) -> Result<Confirmed, PublishError> {
+    pub async fn publish(&self, msg: Message) -> Result<Confirmed, PublishError> {
+        match self.submit(msg).await {
+            Ok(pending) => pending.wait().await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Publishes every message with up to a window of them in flight and
+    /// returns one result per message, in the input's order. Messages are
+    /// handed to the broker in the input's order.
+    pub async fn publish_batch<I>(&self, messages: I) -> Vec<Result<Confirmed, PublishError>>
+    where
+        I: IntoIterator<Item = Message>,
+    {
+        // Submitting in turn keeps the order (waiters woken together by a
+        // multiple-ack would otherwise race for the freed slots); the answers
+        // wait in their oneshots meanwhile.
+        let mut pending = Vec::new();
+        for msg in messages {
+            pending.push(self.submit(msg).await);
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for p in pending {
+            results.push(match p {
+                Ok(p) => p.wait().await,
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
+    /// Checks, waits for a window slot and hands the message to the engine.
+    async fn submit(&self, mut msg: Message) -> Result<Pending, PublishError> {
         let started = Instant::now();
         let timeout = msg.timeout.unwrap_or(self.inner.config.publish_timeout);
         let deadline = started + timeout;
@@ -207,9 +238,18 @@ impl Publisher {
             exchange = %msg.exchange,
             routing_key = %msg.routing_key
         );
-        self.send(msg, message_id, started, deadline, span.clone())
-            .instrument(span)
-            .await
+        let exchange = msg.exchange.clone();
+        let answer = self
+            .send(msg, message_id, started, deadline, span.clone())
+            .instrument(span.clone())
+            .await?;
+        Ok(Pending {
+            answer,
+            deadline,
+            started,
+            exchange,
+            span,
+        })
     }
 
     async fn send(
@@ -219,7 +259,7 @@ impl Publisher {
         started: Instant,
         deadline: Instant,
         span: tracing::Span,
-    ) -> Result<Confirmed, PublishError> {
+    ) -> Result<oneshot::Receiver<Result<Confirmed, PublishError>>, PublishError> {
         let inner = &self.inner;
         let metrics = inner.metrics.clone();
         let exchange = msg.exchange.clone();
@@ -262,41 +302,15 @@ impl Publisher {
         // The queue holds at most `window` jobs and each holds a slot, so
         // this does not wait in practice; the timeout is a guard.
         match tokio::time::timeout_at(deadline, inner.tx.send(job)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return fail(PublishError::Closed),
-            Err(_) => {
-                return fail(PublishError::Timeout {
-                    exchange: msg.exchange,
-                    waited: started.elapsed(),
-                    stage: Stage::Window,
-                    last_error: None,
-                })
-            }
-        }
-        match tokio::time::timeout_at(deadline + REPLY_GRACE, answer).await {
-            Ok(Ok(result)) => result,
-            // The engine stopped without answering: it was closed.
-            Ok(Err(_)) => Err(PublishError::Closed),
-            Err(_) => Err(PublishError::Timeout {
+            Ok(Ok(())) => Ok(answer),
+            Ok(Err(_)) => fail(PublishError::Closed),
+            Err(_) => fail(PublishError::Timeout {
                 exchange: msg.exchange,
                 waited: started.elapsed(),
-                stage: Stage::Confirm,
+                stage: Stage::Window,
                 last_error: None,
             }),
         }
-    }
-
-    /// Publishes every message with up to a window of them in flight and
-    /// returns one result per message, in the input's order.
-    pub async fn publish_batch<I>(&self, messages: I) -> Vec<Result<Confirmed, PublishError>>
-    where
-        I: IntoIterator<Item = Message>,
-    {
-        futures_util::stream::iter(messages)
-            .map(|m| self.publish(m))
-            .buffered(self.inner.config.window)
-            .collect()
-            .await
     }
 
     /// Stops accepting messages, waits for those in flight (each up to its
@@ -312,5 +326,35 @@ impl Publisher {
         if self.inner.owns_broker {
             self.inner.broker.close().await;
         }
+    }
+}
+
+/// A message handed to the engine, waiting for its answer.
+struct Pending {
+    answer: oneshot::Receiver<Result<Confirmed, PublishError>>,
+    deadline: Instant,
+    started: Instant,
+    exchange: String,
+    span: tracing::Span,
+}
+
+impl Pending {
+    async fn wait(self) -> Result<Confirmed, PublishError> {
+        let span = self.span.clone();
+        async move {
+            match tokio::time::timeout_at(self.deadline + REPLY_GRACE, self.answer).await {
+                Ok(Ok(result)) => result,
+                // The engine stopped without answering: it was closed.
+                Ok(Err(_)) => Err(PublishError::Closed),
+                Err(_) => Err(PublishError::Timeout {
+                    exchange: self.exchange,
+                    waited: self.started.elapsed(),
+                    stage: Stage::Confirm,
+                    last_error: None,
+                }),
+            }
+        }
+        .instrument(span)
+        .await
     }
 }

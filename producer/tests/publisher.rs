@@ -1,0 +1,466 @@
+//! The Publisher against the real broker.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{published, unique, Fixture};
+use warren_producer::{Message, PublishError, Publisher, PublisherConfig, Stage};
+use warren_topology::lapin::types::{AMQPValue, FieldTable, ShortString};
+use warren_topology::lapin::BasicProperties;
+use warren_topology::ConnectOptions;
+
+async fn publisher(config: PublisherConfig) -> (Publisher, prometheus::Registry, String) {
+    let registry = prometheus::Registry::new();
+    let component = unique("producer");
+    let p = Publisher::connect(config, common::opts(&component), &registry)
+        .await
+        .unwrap();
+    let name = common::opts(&component).connection_name();
+    (p, registry, name)
+}
+
+fn reject_publish(max: i64) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_published_are_n_in_the_queue_byte_exact() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, registry, _) = publisher(PublisherConfig::default().window(64)).await;
+
+    const N: usize = 500;
+    let messages: Vec<Message> = (0..N)
+        .map(|i| {
+            let body: Vec<u8> = (0..(i % 300)).map(|b| (b * 7 + i) as u8).collect();
+            let m = Message::bytes(&ex, "k", body);
+            if i % 2 == 0 {
+                m.properties(
+                    BasicProperties::default()
+                        .with_message_id(format!("mine-{i}").as_str().into())
+                        .with_correlation_id("corr".into())
+                        .with_content_type("text/plain".into())
+                        .with_timestamp(1_700_000_000 + i as u64),
+                )
+                .header("x-n", AMQPValue::LongLongInt(i as i64))
+                .header("x-s", AMQPValue::LongString(format!("v{i}").into()))
+            } else {
+                m
+            }
+        })
+        .collect();
+    let expected: Vec<Vec<u8>> = messages.iter().map(|m| m.body().to_vec()).collect();
+    let results = p.publish_batch(messages).await;
+    let ids: Vec<String> = results.into_iter().map(|r| r.unwrap().message_id).collect();
+    #[derive(serde::Serialize)]
+    struct Order<'a> {
+        id: u32,
+        item: &'a str,
+    }
+    let json = p
+        .publish_json(&ex, "k", &Order { id: 7, item: "tea" })
+        .await
+        .unwrap();
+
+    assert_eq!(fx.wait_count(&q, N as u32 + 1).await, N as u32 + 1);
+    let got = fx.drain(&q).await;
+    assert_eq!(got.len(), N + 1, "exactly N+1 in the queue");
+    for (i, (body, props)) in got.iter().take(N).enumerate() {
+        assert_eq!(body, &expected[i], "body {i}");
+        assert_eq!(
+            props.message_id().as_ref().map(ShortString::as_str),
+            Some(ids[i].as_str())
+        );
+        assert_eq!(*props.delivery_mode(), Some(2));
+        if i % 2 == 0 {
+            assert_eq!(ids[i], format!("mine-{i}"));
+            assert_eq!(*props.timestamp(), Some(1_700_000_000 + i as u64));
+            assert_eq!(
+                props.content_type().as_ref().unwrap().as_str(),
+                "text/plain"
+            );
+            assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), "corr");
+            let h = props.headers().as_ref().unwrap().inner();
+            assert_eq!(h.get("x-n"), Some(&AMQPValue::LongLongInt(i as i64)));
+            assert_eq!(
+                h.get("x-s"),
+                Some(&AMQPValue::LongString(format!("v{i}").into()))
+            );
+        } else {
+            assert!(uuid::Uuid::parse_str(&ids[i]).is_ok(), "{}", ids[i]);
+            assert_eq!(
+                props.content_type().as_ref().unwrap().as_str(),
+                "application/octet-stream"
+            );
+            assert!(props.timestamp().is_some());
+            assert!(props.headers().is_none());
+        }
+    }
+    let (body, props) = &got[N];
+    assert_eq!(body.as_slice(), br#"{"id":7,"item":"tea"}"#);
+    assert_eq!(
+        props.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
+    assert_eq!(
+        props.message_id().as_ref().unwrap().as_str(),
+        json.message_id
+    );
+    assert_eq!(published(&registry, &ex, "confirmed"), N as u64 + 1);
+    assert_eq!(published(&registry, &ex, "failed"), 0);
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_is_an_error_even_mixed_in_a_full_window() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "in", FieldTable::default()).await;
+    let (p, registry, _) = publisher(PublisherConfig::default().window(256)).await;
+
+    let err = p.publish_json(&ex, "nowhere", &1).await.unwrap_err();
+    assert!(matches!(err, PublishError::Unroutable { .. }), "{err}");
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("\"nowhere\""), "{err}");
+    assert!(err.to_string().contains("NO_ROUTE"), "{err}");
+
+    // lapin hands a return to whichever confirm it resolves next; the
+    // publisher must still blame exactly the unroutable ones.
+    const N: usize = 2000;
+    let unroutable = |i: usize| i % 7 == 3;
+    let msgs = (0..N).map(|i| {
+        let key = if unroutable(i) { "nowhere" } else { "in" };
+        Message::bytes(&ex, key, format!("{i}"))
+    });
+    let results = p.publish_batch(msgs).await;
+    let mut ok = 0;
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            Ok(_) => {
+                assert!(
+                    !unroutable(i),
+                    "message {i} was unroutable but reported confirmed"
+                );
+                ok += 1;
+            }
+            Err(PublishError::Unroutable { routing_key, .. }) => {
+                assert!(
+                    unroutable(i),
+                    "message {i} was routable but reported unroutable"
+                );
+                assert_eq!(routing_key, "nowhere");
+            }
+            Err(e) => panic!("message {i}: {e}"),
+        }
+    }
+    let returned = (0..N).filter(|i| unroutable(*i)).count() as u64;
+    assert_eq!(fx.wait_count(&q, ok).await, ok);
+    assert_eq!(published(&registry, &ex, "returned"), returned + 1);
+    assert_eq!(published(&registry, &ex, "confirmed"), u64::from(ok));
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_when_the_queue_rejects() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", reject_publish(5)).await;
+    let (p, registry, _) = publisher(PublisherConfig::default()).await;
+    let results = p
+        .publish_batch((0..12).map(|i| Message::bytes(&ex, "k", format!("{i}"))))
+        .await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let nacked = results
+        .iter()
+        .filter(|r| matches!(r, Err(PublishError::Nacked { .. })))
+        .count();
+    assert_eq!((ok, nacked), (5, 7), "{results:?}");
+    assert!(results[..5].iter().all(Result::is_ok));
+    let e = results[11].as_ref().unwrap_err();
+    assert!(e.is_transient());
+    assert!(e.to_string().contains("nacked"), "{e}");
+    assert_eq!(fx.count(&q).await, 5);
+    assert_eq!(published(&registry, &ex, "confirmed"), 5);
+    assert_eq!(published(&registry, &ex, "nacked"), 7);
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_exchange_fails_only_its_messages() {
+    let mut fx = Fixture::new().await;
+    let (ex, q, missing) = (unique("ex"), unique("q"), unique("missing"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, registry, _) = publisher(PublisherConfig::default()).await;
+
+    let err = p.publish_json(&missing, "k", &1).await.unwrap_err();
+    assert!(
+        matches!(&err, PublishError::ExchangeNotFound { exchange, .. } if *exchange == missing),
+        "{err}"
+    );
+    assert!(err.to_string().contains("does not exist"), "{err}");
+
+    // In a full window: the broker closes the channel at the bad one; the
+    // others are republished on a fresh channel, never reported sent
+    // without a confirm.
+    let results = p
+        .publish_batch((0..600).map(|i| {
+            let exchange = if i == 300 { &missing } else { &ex };
+            Message::bytes(exchange, "k", format!("{i}"))
+        }))
+        .await;
+    let mut confirmed = HashSet::new();
+    for (i, r) in results.iter().enumerate() {
+        match (i, r) {
+            (300, Err(PublishError::ExchangeNotFound { .. })) => {}
+            (300, other) => panic!("the missing exchange's message: {other:?}"),
+            (_, Ok(c)) => {
+                confirmed.insert(c.message_id.clone());
+            }
+            (i, Err(e)) => panic!("message {i}: {e}"),
+        }
+    }
+    assert_eq!(confirmed.len(), 599);
+    fx.wait_count(&q, 599).await;
+    let in_queue: HashSet<String> = fx
+        .drain(&q)
+        .await
+        .iter()
+        .map(|(_, p)| p.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert!(
+        confirmed.is_subset(&in_queue),
+        "a confirmed message is missing"
+    );
+    assert_eq!(published(&registry, &missing, "confirmed"), 0);
+    assert_eq!(published(&registry, &missing, "failed"), 2);
+    // Still usable afterwards.
+    p.publish_json(&ex, "k", &2).await.unwrap();
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_fails_before_sending() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, registry, _) = publisher(PublisherConfig::default().max_message_size(1024)).await;
+    let err = p
+        .publish(Message::bytes(&ex, "k", vec![b'x'; 1025]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "message of 1025 bytes is over the limit of 1024 bytes (PublisherConfig::max_message_size); nothing was sent"
+    );
+    p.publish(Message::bytes(&ex, "k", vec![b'x'; 1024]))
+        .await
+        .unwrap();
+    assert_eq!(fx.wait_count(&q, 1).await, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fx.count(&q).await, 1, "the oversized one was not sent");
+    assert_eq!(published(&registry, &ex, "confirmed"), 1);
+    assert_eq!(published(&registry, &ex, "failed"), 1);
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_closed_mid_stream_recovers_without_false_confirms() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, registry, conn_name) = publisher(
+        PublisherConfig::default()
+            .window(128)
+            .publish_timeout(Duration::from_secs(20)),
+    )
+    .await;
+
+    // Two tasks publishing back to back keep the window busy, so that the
+    // close lands with messages in flight.
+    let stop = Arc::new(AtomicBool::new(false));
+    let spawn = |task: u64| {
+        let (p, ex, stop) = (p.clone(), ex.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut results = vec![];
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let base = i;
+                let batch =
+                    (0..200).map(|j| Message::bytes(&ex, "k", format!("{task}-{}", base + j)));
+                i += 200;
+                results.extend(p.publish_batch(batch).await);
+            }
+            results
+        })
+    };
+    let producers = [spawn(1), spawn(2)];
+    // Let it run, close the connection under it, let it run on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let closed = tokio::task::spawn_blocking(move || common::close_connection(&conn_name))
+        .await
+        .unwrap();
+    assert!(closed, "could not find or close the publisher's connection");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while p.broker().generation() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(p.broker().generation(), 2, "the publisher reconnected");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut results = vec![];
+    for t in producers {
+        results.extend(t.await.unwrap());
+    }
+
+    let confirmed: HashSet<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|c| c.message_id.clone()))
+        .collect();
+    for r in &results {
+        if let Err(e) = r {
+            assert!(e.is_transient(), "only transient failures expected: {e}");
+        }
+    }
+    let republished = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|c| c.attempts > 1))
+        .count();
+    fx.wait_count(&q, confirmed.len() as u32).await;
+    let in_queue: HashSet<String> = fx
+        .drain(&q)
+        .await
+        .iter()
+        .map(|(_, p)| p.message_id().as_ref().unwrap().to_string())
+        .collect();
+    let missing: Vec<_> = confirmed.difference(&in_queue).collect();
+    assert!(
+        missing.is_empty(),
+        "confirmed but not in the queue: {missing:?}"
+    );
+    assert!(confirmed.len() > 100, "{} confirmed", confirmed.len());
+    assert!(
+        republished > 0,
+        "messages in flight at the close were published again"
+    );
+    assert_eq!(
+        published(&registry, &ex, "confirmed"),
+        confirmed.len() as u64
+    );
+    assert_eq!(
+        common::counter(
+            &registry,
+            "warren_reconnects_total",
+            &[("component", "producer")]
+        ),
+        1
+    );
+    eprintln!(
+        "{} results, {} confirmed, {} republished after the reconnect, {} in the queue",
+        results.len(),
+        confirmed.len(),
+        republished,
+        in_queue.len()
+    );
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_pressure_when_the_broker_stops_confirming() {
+    // A broker that blocks publishers (connection.blocked) stops reading and
+    // confirming. The broker is shared with other tests, so instead of a
+    // memory alarm this test pauses a TCP proxy between the publisher and the
+    // broker: same effect on the client, nothing changes for anyone else.
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let proxy = common::Proxy::start().await;
+    let registry = prometheus::Registry::new();
+    let window = 4;
+    let p = Publisher::connect(
+        PublisherConfig::default()
+            .window(window)
+            .publish_timeout(Duration::from_millis(600)),
+        ConnectOptions::new(proxy.url(), unique("producer")),
+        &registry,
+    )
+    .await
+    .unwrap();
+    p.publish_json(&ex, "k", &0).await.unwrap();
+
+    proxy.pause(true);
+    let started = tokio::time::Instant::now();
+    let mut tasks = vec![];
+    for i in 0..20 {
+        let (p, ex) = (p.clone(), ex.clone());
+        tasks.push(tokio::spawn(
+            async move { p.publish_json(&ex, "k", &i).await },
+        ));
+    }
+    let mut peak = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        peak = peak.max(p.in_flight());
+        assert!(p.in_flight() <= window);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed();
+    let mut by_stage = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Err(PublishError::Timeout {
+                stage: Stage::Window,
+                ..
+            }) => by_stage.0 += 1,
+            Err(PublishError::Timeout {
+                stage: Stage::Confirm,
+                ..
+            }) => by_stage.1 += 1,
+            other => panic!("expected a timeout while the broker is away: {other:?}"),
+        }
+    }
+    assert_eq!(peak, window, "the window filled");
+    assert_eq!(
+        by_stage,
+        (20 - window, window),
+        "waiting callers got back-pressure"
+    );
+    assert!(elapsed >= Duration::from_millis(550), "{elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "{elapsed:?}: every wait has a deadline"
+    );
+    assert_eq!(published(&registry, &ex, "confirmed"), 1);
+    assert_eq!(published(&registry, &ex, "failed"), 20);
+
+    // The broker answers again: the slots free up and publishing resumes.
+    proxy.pause(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match p.publish_json(&ex, "k", &"after").await {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert!(e.is_transient(), "{e}");
+            }
+            Err(e) => panic!("publishing did not resume: {e}"),
+        }
+    }
+    p.close().await;
+}
