@@ -436,7 +436,6 @@ impl Engine {
             },
             None => (0, "the channel is closed".to_owned()),
         };
-        warn!(error = %text, code, in_flight = self.jobs.len(), "publishing channel closed; republishing unconfirmed messages on a new channel");
         self.last_error = Some(text.clone());
         let soft = e.as_ref().is_some_and(|e| e.is_amqp_soft_error());
         let dead: Vec<u64> = self
@@ -467,6 +466,12 @@ impl Engine {
                 parked.push(job);
             }
         }
+        warn!(
+            error = %text,
+            code,
+            republishing = parked.len(),
+            "publishing channel closed; unconfirmed messages go again on a new channel"
+        );
         self.abandon_epoch();
         parked.extend(self.retry.drain(..));
         parked.sort_by_key(|j| j.order);

@@ -27,7 +27,7 @@
 //! - `message`: [`Message`] (raw bytes or JSON, properties, headers) and
 //!   [`Confirmed`]; the default properties of the message contract.
 //! - `publisher`: [`Publisher`], the handle: `publish`, `publish_json`,
-//!   `publish_batch`, `close`.
+//!   `publish_batch`, `submit` + [`PendingConfirm`], `close`.
 //! - `engine`: the task that owns the channel: sends, collects confirms,
 //!   matches returned messages, republishes after a channel loss, enforces
 //!   deadlines.
@@ -45,4 +45,4 @@ pub use config::PublisherConfig;
 pub use error::{PublishError, Stage};
 pub use message::{Confirmed, Message, BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE, PERSISTENT};
 pub use metrics::PublisherMetrics;
-pub use publisher::Publisher;
+pub use publisher::{PendingConfirm, Publisher};

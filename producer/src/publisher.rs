@@ -218,8 +218,13 @@ impl Publisher {
         results
     }
 
-    /// Checks, waits for a window slot and hands the message to the engine.
-    async fn submit(&self, mut msg: Message) -> Result<Pending, PublishError> {
+    /// Hands one message to the broker without waiting for its confirm:
+    /// checks its size, waits for a window slot (up to the message's
+    /// timeout) and queues it. Messages submitted one after another from one
+    /// task reach the broker in that order. Await
+    /// [`PendingConfirm::wait`] for the outcome; [`Publisher::publish`] is
+    /// `submit` then `wait`.
+    pub async fn submit(&self, mut msg: Message) -> Result<PendingConfirm, PublishError> {
         let started = Instant::now();
         let timeout = msg.timeout.unwrap_or(self.inner.config.publish_timeout);
         let deadline = started + timeout;
@@ -243,7 +248,7 @@ impl Publisher {
             .send(msg, message_id, started, deadline, span.clone())
             .instrument(span.clone())
             .await?;
-        Ok(Pending {
+        Ok(PendingConfirm {
             answer,
             deadline,
             started,
@@ -329,8 +334,10 @@ impl Publisher {
     }
 }
 
-/// A message handed to the engine, waiting for its answer.
-struct Pending {
+/// A message handed to the broker by [`Publisher::submit`], waiting for its
+/// confirm.
+#[must_use = "a submitted message's outcome is only known through wait()"]
+pub struct PendingConfirm {
     answer: oneshot::Receiver<Result<Confirmed, PublishError>>,
     deadline: Instant,
     started: Instant,
@@ -338,8 +345,18 @@ struct Pending {
     span: tracing::Span,
 }
 
-impl Pending {
-    async fn wait(self) -> Result<Confirmed, PublishError> {
+impl std::fmt::Debug for PendingConfirm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingConfirm")
+            .field("exchange", &self.exchange)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingConfirm {
+    /// Waits for the broker's answer: `Ok` once confirmed, else why not
+    /// (at the latest at the message's deadline).
+    pub async fn wait(self) -> Result<Confirmed, PublishError> {
         let span = self.span.clone();
         async move {
             match tokio::time::timeout_at(self.deadline + REPLY_GRACE, self.answer).await {
