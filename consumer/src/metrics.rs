@@ -65,7 +65,7 @@ impl Metrics {
                     warren_topology::metrics::RECONNECTS,
                     warren_topology::metrics::RECONNECTS_HELP,
                 )
-                    .const_label("component", "consumer"),
+                .const_label("component", "consumer"),
             )?,
         })
     }
