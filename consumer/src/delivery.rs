@@ -20,8 +20,13 @@ pub struct Delivery {
 struct Inner {
     body: Vec<u8>,
     properties: BasicProperties,
+    /// Where it was first published (the original-* headers once it failed).
     exchange: String,
     routing_key: String,
+    /// Where this delivery came from (the default exchange and the group's
+    /// name for a retry).
+    delivered_exchange: String,
+    delivered_routing_key: String,
     redelivered: bool,
     failed_attempts: u32,
     group: Arc<str>,
@@ -41,6 +46,27 @@ impl fmt::Debug for Delivery {
     }
 }
 
+/// Where a message was first published: the original-* headers a failure
+/// copy carries (when they are strings), else where this delivery came from.
+fn first_published(
+    properties: &BasicProperties,
+    exchange: &str,
+    routing_key: &str,
+) -> (String, String) {
+    let header = |name: &str| -> Option<String> {
+        match properties.headers().as_ref()?.inner().get(name)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            _ => None,
+        }
+    };
+    (
+        header(warren_topology::headers::ORIGINAL_EXCHANGE).unwrap_or_else(|| exchange.to_owned()),
+        header(warren_topology::headers::ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| routing_key.to_owned()),
+    )
+}
+
 impl Delivery {
     /// A delivery built by hand, to test a handler without a broker. The
     /// attempt number is read from the headers like the runtime does.
@@ -58,12 +84,15 @@ impl Delivery {
             .map(|s| s.as_str().to_owned())
             .unwrap_or_default();
         let failed_attempts = headers::attempts(properties.headers().as_ref(), &id);
+        let (first_exchange, first_key) = first_published(&properties, exchange, routing_key);
         Delivery {
             inner: Arc::new(Inner {
                 body,
                 properties,
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
+                exchange: first_exchange,
+                routing_key: first_key,
+                delivered_exchange: exchange.to_owned(),
+                delivered_routing_key: routing_key.to_owned(),
                 redelivered,
                 failed_attempts,
                 group: group.into(),
@@ -79,12 +108,16 @@ impl Delivery {
             .map(|s| s.as_str().to_owned())
             .unwrap_or_default();
         let failed_attempts = headers::attempts(d.properties.headers().as_ref(), &id);
+        let (exchange, routing_key) =
+            first_published(&d.properties, d.exchange.as_str(), d.routing_key.as_str());
         Delivery {
             inner: Arc::new(Inner {
                 body: d.data,
                 properties: d.properties,
-                exchange: d.exchange.to_string(),
-                routing_key: d.routing_key.to_string(),
+                exchange,
+                routing_key,
+                delivered_exchange: d.exchange.to_string(),
+                delivered_routing_key: d.routing_key.to_string(),
                 redelivered: d.redelivered,
                 failed_attempts,
                 group,
@@ -121,15 +154,29 @@ impl Delivery {
         }
     }
 
-    /// The exchange it was delivered through (empty for the default exchange,
-    /// which retries come back through).
+    /// The exchange it was first published to. A retry comes back through
+    /// the default exchange; this still names the original one (from
+    /// `x-warren-original-exchange`), so handlers see the same message on
+    /// every attempt.
     pub fn exchange(&self) -> &str {
         &self.inner.exchange
     }
 
-    /// The routing key it was delivered with.
+    /// The routing key it was first published with (a retry's own key is the
+    /// group's name; this is the original, from `x-warren-original-routing-key`).
     pub fn routing_key(&self) -> &str {
         &self.inner.routing_key
+    }
+
+    /// The exchange this delivery actually came through (`""` for a retry).
+    pub fn delivered_exchange(&self) -> &str {
+        &self.inner.delivered_exchange
+    }
+
+    /// The routing key this delivery actually came with (the group's name for
+    /// a retry).
+    pub fn delivered_routing_key(&self) -> &str {
+        &self.inner.delivered_routing_key
     }
 
     /// The `message_id` property (use it to make handlers idempotent).
@@ -167,5 +214,71 @@ impl Delivery {
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         serde_json::from_slice(&self.inner.body)
             .map_err(|e| HandlerError::decode(format!("body is not the expected JSON: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_reports_where_the_message_was_first_published() {
+        let fresh = Delivery::new(
+            "billing",
+            b"{}".to_vec(),
+            BasicProperties::default(),
+            "orders",
+            "order.paid",
+            false,
+        );
+        assert_eq!(
+            (fresh.exchange(), fresh.routing_key()),
+            ("orders", "order.paid")
+        );
+
+        let mut h = FieldTable::default();
+        h.insert(
+            warren_topology::headers::ORIGINAL_EXCHANGE.into(),
+            AMQPValue::LongString("orders".into()),
+        );
+        h.insert(
+            warren_topology::headers::ORIGINAL_ROUTING_KEY.into(),
+            AMQPValue::LongString("order.paid".into()),
+        );
+        let retry = Delivery::new(
+            "billing",
+            b"{}".to_vec(),
+            BasicProperties::default().with_headers(h),
+            "",
+            "billing",
+            false,
+        );
+        assert_eq!(
+            (retry.exchange(), retry.routing_key()),
+            ("orders", "order.paid")
+        );
+        assert_eq!(
+            (retry.delivered_exchange(), retry.delivered_routing_key()),
+            ("", "billing")
+        );
+
+        let mut bad = FieldTable::default();
+        bad.insert(
+            warren_topology::headers::ORIGINAL_ROUTING_KEY.into(),
+            AMQPValue::LongLongInt(7),
+        );
+        let malformed = Delivery::new(
+            "billing",
+            vec![],
+            BasicProperties::default().with_headers(bad),
+            "",
+            "billing",
+            false,
+        );
+        assert_eq!(
+            malformed.routing_key(),
+            "billing",
+            "a malformed header is ignored"
+        );
     }
 }
