@@ -43,6 +43,8 @@ use crate::metrics::{PublisherMetrics, CONFIRMED};
 
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(50);
+/// Queued messages started per wake-up of the engine at most.
+const RECV_BATCH: usize = 64;
 /// Sends of one message after which a channel error it cannot be cleared of
 /// fails it.
 const MAX_ATTEMPTS: u32 = 10;
@@ -54,7 +56,7 @@ pub(crate) type Reply = oneshot::Sender<Result<Confirmed, PublishError>>;
 pub(crate) struct Job {
     pub exchange: String,
     pub routing_key: String,
-    pub body: Arc<[u8]>,
+    pub body: Arc<Vec<u8>>,
     pub properties: BasicProperties,
     pub message_id: String,
     pub started: Instant,
@@ -164,7 +166,16 @@ impl Engine {
                     self.on_channel(res);
                 }
                 job = self.rx.recv(), if accepting => match job {
-                    Some(job) => self.start(job),
+                    Some(job) => {
+                        self.start(job);
+                        // Take what else is queued in one go (bounded by the window).
+                        for _ in 0..RECV_BATCH {
+                            match self.rx.try_recv() {
+                                Ok(job) => self.start(job),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => accepting = false,
                 },
                 _ = tick.tick() => self.expire(),

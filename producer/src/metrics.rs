@@ -32,7 +32,6 @@ impl std::fmt::Debug for PublisherMetrics {
     }
 }
 
-#[derive(Clone)]
 struct Outcomes([IntCounter; 4]);
 
 impl PublisherMetrics {
@@ -74,30 +73,26 @@ impl PublisherMetrics {
         })
     }
 
-    fn outcomes(&self, exchange: &str) -> Outcomes {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(o) = cache.get(exchange) {
-            return o.clone();
-        }
-        let c = |outcome| self.published.with_label_values(&[exchange, outcome]);
-        let o = Outcomes([c(CONFIRMED), c(NACKED), c(RETURNED), c(FAILED)]);
-        // Bounded: a process publishes to a handful of exchanges; past 1024
-        // distinct names stop caching rather than grow.
-        if cache.len() < 1024 {
-            cache.insert(exchange.to_owned(), o.clone());
-        }
-        o
-    }
-
     pub(crate) fn count(&self, exchange: &str, outcome: &str) {
-        let o = self.outcomes(exchange);
         let i = match outcome {
             CONFIRMED => 0,
             NACKED => 1,
             RETURNED => 2,
             _ => 3,
         };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = cache.get(exchange) {
+            o.0[i].inc();
+            return;
+        }
+        let c = |outcome| self.published.with_label_values(&[exchange, outcome]);
+        let o = Outcomes([c(CONFIRMED), c(NACKED), c(RETURNED), c(FAILED)]);
         o.0[i].inc();
+        // Bounded: a process publishes to a handful of exchanges; past 1024
+        // distinct names stop caching rather than grow.
+        if cache.len() < 1024 {
+            cache.insert(exchange.to_owned(), o);
+        }
     }
 
     pub(crate) fn observe_confirm(&self, seconds: f64) {

@@ -292,7 +292,7 @@ impl Publisher {
         let job = Job {
             exchange: msg.exchange.clone(),
             routing_key: msg.routing_key,
-            body: Arc::from(msg.body),
+            body: Arc::new(msg.body),
             properties: msg.properties,
             message_id,
             started,
