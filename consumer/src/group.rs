@@ -392,6 +392,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 source: warren_topology::TopologyError::Connect {
                     url: broker.options().url.to_string(),
                     reason: "the connection changed while opening channels".into(),
+                    transient: true,
                 },
             });
         }

@@ -120,13 +120,7 @@ impl PublishError {
         match self {
             PublishError::Nacked { .. } | PublishError::Timeout { .. } => true,
             PublishError::Channel(_) => true,
-            // warren-topology calls every connect failure transient, but a
-            // refused login or vhost is not retried by it and will not fix
-            // itself; its reason text is the only place that says so.
-            PublishError::Connect(TopologyError::Connect { reason, .. }) => {
-                !(reason.contains("the broker refused user")
-                    || reason.contains("the broker refused the vhost"))
-            }
+            // A refused login or vhost is not transient (warren-topology says which).
             PublishError::Connect(e) => e.is_transient(),
             _ => false,
         }

@@ -288,6 +288,7 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connection, TopologyError>
         Err(e) => Err(TopologyError::Connect {
             url: opts.url.to_string(),
             reason: e.reason,
+            transient: e.retry,
         }),
     }
 }
@@ -375,6 +376,7 @@ impl Broker {
         Err(TopologyError::Connect {
             url: self.opts.url.to_string(),
             reason: "the connection keeps failing right after it opens".into(),
+            transient: true,
         })
     }
 

@@ -62,6 +62,8 @@ pub enum TopologyError {
         url: String,
         /// Why, with what to do.
         reason: String,
+        /// Whether trying again may help (false for a refused login or vhost).
+        transient: bool,
     },
     /// An object exists on the broker with other properties (PRECONDITION_FAILED).
     #[error("{kind} {name:?} exists on the broker with other settings: {detail}. warren deleted nothing; to change it, move its messages away, delete it yourself and apply again")]
@@ -88,7 +90,7 @@ impl TopologyError {
     /// or a mismatch).
     pub fn is_transient(&self) -> bool {
         match self {
-            TopologyError::Connect { .. } => true,
+            TopologyError::Connect { transient, .. } => *transient,
             TopologyError::Broker { source, .. } => source.is_io_error() || !source.is_amqp_error(),
             _ => false,
         }
