@@ -31,7 +31,7 @@ mod tests {
     #[test]
     fn text_is_bounded_and_one_line() {
         assert_eq!(head_text(b"abc\ndef", 5), "abc d");
-        assert_eq!(tail_text(b"abc\ndef\n", 5), "c def");
+        assert_eq!(tail_text(b"abc\ndef\n", 6), "c def");
         assert_eq!(head_text(&[0xff, b'a'], 10), "\u{fffd}a");
     }
 }
