@@ -22,6 +22,14 @@ pub enum ConsumerError {
         /// What the broker said.
         detail: String,
     },
+    /// The publisher of retry and dead-letter copies could not start.
+    #[error("consumer group {group:?}: starting the publisher of retry and dead-letter copies: {source}")]
+    Copies {
+        /// The group.
+        group: String,
+        /// Why.
+        source: warren_producer::PublishError,
+    },
     /// A broker error while setting up a channel.
     #[error("consumer group {group:?}: {what}: {source}")]
     Broker {
@@ -40,6 +48,7 @@ impl ConsumerError {
         match self {
             ConsumerError::Connect { source, .. } => source.is_transient(),
             ConsumerError::QueueMissing { .. } => false,
+            ConsumerError::Copies { source, .. } => source.is_transient(),
             ConsumerError::Broker { source, .. } => source.is_io_error() || !source.is_amqp_error(),
         }
     }

@@ -1,7 +1,13 @@
 //! [`ConsumerGroup`]: the runtime. One consuming channel (basic.qos
-//! `prefetch`, per consumer) and one confirm-mode publishing channel for
-//! retry and dead-letter copies, on the process's supervised [`Broker`]
-//! connection; handlers run concurrently, at most `concurrency` at a time.
+//! `prefetch`, per consumer) and a [`Publisher`] for retry and dead-letter
+//! copies, both on the process's supervised [`Broker`] connection; handlers
+//! run concurrently, at most `concurrency` at a time.
+//!
+//! Copies go through `warren-producer`'s Publisher rather than a confirm loop
+//! of their own: with many copies in flight, lapin can hand one copy's
+//! `basic.return` to another copy's confirm, so an unroutable copy (a retry
+//! queue or dead-letter binding deleted by hand) would look confirmed and its
+//! original would be acked. The Publisher matches returns to their publish.
 //!
 //! # Order
 //!
@@ -23,17 +29,17 @@ use std::time::{Duration, Instant, SystemTime};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::Confirmation;
 use lapin::{Channel, Consumer};
 use prometheus::Registry;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
+use warren_producer::{Message, Publisher, PublisherConfig, PublisherMetrics};
 use warren_topology::{Broker, Group, DEAD_LETTER_EXCHANGE};
 
 use crate::acks::{AckOp, AckWindow, Settle};
@@ -184,7 +190,7 @@ struct Ctx {
 /// A consumer group runtime: a group of the topology plus a handler.
 ///
 /// ```no_run
-/// # async fn demo(group: warren_topology::Group, broker: warren_topology::Broker) -> Result<(), Box<dyn std::error::Error>> {
+/// # async fn demo(group: warren_topology::Group, broker: std::sync::Arc<warren_topology::Broker>) -> Result<(), Box<dyn std::error::Error>> {
 /// use warren_consumer::{handler_fn, ConsumerGroup, Delivery};
 /// let registry = prometheus::Registry::new();
 /// let group = ConsumerGroup::builder(group, handler_fn(|d: Delivery| async move {
@@ -217,7 +223,6 @@ impl<H> std::fmt::Debug for ConsumerGroup<H> {
 /// One consuming session: both channels of one connection generation.
 struct Session {
     consume: Channel,
-    publish: Channel,
     consumer: Consumer,
 }
 
@@ -234,7 +239,6 @@ struct Completion {
     tag: u64,
     epoch: u64,
     settle: Settle,
-    publisher_broken: bool,
 }
 
 impl<H: Handler> ConsumerGroup<H> {
@@ -273,9 +277,10 @@ impl<H: Handler> ConsumerGroup<H> {
     /// does not exist, the broker refuses the credentials).
     pub async fn run(
         &self,
-        broker: &Broker,
+        broker: &Arc<Broker>,
         cancel: CancellationToken,
     ) -> Result<(), ConsumerError> {
+        let mut copies: Option<Publisher> = None;
         let sem = Arc::new(Semaphore::new(usize::from(
             self.ctx.settings.group.concurrency.max(1),
         )));
@@ -293,7 +298,7 @@ impl<H: Handler> ConsumerGroup<H> {
             }
             let opened = tokio::select! {
                 _ = cancel.cancelled() => break,
-                s = self.open(broker) => s,
+                s = self.open(broker, &mut copies) => s,
             };
             let mut session = match opened {
                 Ok(s) => s,
@@ -308,6 +313,9 @@ impl<H: Handler> ConsumerGroup<H> {
                 Err(e) => {
                     self.ready.send_replace(false);
                     drain_aborting(&mut tasks).await;
+                    if let Some(p) = copies.take() {
+                        p.close().await;
+                    }
                     return Err(e);
                 }
             };
@@ -318,20 +326,28 @@ impl<H: Handler> ConsumerGroup<H> {
             }
             epoch += 1;
             self.ready.send_replace(true);
+            let Some(publisher) = copies.clone() else {
+                continue;
+            };
             let ended = self
-                .consume(&mut session, epoch, &mut tasks, &sem, &cancel)
+                .consume(&mut session, &publisher, epoch, &mut tasks, &sem, &cancel)
                 .await;
             self.ready.send_replace(false);
             match ended {
                 Ended::Shutdown(window) => {
                     self.shutdown(session, epoch, tasks, window).await;
+                    publisher.close().await;
                     return Ok(());
                 }
                 Ended::Lost => {
                     warn!(group = %self.ctx.name, "channel or connection lost; deliveries in flight will be redelivered by the broker");
-                    close_quietly(&session.consume, 320).await;
-                    close_quietly(&session.publish, 320).await;
-                    if !session_connection_alive(&session) {
+                    // Whether the connection is dead must be read before
+                    // closing the channel (a closed channel is not connected):
+                    // a channel-level loss must not take down a connection
+                    // shared with other components.
+                    let connection_dead = !session.consume.status().connected();
+                    close_quietly(&session.consume, 200).await;
+                    if connection_dead {
                         broker.invalidate().await;
                     }
                 }
@@ -339,10 +355,17 @@ impl<H: Handler> ConsumerGroup<H> {
         }
         self.ready.send_replace(false);
         drain_aborting(&mut tasks).await;
+        if let Some(p) = copies.take() {
+            p.close().await;
+        }
         Ok(())
     }
 
-    async fn open(&self, broker: &Broker) -> Result<Session, ConsumerError> {
+    async fn open(
+        &self,
+        broker: &Arc<Broker>,
+        copies: &mut Option<Publisher>,
+    ) -> Result<Session, ConsumerError> {
         let group = &self.ctx.settings.group;
         let err = |what: &'static str| {
             let group = group.name.clone();
@@ -356,7 +379,7 @@ impl<H: Handler> ConsumerGroup<H> {
             group: group.name.clone(),
             source,
         };
-        let (consume, generation) = broker.channel().await.map_err(connect)?;
+        let (consume, _) = broker.channel().await.map_err(connect)?;
         let queue = group.work_queue();
         if let Err(e) = consume
             .queue_declare(
@@ -384,22 +407,17 @@ impl<H: Handler> ConsumerGroup<H> {
             .basic_qos(group.prefetch.max(1), BasicQosOptions { global: false })
             .await
             .map_err(err("basic.qos"))?;
-        let (publish, publish_generation) = broker.channel().await.map_err(connect)?;
-        if publish_generation != generation {
-            close_quietly(&publish, 200).await;
-            return Err(ConsumerError::Connect {
-                group: group.name.clone(),
-                source: warren_topology::TopologyError::Connect {
-                    url: broker.options().url.to_string(),
-                    reason: "the connection changed while opening channels".into(),
-                    transient: true,
-                },
-            });
+        if copies.is_none() {
+            *copies =
+                Some(
+                    self.copy_publisher(broker)
+                        .await
+                        .map_err(|e| ConsumerError::Copies {
+                            group: group.name.clone(),
+                            source: e,
+                        })?,
+                );
         }
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(err("confirm.select"))?;
         let consumer = consume
             .basic_consume(
                 queue.as_str().into(),
@@ -410,16 +428,28 @@ impl<H: Handler> ConsumerGroup<H> {
             .await
             .map_err(err("basic.consume"))?;
         info!(group = %group.name, queue = %queue, prefetch = group.prefetch, concurrency = group.concurrency, consumer_tag = %consumer.tag(), "consuming");
-        Ok(Session {
-            consume,
-            publish,
-            consumer,
-        })
+        Ok(Session { consume, consumer })
+    }
+
+    /// The publisher of retry and dead-letter copies: a window as large as
+    /// the handlers that can wait on it, `confirm_timeout` per copy, and no
+    /// size limit of its own (the broker already accepted the original).
+    async fn copy_publisher(
+        &self,
+        broker: &Arc<Broker>,
+    ) -> Result<Publisher, warren_producer::PublishError> {
+        let settings = &self.ctx.settings;
+        let config = PublisherConfig::default()
+            .window(usize::from(settings.group.concurrency.max(1)))
+            .publish_timeout(settings.confirm_timeout)
+            .max_message_size(usize::MAX);
+        Publisher::with_metrics(config, broker.clone(), PublisherMetrics::unregistered()?).await
     }
 
     async fn consume(
         &self,
         s: &mut Session,
+        publisher: &Publisher,
         epoch: u64,
         tasks: &mut JoinSet<Completion>,
         sem: &Arc<Semaphore>,
@@ -437,22 +467,19 @@ impl<H: Handler> ConsumerGroup<H> {
                 biased;
                 _ = cancel.cancelled() => return Ended::Shutdown(window),
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    let mut broken = self.record(done, epoch, &mut window);
+                    self.record(done, epoch, &mut window);
                     while let Some(done) = tasks.try_join_next() {
-                        broken |= self.record(done, epoch, &mut window);
+                        self.record(done, epoch, &mut window);
                     }
                     if let Err(e) = send_acks(&s.consume, &mut window, &mut ops).await {
                         warn!(group = %self.ctx.name, error = %e, "ack failed");
-                        return Ended::Lost;
-                    }
-                    if broken {
                         return Ended::Lost;
                     }
                 }
                 (permit, item) = next => match (permit, item) {
                     (Ok(permit), Some(Ok(d))) => {
                         window.received(d.delivery_tag);
-                        self.spawn(tasks, s.publish.clone(), d, epoch, permit);
+                        self.spawn(tasks, publisher.clone(), d, epoch, permit);
                     }
                     (_, Some(Err(e))) => {
                         warn!(group = %self.ctx.name, error = %e, "consumer failed");
@@ -468,25 +495,22 @@ impl<H: Handler> ConsumerGroup<H> {
         }
     }
 
-    /// Records a finished task; true if its publishing channel broke.
+    /// Records a finished task in the ack window of its channel.
     fn record(
         &self,
         done: Result<Completion, tokio::task::JoinError>,
         epoch: u64,
         window: &mut AckWindow,
-    ) -> bool {
+    ) {
         match done {
             Ok(c) if c.epoch == epoch => {
                 window.complete(c.tag, c.settle);
-                c.publisher_broken
             }
             Ok(c) => {
                 debug!(group = %self.ctx.name, tag = c.tag, "delivery from a lost channel finished; the broker redelivers it");
-                false
             }
             Err(e) => {
                 error!(group = %self.ctx.name, error = %e, "handler task failed");
-                false
             }
         }
     }
@@ -494,7 +518,7 @@ impl<H: Handler> ConsumerGroup<H> {
     fn spawn(
         &self,
         tasks: &mut JoinSet<Completion>,
-        publish: Channel,
+        publish: Publisher,
         d: lapin::message::Delivery,
         epoch: u64,
         permit: OwnedSemaphorePermit,
@@ -517,13 +541,8 @@ impl<H: Handler> ConsumerGroup<H> {
         tasks.spawn(
             async move {
                 let _permit = permit;
-                let (settle, publisher_broken) = process(&ctx, &*handler, &publish, delivery).await;
-                Completion {
-                    tag,
-                    epoch,
-                    settle,
-                    publisher_broken,
-                }
+                let settle = process(&ctx, &*handler, &publish, delivery).await;
+                Completion { tag, epoch, settle }
             }
             .instrument(span),
         );
@@ -569,7 +588,6 @@ impl<H: Handler> ConsumerGroup<H> {
         let requeued = window.outstanding();
         info!(group = %name, unfinished, requeued, "in-flight handlers done or cancelled; unacked deliveries go back to the queue");
         // Closing the channel returns every unacked delivery to the queue.
-        close_quietly(&s.publish, 200).await;
         close_quietly(&s.consume, 200).await;
     }
 }
@@ -577,10 +595,6 @@ impl<H: Handler> ConsumerGroup<H> {
 async fn drain_aborting(tasks: &mut JoinSet<Completion>) {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-}
-
-fn session_connection_alive(s: &Session) -> bool {
-    s.consume.status().connected() || s.publish.status().connected()
 }
 
 async fn with_timeout<T>(
@@ -643,15 +657,15 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs the handler (with its timeout, panics caught) and settles the
-/// delivery. Returns how to settle it and whether the publishing channel
-/// broke.
+/// Runs the handler (with its timeout, panics caught) and decides how to
+/// settle the delivery: ack (success, or its copy confirmed) or requeue (its
+/// copy was not confirmed).
 async fn process<H: Handler>(
     ctx: &Ctx,
     handler: &H,
-    publish: &Channel,
+    publish: &Publisher,
     delivery: Delivery,
-) -> (Settle, bool) {
+) -> Settle {
     let group = &*ctx.name;
     let m = &ctx.metrics;
     let limit = ctx.settings.group.handler_timeout;
@@ -680,7 +694,7 @@ async fn process<H: Handler>(
     let (target, exchange, key, tier) = match decided {
         Disposition::Ack => {
             m.handled.with_label_values(&[group, "ack"]).inc();
-            return (Settle::Ack, false);
+            return Settle::Ack;
         }
         Disposition::Retry { tier } => (
             CopyTarget::Retry,
@@ -696,7 +710,7 @@ async fn process<H: Handler>(
         ),
     };
     let Err(failure) = result else {
-        return (Settle::Ack, false);
+        return Settle::Ack;
     };
     let headers = failure_headers(
         delivery.headers(),
@@ -711,7 +725,7 @@ async fn process<H: Handler>(
             target,
         },
     );
-    match publish_copy(ctx, publish, &exchange, &key, &delivery, headers).await {
+    match publish_copy(publish, &exchange, &key, &delivery, headers).await {
         Ok(()) => {
             match tier {
                 Some(tier) => {
@@ -726,53 +740,32 @@ async fn process<H: Handler>(
                     m.handled.with_label_values(&[group, "dead_letter"]).inc();
                 }
             }
-            (Settle::Ack, false)
+            Settle::Ack
         }
         Err(why) => {
-            let broken = !publish.status().connected();
             error!(error = %why, exchange = %exchange, routing_key = %key, "the copy was not confirmed; requeueing the delivery");
             m.handled.with_label_values(&[group, "requeue"]).inc();
-            if !broken {
-                tokio::time::sleep(ctx.settings.requeue_delay).await;
-            }
-            (Settle::Requeue, broken)
+            tokio::time::sleep(ctx.settings.requeue_delay).await;
+            Settle::Requeue
         }
     }
 }
 
-/// Publishes a copy (mandatory) and waits for its confirm.
+/// Publishes a copy (mandatory, properties kept as they are) and waits for
+/// its confirm; unroutable, nacked or unconfirmed within `confirm_timeout`
+/// is an error.
 async fn publish_copy(
-    ctx: &Ctx,
-    ch: &Channel,
+    publisher: &Publisher,
     exchange: &str,
     key: &str,
     delivery: &Delivery,
     headers: FieldTable,
-) -> Result<(), String> {
+) -> Result<(), warren_producer::PublishError> {
     let props = delivery.properties().clone().with_headers(headers);
-    let limit = ctx.settings.confirm_timeout;
-    let confirm = with_timeout(
-        limit,
-        ch.basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            delivery.body(),
-            props,
-        ),
-    )
-    .await?;
-    match with_timeout(limit, confirm).await? {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(format!(
-            "unroutable: no queue bound for exchange {exchange:?} key {key:?} (apply the topology)"
-        )),
-        Confirmation::Nack(_) => Err("the broker nacked the copy".into()),
-        Confirmation::NotRequested => Err("the channel is not in confirm mode".into()),
-    }
+    let copy = Message::bytes(exchange, key, delivery.body().to_vec())
+        .properties(props)
+        .as_is();
+    publisher.publish(copy).await.map(|_| ())
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ pub struct Message {
     pub(crate) properties: BasicProperties,
     pub(crate) timeout: Option<Duration>,
     json: bool,
+    as_is: bool,
 }
 
 impl Message {
@@ -47,6 +48,7 @@ impl Message {
             properties: BasicProperties::default(),
             timeout: None,
             json: false,
+            as_is: false,
         }
     }
 
@@ -80,6 +82,16 @@ impl Message {
     /// Replaces every header.
     pub fn headers(mut self, headers: FieldTable) -> Self {
         self.properties = self.properties.with_headers(headers);
+        self
+    }
+
+    /// Publishes the properties exactly as given: no `timestamp`,
+    /// `content_type` or `delivery_mode` defaults. Only a missing
+    /// `message_id` is still filled, because returned messages are matched
+    /// to their publish by it. For forwarding a message that already exists
+    /// (a consumer's retry or dead-letter copy).
+    pub fn as_is(mut self) -> Self {
+        self.as_is = true;
         self
     }
 
@@ -121,6 +133,10 @@ impl Message {
                 id
             }
         };
+        if self.as_is {
+            self.properties = p;
+            return id;
+        }
         if p.timestamp().is_none() {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -161,6 +177,16 @@ pub struct Confirmed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn as_is_fills_only_the_message_id() {
+        let mut m = Message::bytes("e", "k", b"x".to_vec()).as_is();
+        m.finish_properties();
+        assert!(m.properties.message_id().is_some());
+        assert!(m.properties.timestamp().is_none());
+        assert!(m.properties.content_type().is_none());
+        assert!(m.properties.delivery_mode().is_none());
+    }
 
     #[test]
     fn defaults_fill_only_what_is_unset() {

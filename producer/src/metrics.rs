@@ -38,6 +38,17 @@ impl PublisherMetrics {
     /// Registers the metrics into `registry`. Registering twice into one
     /// registry fails: share the value instead.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self::unregistered()?;
+        registry.register(Box::new(m.published.clone()))?;
+        registry.register(Box::new(m.confirm_seconds.clone()))?;
+        registry.register(Box::new(m.reconnects.clone()))?;
+        Ok(m)
+    }
+
+    /// Metrics registered nowhere: for a publisher whose publishes are
+    /// counted elsewhere (a consumer's retry and dead-letter copies are
+    /// counted by `warren_handled_total` and `warren_retries_total`).
+    pub fn unregistered() -> Result<Self, prometheus::Error> {
         let published = IntCounterVec::new(
             Opts::new(
                 "warren_published_total",
@@ -62,9 +73,6 @@ impl PublisherMetrics {
             )
             .const_label("component", "producer"),
         )?;
-        registry.register(Box::new(published.clone()))?;
-        registry.register(Box::new(confirm_seconds.clone()))?;
-        registry.register(Box::new(reconnects.clone()))?;
         Ok(PublisherMetrics {
             published,
             confirm_seconds,
