@@ -2,11 +2,15 @@
 //! bounded window of publishes awaiting their confirm, a timeout on every
 //! await, `mandatory` so that an unroutable message is an error.
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection};
@@ -16,15 +20,68 @@ use crate::error::{timed, OperatorError};
 /// Default most publishes awaiting their confirm.
 pub const DEFAULT_WINDOW: usize = 256;
 
-type Pending<T> = Pin<Box<dyn Future<Output = (T, Result<(), OperatorError>)> + Send>>;
+type Waiting = Pin<Box<dyn Future<Output = Result<Confirmation, OperatorError>> + Send>>;
+
+/// What identifies a publish among those in flight: where it went, its
+/// `message_id` and a hash of its body (a returned message carries all three).
+type Key = (String, String, Option<String>, u64);
+
+fn key(exchange: &str, routing_key: &str, message_id: Option<&str>, body: &[u8]) -> Key {
+    let mut h = DefaultHasher::new();
+    body.hash(&mut h);
+    (
+        exchange.to_owned(),
+        routing_key.to_owned(),
+        message_id.map(str::to_owned),
+        h.finish(),
+    )
+}
+
+fn key_of_return(r: &BasicReturnMessage) -> Key {
+    let d = &r.delivery;
+    key(
+        d.exchange.as_str(),
+        d.routing_key.as_str(),
+        d.properties.message_id().as_ref().map(|s| s.as_str()),
+        &d.data,
+    )
+}
+
+enum Slot {
+    Waiting(Waiting),
+    Done(Box<Result<Confirmation, OperatorError>>),
+}
+
+struct InFlight<T> {
+    token: T,
+    key: Key,
+    target: String,
+    slot: Slot,
+}
 
 /// A confirm-mode channel with a bounded window; `T` travels with each
-/// publish and comes back with its outcome (a delivery tag to ack).
+/// publish and comes back with its outcome (a delivery tag to ack), in
+/// publish order.
+///
+/// ## Returned messages
+///
+/// lapin hands a `basic.return` to whichever confirm it resolves next and
+/// resolves a multiple-ack in hash-map order, so `Ack(Some(returned))` may
+/// belong to another publish in the window, and the unroutable one may see
+/// `Ack(None)`. Trusting it would ack a dead letter whose copy was dropped.
+/// Instead, returns are collected by what they carry (exchange, routing key,
+/// `message_id`, body) and matched to their publish. The oldest publish is
+/// decided only once its confirm resolved and every confirm already resolved
+/// has given up its return: lapin resolves in order and hands returns out
+/// first in, first out, so a return of the oldest publish sits on a confirm
+/// resolved no later than its own.
 pub(crate) struct Confirmed<T> {
     channel: Channel,
     window: usize,
     timeout: Duration,
-    pending: FuturesOrdered<Pending<T>>,
+    pending: VecDeque<InFlight<T>>,
+    /// Returns not yet matched to their publish.
+    returned: HashMap<Key, usize>,
 }
 
 impl<T: Send + 'static> Confirmed<T> {
@@ -51,7 +108,8 @@ impl<T: Send + 'static> Confirmed<T> {
             channel,
             window: window.max(1),
             timeout,
-            pending: FuturesOrdered::new(),
+            pending: VecDeque::new(),
+            returned: HashMap::new(),
         })
     }
 
@@ -76,6 +134,7 @@ impl<T: Send + 'static> Confirmed<T> {
         token: T,
     ) -> Result<(), OperatorError> {
         let target = format!("{exchange:?}/{routing_key:?}");
+        let properties_id = properties.message_id().as_ref().map(|s| s.to_string());
         let confirm = timed(
             self.timeout,
             "publishing",
@@ -93,44 +152,89 @@ impl<T: Send + 'static> Confirmed<T> {
         )
         .await?;
         let timeout = self.timeout;
-        let (exchange, routing_key) = (exchange.to_owned(), routing_key.to_owned());
-        self.pending.push_back(Box::pin(async move {
-            let outcome = match tokio::time::timeout(timeout, confirm).await {
+        let waiting_target = target.clone();
+        let waiting: Waiting = Box::pin(async move {
+            match tokio::time::timeout(timeout, confirm).await {
                 Err(_) => Err(OperatorError::Timeout {
                     what: "waiting for a publisher confirm",
-                    object: target,
+                    object: waiting_target,
                     after: timeout,
                 }),
                 Ok(Err(source)) => Err(OperatorError::Amqp {
                     what: "waiting for a publisher confirm",
-                    object: target,
+                    object: waiting_target,
                     source,
                 }),
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(OperatorError::Publish {
-                    exchange,
-                    routing_key,
-                    outcome: "returned (no queue is bound for it)".into(),
-                }),
-                Ok(Ok(Confirmation::Nack(_))) => Err(OperatorError::Publish {
-                    exchange,
-                    routing_key,
-                    outcome: "nacked".into(),
-                }),
-                Ok(Ok(Confirmation::NotRequested)) => Err(OperatorError::Publish {
-                    exchange,
-                    routing_key,
-                    outcome: "not confirmed (confirms are off)".into(),
-                }),
-            };
-            (token, outcome)
-        }));
+                Ok(Ok(c)) => Ok(c),
+            }
+        });
+        let message_id = properties_id.as_deref();
+        self.pending.push_back(InFlight {
+            token,
+            key: key(exchange, routing_key, message_id, body),
+            target,
+            slot: Slot::Waiting(waiting),
+        });
         Ok(())
+    }
+
+    /// Takes the return a resolved confirm carries into `returned`.
+    fn harvest(returned: &mut HashMap<Key, usize>, slot: &mut Slot) {
+        let Slot::Done(done) = slot else { return };
+        if let Ok(Confirmation::Ack(r) | Confirmation::Nack(r)) = &mut **done {
+            if let Some(msg) = r.take() {
+                *returned.entry(key_of_return(&msg)).or_default() += 1;
+            }
+        }
     }
 
     /// The oldest publish's outcome, `None` when nothing is in flight.
     pub(crate) async fn next(&mut self) -> Option<(T, Result<(), OperatorError>)> {
-        self.pending.next().await
+        let front = self.pending.front_mut()?;
+        if let Slot::Waiting(w) = &mut front.slot {
+            let r = w.await;
+            front.slot = Slot::Done(Box::new(r));
+        }
+        // Every confirm resolved by now gives up its return (see the type's docs).
+        for f in self.pending.iter_mut() {
+            if let Slot::Waiting(w) = &mut f.slot {
+                if let Some(r) = w.now_or_never() {
+                    f.slot = Slot::Done(Box::new(r));
+                }
+            }
+            Self::harvest(&mut self.returned, &mut f.slot);
+        }
+        let f = self.pending.pop_front()?;
+        let (exchange, routing_key, _, _) = &f.key;
+        let publish_error = |outcome: &str| OperatorError::Publish {
+            exchange: exchange.clone(),
+            routing_key: routing_key.clone(),
+            outcome: outcome.into(),
+        };
+        let was_returned = match self.returned.get_mut(&f.key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                if *n == 0 {
+                    self.returned.remove(&f.key);
+                }
+                true
+            }
+            _ => false,
+        };
+        let Slot::Done(done) = f.slot else {
+            unreachable!("the front was awaited above")
+        };
+        let outcome = match *done {
+            Err(e) => Err(e),
+            Ok(_) if was_returned => Err(publish_error("returned (no queue is bound for it)")),
+            Ok(Confirmation::Ack(_)) => Ok(()),
+            Ok(Confirmation::Nack(_)) => Err(publish_error("nacked")),
+            Ok(Confirmation::NotRequested) => Err(publish_error(&format!(
+                "not confirmed (confirms are off on {})",
+                f.target
+            ))),
+        };
+        Some((f.token, outcome))
     }
 
     /// Closes the channel (after every confirm was taken).
