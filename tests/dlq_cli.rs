@@ -1,5 +1,6 @@
 //! `warren dlq` as an operator runs it: a replay killed with SIGKILL loses
-//! nothing, and `watch` keeps its gauges and webhook honest.
+//! nothing, Ctrl-C stops a replay cleanly, and `watch` keeps its gauges and
+//! webhook honest.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -393,4 +394,181 @@ async fn watch_gauges_follow_the_queue_and_the_webhook_fires_once_per_interval()
         assert!(Instant::now() < deadline, "watch did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the tests below.
+
+/// Waits until `queue` holds exactly `n` ready messages (what a closed
+/// channel held comes back asynchronously).
+async fn settle(conn: &Connection, queue: &str, n: usize) {
+    let mut last = 0;
+    assert!(
+        wait_for(Duration::from_secs(10), async || {
+            last = count(conn, queue).await as usize;
+            last == n
+        })
+        .await,
+        "{queue}: {last} messages, expected {n}"
+    );
+}
+
+/// Takes every message of `queue` (after it holds `n`) and returns the ids.
+async fn take_ids(conn: &Connection, queue: &str, n: usize) -> Vec<String> {
+    settle(conn, queue, n).await;
+    ids(conn, queue).await
+}
+
+fn names(tag: &str, is: impl IntoIterator<Item = usize>) -> Vec<String> {
+    is.into_iter().map(|i| format!("{tag}-{i}")).collect()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Waits for a child to exit within `within`; SIGKILLs it and fails otherwise.
+fn output_within(child: std::process::Child, within: Duration) -> std::process::Output {
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            panic!("warren did not exit within {within:?}");
+        }
+    }
+}
+
+/// The one summary line of a replay for `group`, and its replayed count.
+fn summary<'a>(stdout: &'a str, group: &str) -> (&'a str, usize) {
+    let prefix = format!("{group}: ");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no summary for {group}: {stdout}"));
+    let n = line[prefix.len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no count in {line:?}"));
+    (line, n)
+}
+
+// ---------------------------------------------------------------------------
+// Ctrl-C.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_mid_replay_stops_after_the_current_message_losing_and_duplicating_nothing() {
+    const N: usize = 300;
+    let conn = connect().await;
+    let env = Env::new(&conn, "int").await;
+    dead_letters(&conn, &env.group, "c", N).await;
+
+    let child = warren()
+        .args([
+            "dlq", "replay", "--group", &env.group, "--all", "--rate", "50",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // About a second in (50/s): the replay runs, so its Ctrl-C handler is in place.
+    let g = env.group.clone();
+    assert!(
+        wait_for(Duration::from_secs(15), async || count(&conn, &g).await
+            >= 50)
+        .await,
+        "replay did not start"
+    );
+    let signalled = Instant::now();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = output_within(child, Duration::from_secs(15));
+    let took = signalled.elapsed();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        took < Duration::from_secs(3),
+        "{took:?} to stop after Ctrl-C"
+    );
+    // It ended by itself (a signal death has no code) and calls a partial run a failure.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("stopping after the current message (Ctrl-C)"),
+        "{stderr}"
+    );
+    let (line, replayed) = summary(&stdout, &env.group);
+    assert_eq!(
+        line,
+        format!(
+            "{g}: {replayed} replayed to work queue {g:?}, 0 failed (left in the dead-letter queue), stopped early",
+            g = env.group
+        )
+    );
+    assert!((50..N).contains(&replayed), "replayed {replayed} of {N}");
+
+    // A clean stop: every copy in flight was confirmed and its dead letter
+    // acked, nothing more. So the work queue holds exactly the head of the
+    // dead-letter queue, once each, in order, and the rest stayed, in order.
+    let all = names("c", 0..N);
+    assert_eq!(
+        take_ids(&conn, &env.dead(), N - replayed).await,
+        all[replayed..]
+    );
+    assert_eq!(take_ids(&conn, &env.group, replayed).await, all[..replayed]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_while_a_slow_replay_waits_for_its_rate_stops_at_once_and_sends_nothing_more() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "intslow").await;
+    dead_letters(&conn, &env.group, "s", 5).await;
+
+    // One message per 5 s: the first goes at once, the second is due 5 s later.
+    let child = warren()
+        .args([
+            "dlq", "replay", "--group", &env.group, "--all", "--rate", "0.2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let g = env.group.clone();
+    assert!(
+        wait_for(Duration::from_secs(15), async || count(&conn, &g).await
+            == 1)
+        .await,
+        "replay did not start"
+    );
+    let signalled = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = output_within(child, Duration::from_secs(15));
+    let took = signalled.elapsed();
+    let stdout = text(&out.stdout);
+    assert!(
+        took < Duration::from_secs(2),
+        "{took:?} to stop after Ctrl-C: it waited for the rate instead"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (line, replayed) = summary(&stdout, &env.group);
+    assert_eq!(replayed, 1, "{line}");
+    assert!(line.ends_with(", stopped early"), "{line}");
+    assert_eq!(take_ids(&conn, &env.dead(), 4).await, names("s", 1..5));
+    assert_eq!(take_ids(&conn, &env.group, 1).await, names("s", 0..1));
 }

@@ -271,7 +271,18 @@ async fn run(
         if let Some(rate) = opts.rate.filter(|r| *r > 0.0) {
             let due =
                 started + Duration::from_secs_f64(report.selected.saturating_sub(1) as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
+            // A slow rate can wait for seconds: a stop must not wait with it,
+            // nor send this message afterwards. Not published, it is not
+            // taken: it goes back with the rest, in its place.
+            tokio::select! {
+                () = tokio::time::sleep_until(due.into()) => {}
+                () = cancel.cancelled() => {
+                    report.selected -= 1;
+                    p.selected -= 1;
+                    report.stopped_early = true;
+                    break;
+                }
+            }
         }
         let confirms = match &mut publisher {
             Some(c) => c,

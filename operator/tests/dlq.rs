@@ -465,3 +465,86 @@ async fn export_purge_archive_import_restores_the_queue_byte_for_byte() {
     assert_eq!(end, start);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn cancel_mid_replay_settles_every_copy_in_flight_and_acks_exactly_those() {
+    const N: usize = 300;
+    const STOP_AT: usize = 100;
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let ch = env.conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for i in 0..N {
+        let p = props(
+            &format!("m{i}"),
+            warren_headers(
+                &env.billing,
+                "permanent",
+                "boom",
+                "order.created",
+                &env.orders,
+            ),
+        );
+        confirms.push(
+            ch.basic_publish(
+                DEAD_LETTER_EXCHANGE.into(),
+                env.billing.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                format!("b{i}").as_bytes(),
+                p,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack());
+    }
+    wait_count(&env.conn, &dq, N as u32).await;
+
+    // The window (256) is larger than STOP_AT and nothing is settled before
+    // it fills, so when the stop comes all STOP_AT copies await their
+    // confirm: a clean stop settles every one and acks its dead letter.
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    let progress = move |p: op::Progress| {
+        if p.selected >= STOP_AT {
+            stop.cancel();
+        }
+    };
+    let r = op::replay(
+        &env.conn,
+        &env.billing,
+        &op::Selection {
+            all: true,
+            ..Default::default()
+        },
+        &op::ReplayOptions {
+            read: quick(),
+            ..Default::default()
+        },
+        &op::Metrics::unregistered(),
+        &progress,
+        &cancel,
+    )
+    .await
+    .unwrap();
+    assert!(r.stopped_early);
+    assert_eq!((r.selected, r.replayed, r.failed), (STOP_AT, STOP_AT, 0));
+    let want: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    assert_eq!(r.ids, want[..STOP_AT]);
+
+    wait_count(&env.conn, &dq, (N - STOP_AT) as u32).await;
+    let id = |m: &(Vec<u8>, lapin::BasicProperties)| m.1.message_id().as_ref().unwrap().to_string();
+    let work: Vec<String> = drain(&env.conn, &env.billing)
+        .await
+        .iter()
+        .map(id)
+        .collect();
+    assert_eq!(work, want[..STOP_AT], "copies: once each, in order");
+    let rest: Vec<String> = drain(&env.conn, &dq).await.iter().map(id).collect();
+    assert_eq!(rest, want[STOP_AT..], "the rest stays, in order");
+}
