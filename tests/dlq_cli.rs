@@ -1,6 +1,6 @@
 //! `warren dlq` as an operator runs it: a replay killed with SIGKILL loses
-//! nothing, Ctrl-C stops a replay cleanly, and `watch` keeps its gauges and
-//! webhook honest.
+//! nothing, Ctrl-C stops a replay cleanly, the audit log records every
+//! run, and `watch` keeps its gauges and webhook honest.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,7 +15,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
-use warren_topology::{lapin, ConnectOptions, Plan, Topology, DEAD_LETTER_EXCHANGE};
+use warren_topology::{headers, lapin, ConnectOptions, Plan, Topology, DEAD_LETTER_EXCHANGE};
 
 fn url() -> String {
     std::env::var("WARREN_AMQP_URL").unwrap_or_else(|_| warren_topology::DEFAULT_AMQP_URL.into())
@@ -30,6 +30,7 @@ async fn connect() -> Connection {
 /// A one-group topology under a unique prefix; deleted on drop.
 struct Env {
     group: String,
+    orders: String,
     queues: Vec<String>,
     exchanges: Vec<String>,
 }
@@ -51,6 +52,7 @@ impl Env {
         warren_topology::apply(conn, &plan).await.unwrap();
         Env {
             group: format!("{prefix}g"),
+            orders: format!("{prefix}orders"),
             queues: plan.queues.iter().map(|q| q.name.clone()).collect(),
             exchanges: plan
                 .exchanges
@@ -399,6 +401,66 @@ async fn watch_gauges_follow_the_queue_and_the_webhook_fires_once_per_interval()
 // ---------------------------------------------------------------------------
 // Helpers for the tests below.
 
+/// Headers the consumer sets when it dead-letters (no time: see `at`).
+fn warren_headers(env: &Env, kind: &str, error: &str, routing_key: &str) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(4));
+    h.insert(
+        headers::ERROR_KIND.into(),
+        AMQPValue::LongString(kind.into()),
+    );
+    h.insert(headers::ERROR.into(), AMQPValue::LongString(error.into()));
+    h.insert(
+        headers::ORIGINAL_EXCHANGE.into(),
+        AMQPValue::LongString(env.orders.as_str().into()),
+    );
+    h.insert(
+        headers::ORIGINAL_ROUTING_KEY.into(),
+        AMQPValue::LongString(routing_key.into()),
+    );
+    h
+}
+
+fn props(id: &str, h: FieldTable) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(id.into())
+        .with_delivery_mode(2)
+        .with_headers(h)
+}
+
+/// Publishes one message (mandatory) and waits for its confirm.
+async fn publish(conn: &Connection, exchange: &str, key: &str, p: BasicProperties, body: &[u8]) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let c = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            p,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        c.is_ack() && c.take_message().is_none(),
+        "{exchange}/{key}: not routed"
+    );
+    let _ = ch.close(200, "ok".into()).await;
+}
+
+/// One dead letter into `env`'s dead-letter queue, as the consumer sends it.
+async fn dead_letter(conn: &Connection, env: &Env, p: BasicProperties, body: &[u8]) {
+    publish(conn, DEAD_LETTER_EXCHANGE, &env.group, p, body).await;
+}
+
 /// Waits until `queue` holds exactly `n` ready messages (what a closed
 /// channel held comes back asynchronously).
 async fn settle(conn: &Connection, queue: &str, n: usize) {
@@ -413,6 +475,31 @@ async fn settle(conn: &Connection, queue: &str, n: usize) {
     );
 }
 
+/// The ids in `queue`, head first, read without taking them (held
+/// unacked, then put back by closing the channel). `n`: how many it holds.
+async fn peek_ids(conn: &Connection, queue: &str, n: usize) -> Vec<String> {
+    settle(conn, queue, n).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+    {
+        out.push(
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+        );
+    }
+    ch.close(200, "peeked".into()).await.unwrap();
+    settle(conn, queue, n).await;
+    out
+}
+
 /// Takes every message of `queue` (after it holds `n`) and returns the ids.
 async fn take_ids(conn: &Connection, queue: &str, n: usize) -> Vec<String> {
     settle(conn, queue, n).await;
@@ -421,6 +508,10 @@ async fn take_ids(conn: &Connection, queue: &str, n: usize) -> Vec<String> {
 
 fn names(tag: &str, is: impl IntoIterator<Item = usize>) -> Vec<String> {
     is.into_iter().map(|i| format!("{tag}-{i}")).collect()
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    warren().args(args).output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -571,4 +662,170 @@ async fn ctrl_c_while_a_slow_replay_waits_for_its_rate_stops_at_once_and_sends_n
     assert!(line.ends_with(", stopped early"), "{line}");
     assert_eq!(take_ids(&conn, &env.dead(), 4).await, names("s", 1..5));
     assert_eq!(take_ids(&conn, &env.group, 1).await, names("s", 0..1));
+}
+
+// ---------------------------------------------------------------------------
+// Audit log.
+
+fn audit_lines(file: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_log_gets_one_json_line_per_group_per_run_and_later_runs_append() {
+    use serde_json::json;
+    let conn = connect().await;
+    let a = Env::new(&conn, "audita").await;
+    let b = Env::new(&conn, "auditb").await;
+    for (env, tag) in [(&a, "a"), (&b, "b")] {
+        for i in 0..4 {
+            let kind = if i % 2 == 0 { "permanent" } else { "timeout" };
+            let h = warren_headers(env, kind, "boom", "o.created");
+            dead_letter(&conn, env, props(&format!("{tag}-{i}"), h), b"{}").await;
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("warren-audit-{}", a.group));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&file);
+    let f = file.to_str().unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let since = SystemTime::now() - Duration::from_secs(1);
+    let as_user = |user: &str, args: &[&str]| {
+        let out = warren().env("USER", user).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+
+    // A replay across two groups: one line each.
+    as_user(
+        "auditor-1",
+        &[
+            "dlq",
+            "replay",
+            "--group",
+            &a.group,
+            "--group",
+            &b.group,
+            "--kind",
+            "timeout",
+            "--audit-log",
+            f,
+        ],
+    );
+    let lines = audit_lines(&file);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let selection = json!({
+        "ids": [], "fingerprint": null, "error": null, "kind": "timeout", "routing_key": null,
+        "older_than": null, "newer_than": null, "limit": null, "all": false
+    });
+    for (line, env, tag) in [(&lines[0], &a, "a"), (&lines[1], &b, "b")] {
+        let at = humantime::parse_rfc3339(line["at"].as_str().unwrap()).unwrap();
+        assert!(at >= since && at <= SystemTime::now(), "{line}");
+        let mut rest = line.clone();
+        rest.as_object_mut().unwrap().remove("at");
+        assert_eq!(
+            rest,
+            json!({
+                "action": "replay", "user": "auditor-1", "host": host, "group": env.group,
+                "selection": selection, "target": "work-queue", "dry_run": false,
+                "count": 2, "ids": names(tag, [1, 3]),
+            })
+        );
+    }
+    let first_run = std::fs::read_to_string(&file).unwrap();
+
+    // A dry run is recorded as one: nothing counted, the ids it would take.
+    as_user(
+        "auditor-1",
+        &[
+            "dlq",
+            "replay",
+            "--group",
+            &a.group,
+            "--all",
+            "--dry-run",
+            "--audit-log",
+            f,
+        ],
+    );
+    let lines = audit_lines(&file);
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["action"], "replay");
+    assert_eq!(lines[2]["dry_run"], true);
+    assert_eq!(lines[2]["count"], 0);
+    assert_eq!(lines[2]["ids"], json!(names("a", [0, 2])));
+    assert_eq!(lines[2]["selection"]["all"], true);
+    assert_eq!(peek_ids(&conn, &a.dead(), 2).await, names("a", [0, 2]));
+
+    // A purge by another user: one line per group, no target.
+    as_user(
+        "auditor-2",
+        &[
+            "dlq",
+            "purge",
+            "--group",
+            &a.group,
+            "--group",
+            &b.group,
+            "--kind",
+            "permanent",
+            "--yes",
+            "--audit-log",
+            f,
+        ],
+    );
+    let after = std::fs::read_to_string(&file).unwrap();
+    assert!(after.starts_with(&first_run), "the audit log was rewritten");
+    let lines = audit_lines(&file);
+    assert_eq!(lines.len(), 5, "{after}");
+    for (line, env, tag) in [(&lines[3], &a, "a"), (&lines[4], &b, "b")] {
+        let mut rest = line.clone();
+        rest.as_object_mut().unwrap().remove("at");
+        let mut selection = selection.clone();
+        selection["kind"] = json!("permanent");
+        assert_eq!(
+            rest,
+            json!({
+                "action": "purge", "user": "auditor-2", "host": host, "group": env.group,
+                "selection": selection, "dry_run": false, "count": 2,
+                "ids": names(tag, [0, 2]),
+            })
+        );
+    }
+    settle(&conn, &a.dead(), 0).await;
+    settle(&conn, &b.dead(), 0).await;
+    assert_eq!(take_ids(&conn, &a.group, 2).await, names("a", [1, 3]));
+    assert_eq!(take_ids(&conn, &b.group, 2).await, names("b", [1, 3]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_audit_log_that_cannot_be_written_stops_replay_and_purge_before_they_touch_anything() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "auditbad").await;
+    dead_letters(&conn, &env.group, "u", 3).await;
+    let file = format!("/nonexistent-{}/audit.jsonl", env.group);
+    for args in [
+        vec!["dlq", "replay", "--group", &env.group, "--all"],
+        vec!["dlq", "purge", "--group", &env.group, "--all", "--yes"],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--audit-log", &file]);
+        let out = run(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("error: --audit-log {file}: ")),
+            "{stderr}"
+        );
+        assert_eq!(peek_ids(&conn, &env.dead(), 3).await, names("u", 0..3));
+        assert_eq!(count(&conn, &env.group).await, 0);
+    }
 }

@@ -29,9 +29,10 @@ pub struct AuditRecord {
     pub target: Option<String>,
     /// A dry run (nothing moved).
     pub dry_run: bool,
-    /// How many messages were replayed or purged.
+    /// How many messages were replayed or purged (a dry run: 0, since
+    /// nothing moved; summing `count` gives what really moved).
     pub count: usize,
-    /// Their ids.
+    /// Their ids (a dry run: the ids it would have taken).
     pub ids: Vec<String>,
 }
 

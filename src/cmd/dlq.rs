@@ -419,6 +419,19 @@ fn audit(rec: &op::AuditRecord, file: Option<&PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens (creates) the audit log for appending before anything is touched:
+/// a record that cannot be written must stop the run, not follow it.
+fn check_audit_log(file: Option<&PathBuf>) -> anyhow::Result<()> {
+    if let Some(f) = file {
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(f)
+            .map_err(|e| UsageError(format!("--audit-log {}: {e}", f.display())))?;
+    }
+    Ok(())
+}
+
 fn progress_bar() -> ProgressBar {
     let pb = ProgressBar::new(0);
     if !std::io::stderr().is_terminal() {
@@ -447,6 +460,7 @@ fn ctrl_c_token() -> CancellationToken {
 async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
     let selection = a.select.selection()?;
     let groups = groups(g, &a.read.groups)?;
+    check_audit_log(a.audit_log.as_ref())?;
     if a.to_original && !a.dry_run {
         warn!("--to-original: every group bound to the original exchange and routing key will receive these messages again, not only the group that failed them");
         eprintln!("warning: --to-original republishes through the original exchange: every bound group sees these messages again");
@@ -561,6 +575,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
+    check_audit_log(a.audit_log.as_ref())?;
     let mut archive = match &a.archive {
         Some(p) => Some(op::ExportWriter::create_new(p)?),
         None => None,
