@@ -1,6 +1,8 @@
 //! `warren dlq` as an operator runs it: a replay killed with SIGKILL loses
-//! nothing, Ctrl-C stops a replay cleanly, the audit log records every
-//! run, and `watch` keeps its gauges and webhook honest.
+//! nothing, Ctrl-C stops a replay cleanly, purge asks before it deletes,
+//! the audit log records every run, selections take exactly what they say,
+//! `show`/`list` print what is there, and `watch` keeps its gauges and
+//! webhook honest.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -401,6 +403,10 @@ async fn watch_gauges_follow_the_queue_and_the_webhook_fires_once_per_interval()
 // ---------------------------------------------------------------------------
 // Helpers for the tests below.
 
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 /// Headers the consumer sets when it dead-letters (no time: see `at`).
 fn warren_headers(env: &Env, kind: &str, error: &str, routing_key: &str) -> FieldTable {
     let mut h = FieldTable::default();
@@ -417,6 +423,15 @@ fn warren_headers(env: &Env, kind: &str, error: &str, routing_key: &str) -> Fiel
     h.insert(
         headers::ORIGINAL_ROUTING_KEY.into(),
         AMQPValue::LongString(routing_key.into()),
+    );
+    h
+}
+
+/// `h` with `x-warren-dead-lettered-at` set to `ago` before now.
+fn at(mut h: FieldTable, ago: Duration) -> FieldTable {
+    h.insert(
+        headers::DEAD_LETTERED_AT.into(),
+        AMQPValue::LongString(rfc3339(SystemTime::now() - ago).into()),
     );
     h
 }
@@ -518,6 +533,19 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Runs `warren` and asserts it exited 0; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "warren {args:?}: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
 /// Waits for a child to exit within `within`; SIGKILLs it and fails otherwise.
 fn output_within(child: std::process::Child, within: Duration) -> std::process::Output {
     let pid = child.id().to_string();
@@ -532,6 +560,72 @@ fn output_within(child: std::process::Child, within: Duration) -> std::process::
             panic!("warren did not exit within {within:?}");
         }
     }
+}
+
+/// Runs `warren args` on a pseudo-terminal (util-linux `script`), so that
+/// its stdin is a terminal: waits for `prompt`, types `answer` and Enter.
+/// Returns everything the terminal showed (echo included) and the exit code.
+fn on_a_terminal(args: &[&str], prompt: &str, answer: &str) -> (String, Option<i32>) {
+    use std::io::{Read, Write};
+    use std::sync::mpsc::RecvTimeoutError;
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let line = std::iter::once(env!("CARGO_BIN_EXE_warren"))
+        .chain(args.iter().copied())
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("WARREN_AMQP_URL", url())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("util-linux `script` runs");
+    let mut out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut shown = Vec::new();
+    while !text(&shown).contains(prompt) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(chunk) => shown.extend(chunk),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no prompt {prompt:?}; the terminal showed {:?}",
+                    text(&shown)
+                );
+            }
+        }
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{answer}\n").as_bytes()).unwrap();
+    drop(stdin);
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(chunk) => shown.extend(chunk),
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!(
+                    "no exit after the answer; the terminal showed {:?}",
+                    text(&shown)
+                );
+            }
+        }
+    }
+    reader.join().unwrap();
+    let status = child.wait().unwrap();
+    (text(&shown), status.code())
 }
 
 /// The one summary line of a replay for `group`, and its replayed count.
@@ -662,6 +756,78 @@ async fn ctrl_c_while_a_slow_replay_waits_for_its_rate_stops_at_once_and_sends_n
     assert!(line.ends_with(", stopped early"), "{line}");
     assert_eq!(take_ids(&conn, &env.dead(), 4).await, names("s", 1..5));
     assert_eq!(take_ids(&conn, &env.group, 1).await, names("s", 0..1));
+}
+
+// ---------------------------------------------------------------------------
+// Purge confirmation.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_without_yes_and_without_a_terminal_refuses_with_exit_2_and_deletes_nothing() {
+    use std::io::Write;
+    let conn = connect().await;
+    let env = Env::new(&conn, "noyes").await;
+    dead_letters(&conn, &env.group, "p", 5).await;
+
+    // stdin closed, and stdin a pipe that says "y": neither is a person answering.
+    for piped_yes in [false, true] {
+        let mut child = warren()
+            .args(["dlq", "purge", "--group", &env.group, "--all"])
+            .stdin(if piped_yes {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(b"y\n");
+        }
+        let out = output_within(child, Duration::from_secs(15));
+        assert_eq!(out.status.code(), Some(2), "piped yes: {piped_yes}");
+        assert_eq!(
+            text(&out.stderr),
+            "error: purge asks for confirmation and stdin is not a terminal; add --yes\n"
+        );
+        assert_eq!(text(&out.stdout), "");
+        assert_eq!(
+            peek_ids(&conn, &env.dead(), 5).await,
+            names("p", 0..5),
+            "piped yes: {piped_yes}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_on_a_terminal_asks_with_the_count_then_n_deletes_nothing_and_y_exactly_the_selection(
+) {
+    let conn = connect().await;
+    let env = Env::new(&conn, "tty").await;
+    // p-0, p-2, p-4 permanent; p-1, p-3, p-5 timeouts.
+    for i in 0..6 {
+        let kind = if i % 2 == 0 { "permanent" } else { "timeout" };
+        let h = warren_headers(&env, kind, &format!("failed {i}"), "o.created");
+        dead_letter(&conn, &env, props(&format!("p-{i}"), h), b"{}").await;
+    }
+    let args = ["dlq", "purge", "--group", &env.group, "--kind", "timeout"];
+    let prompt = format!("Delete 3 dead letters (3 from {})? [y/N] ", env.dead());
+
+    let (shown, code) = on_a_terminal(&args, "[y/N] ", "n");
+    assert!(shown.contains(&prompt), "{shown:?}");
+    assert!(shown.contains("nothing deleted"), "{shown:?}");
+    assert_eq!(code, Some(1), "{shown:?}");
+    assert_eq!(peek_ids(&conn, &env.dead(), 6).await, names("p", 0..6));
+
+    let (shown, code) = on_a_terminal(&args, "[y/N] ", "y");
+    assert!(shown.contains(&prompt), "{shown:?}");
+    assert!(
+        shown.contains(&format!("{}: 3 purged", env.group)),
+        "{shown:?}"
+    );
+    assert_eq!(code, Some(0), "{shown:?}");
+    assert_eq!(take_ids(&conn, &env.dead(), 3).await, names("p", [0, 2, 4]));
+    assert_eq!(count(&conn, &env.group).await, 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -828,4 +994,340 @@ async fn an_audit_log_that_cannot_be_written_stops_replay_and_purge_before_they_
         assert_eq!(peek_ids(&conn, &env.dead(), 3).await, names("u", 0..3));
         assert_eq!(count(&conn, &env.group).await, 0);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Selection on the broker.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_by_fingerprint_from_stats_moves_exactly_that_failure_group() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "fp").await;
+    let errors = [
+        (
+            "permanent",
+            "order 17 not found for customer 9f1c2b7e-1111-4a4a-8b8b-0123456789ab (request deadbeef0042)",
+        ),
+        ("permanent", "order 17 already paid"),
+        (
+            "permanent",
+            "order 99 not found for customer 00000000-2222-4b4b-9c9c-abcdefabcdef (request a1b2c3d4e5f6)",
+        ),
+        // The same text of another kind is another failure group.
+        (
+            "timeout",
+            "order 17 not found for customer 9f1c2b7e-1111-4a4a-8b8b-0123456789ab (request deadbeef0042)",
+        ),
+        (
+            "permanent",
+            "order 123456 not found for customer a1b2c3d4-0000-4000-8000-00000000beef (request 0x7ffd1234)",
+        ),
+    ];
+    for (i, (kind, error)) in errors.iter().enumerate() {
+        let h = warren_headers(&env, kind, error, "o.created");
+        dead_letter(&conn, &env, props(&format!("f-{i}"), h), b"{}").await;
+    }
+
+    let stats: serde_json::Value = serde_json::from_str(&ok(&[
+        "dlq", "stats", "--group", &env.group, "--output", "json",
+    ]))
+    .unwrap();
+    let s = &stats[0];
+    assert_eq!(s["count"], 5);
+    assert_eq!(
+        s["by_kind"],
+        serde_json::json!({"permanent": 4, "timeout": 1})
+    );
+    let groups = s["failure_groups"].as_array().unwrap();
+    // Largest first (ties in fingerprint order): (count, kind, example id).
+    let mut seen: Vec<(u64, &str, &str)> = groups
+        .iter()
+        .map(|g| {
+            (
+                g["count"].as_u64().unwrap(),
+                g["kind"].as_str().unwrap(),
+                g["example_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen[0], (3, "permanent", "f-0"), "{groups:?}");
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [
+            (1, "permanent", "f-1"),
+            (1, "timeout", "f-3"),
+            (3, "permanent", "f-0")
+        ],
+        "{groups:?}"
+    );
+    assert_eq!(groups[0]["example"], errors[0].1);
+    let fp = groups[0]["fingerprint"].as_str().unwrap();
+    assert_eq!(fp.len(), 12, "{fp}");
+
+    let out = ok(&["dlq", "replay", "--group", &env.group, "--fingerprint", fp]);
+    assert_eq!(summary(&out, &env.group).1, 3, "{out}");
+    assert_eq!(take_ids(&conn, &env.group, 3).await, names("f", [0, 2, 4]));
+    assert_eq!(take_ids(&conn, &env.dead(), 2).await, names("f", [1, 3]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn older_than_and_newer_than_select_by_the_time_it_was_dead_lettered() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "age").await;
+    let now = SystemTime::now();
+    let secs = |ago: Duration| (now - ago).duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let h = || warren_headers(&env, "permanent", "boom", "o.created");
+    let (min, hour) = (Duration::from_secs(60), Duration::from_secs(3600));
+    // t-0: x-warren-dead-lettered-at 3 h ago.
+    dead_letter(&conn, &env, props("t-0", at(h(), 3 * hour)), b"{}").await;
+    // t-1: 10 min ago.
+    dead_letter(&conn, &env, props("t-1", at(h(), 10 * min)), b"{}").await;
+    // t-2: no header; the AMQP timestamp says 5 h ago.
+    dead_letter(
+        &conn,
+        &env,
+        props("t-2", h()).with_timestamp(secs(5 * hour)),
+        b"{}",
+    )
+    .await;
+    // t-3: dead-lettered by the broker (x-death, no warren headers) 2 h ago.
+    let mut death = FieldTable::default();
+    death.insert("reason".into(), AMQPValue::LongString("rejected".into()));
+    death.insert(
+        "queue".into(),
+        AMQPValue::LongString(env.group.as_str().into()),
+    );
+    death.insert("time".into(), AMQPValue::Timestamp(secs(2 * hour)));
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    let mut x = FieldTable::default();
+    x.insert(
+        headers::X_DEATH.into(),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+    );
+    dead_letter(&conn, &env, props("t-3", x), b"{}").await;
+    // t-4: no time at all: no age, so neither filter takes it.
+    dead_letter(&conn, &env, props("t-4", h()), b"{}").await;
+    // t-5: 30 s ago.
+    dead_letter(
+        &conn,
+        &env,
+        props("t-5", at(h(), Duration::from_secs(30))),
+        b"{}",
+    )
+    .await;
+    // t-6: the header (1 min ago) wins over the AMQP timestamp (10 h ago).
+    dead_letter(
+        &conn,
+        &env,
+        props("t-6", at(h(), min)).with_timestamp(secs(10 * hour)),
+        b"{}",
+    )
+    .await;
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["dlq", "replay", "--group", env.group.as_str()];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+
+    replay(&["--older-than", "5m", "--newer-than", "4h"]);
+    assert_eq!(take_ids(&conn, &env.group, 3).await, names("t", [0, 1, 3]));
+    replay(&["--older-than", "1h"]);
+    assert_eq!(take_ids(&conn, &env.group, 1).await, names("t", [2]));
+    replay(&["--newer-than", "1h"]);
+    assert_eq!(take_ids(&conn, &env.group, 2).await, names("t", [5, 6]));
+    assert_eq!(take_ids(&conn, &env.dead(), 1).await, names("t", [4]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limit_takes_the_first_n_matches_from_the_head_of_the_queue() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "limit").await;
+    // l-0, l-2, l-4, l-6 permanent; l-1, l-3, l-5, l-7 timeouts.
+    for i in 0..8 {
+        let kind = if i % 2 == 0 { "permanent" } else { "timeout" };
+        let h = warren_headers(&env, kind, "boom", "o.created");
+        dead_letter(&conn, &env, props(&format!("l-{i}"), h), b"{}").await;
+    }
+    // A limit alone selects nothing explicitly: refused.
+    let out = run(&["dlq", "replay", "--group", &env.group, "--limit", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("nothing selected"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(count(&conn, &env.group).await, 0);
+
+    let out = ok(&[
+        "dlq", "replay", "--group", &env.group, "--kind", "timeout", "--limit", "2",
+    ]);
+    assert_eq!(summary(&out, &env.group).1, 2, "{out}");
+    assert_eq!(take_ids(&conn, &env.group, 2).await, names("l", [1, 3]));
+    ok(&[
+        "dlq", "replay", "--group", &env.group, "--all", "--limit", "3",
+    ]);
+    assert_eq!(take_ids(&conn, &env.group, 3).await, names("l", [0, 2, 4]));
+    // purge takes the limit the same way.
+    let out = ok(&[
+        "dlq", "purge", "--group", &env.group, "--all", "--limit", "1", "--yes",
+    ]);
+    assert!(out.contains(&format!("{}: 1 purged", env.group)), "{out}");
+    assert_eq!(take_ids(&conn, &env.dead(), 2).await, names("l", [6, 7]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kind_and_routing_key_select_on_the_broker_including_broker_dead_letters() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "kindrk").await;
+    let put = async |id: &str, kind: &str, rk: &str| {
+        let h = warren_headers(&env, kind, "boom", rk);
+        dead_letter(&conn, &env, props(id, h), b"{}").await;
+    };
+    put("k-0", "permanent", "o.created").await;
+    put("k-1", "timeout", "o.paid").await;
+    put("k-2", "permanent", "o.paid").await;
+    // k-3: the broker dead-letters it (rejected from the work queue); only
+    // x-death says it came through "o.paid".
+    publish(
+        &conn,
+        &env.orders,
+        "o.paid",
+        BasicProperties::default().with_message_id("k-3".into()),
+        b"{}",
+    )
+    .await;
+    {
+        let ch = conn.create_channel().await.unwrap();
+        let got = ch
+            .basic_get(env.group.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+        got.delivery
+            .acker
+            .reject(lapin::options::BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+        let _ = ch.close(200, "ok".into()).await;
+    }
+    settle(&conn, &env.dead(), 3 + 1).await;
+    put("k-4", "timeout", "o.created").await;
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["dlq", "replay", "--group", env.group.as_str()];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+
+    // Criteria are ANDed.
+    replay(&["--kind", "permanent", "--routing-key", "o.paid"]);
+    assert_eq!(take_ids(&conn, &env.group, 1).await, names("k", [2]));
+    replay(&["--routing-key", "o.paid"]);
+    assert_eq!(take_ids(&conn, &env.group, 2).await, names("k", [1, 3]));
+    replay(&["--kind", "timeout"]);
+    assert_eq!(take_ids(&conn, &env.group, 1).await, names("k", [4]));
+    assert_eq!(take_ids(&conn, &env.dead(), 1).await, names("k", [0]));
+}
+
+// ---------------------------------------------------------------------------
+// show and list.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn show_prints_json_bodies_as_json_and_binary_ones_as_hex_and_list_json_has_every_field() {
+    use serde_json::json;
+    let conn = connect().await;
+    let env = Env::new(&conn, "show").await;
+    let h = || {
+        at(
+            warren_headers(&env, "decode", "bad body", "o.created"),
+            Duration::from_secs(90),
+        )
+    };
+    dead_letter(&conn, &env, props("s-json", h()), br#"{"a":[1,2],"b":"x"}"#).await;
+    dead_letter(&conn, &env, props("s-bin", h()), &[0xff, 0x00, 0xfe, 0x80]).await;
+    dead_letter(&conn, &env, props("s-text", h()), b"plain words").await;
+
+    let show = |id: &str, json_out: bool| -> serde_json::Value {
+        let mut args = vec!["dlq", "show", id, "--group", env.group.as_str()];
+        if json_out {
+            args.extend(["--output", "json"]);
+        }
+        let out = ok(&args);
+        if json_out {
+            serde_json::from_str(&out).unwrap()
+        } else {
+            // Table output: each dead letter as pretty JSON.
+            assert!(out.contains("\n  \""), "not pretty: {out}");
+            json!([serde_json::from_str::<serde_json::Value>(&out).unwrap()])
+        }
+    };
+    let v = show("s-bin", true);
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["body"], json!({"hex": "ff00fe80"}));
+    assert_eq!(v[0]["position"], 1);
+    assert_eq!(v[0]["group"], env.group.as_str());
+    assert_eq!(v[0]["info"]["id"], "s-bin");
+    assert_eq!(v[0]["properties"]["message_id"], "s-bin");
+    assert_eq!(v[0]["properties"]["headers"][headers::ERROR_KIND], "decode");
+    let v = show("s-json", false);
+    assert_eq!(v[0]["body"], json!({"json": {"a": [1, 2], "b": "x"}}));
+    let v = show("s-text", true);
+    assert_eq!(v[0]["body"], json!({"text": "plain words"}));
+    let out = run(&["dlq", "show", "nope", "--group", &env.group]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!("no dead letter with id \"nope\" in {}\n", env.group)
+    );
+
+    let l: serde_json::Value = serde_json::from_str(&ok(&[
+        "dlq", "list", "--group", &env.group, "--output", "json",
+    ]))
+    .unwrap();
+    let l = &l.as_array().unwrap()[0];
+    assert_eq!(l["group"], env.group.as_str());
+    assert_eq!(l["queue"], env.dead());
+    assert_eq!(l["coverage"], json!({"scanned": 3, "total": 3}));
+    let ms = l["messages"].as_array().unwrap();
+    let ids: Vec<&str> = ms.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["s-json", "s-bin", "s-text"]);
+    let m = &ms[1];
+    let mut keys: Vec<&str> = m.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "age_seconds",
+            "attempts",
+            "dead_lettered_at",
+            "error",
+            "fingerprint",
+            "id",
+            "kind",
+            "original_exchange",
+            "original_routing_key",
+            "position",
+            "replays",
+            "size"
+        ]
+    );
+    let age = m["age_seconds"].as_u64().unwrap();
+    assert!((89..200).contains(&age), "age {age}");
+    let mut rest = m.clone();
+    for k in ["age_seconds", "dead_lettered_at", "fingerprint"] {
+        rest.as_object_mut().unwrap().remove(k);
+    }
+    assert_eq!(
+        rest,
+        json!({
+            "position": 1, "id": "s-bin", "attempts": 4, "replays": 0, "kind": "decode",
+            "error": "bad body", "original_exchange": env.orders,
+            "original_routing_key": "o.created", "size": 4,
+        })
+    );
+    // Reading changed nothing.
+    assert_eq!(
+        peek_ids(&conn, &env.dead(), 3).await,
+        ["s-json", "s-bin", "s-text"]
+    );
 }
