@@ -97,6 +97,8 @@ pub(crate) struct Engine {
     backoff: Box<dyn Iterator<Item = Duration> + Send>,
     connect_after: Option<Instant>,
     last_error: Option<String>,
+    /// The broker's reason while it blocks publishing.
+    blocked: Option<String>,
 }
 
 impl Engine {
@@ -131,6 +133,7 @@ impl Engine {
             backoff,
             connect_after: None,
             last_error: None,
+            blocked: None,
         }
     }
 
@@ -143,7 +146,8 @@ impl Engine {
                 break;
             }
             self.maybe_connect();
-            if self.channel.is_some() {
+            self.note_blocked();
+            if self.channel.is_some() && self.blocked.is_none() {
                 while let Some(job) = self.retry.pop_front() {
                     self.start(job);
                     if self.channel.is_none() {
@@ -185,6 +189,21 @@ impl Engine {
             let _ = tokio::time::timeout(Duration::from_secs(2), ch.close(200, "bye".into())).await;
         }
         debug!("publisher engine stopped");
+    }
+
+    /// Follows the broker's `connection.blocked` state (checked on every
+    /// wake-up, at least every [`TICK`]).
+    fn note_blocked(&mut self) {
+        let now = self.broker.blocked();
+        if now.is_some() != self.blocked.is_some() {
+            match &now {
+                Some(reason) => {
+                    warn!(reason = %reason, "the broker blocks publishing; holding messages back until it unblocks or they time out")
+                }
+                None => info!("the broker unblocked publishing; sending held messages"),
+            }
+        }
+        self.blocked = now;
     }
 
     fn maybe_connect(&mut self) {
@@ -241,6 +260,13 @@ impl Engine {
         if job.order == u64::MAX {
             job.order = self.next_order;
             self.next_order += 1;
+        }
+        if self.blocked.is_some() {
+            // The broker would not read it: hold it back (it keeps its
+            // window slot, so callers feel the back-pressure) until the
+            // broker unblocks or its deadline passes.
+            self.retry.push_back(job);
+            return;
         }
         let ch = match &self.channel {
             Some(ch) if ch.status().connected() => ch.clone(),
@@ -521,11 +547,18 @@ impl Engine {
             self.retry.drain(..).partition(|j| j.deadline <= now);
         self.retry.extend(keep);
         for job in late {
+            let (stage, last_error) = match &self.blocked {
+                Some(reason) => (
+                    Stage::Blocked,
+                    Some(format!("connection.blocked: {reason}")),
+                ),
+                None => (Stage::Reconnect, self.last_error.clone()),
+            };
             let err = PublishError::Timeout {
                 exchange: job.exchange.clone(),
                 waited: job.started.elapsed(),
-                stage: Stage::Reconnect,
-                last_error: self.last_error.clone(),
+                stage,
+                last_error,
             };
             self.finish(job, Err(err));
         }

@@ -13,6 +13,9 @@ pub enum Stage {
     Window,
     /// Waiting for a channel (the connection is down and reconnecting).
     Reconnect,
+    /// Held back, never sent: the broker blocks publishing (a memory or disk
+    /// alarm, `connection.blocked`).
+    Blocked,
     /// Sent, waiting for the broker's confirm. The message may still reach
     /// the queue: at-least-once, so publish it again if in doubt.
     Confirm,
@@ -25,6 +28,9 @@ impl std::fmt::Display for Stage {
                 "waiting for a free slot in the publish window (the broker is slow, blocked or away)"
             }
             Stage::Reconnect => "waiting to reconnect to the broker",
+            Stage::Blocked => {
+                "held back, not sent: the broker blocks publishing (a memory or disk alarm; see `rabbitmqctl status`)"
+            }
             Stage::Confirm => {
                 "waiting for the broker's confirm (the message may or may not have reached a queue)"
             }

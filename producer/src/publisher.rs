@@ -48,9 +48,12 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 ///   [`PublishError::ExchangeNotFound`]; the other messages of the channel the
 ///   broker closed are republished.
 /// - Memory is bounded by the window: a caller waits for a slot up to its
-///   timeout. When the broker blocks publishers (memory or disk alarm), lapin
-///   stops writing, confirms stop, the window fills, and callers get
-///   [`PublishError::Timeout`] with [`Stage::Window`].
+///   timeout. When the broker blocks publishers (`connection.blocked`: a
+///   memory or disk alarm), the publisher holds new messages back instead of
+///   sending them; they keep their slots, the window fills, and callers get
+///   [`PublishError::Timeout`] with [`Stage::Blocked`] (held, never sent) or
+///   [`Stage::Window`] (no slot). Messages sent before the block wait for
+///   their confirm as usual.
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
@@ -281,7 +284,10 @@ impl Publisher {
                         exchange: msg.exchange.clone(),
                         waited: started.elapsed(),
                         stage: Stage::Window,
-                        last_error: None,
+                        last_error: inner
+                            .broker
+                            .blocked()
+                            .map(|reason| format!("connection.blocked: {reason}")),
                     })
                 }
             };

@@ -5,11 +5,14 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use lapin::{Channel, Connection, ConnectionProperties};
+use futures_util::StreamExt;
+use lapin::{Channel, Connection, ConnectionProperties, Event};
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::error::TopologyError;
@@ -296,10 +299,18 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connection, TopologyError>
 /// The one supervised connection of a process. Components ask it for
 /// channels; when the connection has died, the next request reconnects (with
 /// backoff) instead of trusting lapin's automatic recovery.
+///
+/// It also follows the broker's `connection.blocked` notices (a memory or
+/// disk alarm): [`Broker::blocked`] says whether, and why, the broker stops
+/// reading what this connection publishes.
 pub struct Broker {
     opts: ConnectOptions,
     current: Mutex<Option<Connection>>,
     generation: AtomicU64,
+    /// The broker's reason while it blocks this connection.
+    blocked: Arc<std::sync::Mutex<Option<String>>>,
+    /// Follows the current connection's events.
+    watcher: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for Broker {
@@ -312,6 +323,16 @@ impl fmt::Debug for Broker {
     }
 }
 
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.watcher.lock() {
+            if let Some(task) = w.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
 impl Broker {
     /// A broker handle; nothing is connected until first use.
     pub fn new(opts: ConnectOptions) -> Self {
@@ -319,6 +340,62 @@ impl Broker {
             opts,
             current: Mutex::new(None),
             generation: AtomicU64::new(0),
+            blocked: Arc::new(std::sync::Mutex::new(None)),
+            watcher: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `Some(reason)` while the broker blocks publishing on this connection
+    /// (`connection.blocked`: a memory or disk alarm); `None` otherwise.
+    /// Publishes sent while blocked are not read by the broker until it
+    /// unblocks, so publishers should hold them back.
+    pub fn blocked(&self) -> Option<String> {
+        self.blocked.lock().ok().and_then(|b| b.clone())
+    }
+
+    /// Follows `conn`'s blocked / unblocked notices (replacing the watcher of
+    /// an earlier connection).
+    fn watch(&self, conn: &Connection) {
+        let flag = self.blocked.clone();
+        if let Ok(mut b) = flag.lock() {
+            *b = None;
+        }
+        let mut events = conn.events_listener();
+        let (url, component) = (self.opts.url.to_string(), self.opts.component.clone());
+        let task = tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::ConnectionBlocked(reason) => {
+                        warn!(url = %url, component = %component, reason = %reason, "the broker blocks publishing on this connection (a resource alarm); publishes wait until it unblocks");
+                        if let Ok(mut b) = flag.lock() {
+                            *b = Some(reason);
+                        }
+                    }
+                    Event::ConnectionUnblocked => {
+                        info!(url = %url, component = %component, "the broker unblocked publishing");
+                        if let Ok(mut b) = flag.lock() {
+                            *b = None;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        if let Ok(mut w) = self.watcher.lock() {
+            if let Some(old) = w.replace(task) {
+                old.abort();
+            }
+        }
+    }
+
+    fn unwatch(&self) {
+        if let Ok(mut w) = self.watcher.lock() {
+            if let Some(old) = w.take() {
+                old.abort();
+            }
+        }
+        if let Ok(mut b) = self.blocked.lock() {
+            *b = None;
         }
     }
 
@@ -349,7 +426,9 @@ impl Broker {
             if current.take().is_some() {
                 warn!(url = %self.opts.url, component = %self.opts.component, "connection lost; reconnecting");
             }
-            *current = Some(connect(&self.opts).await?);
+            let conn = connect(&self.opts).await?;
+            self.watch(&conn);
+            *current = Some(conn);
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -384,6 +463,7 @@ impl Broker {
     /// reconnects.
     pub async fn invalidate(&self) {
         if let Some(conn) = self.current.lock().await.take() {
+            self.unwatch();
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
                 conn.close(320, "reconnecting".into()),
@@ -404,6 +484,7 @@ impl Broker {
     /// Closes the connection cleanly (code 200).
     pub async fn close(&self) {
         if let Some(conn) = self.current.lock().await.take() {
+            self.unwatch();
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bye".into())).await;
         }
