@@ -15,8 +15,26 @@ pub fn shutdown_token() -> CancellationToken {
     token
 }
 
+/// A token for interactive work that stops cleanly: the first SIGINT
+/// (Ctrl-C) or SIGTERM prints `first` and cancels the token; a second one
+/// exits at once with code 130 (what was in flight is then unknown: at worst
+/// a duplicate, as after a crash).
+pub fn interrupt_token(first: &'static str) -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("{first} (Ctrl-C again to quit at once)");
+        t.cancel();
+        wait_for_signal().await;
+        eprintln!("interrupted twice: quitting now");
+        std::process::exit(130);
+    });
+    token
+}
+
 #[cfg(unix)]
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),

@@ -446,15 +446,7 @@ fn progress_bar() -> ProgressBar {
 }
 
 fn ctrl_c_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("stopping after the current message (Ctrl-C)");
-            t.cancel();
-        }
-    });
-    token
+    crate::signal::interrupt_token("stopping after the current message (Ctrl-C)")
 }
 
 async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
@@ -727,7 +719,7 @@ async fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<ExitCode> {
     {
         let s = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            crate::signal::wait_for_signal().await;
             s.cancel();
         });
     }
@@ -772,19 +764,4 @@ async fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<ExitCode> {
     let _ = tokio::time::timeout(Duration::from_secs(5), poster).await;
     result?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

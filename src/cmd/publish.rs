@@ -21,7 +21,9 @@ use crate::cli::{Global, UsageError};
 ///
 /// Every body must be valid JSON; the bytes are published as given. Nothing
 /// is published when any line is invalid. Exit 1 when any message was not
-/// confirmed (the summary names the lines).
+/// confirmed (the summary names the lines). Ctrl-C stops sending, waits for
+/// the confirms of what was sent, prints the summary (with the first line not
+/// sent) and exits 130; a second Ctrl-C quits at once.
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
     /// The exchange to publish to ("" is the default exchange).
@@ -75,9 +77,23 @@ struct Summary {
     returned: u64,
     nacked: u64,
     failed: u64,
+    /// Never handed to the broker (Ctrl-C came first).
+    not_sent: u64,
+    /// Failed before they were handed to the publisher (in `failed`).
+    #[serde(skip)]
+    refused: u64,
     elapsed_seconds: f64,
     msgs_per_sec: f64,
+    /// Where Ctrl-C stopped the input: this line (of this repeat) and the
+    /// ones after it were not sent.
+    interrupted_at: Option<Position>,
     failures: Vec<Failure>,
+}
+
+#[derive(Debug, Serialize)]
+struct Position {
+    line: usize,
+    repeat: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -120,11 +136,24 @@ pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         i
     });
+    let cancel = crate::signal::interrupt_token(
+        "stopping: nothing more is sent; waiting for the confirms of what was sent",
+    );
     let mut pending = FuturesUnordered::new();
-    for repeat in 0..args.count {
+    'all: for repeat in 0..args.count {
         for line in &lines {
             if let Some(p) = pacer.as_mut() {
-                p.tick().await;
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = p.tick() => {}
+                }
+            }
+            if cancel.is_cancelled() {
+                summary.interrupted_at = Some(Position {
+                    line: line.number,
+                    repeat,
+                });
+                break 'all;
             }
             let msg = Message::bytes(&args.exchange, &args.routing_key, line.body.clone())
                 .properties(properties.clone());
@@ -134,13 +163,18 @@ pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
                     summary.published += 1;
                     pending.push(async move { (number, repeat, p.wait().await) });
                 }
-                Err(e) => record(&mut summary, &bar, number, repeat, Err(e)),
+                Err(e) => {
+                    summary.refused += 1;
+                    record(&mut summary, &bar, number, repeat, Err(e));
+                }
             }
             while let Some(Some((n, r, res))) = pending.next().now_or_never() {
                 record(&mut summary, &bar, n, r, res);
             }
         }
     }
+    // Sent messages are answered (confirmed or failed) before the summary,
+    // also after Ctrl-C: each within its --timeout.
     while let Some((n, r, res)) = pending.next().await {
         record(&mut summary, &bar, n, r, res);
     }
@@ -155,8 +189,11 @@ pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
         0.0
     };
     summary.failures.sort_by_key(|f| (f.line, f.repeat));
+    summary.not_sent = total.saturating_sub(summary.published + summary.refused);
     print_summary(g, &summary, args.count > 1)?;
-    Ok(if summary.confirmed == total {
+    Ok(if summary.interrupted_at.is_some() {
+        ExitCode::from(130)
+    } else if summary.confirmed == total {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -209,6 +246,21 @@ fn print_summary(g: &Global, s: &Summary, repeated: bool) -> anyhow::Result<()> 
         "published {}  confirmed {}  returned {}  nacked {}  failed {}  in {:.3}s  ({} msgs/s)",
         s.published, s.confirmed, s.returned, s.nacked, s.failed, s.elapsed_seconds, s.msgs_per_sec
     );
+    if let Some(at) = &s.interrupted_at {
+        if repeated {
+            println!(
+                "interrupted: {} not sent, from line {} of repeat {} on",
+                s.not_sent,
+                at.line,
+                at.repeat + 1
+            );
+        } else {
+            println!(
+                "interrupted: {} not sent, from line {} on",
+                s.not_sent, at.line
+            );
+        }
+    }
     const SHOWN: usize = 20;
     for f in s.failures.iter().take(SHOWN) {
         if repeated {
