@@ -445,51 +445,66 @@ pub async fn run_e2e(g: &Global, a: E2eBenchArgs) -> anyhow::Result<ExitCode> {
     result.map(|()| ExitCode::SUCCESS)
 }
 
-/// Runs `warren bench retry`: a pre-filled queue where every message fails
-/// once (one short tier) then succeeds, against the happy path.
+/// Runs `warren bench retry`: the happy path end to end (publish while the
+/// group consumes, every handler succeeds), then the same with every message
+/// failing once (one short tier) before it succeeds. Both are timed from the
+/// first publish to the last success, so the ratio is the cost of one retry.
 pub async fn run_retry(g: &Global, a: RetryBenchArgs) -> anyhow::Result<ExitCode> {
     let c = a.common;
     let bench = Bench::new(g, &c, a.tier).await?;
     let exchange = bench.group.exchange.clone();
     let result = async {
-        publish(&bench.conn, &exchange, &c, 0).await?;
+        let pub_conn =
+            warren_topology::connect(&ConnectOptions::new(g.url()?, "bench-publisher")).await?;
+        // The happy path.
         let rec = Recorder::new(c.count);
         let r = rec.clone();
-        let t0 = Instant::now();
         let run = start_warren(g, bench.group.clone(), move |_d: Delivery| {
             r.note(&[]);
             async { Ok(()) }
         })
         .await?;
+        let t0 = Instant::now();
+        publish(&pub_conn, &exchange, &c, 0).await?;
         rec.wait(c.count, patience(&c)).await?;
         let happy = t0.elapsed();
         run.stop().await;
 
-        publish(&bench.conn, &exchange, &c, 0).await?;
+        // Every message fails once, then succeeds.
         let rec = Recorder::new(c.count);
-        let r = rec.clone();
-        let t0 = Instant::now();
+        let failed = Recorder::new(0);
+        let (r, f) = (rec.clone(), failed.clone());
         let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
-            let r = r.clone();
+            let first = d.attempt() == 1;
+            if first {
+                f.note(&[]);
+            } else {
+                r.note(&[]);
+            }
             async move {
-                if d.attempt() == 1 {
+                if first {
                     return Err(HandlerError::retryable("fails once"));
                 }
-                r.note(&[]);
                 Ok(())
             }
         })
         .await?;
+        let t0 = Instant::now();
+        publish(&pub_conn, &exchange, &c, 0).await?;
+        failed.wait(c.count, patience(&c)).await?;
+        let first_pass = t0.elapsed();
         rec.wait(c.count, patience(&c)).await?;
         let retry = t0.elapsed();
         run.stop().await;
+        let _ = pub_conn.close(200, "bye".into()).await;
         let (h, r) = (rate(c.count, happy), rate(c.count, retry));
         println!(
             "{}",
             serde_json::json!({
                 "bench": "retry", "queue_type": c.queue_type.as_str(), "count": c.count,
-                "prefetch": c.prefetch, "tier_ms": a.tier.as_millis() as u64, "size": c.size,
-                "happy_msgs_per_s": h, "retry_msgs_per_s": r,
+                "prefetch": c.prefetch, "window": c.window, "tier_ms": a.tier.as_millis() as u64, "size": c.size,
+                "happy_e2e_msgs_per_s": h, "retry_e2e_msgs_per_s": r,
+                "first_attempts_msgs_per_s": rate(c.count, first_pass),
                 "ratio": ((r / h) * 100.0).round() / 100.0,
             })
         );
