@@ -113,7 +113,7 @@ impl<T: Send + 'static> Confirmed<T> {
         })
     }
 
-    /// Whether the window is full (take a [`Confirmed::next`] first).
+    /// Whether the window is full (take a [`Confirmed::next_batch`] first).
     pub(crate) fn full(&self) -> bool {
         self.pending.len() >= self.window
     }
@@ -123,7 +123,7 @@ impl<T: Send + 'static> Confirmed<T> {
         self.pending.len()
     }
 
-    /// Sends one message; its outcome comes back from [`Confirmed::next`].
+    /// Sends one message; its outcome comes back from [`Confirmed::next_batch`].
     /// An error here means the channel is unusable.
     pub(crate) async fn publish(
         &mut self,
@@ -188,14 +188,9 @@ impl<T: Send + 'static> Confirmed<T> {
         }
     }
 
-    /// The oldest publish's outcome, `None` when nothing is in flight.
-    pub(crate) async fn next(&mut self) -> Option<(T, Result<(), OperatorError>)> {
-        let front = self.pending.front_mut()?;
-        if let Slot::Waiting(w) = &mut front.slot {
-            let r = w.await;
-            front.slot = Slot::Done(Box::new(r));
-        }
-        // Every confirm resolved by now gives up its return (see the type's docs).
+    /// Polls every confirm still waiting and takes the return of every one
+    /// resolved.
+    fn poll_all(&mut self) {
         for f in self.pending.iter_mut() {
             if let Slot::Waiting(w) = &mut f.slot {
                 if let Some(r) = w.now_or_never() {
@@ -203,6 +198,47 @@ impl<T: Send + 'static> Confirmed<T> {
                 }
             }
             Self::harvest(&mut self.returned, &mut f.slot);
+        }
+    }
+
+    /// Waits until the oldest publish's confirm resolved.
+    async fn await_front(&mut self) -> bool {
+        let Some(front) = self.pending.front_mut() else {
+            return false;
+        };
+        if let Slot::Waiting(w) = &mut front.slot {
+            let r = w.await;
+            front.slot = Slot::Done(Box::new(r));
+        }
+        true
+    }
+
+    /// The outcomes of the oldest publishes whose confirms have resolved, in
+    /// publish order (at least one, waiting for the oldest; empty when
+    /// nothing is in flight). The window is scanned twice per batch, not once
+    /// per message.
+    pub(crate) async fn next_batch(&mut self) -> Vec<(T, Result<(), OperatorError>)> {
+        if !self.await_front().await {
+            return Vec::new();
+        }
+        // Those resolved at the first pass can be decided after a second
+        // one: every confirm resolved no later than theirs has given up its
+        // return by then (see the type's docs).
+        self.poll_all();
+        let ready = self
+            .pending
+            .iter()
+            .take_while(|f| matches!(f.slot, Slot::Done(_)))
+            .count();
+        self.poll_all();
+        (0..ready).filter_map(|_| self.decide_front()).collect()
+    }
+
+    /// Decides the oldest publish (its confirm has resolved, and the returns
+    /// it could be matched with were harvested).
+    fn decide_front(&mut self) -> Option<(T, Result<(), OperatorError>)> {
+        if !matches!(self.pending.front()?.slot, Slot::Done(_)) {
+            return None;
         }
         let f = self.pending.pop_front()?;
         let (exchange, routing_key, _, _) = &f.key;
@@ -222,7 +258,7 @@ impl<T: Send + 'static> Confirmed<T> {
             _ => false,
         };
         let Slot::Done(done) = f.slot else {
-            unreachable!("the front was awaited above")
+            unreachable!("checked above")
         };
         let outcome = match *done {
             Err(e) => Err(e),

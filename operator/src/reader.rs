@@ -278,6 +278,19 @@ impl Scan {
         .await
     }
 
+    /// Removes every message up to and including `tag` that is not acked
+    /// yet (one `multiple` ack): only when none of them is to stay.
+    pub(crate) async fn ack_up_to(&self, tag: u64) -> Result<(), OperatorError> {
+        timed(
+            self.opts.rpc_timeout,
+            "acking",
+            &self.queue,
+            self.channel
+                .basic_ack(tag, BasicAckOptions { multiple: true }),
+        )
+        .await
+    }
+
     /// How much of the queue was read so far.
     pub(crate) fn coverage(&self) -> Coverage {
         Coverage {

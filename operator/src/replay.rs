@@ -219,6 +219,13 @@ async fn run(
     let started = Instant::now();
     let replayed = metrics.replayed.with_label_values(&[scan_group(scan)]);
     let limit = selection.limit.unwrap_or(usize::MAX);
+    // The first delivery tag that stays in the queue: every tag before it
+    // is replayed, so confirmed copies below it are acked with one
+    // `multiple` ack (settled in publish order, which is tag order).
+    let mut kept: Option<u64> = None;
+    let keep = |tag: u64, kept: &mut Option<u64>| {
+        *kept = Some(kept.map_or(tag, |k| k.min(tag)));
+    };
     loop {
         if cancel.is_cancelled() {
             report.stopped_early = true;
@@ -232,12 +239,14 @@ async fn run(
         };
         p.scanned += 1;
         if !selection.matches(&d.info, now) {
+            keep(tag, &mut kept);
             progress(p);
             continue;
         }
         report.selected += 1;
         p.selected += 1;
         if opts.dry_run {
+            keep(tag, &mut kept);
             report.ids.push(d.info.id.clone());
             progress(p);
             continue;
@@ -245,6 +254,7 @@ async fn run(
         let (exchange, routing_key) = match destination(&d, opts.target) {
             Ok(t) => t,
             Err(e) => {
+                keep(tag, &mut kept);
                 report.fail(e);
                 progress(p);
                 continue;
@@ -260,6 +270,7 @@ async fn run(
                 }
             };
             if !exists {
+                keep(tag, &mut kept);
                 report.fail(format!(
                     "{}: exchange {exchange:?} does not exist",
                     d.info.id
@@ -277,6 +288,7 @@ async fn run(
             tokio::select! {
                 () = tokio::time::sleep_until(due.into()) => {}
                 () = cancel.cancelled() => {
+                    keep(tag, &mut kept);
                     report.selected -= 1;
                     p.selected -= 1;
                     report.stopped_early = true;
@@ -299,18 +311,19 @@ async fn run(
             .await
         {
             warn!(error = %e, "publishing failed; stopping the replay");
+            keep(tag, &mut kept);
             report.fail(e.to_string());
             report.stopped_early = true;
             break;
         }
         while confirms.full() {
-            settle(confirms, scan, report, &replayed, &mut p).await?;
+            settle(confirms, scan, report, &replayed, &mut p, &mut kept).await?;
         }
         progress(p);
     }
     if let Some(mut confirms) = publisher {
         while confirms.in_flight() > 0 {
-            settle(&mut confirms, scan, report, &replayed, &mut p).await?;
+            settle(&mut confirms, scan, report, &replayed, &mut p, &mut kept).await?;
         }
         progress(p);
         confirms.close().await;
@@ -322,26 +335,48 @@ fn scan_group(scan: &Scan) -> &str {
     scan.queue().strip_suffix(".dead").unwrap_or(scan.queue())
 }
 
-/// Takes the oldest confirm: acks its dead letter when it was confirmed.
+/// Takes the confirms that have resolved, oldest first, and acks their dead
+/// letters: one `multiple` ack for those below the first message that stays
+/// in the queue (`kept`), one ack each for the others. A copy that was not
+/// confirmed leaves its dead letter in the queue.
 async fn settle(
     confirms: &mut Confirmed<(u64, String)>,
     scan: &Scan,
     report: &mut ReplayReport,
     replayed: &prometheus::IntCounter,
     p: &mut Progress,
+    kept: &mut Option<u64>,
 ) -> Result<(), OperatorError> {
-    if let Some(((tag, id), outcome)) = confirms.next().await {
+    let batch = confirms.next_batch().await;
+    let mut up_to = None;
+    let mut alone = Vec::new();
+    let mut done = Vec::with_capacity(batch.len());
+    for ((tag, id), outcome) in batch {
         match outcome {
             Ok(()) => {
-                scan.ack(tag).await?;
-                report.replayed += 1;
-                p.replayed += 1;
-                replayed.inc();
-                report.ids.push(id);
+                if kept.is_none_or(|k| tag < k) {
+                    up_to = Some(tag);
+                } else {
+                    alone.push(tag);
+                }
+                done.push(id);
             }
-            Err(e) => report.fail(format!("{id}: {e}")),
+            Err(e) => {
+                *kept = Some(kept.map_or(tag, |k| k.min(tag)));
+                report.fail(format!("{id}: {e}"));
+            }
         }
     }
+    if let Some(tag) = up_to {
+        scan.ack_up_to(tag).await?;
+    }
+    for tag in alone {
+        scan.ack(tag).await?;
+    }
+    report.replayed += done.len();
+    p.replayed += done.len();
+    replayed.inc_by(done.len() as u64);
+    report.ids.extend(done);
     Ok(())
 }
 

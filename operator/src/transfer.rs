@@ -404,7 +404,7 @@ async fn take(
     report: &mut ImportReport,
     first_error: &mut Option<OperatorError>,
 ) {
-    if let Some((queue, outcome)) = confirms.next().await {
+    for (queue, outcome) in confirms.next_batch().await {
         match outcome {
             Ok(()) => {
                 *report.imported.entry(queue).or_insert(0) += 1;
