@@ -17,10 +17,15 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let quiet = matches!(cli.command, cli::Command::Demo(_));
     cli::init_tracing(&cli.global, quiet);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker thread unless TOKIO_WORKER_THREADS says otherwise: warren's
+    // own work is I/O (handlers run in services and processes of their own),
+    // and on a small machine one thread saves the cross-thread wake-ups that
+    // cost a third of the client's CPU per retried message (BENCHMARKS.md).
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -611,10 +611,15 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
             .collect();
         eprint!("Delete {total} dead letters ({})? [y/N] ", per.join(", "));
         let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        std::io::stdin()
-            .read_line(&mut answer)
-            .context("reading the answer")?;
+        // Off the runtime's thread: Ctrl-C and the broker connection keep
+        // being served while the operator thinks.
+        let answer = tokio::task::spawn_blocking(|| {
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer).map(|_| answer)
+        })
+        .await
+        .context("reading the answer")?
+        .context("reading the answer")?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
             for p in pending {
                 p.abort().await?;
