@@ -317,6 +317,95 @@ async fn bare_loop(
     Ok(())
 }
 
+/// The bare-lapin retry loop: a delivery without the attempt header is
+/// failed once — a copy with the header goes to the retry queue through the
+/// default exchange (persistent, mandatory), and the delivery is acked once
+/// the copy is confirmed, one task per delivery; a delivery with the header
+/// succeeds and is acked. One `basic_ack` per delivery.
+async fn bare_retry_loop(
+    conn: &Connection,
+    queue: &str,
+    retry_queue: &str,
+    prefetch: u16,
+    n: usize,
+    rec: Recorder,
+    failed: Recorder,
+) -> anyhow::Result<()> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let copies = conn.create_channel().await?;
+    copies
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut seen = 0;
+    while seen < n {
+        let Some(d) = consumer.next().await else {
+            anyhow::bail!("bare consumer ended")
+        };
+        let d = d?;
+        let retried = d
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.contains_key("x-bench-attempts"));
+        if retried {
+            rec.note(&[]);
+            ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
+                .await?;
+            seen += 1;
+            continue;
+        }
+        failed.note(&[]);
+        let (ch, copies, rq) = (ch.clone(), copies.clone(), retry_queue.to_owned());
+        tasks.spawn(async move {
+            let mut h = d.properties.headers().clone().unwrap_or_default();
+            h.insert(
+                "x-bench-attempts".into(),
+                lapin::types::AMQPValue::LongInt(1),
+            );
+            let props = d.properties.clone().with_headers(h);
+            let confirm = copies
+                .basic_publish(
+                    "".into(),
+                    rq.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &d.data,
+                    props,
+                )
+                .await?
+                .await?;
+            anyhow::ensure!(
+                confirm.is_ack() && confirm.take_message().is_none(),
+                "copy not confirmed"
+            );
+            ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
+                .await?;
+            anyhow::Ok(())
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let _ = ch.close(200, "bye".into()).await;
+    let _ = copies.close(200, "bye".into()).await;
+    Ok(())
+}
+
 fn rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -449,6 +538,7 @@ pub async fn run_e2e(g: &Global, a: E2eBenchArgs) -> anyhow::Result<ExitCode> {
 /// group consumes, every handler succeeds), then the same with every message
 /// failing once (one short tier) before it succeeds. Both are timed from the
 /// first publish to the last success, so the ratio is the cost of one retry.
+/// Then both again with bare lapin loops on the same queues, for scale.
 pub async fn run_retry(g: &Global, a: RetryBenchArgs) -> anyhow::Result<ExitCode> {
     let c = a.common;
     let bench = Bench::new(g, &c, a.tier).await?;
@@ -490,14 +580,51 @@ pub async fn run_retry(g: &Global, a: RetryBenchArgs) -> anyhow::Result<ExitCode
         })
         .await?;
         let t0 = Instant::now();
+        let cpu0 = super::cpu_seconds();
         publish(&pub_conn, &exchange, &c, 0).await?;
         failed.wait(c.count, patience(&c)).await?;
         let first_pass = t0.elapsed();
         rec.wait(c.count, patience(&c)).await?;
         let retry = t0.elapsed();
+        let retry_cpu = super::cpu_seconds() - cpu0;
         run.stop().await;
+
+        // The same two runs with bare lapin loops, for scale.
+        let queue = bench.group.work_queue();
+        let bare_run = |retry: bool| {
+            let (url, queue, rq) = (g.url(), queue.clone(), bench.group.retry_queue(1));
+            let (p, n) = (c.prefetch, c.count);
+            let rec = Recorder::new(n);
+            let failed = Recorder::new(0);
+            let (r, f) = (rec.clone(), failed.clone());
+            let task = tokio::spawn(async move {
+                let conn = warren_topology::connect(&ConnectOptions::new(url?, "bench-bare")).await?;
+                let out = if retry {
+                    bare_retry_loop(&conn, &queue, &rq, p, n, r, f).await
+                } else {
+                    bare_loop(&conn, &queue, p, n, r).await
+                };
+                let _ = conn.close(200, "bye".into()).await;
+                out
+            });
+            (task, rec)
+        };
+        let mut bare = Vec::new();
+        let mut bare_cpu = 0.0;
+        for retry in [false, true] {
+            let (task, rec) = bare_run(retry);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let t0 = Instant::now();
+            let cpu0 = super::cpu_seconds();
+            publish(&pub_conn, &exchange, &c, 0).await?;
+            rec.wait(c.count, patience(&c)).await?;
+            bare.push(rate(c.count, t0.elapsed()));
+            task.await??;
+            bare_cpu = super::cpu_seconds() - cpu0;
+        }
         let _ = pub_conn.close(200, "bye".into()).await;
         let (h, r) = (rate(c.count, happy), rate(c.count, retry));
+        let round = |x: f64| (x * 100.0).round() / 100.0;
         println!(
             "{}",
             serde_json::json!({
@@ -505,7 +632,12 @@ pub async fn run_retry(g: &Global, a: RetryBenchArgs) -> anyhow::Result<ExitCode
                 "prefetch": c.prefetch, "window": c.window, "tier_ms": a.tier.as_millis() as u64, "size": c.size,
                 "happy_e2e_msgs_per_s": h, "retry_e2e_msgs_per_s": r,
                 "first_attempts_msgs_per_s": rate(c.count, first_pass),
-                "ratio": ((r / h) * 100.0).round() / 100.0,
+                "ratio": round(r / h),
+                "bare_happy_e2e_msgs_per_s": bare[0], "bare_retry_e2e_msgs_per_s": bare[1],
+                "bare_ratio": round(bare[1] / bare[0]),
+                "retry_vs_bare_retry": round(r / bare[1]),
+                "retry_cpu_us_per_msg": (retry_cpu * 1e6 / c.count as f64).round(),
+                "bare_retry_cpu_us_per_msg": (bare_cpu * 1e6 / c.count as f64).round(),
             })
         );
         anyhow::Ok(())
