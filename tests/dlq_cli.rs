@@ -684,10 +684,11 @@ async fn ctrl_c_mid_replay_stops_after_the_current_message_losing_and_duplicatin
         took < Duration::from_secs(3),
         "{took:?} to stop after Ctrl-C"
     );
-    // It ended by itself (a signal death has no code) and calls a partial run a failure.
+    // It ended by itself (a signal death has no code) with the code of an
+    // interrupted run.
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(130),
         "stdout: {stdout}\nstderr: {stderr}"
     );
     assert!(
@@ -750,7 +751,7 @@ async fn ctrl_c_while_a_slow_replay_waits_for_its_rate_stops_at_once_and_sends_n
         took < Duration::from_secs(2),
         "{took:?} to stop after Ctrl-C: it waited for the rate instead"
     );
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(out.status.code(), Some(130), "{stdout}");
     let (line, replayed) = summary(&stdout, &env.group);
     assert_eq!(replayed, 1, "{line}");
     assert!(line.ends_with(", stopped early"), "{line}");

@@ -28,6 +28,11 @@ pub enum DlqCmd {
     /// Everything about one dead letter: properties, headers, body.
     Show(ShowArgs),
     /// Publish selected dead letters again (confirm, then remove).
+    ///
+    /// Ctrl-C stops after the current message and exits 130 with the summary
+    /// of what was replayed; a second Ctrl-C quits at once (at worst a
+    /// duplicate, never a loss). Exit 1 when some selected message was not
+    /// replayed.
     Replay(ReplayArgs),
     /// Delete selected dead letters (asks first unless --yes).
     Purge(PurgeArgs),
@@ -551,7 +556,10 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed {
+    Ok(if cancel.is_cancelled() {
+        // Stopped by Ctrl-C: what was replayed is in the summary above.
+        ExitCode::from(130)
+    } else if failed {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
