@@ -1,7 +1,8 @@
 //! [`ConsumerGroup`]: the runtime. One consuming channel (basic.qos
-//! `prefetch`, per consumer) and a [`Publisher`] for retry and dead-letter
-//! copies, both on the process's supervised [`Broker`] connection; handlers
-//! run concurrently, at most `concurrency` at a time.
+//! `prefetch`, per consumer) on the process's supervised [`Broker`]
+//! connection, and a [`Publisher`] for retry and dead-letter copies on a
+//! connection of its own (a broker that blocks publishers must not block
+//! acks); handlers run concurrently, at most `concurrency` at a time.
 //!
 //! Copies go through `warren-producer`'s Publisher rather than a confirm loop
 //! of their own: with many copies in flight, lapin can hand one copy's
@@ -434,6 +435,12 @@ impl<H: Handler> ConsumerGroup<H> {
     /// The publisher of retry and dead-letter copies: a window as large as
     /// the handlers that can wait on it, `confirm_timeout` per copy, and no
     /// size limit of its own (the broker already accepted the original).
+    ///
+    /// It publishes on a connection of its own (`warren-<component>-copies`):
+    /// during a memory or disk alarm the broker stops reading from every
+    /// connection that publishes, and on the consuming connection one copy
+    /// would stop the acks of every success behind it — while consumers are
+    /// what drains the broker out of its alarm.
     async fn copy_publisher(
         &self,
         broker: &Arc<Broker>,
@@ -443,7 +450,9 @@ impl<H: Handler> ConsumerGroup<H> {
             .window(usize::from(settings.group.concurrency.max(1)))
             .publish_timeout(settings.confirm_timeout)
             .max_message_size(usize::MAX);
-        Publisher::with_metrics(config, broker.clone(), PublisherMetrics::unregistered()?).await
+        let mut opts = broker.options().clone();
+        opts.component = format!("{}-copies", opts.component);
+        Publisher::owning(config, Broker::new(opts), PublisherMetrics::unregistered()?).await
     }
 
     async fn consume(

@@ -117,6 +117,17 @@ impl Publisher {
         Self::start(config, broker, metrics, false).await
     }
 
+    /// Like [`Publisher::with_metrics`] over a [`Broker`] of its own, which
+    /// it connects (lazily, with retries) and closes in
+    /// [`Publisher::close`].
+    pub async fn owning(
+        config: PublisherConfig,
+        broker: Broker,
+        metrics: PublisherMetrics,
+    ) -> Result<Self, PublishError> {
+        Self::start(config, Arc::new(broker), metrics, true).await
+    }
+
     async fn start(
         config: PublisherConfig,
         broker: Arc<Broker>,
