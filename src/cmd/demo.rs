@@ -184,8 +184,15 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
             .context("the demo consumers did not start within 20s")??;
     }
 
-    let publisher =
-        Publisher::with_broker(PublisherConfig::default(), broker.clone(), &registry).await?;
+    // Publishing on a connection of its own: during a resource alarm the
+    // broker stops reading from publishing connections, and the consumers'
+    // acks must keep flowing.
+    let publisher = Publisher::connect(
+        PublisherConfig::default(),
+        ConnectOptions::new(url.clone(), "demo-producer").attempts(2),
+        &registry,
+    )
+    .await?;
     let exchange = topology
         .exchanges
         .first()
