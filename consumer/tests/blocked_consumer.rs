@@ -14,69 +14,11 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
 use warren_consumer::{handler_fn, Delivery, HandlerError};
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs (as root)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Raises the memory alarm; puts the broker's watermark back when dropped.
-struct Alarm {
-    restore: Vec<String>,
-}
-
-impl Alarm {
-    fn raise() -> Alarm {
-        let now = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
-        let restore = match now.strip_prefix("{absolute,") {
-            Some(rest) => vec![
-                "absolute".to_owned(),
-                rest.trim_end_matches('}').trim().to_owned(),
-            ],
-            None => vec![now.clone()],
-        };
-        assert!(
-            restore.last().is_some_and(|v| v != "0" && v != "0.0"),
-            "the watermark is already 0 ({now}); a previous run did not restore it"
-        );
-        let alarm = Alarm { restore };
-        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
-        alarm
-    }
-
-    fn clear(&mut self) {
-        if self.restore.is_empty() {
-            return;
-        }
-        let mut args = vec!["set_vm_memory_high_watermark"];
-        args.extend(self.restore.iter().map(String::as_str));
-        rabbitmqctl(&args);
-        self.restore.clear();
-    }
-}
-
-impl Drop for Alarm {
-    fn drop(&mut self) {
-        if !self.restore.is_empty() {
-            let mut args = vec!["set_vm_memory_high_watermark".to_owned()];
-            args.extend(self.restore.iter().cloned());
-            let _ = Command::new("rabbitmqctl").args(&args).status();
-        }
-    }
-}
+use warren_testkit::Alarm;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_during_a_memory_alarm_does_not_stop_the_acks_of_successes() {

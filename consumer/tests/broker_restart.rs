@@ -12,7 +12,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,54 +19,8 @@ use lapin::BasicProperties;
 use support::*;
 use warren_consumer::{handler_fn, Delivery, HandlerError};
 use warren_producer::{Message, Publisher, PublisherConfig};
+use warren_testkit::Stopped;
 use warren_topology::ConnectOptions;
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs (as root)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Starts the broker's application again when dropped (also on a failed
-/// assertion) and waits until it accepts AMQP connections.
-struct Restart {
-    stopped: bool,
-}
-
-impl Restart {
-    fn stop_app(&mut self) {
-        self.stopped = true;
-        rabbitmqctl(&["stop_app"]);
-    }
-
-    fn start_app(&mut self) {
-        if !std::mem::replace(&mut self.stopped, false) {
-            return;
-        }
-        rabbitmqctl(&["start_app"]);
-        rabbitmqctl(&["await_startup"]);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect("127.0.0.1:5672").is_err() {
-            assert!(Instant::now() < deadline, "the broker did not come back");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Restart {
-    fn drop(&mut self) {
-        if self.stopped {
-            let _ = Command::new("rabbitmqctl").arg("start_app").status();
-            let _ = Command::new("rabbitmqctl").arg("await_startup").status();
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_stream_loses_nothing() {
@@ -146,8 +99,7 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
         ledger.len() >= 200
     })
     .await;
-    let mut restart = Restart { stopped: false };
-    restart.stop_app();
+    let mut restart = Stopped::stop_app();
     let before = ledger.len();
     tokio::time::sleep(Duration::from_secs(3)).await;
     restart.start_app();

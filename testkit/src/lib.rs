@@ -1,0 +1,117 @@
+//! Test-only helpers shared by warren's integration tests: controlling the
+//! local broker through `rabbitmqctl` (as root), with guards that put the
+//! broker back the way they found it even when a test fails.
+//!
+//! Tests that use these disturb every client of the broker: each belongs
+//! alone in its own test binary (cargo runs test binaries one after another).
+
+// A test-only crate: failing loudly is what a test helper is for.
+#![allow(clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Runs `rabbitmqctl args` and returns its trimmed stdout; panics (the test
+/// fails) when it cannot run or fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (as root)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A memory alarm: `set_vm_memory_high_watermark 0` blocks every publishing
+/// connection. The watermark it found is put back by [`Alarm::clear`] or
+/// when the guard is dropped.
+pub struct Alarm {
+    restore: Vec<String>,
+}
+
+impl Alarm {
+    /// Raises the alarm.
+    pub fn raise() -> Alarm {
+        let now = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+        // `0.4`, or `{absolute,1073741824}` when set in bytes.
+        let restore = match now.strip_prefix("{absolute,") {
+            Some(rest) => vec![
+                "absolute".to_owned(),
+                rest.trim_end_matches('}').trim().to_owned(),
+            ],
+            None => vec![now.clone()],
+        };
+        assert!(
+            restore.last().is_some_and(|v| v != "0" && v != "0.0"),
+            "the watermark is already 0 ({now}); a previous run did not restore it"
+        );
+        let alarm = Alarm { restore };
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+        alarm
+    }
+
+    /// Puts the watermark back (the alarm clears).
+    pub fn clear(&mut self) {
+        if self.restore.is_empty() {
+            return;
+        }
+        let mut args = vec!["set_vm_memory_high_watermark"];
+        args.extend(self.restore.iter().map(String::as_str));
+        rabbitmqctl(&args);
+        self.restore.clear();
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        if !self.restore.is_empty() {
+            let mut args = vec!["set_vm_memory_high_watermark".to_owned()];
+            args.extend(self.restore.iter().cloned());
+            let _ = Command::new("rabbitmqctl").args(&args).status();
+        }
+    }
+}
+
+/// The broker application stopped with [`Stopped::stop_app`]; started again
+/// by [`Stopped::start_app`] or when the guard is dropped.
+pub struct Stopped {
+    stopped: bool,
+}
+
+impl Stopped {
+    /// Stops the broker application (every connection is closed; the port
+    /// refuses connections until it starts again).
+    pub fn stop_app() -> Stopped {
+        let guard = Stopped { stopped: true };
+        rabbitmqctl(&["stop_app"]);
+        guard
+    }
+
+    /// Starts it again and waits until it accepts AMQP connections on
+    /// 127.0.0.1:5672.
+    pub fn start_app(&mut self) {
+        if !std::mem::replace(&mut self.stopped, false) {
+            return;
+        }
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect("127.0.0.1:5672").is_err() {
+            assert!(Instant::now() < deadline, "the broker did not come back");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if self.stopped {
+            let _ = Command::new("rabbitmqctl").arg("start_app").status();
+            let _ = Command::new("rabbitmqctl").arg("await_startup").status();
+        }
+    }
+}
