@@ -6,28 +6,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod harness;
+
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use harness::{connect, count, drain, warren, URL};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
-use warren_topology::{headers, lapin, ConnectOptions, Plan, Topology, DEAD_LETTER_EXCHANGE};
-
-fn url() -> String {
-    std::env::var("WARREN_AMQP_URL").unwrap_or_else(|_| warren_topology::DEFAULT_AMQP_URL.into())
-}
-
-async fn connect() -> Connection {
-    warren_topology::connect(&ConnectOptions::new(url().parse().unwrap(), "test"))
-        .await
-        .unwrap()
-}
+use warren_topology::{headers, lapin, Plan, Topology, DEAD_LETTER_EXCHANGE};
 
 /// A one-group topology under a unique prefix; deleted on drop.
 struct Env {
@@ -141,43 +134,6 @@ async fn dead_letters(conn: &Connection, group: &str, tag: &str, n: usize) {
     let _ = ch.close(200, "ok".into()).await;
 }
 
-async fn count(conn: &Connection, queue: &str) -> u32 {
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = ch.close(200, "ok".into()).await;
-    q.message_count()
-}
-
-async fn ids(conn: &Connection, queue: &str) -> Vec<String> {
-    let ch = conn.create_channel().await.unwrap();
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        out.push(
-            m.delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default(),
-        );
-    }
-    out
-}
-
 async fn wait_for(within: Duration, mut cond: impl AsyncFnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
@@ -187,12 +143,6 @@ async fn wait_for(within: Duration, mut cond: impl AsyncFnMut() -> bool) -> bool
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
-}
-
-fn warren() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_warren"));
-    c.env("WARREN_AMQP_URL", url()).env_remove("RUST_LOG");
-    c
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -521,6 +471,15 @@ async fn take_ids(conn: &Connection, queue: &str, n: usize) -> Vec<String> {
     ids(conn, queue).await
 }
 
+/// Takes every message of `queue` and returns the ids, head first.
+async fn ids(conn: &Connection, queue: &str) -> Vec<String> {
+    drain(conn, queue)
+        .await
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect()
+}
+
 fn names(tag: &str, is: impl IntoIterator<Item = usize>) -> Vec<String> {
     is.into_iter().map(|i| format!("{tag}-{i}")).collect()
 }
@@ -576,7 +535,7 @@ fn on_a_terminal(args: &[&str], prompt: &str, answer: &str) -> (String, Option<i
         .join(" ");
     let mut child = Command::new("script")
         .args(["-qec", &line, "/dev/null"])
-        .env("WARREN_AMQP_URL", url())
+        .env("WARREN_AMQP_URL", URL)
         .env_remove("RUST_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
