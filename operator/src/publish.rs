@@ -221,16 +221,20 @@ impl<T: Send + 'static> Confirmed<T> {
         if !self.await_front().await {
             return Vec::new();
         }
-        // Those resolved at the first pass can be decided after a second
-        // one: every confirm resolved no later than theirs has given up its
-        // return by then (see the type's docs).
+        // The oldest resolved before the first pass, so that pass harvests
+        // every return that can be its own. Those seen resolved during it
+        // can be decided after a second pass: every confirm resolved no
+        // later than theirs has given up its return by then (see the type's
+        // docs). When only the oldest is ready, one pass is enough.
         self.poll_all();
         let ready = self
             .pending
             .iter()
             .take_while(|f| matches!(f.slot, Slot::Done(_)))
             .count();
-        self.poll_all();
+        if ready > 1 {
+            self.poll_all();
+        }
         (0..ready).filter_map(|_| self.decide_front()).collect()
     }
 
