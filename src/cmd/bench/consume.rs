@@ -94,6 +94,7 @@ pub struct RetryBenchArgs {
 /// A benchmark topology with a unique prefix, deleted at the end.
 struct Bench {
     conn: Connection,
+    options: ConnectOptions,
     group: Group,
     plan: Plan,
 }
@@ -118,18 +119,40 @@ impl Bench {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_prefix(&prefix);
         let plan = Plan::new(&topology);
-        let conn = warren_topology::connect(&ConnectOptions::new(g.url()?, "bench")).await?;
-        warren_topology::apply(&conn, &plan).await?;
+        let options = ConnectOptions::new(g.url()?, "bench");
+        let conn = warren_topology::connect(&options).await?;
         let group = topology
             .groups
             .first()
             .cloned()
             .context("bench topology has a group")?;
-        Ok(Bench { conn, group, plan })
+        let bench = Bench {
+            conn,
+            options,
+            group,
+            plan,
+        };
+        if let Err(e) = warren_topology::apply(&bench.conn, &bench.plan).await {
+            // Delete whatever was declared before the failure.
+            bench.cleanup().await;
+            return Err(e.into());
+        }
+        Ok(bench)
     }
 
     async fn cleanup(self) {
-        if let Ok(ch) = self.conn.create_channel().await {
+        // A hard error during setup closes the connection: use a new one.
+        let ch = match self.conn.create_channel().await {
+            Ok(ch) => Ok(ch),
+            Err(_) => match warren_topology::connect(&self.options).await {
+                Ok(conn) => conn.create_channel().await,
+                Err(e) => {
+                    eprintln!("warning: cannot delete the benchmark's queues: {e}");
+                    return;
+                }
+            },
+        };
+        if let Ok(ch) = ch {
             for q in &self.plan.queues {
                 let _ = ch
                     .queue_delete(q.name.as_str().into(), QueueDeleteOptions::default())
