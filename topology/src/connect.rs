@@ -206,17 +206,32 @@ struct AttemptError {
     retry: bool,
 }
 
+/// The largest frame warren asks for unless the URL sets `frame_max`.
+///
+/// lapin keeps a send and a receive buffer of 32 frames per connection, so
+/// the broker's default of 128 KiB costs 8 MiB of memory per connection;
+/// 16 KiB costs 1 MiB. Bodies larger than a frame are split into several
+/// frames, as they always are above the limit.
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
 async fn connect_once(opts: &ConnectOptions) -> Result<Connection, AttemptError> {
     let props = ConnectionProperties::default()
         .with_connection_name(opts.connection_name().into())
         .with_client_property("product".into(), "warren".into())
         .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
-    match tokio::time::timeout(
-        opts.connect_timeout,
-        Connection::connect(opts.url.expose(), props),
-    )
-    .await
-    {
+    let mut uri = match lapin::uri::AMQPUri::from_str(opts.url.expose()) {
+        Ok(uri) => uri,
+        Err(_) => {
+            return Err(AttemptError {
+                reason: format!("{} is not a valid AMQP URI", opts.url),
+                retry: false,
+            })
+        }
+    };
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = Some(DEFAULT_FRAME_MAX);
+    }
+    match tokio::time::timeout(opts.connect_timeout, Connection::connect_uri(uri, props)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(classify(&e, &opts.url)),
         Err(_) => Err(AttemptError {

@@ -28,7 +28,9 @@ pub use config::{
     BROKER_CONSUMER_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH,
     DEFAULT_RETRY, MAX_NAME_BYTES, MAX_TIERS,
 };
-pub use connect::{connect, redact, AmqpUrl, Broker, ConnectOptions, DEFAULT_AMQP_URL};
+pub use connect::{
+    connect, redact, AmqpUrl, Broker, ConnectOptions, DEFAULT_AMQP_URL, DEFAULT_FRAME_MAX,
+};
 pub use declare::{
     apply, explain_precondition, verify, Action, Applied, Check, ObjectState, Report,
 };

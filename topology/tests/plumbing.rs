@@ -160,3 +160,25 @@ async fn quorum_plumbing() {
 async fn classic_plumbing() {
     tier_returns_to_own_group_then_reject_dead_letters("classic").await;
 }
+
+/// warren asks for 16 KiB frames (lapin keeps 32 frames per direction per
+/// connection, so the broker's 128 KiB would cost 8 MiB per connection), and
+/// a `frame_max` in the URL wins.
+#[tokio::test]
+async fn connections_ask_for_small_frames_unless_the_url_sets_them() {
+    let conn = connect().await;
+    assert_eq!(
+        conn.configuration().frame_max(),
+        warren_topology::DEFAULT_FRAME_MAX
+    );
+    let _ = conn.close(200, "bye".into()).await;
+
+    let raw = url().expose().to_owned();
+    let sep = if raw.contains('?') { '&' } else { '?' };
+    let own: warren_topology::AmqpUrl = format!("{raw}{sep}frame_max=65536").parse().unwrap();
+    let conn = warren_topology::connect(&warren_topology::ConnectOptions::new(own, "test"))
+        .await
+        .unwrap();
+    assert_eq!(conn.configuration().frame_max(), 65536);
+    let _ = conn.close(200, "bye".into()).await;
+}
