@@ -314,6 +314,68 @@ async fn panics_and_timeouts_are_retried_and_the_consumer_keeps_going() {
     assert_eq!(ledger.count("slow"), 2);
 }
 
+/// A slow handler at the front of the ack window holds back the `multiple`
+/// ack, but not the group: the finished deliveries behind it are acked one
+/// by one before they fill the prefetch window (16 here), so the broker
+/// keeps delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_does_not_hold_up_the_deliveries_behind_it() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (l, r) = (l.clone(), r.clone());
+            async move {
+                if d.message_id() == Some("slow") {
+                    r.notified().await;
+                }
+                l.note(&d);
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b.handler_timeout(Duration::from_secs(60)),
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"s", props("slow"))
+        .await;
+    for i in 0..40 {
+        f.publish(
+            &f.exchange(),
+            "order.created",
+            b"f",
+            props(&format!("fast-{i}")),
+        )
+        .await;
+    }
+    // 40 finished deliveries behind one unfinished: more than twice the
+    // prefetch window, so some must have been acked around the slow one.
+    wait_for(
+        Duration::from_secs(10),
+        "the fast ones, past the slow one",
+        || ledger.len() == 40,
+    )
+    .await;
+    assert_eq!(ledger.count("slow"), 0, "still running");
+    release.notify_one();
+    wait_for(Duration::from_secs(5), "the slow one", || {
+        ledger.count("slow") == 1
+    })
+    .await;
+    assert_eq!(ledger.of("slow")[0].attempt, 1, "not timed out");
+    run.stop().await;
+    assert_eq!(f.count(&g.work_queue()).await, 0, "every delivery acked");
+    assert_eq!(ledger.len(), 41, "each handled once");
+    for i in 0..40 {
+        assert_eq!(ledger.count(&format!("fast-{i}")), 1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_groups_on_one_exchange_retry_only_where_it_failed() {
     let toml = "[[exchange]]\nname = 'orders'\nkind = 'topic'\n\
