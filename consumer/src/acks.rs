@@ -5,6 +5,10 @@
 //! `multiple=true` ack (or nack). When a slow handler holds the front while
 //! many later deliveries are done, those are acked one by one so that the
 //! prefetch window does not fill up with finished work.
+//!
+//! When to flush is the consume loop's choice: once a quarter of the prefetch
+//! window (at most 64) is settled, or a millisecond after the first settled
+//! delivery, and before shutting down.
 
 use std::collections::VecDeque;
 
@@ -63,6 +67,11 @@ impl AckWindow {
             .iter()
             .filter(|(_, s)| *s != Slot::Sent)
             .count()
+    }
+
+    /// Deliveries settled but not yet told to the broker.
+    pub fn settled(&self) -> usize {
+        self.done_behind
     }
 
     /// A delivery is settled. Unknown tags are ignored (returns false).

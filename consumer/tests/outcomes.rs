@@ -47,6 +47,13 @@ async fn success_is_acked_once() {
     f.publish(&f.exchange(), "order.created", b"{\"n\":1}", props("ok-1"))
         .await;
     wait_for(Duration::from_secs(5), "handled", || ledger.len() == 1).await;
+    // Acks are batched, but a lone delivery is acked within a moment, not
+    // only when another comes or the group stops.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unacked(&g.work_queue()) != 0 {
+        assert!(Instant::now() < deadline, "the delivery was not acked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let seen = ledger.of("ok-1");
     assert_eq!(seen[0].attempt, 1);
     assert!(!seen[0].redelivered);
@@ -609,6 +616,26 @@ async fn shutdown_requeues_what_does_not_finish_in_the_grace_period() {
     assert!(back.iter().all(|m| m.delivery.redelivered));
     assert_eq!(f.count(&g.work_queue()).await, 0);
     assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// Deliveries of a queue not yet acked, as the broker counts them.
+fn unacked(queue: &str) -> u64 {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .expect("the queue is listed")
 }
 
 fn connection_pids(name: &str) -> Vec<String> {
