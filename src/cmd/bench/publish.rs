@@ -1,6 +1,12 @@
 //! `warren bench publish`: warren's Publisher against a bare lapin loop with
 //! the same window, queue type, message size and persistence, in the same
 //! run; one JSON line per run.
+//!
+//! The bare loop runs twice per run: once with the properties warren's
+//! Publisher adds to every message (`message_id`, `timestamp`,
+//! `content_type`), which is the `ratio` — the client's own cost — and once
+//! with persistent mode only (`ratio_to_plain`), which adds what the broker
+//! pays for storing those properties.
 
 use std::collections::VecDeque;
 use std::process::ExitCode;
@@ -93,24 +99,37 @@ pub async fn run(g: &Global, a: PublishBenchArgs) -> anyhow::Result<ExitCode> {
         // A short warm-up of each side, not measured.
         let warm = (a.messages / 20).clamp(1, 2_000);
         warren_side(&publisher, &queue, &body, warm).await?;
-        lapin_side(&ch, &queue, &body, warm, window).await?;
+        lapin_side(&ch, &queue, &body, warm, window, Props::Warren).await?;
+        lapin_side(&ch, &queue, &body, warm, window, Props::Plain).await?;
         purge(&ch, &queue).await?;
         let mut ratios = Vec::new();
+        let mut plain_ratios = Vec::new();
         for run in 0..a.runs.max(1) {
-            // Alternate which side goes first, so neither always meets a
-            // queue the other just filled.
-            let (w, l) = if run % 2 == 0 {
-                let w = warren_side(&publisher, &queue, &body, a.messages).await?;
+            // Rotate which side goes first, so none always meets a queue
+            // another just filled.
+            let (mut w, mut l, mut p) = (None, None, None);
+            for side in 0..3 {
+                match (run + side) % 3 {
+                    0 => w = Some(warren_side(&publisher, &queue, &body, a.messages).await?),
+                    1 => {
+                        l = Some(
+                            lapin_side(&ch, &queue, &body, a.messages, window, Props::Warren)
+                                .await?,
+                        )
+                    }
+                    _ => {
+                        p = Some(
+                            lapin_side(&ch, &queue, &body, a.messages, window, Props::Plain)
+                                .await?,
+                        )
+                    }
+                }
                 purge(&ch, &queue).await?;
-                let l = lapin_side(&ch, &queue, &body, a.messages, window).await?;
-                (w, l)
-            } else {
-                let l = lapin_side(&ch, &queue, &body, a.messages, window).await?;
-                purge(&ch, &queue).await?;
-                let w = warren_side(&publisher, &queue, &body, a.messages).await?;
-                (w, l)
+            }
+            let (Some(w), Some(l), Some(p)) = (w, l, p) else {
+                unreachable!("each side ran once")
             };
-            purge(&ch, &queue).await?;
+            let r3 = |r: f64| (r * 1000.0).round() / 1000.0;
             println!(
                 "{}",
                 serde_json::json!({
@@ -123,24 +142,23 @@ pub async fn run(g: &Global, a: PublishBenchArgs) -> anyhow::Result<ExitCode> {
                     "persistent": true,
                     "warren_msgs_per_sec": w.rate.round(),
                     "lapin_msgs_per_sec": l.rate.round(),
-                    "ratio": (w.rate / l.rate * 1000.0).round() / 1000.0,
+                    "ratio": r3(w.rate / l.rate),
+                    "lapin_plain_msgs_per_sec": p.rate.round(),
+                    "ratio_to_plain": r3(w.rate / p.rate),
                     "warren_cpu_us_per_msg": w.cpu_us_per_msg,
                     "lapin_cpu_us_per_msg": l.cpu_us_per_msg,
+                    "lapin_plain_cpu_us_per_msg": p.cpu_us_per_msg,
                 })
             );
             ratios.push(w.rate / l.rate);
+            plain_ratios.push(w.rate / p.rate);
         }
         if ratios.len() > 1 {
             // Runs on a shared 2-core machine vary by ±10%: the median is the
             // figure to compare with the target.
-            ratios.sort_by(f64::total_cmp);
             let round = |r: f64| (r * 1000.0).round() / 1000.0;
-            let mid = ratios.len() / 2;
-            let median = if ratios.len().is_multiple_of(2) {
-                (ratios[mid - 1] + ratios[mid]) / 2.0
-            } else {
-                ratios[mid]
-            };
+            let (median, min, max) = spread(&mut ratios);
+            let (plain_median, _, _) = spread(&mut plain_ratios);
             println!(
                 "{}",
                 serde_json::json!({
@@ -150,8 +168,9 @@ pub async fn run(g: &Global, a: PublishBenchArgs) -> anyhow::Result<ExitCode> {
                     "queue_type": kind,
                     "window": window,
                     "median_ratio": round(median),
-                    "min_ratio": round(ratios[0]),
-                    "max_ratio": round(ratios[ratios.len() - 1]),
+                    "min_ratio": round(min),
+                    "max_ratio": round(max),
+                    "median_ratio_to_plain": round(plain_median),
                 })
             );
         }
@@ -166,6 +185,18 @@ pub async fn run(g: &Global, a: PublishBenchArgs) -> anyhow::Result<ExitCode> {
     let _ = conn.close(200, "bye".into()).await;
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Median, min and max.
+fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    };
+    (median, v[0], v[v.len() - 1])
 }
 
 async fn purge(ch: &Channel, queue: &str) -> anyhow::Result<()> {
@@ -204,6 +235,18 @@ impl Side {
     }
 }
 
+/// The properties the bare loop sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Props {
+    /// What warren's Publisher sends for the same message: a UUID
+    /// `message_id`, a `timestamp`, a `content_type` and persistent mode.
+    /// The broker stores and routes more per message, so this is the
+    /// baseline for the client's own cost.
+    Warren,
+    /// Persistent mode only: the smallest message a bare loop can send.
+    Plain,
+}
+
 /// The baseline: one channel in confirm mode, `basic_publish` in a loop
 /// keeping `window` confirms outstanding, persistent and mandatory like
 /// warren's. Msgs/s.
@@ -213,6 +256,7 @@ async fn lapin_side(
     body: &[u8],
     n: usize,
     window: usize,
+    kind: Props,
 ) -> anyhow::Result<Side> {
     let ch = ch.clone();
     // A fresh channel per side would cost the same each run; confirm mode
@@ -237,7 +281,14 @@ async fn lapin_side(
                     immediate: false,
                 },
                 body,
-                props.clone(),
+                match kind {
+                    Props::Plain => props.clone(),
+                    Props::Warren => props
+                        .clone()
+                        .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into())
+                        .with_timestamp(now_secs())
+                        .with_content_type(warren_producer::BYTES_CONTENT_TYPE.into()),
+                },
             )
             .await?;
         in_flight.push_back(confirm);
@@ -246,6 +297,13 @@ async fn lapin_side(
         check(c).await?;
     }
     Ok(Side::new(n, started.elapsed().as_secs_f64(), cpu))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 async fn check(c: lapin::PublisherConfirm) -> anyhow::Result<()> {
