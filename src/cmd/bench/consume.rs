@@ -14,11 +14,11 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use tokio_util::sync::CancellationToken;
 use warren_consumer::{handler_fn, ConsumerGroup, Delivery, HandlerError};
-use warren_topology::{Broker, ConnectOptions, Group, Plan, Topology};
+use warren_topology::{headers, Broker, ConnectOptions, Group, Plan, Topology};
 
 use crate::cli::Global;
 
@@ -341,10 +341,11 @@ async fn bare_loop(
 }
 
 /// The bare-lapin retry loop: a delivery without the attempt header is
-/// failed once — a copy with the header goes to the retry queue through the
-/// default exchange (persistent, mandatory), and the delivery is acked once
-/// the copy is confirmed, one task per delivery; a delivery with the header
-/// succeeds and is acked. One `basic_ack` per delivery.
+/// failed once — a copy goes to the retry queue through the default exchange
+/// (persistent, mandatory) with the failure headers warren's copies carry
+/// (same names and types), and the delivery is acked once the copy is
+/// confirmed, one task per delivery; a delivery with the header succeeds and
+/// is acked. One `basic_ack` per delivery.
 async fn bare_retry_loop(
     conn: &Connection,
     queue: &str,
@@ -379,7 +380,7 @@ async fn bare_retry_loop(
             .properties
             .headers()
             .as_ref()
-            .is_some_and(|h| h.contains_key("x-bench-attempts"));
+            .is_some_and(|h| h.contains_key(headers::ATTEMPTS));
         if retried {
             rec.note(&[]);
             ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
@@ -389,12 +390,21 @@ async fn bare_retry_loop(
         }
         failed.note(&[]);
         let (ch, copies, rq) = (ch.clone(), copies.clone(), retry_queue.to_owned());
+        let group = queue.to_owned();
         tasks.spawn(async move {
             let mut h = d.properties.headers().clone().unwrap_or_default();
+            let text = |v: &str| AMQPValue::LongString(v.into());
+            let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+            h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(1));
+            h.insert(headers::ERROR.into(), text("fails once"));
+            h.insert(headers::ERROR_KIND.into(), text("retryable"));
+            h.insert(headers::GROUP.into(), text(&group));
+            h.insert(headers::ORIGINAL_EXCHANGE.into(), text(d.exchange.as_str()));
             h.insert(
-                "x-bench-attempts".into(),
-                lapin::types::AMQPValue::LongInt(1),
+                headers::ORIGINAL_ROUTING_KEY.into(),
+                text(d.routing_key.as_str()),
             );
+            h.insert(headers::FIRST_FAILED_AT.into(), text(&now));
             let props = d.properties.clone().with_headers(h);
             let confirm = copies
                 .basic_publish(
