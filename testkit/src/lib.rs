@@ -1,12 +1,22 @@
-//! Test-only helpers shared by warren's integration tests: controlling the
-//! local broker through `rabbitmqctl` (as root), with guards that put the
-//! broker back the way they found it even when a test fails.
+//! Test-only helpers shared by warren's integration tests.
 //!
+//! Generic broker helpers ([`amqp`], re-exported here): unique names, the
+//! broker URL, a connection, a guard that deletes what a test declared,
+//! counting, publishing, draining and polling.
+//!
+//! Controlling the local broker through `rabbitmqctl` (as root), with guards
+//! that put the broker back the way they found it even when a test fails.
 //! Tests that use these disturb every client of the broker: each belongs
 //! alone in its own test binary (cargo runs test binaries one after another).
 
 // A test-only crate: failing loudly is what a test helper is for.
 #![allow(clippy::expect_used, clippy::panic)]
+
+pub mod amqp;
+
+pub use amqp::{
+    connect, count, drain, publish, unique, unique_prefix, url, wait_for, wait_until, Cleanup,
+};
 
 use std::process::Command;
 use std::time::{Duration, Instant};
