@@ -2,44 +2,20 @@
 //! deletes what a test declared, publishing dead letters the way the
 //! consumer (or the broker) would, and reading queues with plain lapin.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, BasicRejectOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use warren_topology::{headers, AmqpUrl, ConnectOptions, Plan, Topology, DEAD_LETTER_EXCHANGE};
+use warren_topology::{headers, Plan, Topology, DEAD_LETTER_EXCHANGE};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+pub use warren_testkit::{connect, count, drain, publish, url, Cleanup as Guard};
 
+/// A prefix no other test (or run) uses: `op<pid>-<n>-<nanos>.`.
 pub fn unique_prefix() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "op{}-{}-{nanos}.",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-pub fn url() -> AmqpUrl {
-    std::env::var("WARREN_AMQP_URL")
-        .unwrap_or_else(|_| warren_topology::DEFAULT_AMQP_URL.to_owned())
-        .parse()
-        .unwrap()
-}
-
-pub async fn connect() -> lapin::Connection {
-    warren_topology::connect(&ConnectOptions::new(url(), "test").attempts(3))
-        .await
-        .unwrap()
+    warren_testkit::unique_prefix("op")
 }
 
 pub const FILE: &str = r#"
@@ -62,46 +38,6 @@ queue_type = "classic"
 retry = ["1s"]
 "#;
 
-/// Deletes every queue and exchange of a plan (never `warren.dlx`).
-pub struct Guard {
-    queues: Vec<String>,
-    exchanges: Vec<String>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let queues = std::mem::take(&mut self.queues);
-        let exchanges = std::mem::take(&mut self.exchanges);
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let conn = connect().await;
-                for q in queues {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                for e in exchanges {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                            .await;
-                    }
-                }
-                let _ = conn.close(200, "cleanup".into()).await;
-            });
-        })
-        .join();
-    }
-}
-
 pub struct Env {
     pub prefix: String,
     pub topology: Topology,
@@ -118,15 +54,7 @@ pub async fn setup() -> Env {
         .unwrap()
         .with_prefix(&prefix);
     let plan = Plan::new(&topology);
-    let guard = Guard {
-        queues: plan.queues.iter().map(|q| q.name.clone()).collect(),
-        exchanges: plan
-            .exchanges
-            .iter()
-            .map(|e| e.name.clone())
-            .filter(|n| n != DEAD_LETTER_EXCHANGE)
-            .collect(),
-    };
+    let guard = Guard::new(&plan);
     let conn = connect().await;
     warren_topology::apply(&conn, &plan).await.unwrap();
     Env {
@@ -182,40 +110,6 @@ pub fn props(id: &str, h: FieldTable) -> BasicProperties {
         .with_headers(h)
 }
 
-/// Publishes to `exchange`/`key` and waits for the confirm.
-pub async fn publish(
-    conn: &lapin::Connection,
-    exchange: &str,
-    key: &str,
-    body: &[u8],
-    p: BasicProperties,
-) {
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let c = ch
-        .basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body,
-            p,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(
-        c.is_ack() && c.take_message().is_none(),
-        "publish to {exchange}/{key} not routed"
-    );
-    let _ = ch.close(200, "ok".into()).await;
-}
-
 /// A dead letter as the consumer would send it.
 pub async fn dead_letter(
     conn: &lapin::Connection,
@@ -259,21 +153,6 @@ pub async fn broker_dead_letter(conn: &lapin::Connection, group: &str, id: &str,
     let _ = ch.close(200, "ok".into()).await;
 }
 
-/// Every message of a queue, taken for good (acked), head first.
-pub async fn drain(conn: &lapin::Connection, queue: &str) -> Vec<(Vec<u8>, BasicProperties)> {
-    let ch = conn.create_channel().await.unwrap();
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        out.push((m.delivery.data, m.delivery.properties));
-    }
-    let _ = ch.close(200, "ok".into()).await;
-    out
-}
-
 /// Every message of a queue, read without taking it (held unacked, then the
 /// channel is closed so the broker puts them back).
 pub async fn peek_all(conn: &lapin::Connection, queue: &str) -> Vec<(Vec<u8>, BasicProperties)> {
@@ -288,24 +167,6 @@ pub async fn peek_all(conn: &lapin::Connection, queue: &str) -> Vec<(Vec<u8>, Ba
     }
     ch.close(200, "ok".into()).await.unwrap();
     out
-}
-
-/// Messages ready in a queue (passive declare).
-pub async fn count(conn: &lapin::Connection, queue: &str) -> u32 {
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = ch.close(200, "ok".into()).await;
-    q.message_count()
 }
 
 /// Waits until `queue` holds `n` ready messages (unacked ones come back
