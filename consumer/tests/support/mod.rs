@@ -2,57 +2,33 @@
 //! deletes what a test declared, bare-lapin publishing and reading, and
 //! waiting on conditions with a deadline.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use warren_consumer::{ConsumerGroup, Handler, Metrics};
-use warren_topology::{AmqpUrl, Broker, ConnectOptions, Group, Plan, Topology};
+use warren_testkit::Cleanup;
+use warren_topology::{Broker, ConnectOptions, Group, Plan, Topology};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+pub use warren_testkit::{connect, url, wait_for};
 
 /// A prefix no other test (or run) uses: `tc<pid>-<n>-<nanos>.`.
 pub fn unique_prefix() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "tc{}-{}-{nanos}.",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-pub fn url() -> AmqpUrl {
-    std::env::var("WARREN_AMQP_URL")
-        .unwrap_or_else(|_| warren_topology::DEFAULT_AMQP_URL.to_owned())
-        .parse()
-        .unwrap()
-}
-
-pub async fn connect() -> Connection {
-    warren_topology::connect(&ConnectOptions::new(url(), "test").attempts(3))
-        .await
-        .unwrap()
+    warren_testkit::unique_prefix("tc")
 }
 
 /// A declared topology, deleted when dropped (never `warren.dlx`).
 pub struct Fixture {
+    // First, so it deletes while the connection below is still open.
+    _cleanup: Cleanup,
     pub topology: Topology,
     pub conn: Connection,
     pub ch: Channel,
-    queues: Vec<String>,
-    exchanges: Vec<String>,
 }
 
 impl Fixture {
@@ -73,13 +49,7 @@ impl Fixture {
             .await
             .unwrap();
         Fixture {
-            queues: plan.queues.iter().map(|q| q.name.clone()).collect(),
-            exchanges: plan
-                .exchanges
-                .iter()
-                .map(|e| e.name.clone())
-                .filter(|n| n != warren_topology::DEAD_LETTER_EXCHANGE)
-                .collect(),
+            _cleanup: Cleanup::new(&plan),
             topology,
             conn,
             ch,
@@ -120,18 +90,7 @@ impl Fixture {
 
     /// Messages ready in a queue.
     pub async fn count(&self, queue: &str) -> u32 {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
+        warren_testkit::count(&self.conn, queue).await
     }
 
     /// Takes (and acks) `n` messages from a queue, waiting up to `within`.
@@ -168,47 +127,6 @@ impl Fixture {
             }
         }
         out
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let queues = std::mem::take(&mut self.queues);
-        let exchanges = std::mem::take(&mut self.exchanges);
-        // Drop cannot await: clean up on a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(conn) = warren_topology::connect(
-                    &ConnectOptions::new(url(), "test-cleanup").attempts(2),
-                )
-                .await
-                else {
-                    return;
-                };
-                for q in queues {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                for e in exchanges {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                            .await;
-                    }
-                }
-                let _ = conn.close(200, "bye".into()).await;
-            });
-        })
-        .join();
     }
 }
 
@@ -252,18 +170,6 @@ pub fn header_int(m: &lapin::message::BasicGetMessage, name: &str) -> Option<i64
         AMQPValue::LongLongInt(i) => Some(*i),
         AMQPValue::LongInt(i) => Some(i64::from(*i)),
         _ => None,
-    }
-}
-
-/// Waits until `cond` holds, failing with `what` after `within`.
-pub async fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
