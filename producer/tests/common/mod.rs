@@ -2,12 +2,11 @@
 //! that deletes what it declared, metric readers, a pausable TCP proxy.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use warren_testkit::Cleanup;
 use warren_topology::lapin::options::{
-    BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use warren_topology::lapin::types::FieldTable;
 use warren_topology::lapin::{BasicProperties, Channel, Connection, ExchangeKind};
@@ -15,19 +14,9 @@ use warren_topology::{AmqpUrl, ConnectOptions};
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A name no other test (or run) uses.
+/// A name no other test (or run) uses: `t-prod-<what>-<pid>-<n>-<nanos>`.
 pub fn unique(what: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "t-prod-{what}-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    warren_testkit::unique(&format!("t-prod-{what}-"))
 }
 
 pub fn opts(component: &str) -> ConnectOptions {
@@ -36,10 +25,10 @@ pub fn opts(component: &str) -> ConnectOptions {
 
 /// Exchanges and queues a test declared; deleted on drop, failure or not.
 pub struct Fixture {
+    // First, so it deletes while the connection below is still open.
+    cleanup: Cleanup,
     pub conn: Connection,
     pub ch: Channel,
-    exchanges: Vec<String>,
-    queues: Vec<String>,
 }
 
 impl Fixture {
@@ -49,10 +38,9 @@ impl Fixture {
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
         Fixture {
+            cleanup: Cleanup::empty().at(URL.parse().unwrap()),
             conn,
             ch,
-            exchanges: vec![],
-            queues: vec![],
         }
     }
 
@@ -69,7 +57,7 @@ impl Fixture {
             )
             .await
             .unwrap();
-        self.exchanges.push(name.to_owned());
+        self.cleanup.add_exchange(name);
     }
 
     pub async fn queue(&mut self, name: &str, exchange: &str, key: &str, args: FieldTable) {
@@ -84,7 +72,7 @@ impl Fixture {
             )
             .await
             .unwrap();
-        self.queues.push(name.to_owned());
+        self.cleanup.add_queue(name);
         self.ch
             .queue_bind(
                 name.into(),
@@ -97,19 +85,9 @@ impl Fixture {
             .unwrap();
     }
 
+    /// Messages ready in a queue (passive declare).
     pub async fn count(&self, queue: &str) -> u32 {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
+        warren_testkit::count(&self.conn, queue).await
     }
 
     /// Waits until the queue holds at least `n` messages (or the deadline).
@@ -126,50 +104,7 @@ impl Fixture {
 
     /// Takes every message out of the queue (basic_get, auto-ack).
     pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, BasicProperties)> {
-        let mut out = vec![];
-        while let Some(m) = self
-            .ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            let d = m.delivery;
-            out.push((d.data, d.properties));
-        }
-        out
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let exchanges = std::mem::take(&mut self.exchanges);
-        let queues = std::mem::take(&mut self.queues);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let Ok(conn) = warren_topology::connect(&opts("producer-test-cleanup")).await
-                else {
-                    return;
-                };
-                if let Ok(ch) = conn.create_channel().await {
-                    for q in queues {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    for e in exchanges {
-                        let _ = ch
-                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                            .await;
-                    }
-                }
-                let _ = conn.close(200, "bye".into()).await;
-            });
-        })
-        .join();
+        warren_testkit::drain(&self.conn, queue).await
     }
 }
 
