@@ -14,20 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use harness::{connect, count, drain, warren, URL};
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
+use warren_testkit::Cleanup;
 use warren_topology::{headers, lapin, Plan, Topology, DEAD_LETTER_EXCHANGE};
 
 /// A one-group topology under a unique prefix; deleted on drop.
 struct Env {
     group: String,
     orders: String,
-    queues: Vec<String>,
-    exchanges: Vec<String>,
+    _cleanup: Cleanup,
 }
 
 impl Env {
@@ -48,44 +45,11 @@ impl Env {
         Env {
             group: format!("{prefix}g"),
             orders: format!("{prefix}orders"),
-            queues: plan.queues.iter().map(|q| q.name.clone()).collect(),
-            exchanges: plan
-                .exchanges
-                .iter()
-                .map(|e| e.name.clone())
-                .filter(|n| n != DEAD_LETTER_EXCHANGE)
-                .collect(),
+            _cleanup: Cleanup::new(&plan).at(URL.parse().unwrap()),
         }
     }
     fn dead(&self) -> String {
         format!("{}.dead", self.group)
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let (queues, exchanges) = (self.queues.clone(), self.exchanges.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let conn = connect().await;
-                let ch = conn.create_channel().await.unwrap();
-                for q in queues {
-                    let _ = ch
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for e in exchanges {
-                    let _ = ch
-                        .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-            });
-        })
-        .join();
     }
 }
 
@@ -395,30 +359,7 @@ fn props(id: &str, h: FieldTable) -> BasicProperties {
 
 /// Publishes one message (mandatory) and waits for its confirm.
 async fn publish(conn: &Connection, exchange: &str, key: &str, p: BasicProperties, body: &[u8]) {
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let c = ch
-        .basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body,
-            p,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(
-        c.is_ack() && c.take_message().is_none(),
-        "{exchange}/{key}: not routed"
-    );
-    let _ = ch.close(200, "ok".into()).await;
+    warren_testkit::publish(conn, exchange, key, body, p).await;
 }
 
 /// One dead letter into `env`'s dead-letter queue, as the consumer sends it.

@@ -2,35 +2,19 @@
 //! removed with their queues, the `warren` binary as a child process, and
 //! broker helpers over a real connection.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use warren_testkit::Cleanup;
+
+pub use warren_testkit::{count, unique, wait_until};
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-pub fn unique(tag: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{tag}{}-{}-{nanos}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// A topology file with one exchange `{p}.orders` and the given groups
 /// (`[[group]]` bodies without the header, `{p}` replaced); deletes the file,
@@ -38,7 +22,7 @@ pub fn unique(tag: &str) -> String {
 pub struct Topo {
     pub p: String,
     pub path: PathBuf,
-    queues: Vec<String>,
+    _cleanup: Cleanup,
 }
 
 impl Topo {
@@ -53,27 +37,23 @@ impl Topo {
         let path = std::env::temp_dir().join(format!("{p}.toml"));
         std::fs::write(&path, &text).unwrap();
         let t = warren_topology::Topology::from_file(&path).unwrap();
-        let queues = warren_topology::Plan::new(&t)
-            .queues
-            .into_iter()
-            .map(|q| q.name)
-            .collect();
-        Topo { p, path, queues }
+        let cleanup = cleanup(&t, &p);
+        Topo {
+            p,
+            path,
+            _cleanup: cleanup,
+        }
     }
 
     /// Takes ownership of an existing topology file (and its queues).
     pub fn adopt(path: &std::path::Path) -> Topo {
         let t = warren_topology::Topology::from_file(path).unwrap();
-        let queues = warren_topology::Plan::new(&t)
-            .queues
-            .into_iter()
-            .map(|q| q.name)
-            .collect();
         let p = t.exchanges[0].name.trim_end_matches(".orders").to_owned();
+        let cleanup = cleanup(&t, &p);
         Topo {
             p,
             path: path.to_owned(),
-            queues,
+            _cleanup: cleanup,
         }
     }
 
@@ -102,37 +82,19 @@ impl Topo {
     }
 }
 
+/// Deletes the queues of `t` and the exchange `{p}.orders`.
+fn cleanup(t: &warren_topology::Topology, p: &str) -> Cleanup {
+    let mut c = Cleanup::empty().at(URL.parse().unwrap());
+    for q in warren_topology::Plan::new(t).queues {
+        c.add_queue(&q.name);
+    }
+    c.exchange(&format!("{p}.orders"))
+}
+
 impl Drop for Topo {
+    // The file goes first; the queues and exchange when `_cleanup` drops.
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-        let queues = std::mem::take(&mut self.queues);
-        let exchange = self.exchange();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let Ok(conn) = Connection::connect(URL, ConnectionProperties::default()).await
-                else {
-                    return;
-                };
-                for q in queues {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                if let Ok(ch) = conn.create_channel().await {
-                    let _ = ch
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = conn.close(200, "".into()).await;
-            });
-        })
-        .join();
     }
 }
 
@@ -265,88 +227,29 @@ pub async fn connect() -> Connection {
 
 /// Publishes with confirms; `id` becomes the message_id.
 pub async fn publish(conn: &Connection, exchange: &str, key: &str, id: &str, body: &[u8]) {
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let c = ch
-        .basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body,
-            BasicProperties::default()
-                .with_message_id(id.into())
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(
-        c.is_ack() && c.take_message().is_none(),
-        "publish of {id} not confirmed or unroutable"
-    );
-    let _ = ch.close(200, "".into()).await;
-}
-
-pub async fn count(conn: &Connection, queue: &str) -> u32 {
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = ch.close(200, "".into()).await;
-    q.message_count()
-}
-
-pub async fn wait_until<F, Fut>(within: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond().await
+    let props = BasicProperties::default()
+        .with_message_id(id.into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    warren_testkit::publish(conn, exchange, key, body, props).await;
 }
 
 /// Takes every message of a queue (acked): (message_id, body, headers).
 pub async fn drain(conn: &Connection, queue: &str) -> Vec<(String, Vec<u8>, FieldTable)> {
-    let ch = conn.create_channel().await.unwrap();
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+    warren_testkit::drain(conn, queue)
         .await
-        .unwrap()
-    {
-        let p = &m.delivery.properties;
-        out.push((
-            p.message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default(),
-            m.delivery.data.clone(),
-            p.headers().clone().unwrap_or_default(),
-        ));
-    }
-    let _ = ch.close(200, "".into()).await;
-    out
+        .into_iter()
+        .map(|(body, p)| {
+            (
+                p.message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                body,
+                p.headers().clone().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 pub fn header_str(h: &FieldTable, name: &str) -> Option<String> {
