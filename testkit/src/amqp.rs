@@ -10,7 +10,7 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use warren_topology::{AmqpUrl, ConnectOptions, Plan, DEAD_LETTER_EXCHANGE};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -187,6 +187,20 @@ pub async fn publish(
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm mode");
+    publish_on(&ch, exchange, key, body, props).await;
+    let _ = ch.close(200, "ok".into()).await;
+}
+
+/// Publishes to `exchange`/`key` (mandatory) on `ch`, a channel in confirm
+/// mode, and waits for the confirm; panics unless it was confirmed and
+/// routed.
+pub async fn publish_on(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) {
     let c = ch
         .basic_publish(
             exchange.into(),
@@ -206,7 +220,6 @@ pub async fn publish(
         c.is_ack() && c.take_message().is_none(),
         "publish to {exchange}/{key} not routed"
     );
-    let _ = ch.close(200, "ok".into()).await;
 }
 
 /// Every message of a queue, taken for good (auto-ack), head first:

@@ -15,7 +15,8 @@
 pub mod amqp;
 
 pub use amqp::{
-    connect, count, drain, publish, unique, unique_prefix, url, wait_for, wait_until, Cleanup,
+    connect, count, drain, publish, publish_on, unique, unique_prefix, url, wait_for, wait_until,
+    Cleanup,
 };
 
 use std::process::Command;

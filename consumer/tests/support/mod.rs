@@ -66,26 +66,7 @@ impl Fixture {
 
     /// Publishes with a confirm (mandatory).
     pub async fn publish(&self, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
-        let c = self
-            .ch
-            .basic_publish(
-                exchange.into(),
-                key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(
-            c.is_ack() && c.take_message().is_none(),
-            "publish not routed"
-        );
+        warren_testkit::publish_on(&self.ch, exchange, key, body, props).await;
     }
 
     /// Messages ready in a queue.
