@@ -2,15 +2,17 @@
 //! handled, which are settled, and the fewest frames that tell the broker.
 //!
 //! Contiguous settled deliveries at the front of the window go out as one
-//! `multiple=true` ack (or nack). When a slow handler holds the front while
-//! many later deliveries are done, those are acked one by one so that the
-//! prefetch window does not fill up with finished work.
+//! `multiple=true` ack (or nack). When the front has been unfinished for a
+//! while (a slow handler, or a copy whose confirm is held up) and most of the
+//! window is done behind it, those are acked one by one so that the prefetch
+//! window does not stay full of finished work.
 //!
 //! When to flush is the consume loop's choice: once a quarter of the prefetch
 //! window (at most 64) is settled, or a millisecond after the first settled
-//! delivery, and before shutting down.
+//! delivery, when stragglers are due, and before shutting down.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// How a delivery is settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,35 +39,45 @@ enum Slot {
     Sent,
 }
 
+/// When finished deliveries stuck behind an unfinished one are acked alone.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stragglers {
+    /// At least this many are done behind it...
+    pub threshold: usize,
+    /// ...and it arrived at least this long ago.
+    pub after: Duration,
+}
+
 /// The window of delivery tags of one channel, in arrival order.
 #[derive(Debug)]
 pub(crate) struct AckWindow {
-    entries: VecDeque<(u64, Slot)>,
+    entries: VecDeque<(u64, Slot, Instant)>,
     done_behind: usize,
-    straggler_threshold: usize,
+    stragglers: Stragglers,
 }
 
 impl AckWindow {
-    /// A window that acks individually once `straggler_threshold` deliveries
-    /// are done behind an unfinished one.
-    pub fn new(straggler_threshold: usize) -> Self {
+    pub fn new(stragglers: Stragglers) -> Self {
         AckWindow {
             entries: VecDeque::new(),
             done_behind: 0,
-            straggler_threshold: straggler_threshold.max(1),
+            stragglers: Stragglers {
+                threshold: stragglers.threshold.max(1),
+                after: stragglers.after,
+            },
         }
     }
 
     /// A delivery arrived (tags only grow on a channel).
-    pub fn received(&mut self, tag: u64) {
-        self.entries.push_back((tag, Slot::Pending));
+    pub fn received(&mut self, tag: u64, at: Instant) {
+        self.entries.push_back((tag, Slot::Pending, at));
     }
 
     /// Deliveries not yet told to the broker.
     pub fn outstanding(&self) -> usize {
         self.entries
             .iter()
-            .filter(|(_, s)| *s != Slot::Sent)
+            .filter(|(_, s, _)| *s != Slot::Sent)
             .count()
     }
 
@@ -74,13 +86,32 @@ impl AckWindow {
         self.done_behind
     }
 
+    /// Whether the oldest delivery not yet told to the broker is settled, so
+    /// that a flush sends something without acking stragglers.
+    pub fn front_settled(&self) -> bool {
+        self.entries
+            .iter()
+            .find(|(_, s, _)| *s != Slot::Sent)
+            .is_some_and(|(_, s, _)| matches!(s, Slot::Done(_)))
+    }
+
+    /// When the finished deliveries behind an unfinished one are to be acked
+    /// alone: `None` while fewer than the threshold are done behind it.
+    pub fn stragglers_due(&self) -> Option<Instant> {
+        if self.done_behind < self.stragglers.threshold {
+            return None;
+        }
+        let (_, _, at) = self.entries.iter().find(|(_, s, _)| *s == Slot::Pending)?;
+        Some(*at + self.stragglers.after)
+    }
+
     /// A delivery is settled. Unknown tags are ignored (returns false).
     pub fn complete(&mut self, tag: u64, settle: Settle) -> bool {
-        let Ok(i) = self.entries.binary_search_by_key(&tag, |(t, _)| *t) else {
+        let Ok(i) = self.entries.binary_search_by_key(&tag, |(t, _, _)| *t) else {
             return false;
         };
         match self.entries.get_mut(i) {
-            Some((_, slot @ Slot::Pending)) => {
+            Some((_, slot @ Slot::Pending, _)) => {
                 *slot = Slot::Done(settle);
                 self.done_behind += 1;
                 true
@@ -89,10 +120,25 @@ impl AckWindow {
         }
     }
 
-    /// The frames that settle everything that can be settled now.
-    pub fn flush(&mut self, out: &mut Vec<AckOp>) {
+    /// The frames that settle what can be settled at `now`: the settled
+    /// front of the window, and the stragglers if they are due.
+    pub fn flush(&mut self, now: Instant, out: &mut Vec<AckOp>) {
+        self.flush_front(out);
+        if self.stragglers_due().is_some_and(|due| due <= now) {
+            self.flush_stragglers(out);
+        }
+    }
+
+    /// The frames that settle every settled delivery, stragglers included
+    /// (shutting down: whatever is not acked is redelivered).
+    pub fn flush_all(&mut self, out: &mut Vec<AckOp>) {
+        self.flush_front(out);
+        self.flush_stragglers(out);
+    }
+
+    fn flush_front(&mut self, out: &mut Vec<AckOp>) {
         let mut run: Option<(Settle, u64, usize)> = None;
-        while let Some(&(tag, slot)) = self.entries.front() {
+        while let Some(&(tag, slot, _)) = self.entries.front() {
             match slot {
                 Slot::Pending => break,
                 Slot::Sent => {}
@@ -121,19 +167,23 @@ impl AckWindow {
                 multiple: n > 1,
             });
         }
-        if self.done_behind >= self.straggler_threshold {
-            for (tag, slot) in self.entries.iter_mut() {
-                if let Slot::Done(s) = *slot {
-                    out.push(AckOp {
-                        settle: s,
-                        tag: *tag,
-                        multiple: false,
-                    });
-                    *slot = Slot::Sent;
-                }
-            }
-            self.done_behind = 0;
+    }
+
+    fn flush_stragglers(&mut self, out: &mut Vec<AckOp>) {
+        if self.done_behind == 0 {
+            return;
         }
+        for (tag, slot, _) in self.entries.iter_mut() {
+            if let Slot::Done(s) = *slot {
+                out.push(AckOp {
+                    settle: s,
+                    tag: *tag,
+                    multiple: false,
+                });
+                *slot = Slot::Sent;
+            }
+        }
+        self.done_behind = 0;
     }
 }
 
@@ -142,9 +192,28 @@ mod tests {
     use super::*;
 
     fn flush(w: &mut AckWindow) -> Vec<AckOp> {
+        flush_at(w, Instant::now())
+    }
+
+    fn flush_at(w: &mut AckWindow, now: Instant) -> Vec<AckOp> {
         let mut v = Vec::new();
-        w.flush(&mut v);
+        w.flush(now, &mut v);
         v
+    }
+
+    /// Stragglers acked as soon as `threshold` are done behind the front.
+    fn window(threshold: usize) -> AckWindow {
+        AckWindow::new(Stragglers {
+            threshold,
+            after: Duration::ZERO,
+        })
+    }
+
+    fn receive(w: &mut AckWindow, tags: std::ops::RangeInclusive<u64>) {
+        let now = Instant::now();
+        for t in tags {
+            w.received(t, now);
+        }
     }
 
     fn ack(tag: u64, multiple: bool) -> AckOp {
@@ -157,10 +226,8 @@ mod tests {
 
     #[test]
     fn contiguous_acks_become_one_multiple_ack() {
-        let mut w = AckWindow::new(100);
-        for t in 1..=5 {
-            w.received(t);
-        }
+        let mut w = window(100);
+        receive(&mut w, 1..=5);
         for t in [3, 1, 2] {
             assert!(w.complete(t, Settle::Ack));
         }
@@ -174,10 +241,8 @@ mod tests {
 
     #[test]
     fn a_requeue_splits_the_run() {
-        let mut w = AckWindow::new(100);
-        for t in 1..=4 {
-            w.received(t);
-        }
+        let mut w = window(100);
+        receive(&mut w, 1..=4);
         w.complete(1, Settle::Ack);
         w.complete(2, Settle::Requeue);
         w.complete(3, Settle::Ack);
@@ -198,10 +263,8 @@ mod tests {
 
     #[test]
     fn stragglers_behind_a_slow_handler_are_acked_alone_and_once() {
-        let mut w = AckWindow::new(2);
-        for t in 1..=4 {
-            w.received(t);
-        }
+        let mut w = window(2);
+        receive(&mut w, 1..=4);
         w.complete(2, Settle::Ack);
         assert_eq!(flush(&mut w), []);
         w.complete(4, Settle::Ack);
@@ -217,9 +280,81 @@ mod tests {
 
     #[test]
     fn unknown_tags_are_ignored() {
-        let mut w = AckWindow::new(4);
-        w.received(7);
+        let mut w = window(4);
+        receive(&mut w, 7..=7);
         assert!(!w.complete(3, Settle::Ack));
         assert_eq!(flush(&mut w), []);
+    }
+
+    #[test]
+    fn stragglers_wait_until_the_front_has_been_unfinished_for_a_while() {
+        let t0 = Instant::now();
+        let after = Duration::from_millis(100);
+        let mut w = AckWindow::new(Stragglers {
+            threshold: 2,
+            after,
+        });
+        w.received(1, t0);
+        w.received(2, t0 + Duration::from_millis(5));
+        w.received(3, t0 + Duration::from_millis(5));
+        w.complete(2, Settle::Ack);
+        assert_eq!(
+            w.stragglers_due(),
+            None,
+            "one done behind: below the threshold"
+        );
+        w.complete(3, Settle::Ack);
+        assert!(!w.front_settled());
+        assert_eq!(
+            w.stragglers_due(),
+            Some(t0 + after),
+            "due when the front is 100 ms old"
+        );
+        assert_eq!(flush_at(&mut w, t0 + Duration::from_millis(99)), []);
+        // The front finishes in time: one multiple ack, no single acks.
+        w.complete(1, Settle::Ack);
+        assert!(w.front_settled());
+        assert_eq!(
+            flush_at(&mut w, t0 + Duration::from_millis(99)),
+            [ack(3, true)]
+        );
+
+        // Again, but the front stays unfinished past the delay.
+        receive(&mut w, 4..=6);
+        let t1 = Instant::now();
+        w.complete(5, Settle::Ack);
+        w.complete(6, Settle::Ack);
+        assert!(w.stragglers_due().is_some_and(|due| due <= t1 + after));
+        assert_eq!(flush_at(&mut w, t1 + after), [ack(5, false), ack(6, false)]);
+        assert_eq!(w.stragglers_due(), None);
+        assert_eq!(w.outstanding(), 1);
+    }
+
+    #[test]
+    fn flush_all_acks_every_settled_delivery_at_once() {
+        let mut w = AckWindow::new(Stragglers {
+            threshold: 100,
+            after: Duration::from_secs(3600),
+        });
+        receive(&mut w, 1..=4);
+        w.complete(2, Settle::Ack);
+        w.complete(3, Settle::Requeue);
+        assert_eq!(flush(&mut w), []);
+        let mut v = Vec::new();
+        w.flush_all(&mut v);
+        assert_eq!(
+            v,
+            [
+                ack(2, false),
+                AckOp {
+                    settle: Settle::Requeue,
+                    tag: 3,
+                    multiple: false
+                }
+            ]
+        );
+        assert_eq!(w.outstanding(), 2, "1 and 4 are unfinished");
+        w.complete(1, Settle::Ack);
+        assert_eq!(flush(&mut w), [ack(1, false)]);
     }
 }

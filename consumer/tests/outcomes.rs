@@ -322,9 +322,9 @@ async fn panics_and_timeouts_are_retried_and_the_consumer_keeps_going() {
 }
 
 /// A slow handler at the front of the ack window holds back the `multiple`
-/// ack, but not the group: the finished deliveries behind it are acked one
-/// by one before they fill the prefetch window (16 here), so the broker
-/// keeps delivering.
+/// ack, but not the group: once it has run 100 ms, the finished deliveries
+/// behind it are acked one by one before they fill the prefetch window (16
+/// here), so the broker keeps delivering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_handler_does_not_hold_up_the_deliveries_behind_it() {
     let f = Fixture::new(&classic("'200ms'", "")).await;
@@ -616,6 +616,70 @@ async fn shutdown_requeues_what_does_not_finish_in_the_grace_period() {
     assert!(back.iter().all(|m| m.delivery.redelivered));
     assert_eq!(f.count(&g.work_queue()).await, 0);
     assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// Finished deliveries behind an unfinished one (fewer than the straggler
+/// threshold, so not yet acked) are acked when the group shuts down: only
+/// the unfinished one goes back to the queue, nothing is handled twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_acks_what_finished_behind_an_unfinished_delivery() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let finished = Ledger::default();
+    let d2 = finished.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let d2 = d2.clone();
+            async move {
+                if d.message_id() == Some("slow") {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                d2.note(&d);
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| {
+            b.shutdown_grace(Duration::from_millis(300))
+                .handler_timeout(Duration::from_secs(120))
+        },
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"s", props("slow"))
+        .await;
+    for i in 0..5 {
+        f.publish(
+            &f.exchange(),
+            "order.created",
+            b"f",
+            props(&format!("fast-{i}")),
+        )
+        .await;
+    }
+    wait_for(Duration::from_secs(5), "the fast ones", || {
+        finished.len() == 5
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(
+        f.count(&g.work_queue()).await,
+        1,
+        "only the unfinished one goes back to the queue"
+    );
+    let back = f.take(&g.work_queue(), 1, Duration::from_secs(2)).await;
+    assert_eq!(
+        back[0]
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        "slow"
+    );
+    assert!(back[0].delivery.redelivered);
+    assert_eq!(finished.len(), 5, "nothing handled twice");
 }
 
 /// Deliveries of a queue not yet acked, as the broker counts them.
