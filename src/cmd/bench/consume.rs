@@ -89,6 +89,10 @@ pub struct RetryBenchArgs {
     /// The retry tier's TTL.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     tier: Duration,
+    /// Measured runs (one JSON line each, then a summary line with the
+    /// median ratios when there are several).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
 }
 
 /// A benchmark topology with a unique prefix, deleted at the end.
@@ -575,107 +579,145 @@ pub async fn run_e2e(g: &Global, a: E2eBenchArgs) -> anyhow::Result<ExitCode> {
 pub async fn run_retry(g: &Global, a: RetryBenchArgs) -> anyhow::Result<ExitCode> {
     let c = a.common;
     let bench = Bench::new(g, &c, a.tier).await?;
-    let exchange = bench.group.exchange.clone();
     let result = async {
         let pub_conn =
             warren_topology::connect(&ConnectOptions::new(g.url()?, "bench-publisher")).await?;
-        // The happy path.
-        let rec = Recorder::new(c.count);
-        let r = rec.clone();
-        let run = start_warren(g, bench.group.clone(), move |_d: Delivery| {
-            r.note(&[]);
-            async { Ok(()) }
-        })
-        .await?;
-        let t0 = Instant::now();
-        publish(&pub_conn, &exchange, &c, 0).await?;
-        rec.wait(c.count, patience(&c)).await?;
-        let happy = t0.elapsed();
-        run.stop().await;
-
-        // Every message fails once, then succeeds.
-        let rec = Recorder::new(c.count);
-        let failed = Recorder::new(0);
-        let (r, f) = (rec.clone(), failed.clone());
-        let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
-            let first = d.attempt() == 1;
-            if first {
-                f.note(&[]);
-            } else {
-                r.note(&[]);
-            }
-            async move {
-                if first {
-                    return Err(HandlerError::retryable("fails once"));
-                }
-                Ok(())
-            }
-        })
-        .await?;
-        let t0 = Instant::now();
-        let cpu0 = super::cpu_seconds();
-        publish(&pub_conn, &exchange, &c, 0).await?;
-        failed.wait(c.count, patience(&c)).await?;
-        let first_pass = t0.elapsed();
-        rec.wait(c.count, patience(&c)).await?;
-        let retry = t0.elapsed();
-        let retry_cpu = super::cpu_seconds() - cpu0;
-        run.stop().await;
-
-        // The same two runs with bare lapin loops, for scale.
-        let queue = bench.group.work_queue();
-        let bare_run = |retry: bool| {
-            let (url, queue, rq) = (g.url(), queue.clone(), bench.group.retry_queue(1));
-            let (p, n) = (c.prefetch, c.count);
-            let rec = Recorder::new(n);
-            let failed = Recorder::new(0);
-            let (r, f) = (rec.clone(), failed.clone());
-            let task = tokio::spawn(async move {
-                let conn = warren_topology::connect(&ConnectOptions::new(url?, "bench-bare")).await?;
-                let out = if retry {
-                    bare_retry_loop(&conn, &queue, &rq, p, n, r, f).await
-                } else {
-                    bare_loop(&conn, &queue, p, n, r).await
-                };
-                let _ = conn.close(200, "bye".into()).await;
-                out
-            });
-            (task, rec)
-        };
-        let mut bare = Vec::new();
-        let mut bare_cpu = 0.0;
-        for retry in [false, true] {
-            let (task, rec) = bare_run(retry);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let t0 = Instant::now();
-            let cpu0 = super::cpu_seconds();
-            publish(&pub_conn, &exchange, &c, 0).await?;
-            rec.wait(c.count, patience(&c)).await?;
-            bare.push(rate(c.count, t0.elapsed()));
-            task.await??;
-            bare_cpu = super::cpu_seconds() - cpu0;
+        let mut ratios = Vec::new();
+        let mut bare_ratios = Vec::new();
+        let mut vs_bare = Vec::new();
+        for _ in 0..a.runs.max(1) {
+            let r = retry_run(g, &c, &bench, &pub_conn, a.tier).await?;
+            ratios.push(r.0);
+            bare_ratios.push(r.1);
+            vs_bare.push(r.2);
+        }
+        if ratios.len() > 1 {
+            // The happy run alone varies by ±20% on a shared 2-core
+            // machine: the median is the figure to compare with the target.
+            let round = |x: f64| (x * 100.0).round() / 100.0;
+            let (median, min, max) = super::spread(&mut ratios);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "retry", "summary": true, "runs": ratios.len(),
+                    "queue_type": c.queue_type.as_str(),
+                    "median_ratio": round(median), "min_ratio": round(min), "max_ratio": round(max),
+                    "median_bare_ratio": round(super::spread(&mut bare_ratios).0),
+                    "median_retry_vs_bare_retry": round(super::spread(&mut vs_bare).0),
+                })
+            );
         }
         let _ = pub_conn.close(200, "bye".into()).await;
-        let (h, r) = (rate(c.count, happy), rate(c.count, retry));
-        let round = |x: f64| (x * 100.0).round() / 100.0;
-        println!(
-            "{}",
-            serde_json::json!({
-                "bench": "retry", "queue_type": c.queue_type.as_str(), "count": c.count,
-                "prefetch": c.prefetch, "window": c.window, "tier_ms": a.tier.as_millis() as u64, "size": c.size,
-                "happy_e2e_msgs_per_s": h, "retry_e2e_msgs_per_s": r,
-                "first_attempts_msgs_per_s": rate(c.count, first_pass),
-                "ratio": round(r / h),
-                "bare_happy_e2e_msgs_per_s": bare[0], "bare_retry_e2e_msgs_per_s": bare[1],
-                "bare_ratio": round(bare[1] / bare[0]),
-                "retry_vs_bare_retry": round(r / bare[1]),
-                "retry_cpu_us_per_msg": (retry_cpu * 1e6 / c.count as f64).round(),
-                "bare_retry_cpu_us_per_msg": (bare_cpu * 1e6 / c.count as f64).round(),
-            })
-        );
         anyhow::Ok(())
     }
     .await;
     bench.cleanup().await;
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// One measured run of `bench retry`: warren's happy and retry runs, then the
+/// bare loops'; prints its JSON line and returns (ratio, bare ratio, warren
+/// retry / bare retry).
+async fn retry_run(
+    g: &Global,
+    c: &Common,
+    bench: &Bench,
+    pub_conn: &Connection,
+    tier: Duration,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let exchange = bench.group.exchange.clone();
+    // The happy path.
+    let rec = Recorder::new(c.count);
+    let r = rec.clone();
+    let run = start_warren(g, bench.group.clone(), move |_d: Delivery| {
+        r.note(&[]);
+        async { Ok(()) }
+    })
+    .await?;
+    let t0 = Instant::now();
+    publish(pub_conn, &exchange, c, 0).await?;
+    rec.wait(c.count, patience(c)).await?;
+    let happy = t0.elapsed();
+    run.stop().await;
+
+    // Every message fails once, then succeeds.
+    let rec = Recorder::new(c.count);
+    let failed = Recorder::new(0);
+    let (r, f) = (rec.clone(), failed.clone());
+    let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
+        let first = d.attempt() == 1;
+        if first {
+            f.note(&[]);
+        } else {
+            r.note(&[]);
+        }
+        async move {
+            if first {
+                return Err(HandlerError::retryable("fails once"));
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let t0 = Instant::now();
+    let cpu0 = super::cpu_seconds();
+    publish(pub_conn, &exchange, c, 0).await?;
+    failed.wait(c.count, patience(c)).await?;
+    let first_pass = t0.elapsed();
+    rec.wait(c.count, patience(c)).await?;
+    let retry = t0.elapsed();
+    let retry_cpu = super::cpu_seconds() - cpu0;
+    run.stop().await;
+
+    // The same two runs with bare lapin loops, for scale.
+    let queue = bench.group.work_queue();
+    let bare_run = |retry: bool| {
+        let (url, queue, rq) = (g.url(), queue.clone(), bench.group.retry_queue(1));
+        let (p, n) = (c.prefetch, c.count);
+        let rec = Recorder::new(n);
+        let failed = Recorder::new(0);
+        let (r, f) = (rec.clone(), failed.clone());
+        let task = tokio::spawn(async move {
+            let conn = warren_topology::connect(&ConnectOptions::new(url?, "bench-bare")).await?;
+            let out = if retry {
+                bare_retry_loop(&conn, &queue, &rq, p, n, r, f).await
+            } else {
+                bare_loop(&conn, &queue, p, n, r).await
+            };
+            let _ = conn.close(200, "bye".into()).await;
+            out
+        });
+        (task, rec)
+    };
+    let mut bare = Vec::new();
+    let mut bare_cpu = 0.0;
+    for retry in [false, true] {
+        let (task, rec) = bare_run(retry);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = Instant::now();
+        let cpu0 = super::cpu_seconds();
+        publish(pub_conn, &exchange, c, 0).await?;
+        rec.wait(c.count, patience(c)).await?;
+        bare.push(rate(c.count, t0.elapsed()));
+        task.await??;
+        bare_cpu = super::cpu_seconds() - cpu0;
+    }
+    let (h, r) = (rate(c.count, happy), rate(c.count, retry));
+    let round = |x: f64| (x * 100.0).round() / 100.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "retry", "queue_type": c.queue_type.as_str(), "count": c.count,
+            "prefetch": c.prefetch, "window": c.window, "tier_ms": tier.as_millis() as u64, "size": c.size,
+            "happy_e2e_msgs_per_s": h, "retry_e2e_msgs_per_s": r,
+            "first_attempts_msgs_per_s": rate(c.count, first_pass),
+            "ratio": round(r / h),
+            "bare_happy_e2e_msgs_per_s": bare[0], "bare_retry_e2e_msgs_per_s": bare[1],
+            "bare_ratio": round(bare[1] / bare[0]),
+            "retry_vs_bare_retry": round(r / bare[1]),
+            "retry_cpu_us_per_msg": (retry_cpu * 1e6 / c.count as f64).round(),
+            "bare_retry_cpu_us_per_msg": (bare_cpu * 1e6 / c.count as f64).round(),
+        })
+    );
+    Ok((r / h, bare[1] / bare[0], r / bare[1]))
 }

@@ -157,8 +157,8 @@ pub async fn run(g: &Global, a: PublishBenchArgs) -> anyhow::Result<ExitCode> {
             // Runs on a shared 2-core machine vary by ±10%: the median is the
             // figure to compare with the target.
             let round = |r: f64| (r * 1000.0).round() / 1000.0;
-            let (median, min, max) = spread(&mut ratios);
-            let (plain_median, _, _) = spread(&mut plain_ratios);
+            let (median, min, max) = super::spread(&mut ratios);
+            let (plain_median, _, _) = super::spread(&mut plain_ratios);
             println!(
                 "{}",
                 serde_json::json!({
@@ -185,18 +185,6 @@ pub async fn run(g: &Global, a: PublishBenchArgs) -> anyhow::Result<ExitCode> {
     let _ = conn.close(200, "bye".into()).await;
     result?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Median, min and max.
-fn spread(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    let median = if v.len().is_multiple_of(2) {
-        (v[mid - 1] + v[mid]) / 2.0
-    } else {
-        v[mid]
-    };
-    (median, v[0], v[v.len() - 1])
 }
 
 async fn purge(ch: &Channel, queue: &str) -> anyhow::Result<()> {
