@@ -626,6 +626,7 @@ async fn retry_run(
     tier: Duration,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let exchange = bench.group.exchange.clone();
+    let host = g.url()?.host();
     // The happy path.
     let rec = Recorder::new(c.count);
     let r = rec.clone();
@@ -635,9 +636,11 @@ async fn retry_run(
     })
     .await?;
     let t0 = Instant::now();
+    let cpu = super::CpuMeter::start(&host);
     publish(pub_conn, &exchange, c, 0).await?;
     rec.wait(c.count, patience(c)).await?;
     let happy = t0.elapsed();
+    let happy_cpu = cpu.per_msg(c.count);
     run.stop().await;
 
     // Every message fails once, then succeeds.
@@ -660,13 +663,13 @@ async fn retry_run(
     })
     .await?;
     let t0 = Instant::now();
-    let cpu0 = super::cpu_seconds();
+    let cpu = super::CpuMeter::start(&host);
     publish(pub_conn, &exchange, c, 0).await?;
     failed.wait(c.count, patience(c)).await?;
     let first_pass = t0.elapsed();
     rec.wait(c.count, patience(c)).await?;
     let retry = t0.elapsed();
-    let retry_cpu = super::cpu_seconds() - cpu0;
+    let retry_cpu = cpu.per_msg(c.count);
     run.stop().await;
 
     // The same two runs with bare lapin loops, for scale.
@@ -690,17 +693,17 @@ async fn retry_run(
         (task, rec)
     };
     let mut bare = Vec::new();
-    let mut bare_cpu = 0.0;
+    let mut bare_cpu = Vec::new();
     for retry in [false, true] {
         let (task, rec) = bare_run(retry);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let t0 = Instant::now();
-        let cpu0 = super::cpu_seconds();
+        let cpu = super::CpuMeter::start(&host);
         publish(pub_conn, &exchange, c, 0).await?;
         rec.wait(c.count, patience(c)).await?;
         bare.push(rate(c.count, t0.elapsed()));
+        bare_cpu.push(cpu.per_msg(c.count));
         task.await??;
-        bare_cpu = super::cpu_seconds() - cpu0;
     }
     let (h, r) = (rate(c.count, happy), rate(c.count, retry));
     let round = |x: f64| (x * 100.0).round() / 100.0;
@@ -715,8 +718,12 @@ async fn retry_run(
             "bare_happy_e2e_msgs_per_s": bare[0], "bare_retry_e2e_msgs_per_s": bare[1],
             "bare_ratio": round(bare[1] / bare[0]),
             "retry_vs_bare_retry": round(r / bare[1]),
-            "retry_cpu_us_per_msg": (retry_cpu * 1e6 / c.count as f64).round(),
-            "bare_retry_cpu_us_per_msg": (bare_cpu * 1e6 / c.count as f64).round(),
+            // CPU per message, this process (publisher and consumer) and the
+            // broker (when it runs here): null where not measured.
+            "happy_cpu_us_per_msg": happy_cpu.0, "retry_cpu_us_per_msg": retry_cpu.0,
+            "bare_happy_cpu_us_per_msg": bare_cpu[0].0, "bare_retry_cpu_us_per_msg": bare_cpu[1].0,
+            "broker_happy_cpu_us_per_msg": happy_cpu.1, "broker_retry_cpu_us_per_msg": retry_cpu.1,
+            "broker_bare_happy_cpu_us_per_msg": bare_cpu[0].1, "broker_bare_retry_cpu_us_per_msg": bare_cpu[1].1,
         })
     );
     Ok((r / h, bare[1] / bare[0], r / bare[1]))
