@@ -86,15 +86,6 @@ impl AckWindow {
         self.done_behind
     }
 
-    /// Whether the oldest delivery not yet told to the broker is settled, so
-    /// that a flush sends something without acking stragglers.
-    pub fn front_settled(&self) -> bool {
-        self.entries
-            .iter()
-            .find(|(_, s, _)| *s != Slot::Sent)
-            .is_some_and(|(_, s, _)| matches!(s, Slot::Done(_)))
-    }
-
     /// When the finished deliveries behind an unfinished one are to be acked
     /// alone: `None` while fewer than the threshold are done behind it.
     pub fn stragglers_due(&self) -> Option<Instant> {
@@ -304,7 +295,6 @@ mod tests {
             "one done behind: below the threshold"
         );
         w.complete(3, Settle::Ack);
-        assert!(!w.front_settled());
         assert_eq!(
             w.stragglers_due(),
             Some(t0 + after),
@@ -313,7 +303,6 @@ mod tests {
         assert_eq!(flush_at(&mut w, t0 + Duration::from_millis(99)), []);
         // The front finishes in time: one multiple ack, no single acks.
         w.complete(1, Settle::Ack);
-        assert!(w.front_settled());
         assert_eq!(
             flush_at(&mut w, t0 + Duration::from_millis(99)),
             [ack(3, true)]

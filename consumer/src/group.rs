@@ -489,13 +489,13 @@ impl<H: Handler> ConsumerGroup<H> {
                     }
                     let now = Instant::now();
                     let stragglers_due = window.stragglers_due().is_some_and(|due| due <= now);
-                    if stragglers_due || (window.front_settled() && window.settled() >= batch) {
+                    if stragglers_due || window.settled() >= batch {
                         if let Err(e) = send_acks(&s.consume, &mut window, &mut ops, Flush::Due(now)).await {
                             warn!(group = %self.ctx.name, error = %e, "ack failed");
                             return Ended::Lost;
                         }
                         flush_at = None;
-                    } else if flush_at.is_none() && window.front_settled() {
+                    } else if flush_at.is_none() && window.settled() > 0 {
                         flush_at = Some(tokio::time::Instant::from_std(now + ACK_DELAY));
                     }
                     flush_at = earliest(flush_at, window.stragglers_due());
