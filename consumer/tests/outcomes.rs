@@ -351,15 +351,7 @@ async fn a_slow_handler_does_not_hold_up_the_deliveries_behind_it() {
     .await;
     f.publish(&f.exchange(), "order.created", b"s", props("slow"))
         .await;
-    for i in 0..40 {
-        f.publish(
-            &f.exchange(),
-            "order.created",
-            b"f",
-            props(&format!("fast-{i}")),
-        )
-        .await;
-    }
+    f.publish_numbered("order.created", b"f", "fast-", 40).await;
     // 40 finished deliveries behind one unfinished: more than twice the
     // prefetch window, so some must have been acked around the slow one.
     wait_for(
@@ -530,15 +522,7 @@ async fn shutdown_lets_handlers_finish_and_acks_them() {
         |b| b.shutdown_grace(Duration::from_secs(5)),
     )
     .await;
-    for i in 0..8 {
-        f.publish(
-            &f.exchange(),
-            "order.created",
-            b"x",
-            props(&format!("s{i}")),
-        )
-        .await;
-    }
+    f.publish_numbered("order.created", b"x", "s", 8).await;
     wait_for(Duration::from_secs(5), "all 8 running", || {
         started.len() == 8
     })
@@ -585,15 +569,7 @@ async fn shutdown_requeues_what_does_not_finish_in_the_grace_period() {
         },
     )
     .await;
-    for i in 0..6 {
-        f.publish(
-            &f.exchange(),
-            "order.created",
-            b"x",
-            props(&format!("q{i}")),
-        )
-        .await;
-    }
+    f.publish_numbered("order.created", b"x", "q", 6).await;
     wait_for(Duration::from_secs(5), "all running", || started.len() == 6).await;
     let t0 = Instant::now();
     run.stop().await;
@@ -648,15 +624,7 @@ async fn shutdown_acks_what_finished_behind_an_unfinished_delivery() {
     .await;
     f.publish(&f.exchange(), "order.created", b"s", props("slow"))
         .await;
-    for i in 0..5 {
-        f.publish(
-            &f.exchange(),
-            "order.created",
-            b"f",
-            props(&format!("fast-{i}")),
-        )
-        .await;
-    }
+    f.publish_numbered("order.created", b"f", "fast-", 5).await;
     wait_for(Duration::from_secs(5), "the fast ones", || {
         finished.len() == 5
     })

@@ -69,6 +69,15 @@ impl Fixture {
         warren_testkit::publish_on(&self.ch, exchange, key, body, props).await;
     }
 
+    /// Publishes `n` messages to the first exchange with `key`, their ids
+    /// `{prefix}0` to `{prefix}{n-1}`, in that order.
+    pub async fn publish_numbered(&self, key: &str, body: &[u8], prefix: &str, n: usize) {
+        for i in 0..n {
+            self.publish(&self.exchange(), key, body, props(&format!("{prefix}{i}")))
+                .await;
+        }
+    }
+
     /// Messages ready in a queue.
     pub async fn count(&self, queue: &str) -> u32 {
         warren_testkit::count(&self.conn, queue).await
