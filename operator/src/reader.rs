@@ -306,9 +306,15 @@ impl Scan {
 
     /// Ends the scan: closing the channel puts every message read and not
     /// acked back in the queue, in its original order.
+    ///
+    /// The consumer is dropped only after the channel is closed: dropping it
+    /// first makes lapin send a basic.cancel from another task, which can
+    /// reach the broker after the channel's close-ok, and the broker then
+    /// closes the whole connection ("expected 'channel.open'"), seen once in
+    /// `dlq list`.
     pub(crate) async fn finish(self) -> Result<Coverage, OperatorError> {
         let coverage = self.coverage();
-        drop(self.consumer);
+        let _consumer = self.consumer;
         timed(
             self.opts.rpc_timeout,
             "closing the scan channel",
