@@ -146,7 +146,7 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let conn_for_apply =
         warren_topology::connect(&ConnectOptions::new(url.clone(), "demo").attempts(2)).await?;
     let applied = warren_topology::apply(&conn_for_apply, &plan).await;
-    super::close(&conn_for_apply, "applied").await;
+    warren_topology::close(&conn_for_apply, "applied").await;
     applied.context("applying the demo topology")?;
     // A previous `--keep` run may have left messages: start from empty queues.
     for q in &plan.queues {

@@ -271,7 +271,7 @@ async fn stats(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
     for group in &groups {
         all.push(op::stats(&c, group, &read_opts(&a)).await?);
     }
-    super::close(&c, "bye").await;
+    warren_topology::close(&c, "bye").await;
     if g.json() {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
@@ -314,7 +314,7 @@ async fn list(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
     for group in &groups {
         all.push(op::list(&c, group, &read_opts(&a)).await?);
     }
-    super::close(&c, "bye").await;
+    warren_topology::close(&c, "bye").await;
     if g.json() {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
@@ -368,7 +368,7 @@ async fn show(g: &Global, a: ShowArgs) -> anyhow::Result<ExitCode> {
         }
         found.extend(ds);
     }
-    super::close(&c, "bye").await;
+    warren_topology::close(&c, "bye").await;
     if found.is_empty() {
         eprintln!("no dead letter with id {:?} in {}", a.id, groups.join(", "));
         return Ok(ExitCode::from(1));
@@ -515,7 +515,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
         failed |= r.failed > 0 || r.stopped_early;
         reports.push(r);
     }
-    super::close(&c, "bye").await;
+    warren_topology::close(&c, "bye").await;
     if g.json() {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
@@ -646,7 +646,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         audit(&rec, a.audit_log.as_ref())?;
         reports.push(r);
     }
-    super::close(&c, "bye").await;
+    warren_topology::close(&c, "bye").await;
     if g.json() {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
@@ -674,7 +674,7 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
         warn_partial(&r.coverage, &warren_topology::dead_queue(group));
         reports.push(r);
     }
-    super::close(&c, "bye").await;
+    warren_topology::close(&c, "bye").await;
     if g.json() {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
@@ -705,7 +705,7 @@ async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
         &op::ReadOptions::default(),
     )
     .await?;
-    super::close(&c, "bye").await;
+    warren_topology::close(&c, "bye").await;
     if g.json() {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

@@ -23,14 +23,3 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(c) => bench::run(&g, c).await,
     }
 }
-
-/// Closes a connection at the end of a command, waiting at most 5 s: a
-/// connection the broker has already closed can leave lapin's close waiting
-/// for ever, and the command has nothing left to lose by then.
-pub(crate) async fn close(conn: &lapin::Connection, reason: &str) {
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        conn.close(200, reason.into()),
-    )
-    .await;
-}

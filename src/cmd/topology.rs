@@ -62,7 +62,7 @@ async fn connect(g: &Global) -> anyhow::Result<warren_topology::lapin::Connectio
 async fn apply(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode> {
     let conn = connect(g).await?;
     let result = warren_topology::apply(&conn, plan).await;
-    super::close(&conn, "done").await;
+    warren_topology::close(&conn, "done").await;
     let done = result.context("topology apply stopped; nothing was declared")?;
     if g.json() {
         println!(
@@ -97,7 +97,7 @@ async fn apply(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode
 async fn verify(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode> {
     let conn = connect(g).await?;
     let result = warren_topology::verify(&conn, plan).await;
-    super::close(&conn, "done").await;
+    warren_topology::close(&conn, "done").await;
     let report = result?;
     let ok = report.matches();
     if g.json() {

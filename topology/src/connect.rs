@@ -500,10 +500,16 @@ impl Broker {
     pub async fn close(&self) {
         if let Some(conn) = self.current.lock().await.take() {
             self.unwatch();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bye".into())).await;
+            close(&conn, "bye").await;
         }
     }
+}
+
+/// Closes a connection cleanly (code 200), waiting at most 5 s: after the
+/// broker has closed a connection itself (a connection exception), lapin's
+/// close can wait for ever.
+pub async fn close(conn: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, reason.into())).await;
 }
 
 #[cfg(test)]

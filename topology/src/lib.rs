@@ -29,7 +29,7 @@ pub use config::{
     DEFAULT_RETRY, MAX_NAME_BYTES, MAX_TIERS,
 };
 pub use connect::{
-    connect, redact, AmqpUrl, Broker, ConnectOptions, DEFAULT_AMQP_URL, DEFAULT_FRAME_MAX,
+    close, connect, redact, AmqpUrl, Broker, ConnectOptions, DEFAULT_AMQP_URL, DEFAULT_FRAME_MAX,
 };
 pub use declare::{
     apply, explain_precondition, verify, Action, Applied, Check, ObjectState, Report,

@@ -173,7 +173,7 @@ impl Bench {
                     .await;
             }
         }
-        let _ = self.conn.close(200, "bye".into()).await;
+        warren_topology::close(&self.conn, "bye").await;
     }
 }
 
@@ -540,7 +540,7 @@ pub async fn run_e2e(g: &Global, a: E2eBenchArgs) -> anyhow::Result<ExitCode> {
             let (q, p, n, r) = (queue.clone(), c.prefetch, c.count, bare_rec.clone());
             tokio::spawn(async move {
                 let out = bare_loop(&conn, &q, p, n, r).await;
-                let _ = conn.close(200, "bye".into()).await;
+                warren_topology::close(&conn, "bye").await;
                 out
             })
         };
@@ -551,7 +551,7 @@ pub async fn run_e2e(g: &Global, a: E2eBenchArgs) -> anyhow::Result<ExitCode> {
         let bare = t0.elapsed();
         consumer.await??;
         let (bp50, bp99) = bare_rec.percentiles();
-        let _ = pub_conn.close(200, "bye".into()).await;
+        warren_topology::close(&pub_conn, "bye").await;
         let (w, b) = (rate(c.count, warren), rate(c.count, bare));
         println!(
             "{}",
@@ -607,7 +607,7 @@ pub async fn run_retry(g: &Global, a: RetryBenchArgs) -> anyhow::Result<ExitCode
                 })
             );
         }
-        let _ = pub_conn.close(200, "bye".into()).await;
+        warren_topology::close(&pub_conn, "bye").await;
         anyhow::Ok(())
     }
     .await;
@@ -687,7 +687,7 @@ async fn retry_run(
             } else {
                 bare_loop(&conn, &queue, p, n, r).await
             };
-            let _ = conn.close(200, "bye".into()).await;
+            warren_topology::close(&conn, "bye").await;
             out
         });
         (task, rec)

@@ -182,7 +182,7 @@ pub async fn run(g: &Global, a: PublishBenchArgs) -> anyhow::Result<ExitCode> {
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
-    let _ = conn.close(200, "bye".into()).await;
+    warren_topology::close(&conn, "bye").await;
     result?;
     Ok(ExitCode::SUCCESS)
 }

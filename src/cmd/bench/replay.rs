@@ -164,7 +164,7 @@ pub async fn run(g: &Global, a: ReplayBenchArgs) -> anyhow::Result<ExitCode> {
     let _ = ch
         .queue_delete(dead.as_str().into(), QueueDeleteOptions::default())
         .await;
-    let _ = conn.close(200, "bye".into()).await;
+    warren_topology::close(&conn, "bye").await;
     let (replay_took, bare) = result?;
     let rate = |d: Duration| a.messages as f64 / d.as_secs_f64().max(1e-9);
     println!(
