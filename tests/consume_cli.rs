@@ -393,8 +393,7 @@ fn an_unknown_group_is_a_usage_error_listing_the_groups() {
             "--exec",
             "true",
         ])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -407,7 +406,6 @@ fn an_unknown_group_is_a_usage_error_listing_the_groups() {
     );
     let o = warren()
         .args(["consume", "-f", topo.file(), "--group", "nope"])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     assert_eq!(o.status.code(), Some(2), "a handler is required");
 }

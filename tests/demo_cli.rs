@@ -24,8 +24,7 @@ async fn demo_summary_reconciles_with_the_queues() {
             "--write-topology",
             file.to_str().unwrap(),
         ])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -84,8 +83,7 @@ fn without_keep_the_demo_cleans_up() {
     let prefix = format!("{}.", unique("democlean"));
     let o = warren()
         .args(["demo", "--orders", "100", "--prefix", &prefix])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -109,8 +107,7 @@ fn without_keep_the_demo_cleans_up() {
 fn no_broker_is_a_clear_error_with_the_fix() {
     let o = warren()
         .args(["demo", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2f"])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("scripts/broker"), "{err}");

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use harness::{connect, count, drain, warren, URL};
+use harness::{connect, count, drain, wait_within, warren, OutputWithin, CLI_LIMIT, URL};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
@@ -153,8 +153,7 @@ async fn replay_killed_with_sigkill_then_run_again_loses_nothing() {
 
     let out = warren()
         .args(["dlq", "replay", "--group", &env.group, "--all"])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     assert!(
         out.status.success(),
         "{}",
@@ -426,7 +425,7 @@ fn names(tag: &str, is: impl IntoIterator<Item = usize>) -> Vec<String> {
 }
 
 fn run(args: &[&str]) -> std::process::Output {
-    warren().args(args).output().unwrap()
+    warren().args(args).output_within(CLI_LIMIT)
 }
 
 fn text(b: &[u8]) -> String {
@@ -444,22 +443,6 @@ fn ok(args: &[&str]) -> String {
         text(&out.stderr)
     );
     text(&out.stdout)
-}
-
-/// Waits for a child to exit within `within`; SIGKILLs it and fails otherwise.
-fn output_within(child: std::process::Child, within: Duration) -> std::process::Output {
-    let pid = child.id().to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(within) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            panic!("warren did not exit within {within:?}");
-        }
-    }
 }
 
 /// Runs `warren args` on a pseudo-terminal (util-linux `script`), so that
@@ -577,7 +560,7 @@ async fn ctrl_c_mid_replay_stops_after_the_current_message_losing_and_duplicatin
         .status()
         .unwrap()
         .success());
-    let out = output_within(child, Duration::from_secs(15));
+    let out = wait_within(child, Duration::from_secs(15));
     let took = signalled.elapsed();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(
@@ -644,7 +627,7 @@ async fn ctrl_c_while_a_slow_replay_waits_for_its_rate_stops_at_once_and_sends_n
         .status()
         .unwrap()
         .success());
-    let out = output_within(child, Duration::from_secs(15));
+    let out = wait_within(child, Duration::from_secs(15));
     let took = signalled.elapsed();
     let stdout = text(&out.stdout);
     assert!(
@@ -685,7 +668,7 @@ async fn purge_without_yes_and_without_a_terminal_refuses_with_exit_2_and_delete
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(b"y\n");
         }
-        let out = output_within(child, Duration::from_secs(15));
+        let out = wait_within(child, Duration::from_secs(15));
         assert_eq!(out.status.code(), Some(2), "piped yes: {piped_yes}");
         assert_eq!(
             text(&out.stderr),
@@ -766,7 +749,10 @@ async fn audit_log_gets_one_json_line_per_group_per_run_and_later_runs_append() 
         .to_owned();
     let since = SystemTime::now() - Duration::from_secs(1);
     let as_user = |user: &str, args: &[&str]| {
-        let out = warren().env("USER", user).args(args).output().unwrap();
+        let out = warren()
+            .env("USER", user)
+            .args(args)
+            .output_within(CLI_LIMIT);
         assert!(out.status.success(), "{}", text(&out.stderr));
     };
 

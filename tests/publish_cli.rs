@@ -47,8 +47,7 @@ async fn a_jsonl_file_lands_byte_exact_with_headers_and_properties() {
             "correlation-id=c-9",
         ])
         .args(["--property", "type=order.created", "--output", "json"])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     let _ = std::fs::remove_file(&file);
     assert!(out.status.success(), "{out:?}");
     let s = json(&out.stdout);
@@ -120,7 +119,7 @@ async fn stdin_works_and_bad_input_publishes_nothing() {
         .unwrap()
         .write_all(b"{\"a\":1}\n{\"a\":2}\n")
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_within(child, CLI_LIMIT);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("confirmed 2"), "{text}");
@@ -133,8 +132,7 @@ async fn stdin_works_and_bad_input_publishes_nothing() {
     let out = warren()
         .args(["publish", "-e", &topo.exchange(), "-k", "order.paid"])
         .args(["--file", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     let _ = std::fs::remove_file(&file);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -149,8 +147,7 @@ async fn stdin_works_and_bad_input_publishes_nothing() {
     let out = warren()
         .args(["publish", "-e", &topo.exchange(), "--body", "{}"])
         .args(["--property", "priority=high"])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("priority"));
 }
@@ -162,8 +159,7 @@ async fn unroutable_messages_exit_1_and_name_their_lines() {
     let out = warren()
         .args(["publish", "-e", &topo.exchange(), "-k", "nobody.listens"])
         .args(["--body", "{\"x\":1}", "--count", "3", "--output", "json"])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let s = json(&out.stdout);
     assert_eq!(s["published"], 3);
@@ -184,8 +180,7 @@ async fn unroutable_messages_exit_1_and_name_their_lines() {
     let out = warren()
         .args(["publish", "-e", &format!("{}.missing", topo.p), "-k", "k"])
         .args(["--body", "{}"])
-        .output()
-        .unwrap();
+        .output_within(CLI_LIMIT);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -222,7 +217,7 @@ async fn ctrl_c_stops_sending_waits_for_confirms_and_says_what_was_not_sent() {
         .unwrap();
     assert!(status.success());
     let sent_at = Instant::now();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_within(child, CLI_LIMIT);
     assert!(
         sent_at.elapsed() < Duration::from_secs(10),
         "stopped promptly: {:?}",

@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use warren_testkit::{OutputWithin, CLI_LIMIT};
+
 fn warren(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(args)
         .env_remove("WARREN_TOPOLOGY")
         .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
+        .output_within(CLI_LIMIT)
 }
 
 fn text(o: &Output) -> (String, String) {

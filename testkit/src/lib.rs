@@ -4,6 +4,9 @@
 //! broker URL, a connection, a guard that deletes what a test declared,
 //! counting, publishing, draining and polling.
 //!
+//! Child processes with a deadline ([`process`]): a hung command fails its
+//! test instead of stalling the run.
+//!
 //! Controlling the local broker through `rabbitmqctl` (as root), with guards
 //! that put the broker back the way they found it even when a test fails.
 //! Tests that use these disturb every client of the broker: each belongs
@@ -13,11 +16,13 @@
 #![allow(clippy::expect_used, clippy::panic)]
 
 pub mod amqp;
+pub mod process;
 
 pub use amqp::{
     connect, count, drain, publish, publish_on, unique, unique_prefix, url, wait_for, wait_until,
     Cleanup,
 };
+pub use process::{wait_within, OutputWithin, CLI_LIMIT};
 
 use std::process::Command;
 use std::time::{Duration, Instant};

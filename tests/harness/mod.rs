@@ -12,7 +12,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use warren_testkit::Cleanup;
 
-pub use warren_testkit::{count, unique, wait_until};
+pub use warren_testkit::{count, unique, wait_until, wait_within, OutputWithin, CLI_LIMIT};
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -72,8 +72,7 @@ impl Topo {
     pub fn apply(&self) {
         let o = warren()
             .args(["topology", "apply", "-f", self.file()])
-            .output()
-            .unwrap();
+            .output_within(CLI_LIMIT);
         assert!(
             o.status.success(),
             "apply failed: {}",
