@@ -22,7 +22,7 @@ fn bench(args: &[&str]) -> Vec<Value> {
         .spawn()
         .expect("warren runs");
     let pid = child.id().to_string();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_within(child, CLI_LIMIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench {args:?} failed: {stderr}");
     let leftovers: Vec<String> = ["list_queues", "list_exchanges"]
@@ -96,29 +96,45 @@ fn retry_prints_a_line_per_run_and_the_medians() {
 }
 
 #[test]
-fn e2e_at_a_fixed_rate_reports_latency() {
+fn e2e_at_a_fixed_rate_reports_latency_per_run_and_the_medians() {
     let lines = bench(&[
         "e2e",
         "--count",
         "500",
         "--rate",
         "2000",
+        "--runs",
+        "2",
         "--queue-type",
         "quorum",
     ]);
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    let l = &lines[0];
-    assert_eq!(l["bench"], "e2e");
-    assert_eq!(l["queue_type"], "quorum");
-    let text = l.to_string();
-    assert!(text.contains("p99"), "{text}");
+    assert_eq!(lines.len(), 3, "two runs and the summary: {lines:?}");
+    for run in &lines[..2] {
+        assert_eq!(run["bench"], "e2e");
+        assert_eq!(run["queue_type"], "quorum");
+        assert_eq!(run["rate"], 2000);
+        for key in ["warren_p99_ms", "bare_p99_ms", "warren_msgs_per_s", "ratio"] {
+            assert!(num(run, key) > 0.0, "{key} in {run}");
+        }
+    }
+    let summary = &lines[2];
+    assert_eq!(summary["summary"], true);
+    assert_eq!(summary["runs"], 2);
+    let p99s: Vec<f64> = lines[..2].iter().map(|l| num(l, "warren_p99_ms")).collect();
+    let median = num(summary, "median_warren_p99_ms");
+    assert!(
+        (median - (p99s[0] + p99s[1]) / 2.0).abs() < 0.011,
+        "median of {p99s:?}: {summary}"
+    );
+    assert!(num(summary, "max_warren_rss_mb") > 0.0, "{summary}");
 }
 
 #[test]
 fn consume_and_publish_and_replay_run_to_the_end() {
     let consume = bench(&["consume", "--count", "500", "--queue-type", "classic"]);
-    assert_eq!(consume.len(), 1, "{consume:?}");
+    assert_eq!(consume.len(), 1, "one run, no summary: {consume:?}");
     assert_eq!(consume[0]["bench"], "consume");
+    assert!(num(&consume[0], "ratio") > 0.0, "{consume:?}");
 
     let publish = bench(&[
         "publish",

@@ -61,6 +61,11 @@ pub struct Common {
     /// Queue type.
     #[arg(long, value_enum, default_value_t = BenchQueueType::Quorum)]
     pub queue_type: BenchQueueType,
+    /// Measured runs (one JSON line each, then a summary line with the
+    /// medians when there are several): a single run on a shared machine
+    /// can be off by ±20%.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
 }
 
 /// Arguments of `warren bench consume`.
@@ -89,10 +94,6 @@ pub struct RetryBenchArgs {
     /// The retry tier's TTL.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     tier: Duration,
-    /// Measured runs (one JSON line each, then a summary line with the
-    /// median ratios when there are several).
-    #[arg(long, default_value_t = 1)]
-    runs: usize,
 }
 
 /// A benchmark topology with a unique prefix, deleted at the end.
@@ -464,43 +465,17 @@ fn patience(c: &Common) -> Duration {
 }
 
 /// Runs `warren bench consume`: a pre-filled queue drained by warren, then by
-/// the bare loop.
+/// the bare loop, `--runs` times.
 pub async fn run_consume(g: &Global, a: ConsumeBenchArgs) -> anyhow::Result<ExitCode> {
     let c = a.common;
     let bench = Bench::new(g, &c, Duration::from_millis(100)).await?;
-    let queue = bench.group.work_queue();
-    let exchange = bench.group.exchange.clone();
     let result = async {
-        publish(&bench.conn, &exchange, &c, 0).await?;
-        let rec = Recorder::new(c.count);
-        let r = rec.clone();
-        let t0 = Instant::now();
-        let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
-            r.note(&[]);
-            let _ = d;
-            async { Ok(()) }
-        })
-        .await?;
-        rec.wait(c.count, patience(&c)).await?;
-        let warren = t0.elapsed();
-        let rss = rss_mb();
-        run.stop().await;
-
-        publish(&bench.conn, &exchange, &c, 0).await?;
-        let bare_rec = Recorder::new(c.count);
-        let t0 = Instant::now();
-        bare_loop(&bench.conn, &queue, c.prefetch, c.count, bare_rec).await?;
-        let bare = t0.elapsed();
-        let (w, b) = (rate(c.count, warren), rate(c.count, bare));
-        println!(
-            "{}",
-            serde_json::json!({
-                "bench": "consume", "queue_type": c.queue_type.as_str(), "count": c.count,
-                "prefetch": c.prefetch, "concurrency": c.concurrency.unwrap_or(c.prefetch),
-                "size": c.size, "warren_msgs_per_s": w, "bare_msgs_per_s": b,
-                "ratio": ((w / b) * 100.0).round() / 100.0, "warren_rss_mb": (rss * 10.0).round() / 10.0,
-            })
-        );
+        let mut runs = Runs::default();
+        for _ in 0..c.runs.max(1) {
+            let (ratio, rss) = consume_run(g, &c, &bench).await?;
+            runs.push(ratio, rss, None);
+        }
+        runs.summary("consume", &c);
         anyhow::Ok(())
     }
     .await;
@@ -508,67 +483,174 @@ pub async fn run_consume(g: &Global, a: ConsumeBenchArgs) -> anyhow::Result<Exit
     result.map(|()| ExitCode::SUCCESS)
 }
 
+/// One measured run of `bench consume`; prints its JSON line and returns
+/// (ratio, warren's RSS in MB).
+async fn consume_run(g: &Global, c: &Common, bench: &Bench) -> anyhow::Result<(f64, f64)> {
+    let queue = bench.group.work_queue();
+    let exchange = bench.group.exchange.clone();
+    publish(&bench.conn, &exchange, c, 0).await?;
+    let rec = Recorder::new(c.count);
+    let r = rec.clone();
+    let t0 = Instant::now();
+    let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
+        r.note(&[]);
+        let _ = d;
+        async { Ok(()) }
+    })
+    .await?;
+    rec.wait(c.count, patience(c)).await?;
+    let warren = t0.elapsed();
+    let rss = rss_mb();
+    run.stop().await;
+
+    publish(&bench.conn, &exchange, c, 0).await?;
+    let bare_rec = Recorder::new(c.count);
+    let t0 = Instant::now();
+    bare_loop(&bench.conn, &queue, c.prefetch, c.count, bare_rec).await?;
+    let bare = t0.elapsed();
+    let (w, b) = (rate(c.count, warren), rate(c.count, bare));
+    let ratio = round2(w / b);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "consume", "queue_type": c.queue_type.as_str(), "count": c.count,
+            "prefetch": c.prefetch, "concurrency": c.concurrency.unwrap_or(c.prefetch),
+            "size": c.size, "warren_msgs_per_s": w, "bare_msgs_per_s": b,
+            "ratio": ratio, "warren_rss_mb": (rss * 10.0).round() / 10.0,
+        })
+    );
+    Ok((ratio, rss))
+}
+
 /// Runs `warren bench e2e`: publisher and consumer at once, warren then the
-/// bare loop, latency publish-to-handler.
+/// bare loop, latency publish-to-handler; `--runs` times.
 pub async fn run_e2e(g: &Global, a: E2eBenchArgs) -> anyhow::Result<ExitCode> {
     let c = a.common;
     let bench = Bench::new(g, &c, Duration::from_millis(100)).await?;
-    let queue = bench.group.work_queue();
-    let exchange = bench.group.exchange.clone();
     let result = async {
-        let pub_conn = warren_topology::connect(&ConnectOptions::new(g.url()?, "bench-publisher")).await?;
-        // warren
-        let rec = Recorder::new(c.count);
-        let r = rec.clone();
-        let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
-            r.note(d.body());
-            async { Ok(()) }
-        })
-        .await?;
-        let t0 = Instant::now();
-        publish(&pub_conn, &exchange, &c, a.rate).await?;
-        rec.wait(c.count, patience(&c)).await?;
-        let warren = t0.elapsed();
-        let rss = rss_mb();
-        run.stop().await;
-        let (wp50, wp99) = rec.percentiles();
-
-        // bare
-        let bare_rec = Recorder::new(c.count);
-        let consumer = {
-            let conn = warren_topology::connect(&ConnectOptions::new(g.url()?, "bench-bare")).await?;
-            let (q, p, n, r) = (queue.clone(), c.prefetch, c.count, bare_rec.clone());
-            tokio::spawn(async move {
-                let out = bare_loop(&conn, &q, p, n, r).await;
-                warren_topology::close(&conn, "bye").await;
-                out
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let t0 = Instant::now();
-        publish(&pub_conn, &exchange, &c, a.rate).await?;
-        bare_rec.wait(c.count, patience(&c)).await?;
-        let bare = t0.elapsed();
-        consumer.await??;
-        let (bp50, bp99) = bare_rec.percentiles();
+        let pub_conn =
+            warren_topology::connect(&ConnectOptions::new(g.url()?, "bench-publisher")).await?;
+        let mut runs = Runs::default();
+        let out = async {
+            for _ in 0..c.runs.max(1) {
+                let (ratio, rss, p99) = e2e_run(g, &c, &bench, &pub_conn, a.rate).await?;
+                runs.push(ratio, rss, Some(p99));
+            }
+            anyhow::Ok(())
+        }
+        .await;
         warren_topology::close(&pub_conn, "bye").await;
-        let (w, b) = (rate(c.count, warren), rate(c.count, bare));
-        println!(
-            "{}",
-            serde_json::json!({
-                "bench": "e2e", "queue_type": c.queue_type.as_str(), "count": c.count,
-                "rate": a.rate, "prefetch": c.prefetch, "concurrency": c.concurrency.unwrap_or(c.prefetch),
-                "window": c.window, "size": c.size,
-                "warren_msgs_per_s": w, "warren_p50_ms": wp50, "warren_p99_ms": wp99,
-                "bare_msgs_per_s": b, "bare_p50_ms": bp50, "bare_p99_ms": bp99,
-                "ratio": ((w / b) * 100.0).round() / 100.0, "warren_rss_mb": (rss * 10.0).round() / 10.0,
-            })
-        );
+        out?;
+        runs.summary("e2e", &c);
         anyhow::Ok(())
     }
     .await;
     bench.cleanup().await;
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// One measured run of `bench e2e`; prints its JSON line and returns (ratio,
+/// warren's RSS in MB, (warren's p99, the bare loop's p99) in ms).
+async fn e2e_run(
+    g: &Global,
+    c: &Common,
+    bench: &Bench,
+    pub_conn: &Connection,
+    pace: u64,
+) -> anyhow::Result<(f64, f64, (f64, f64))> {
+    let queue = bench.group.work_queue();
+    let exchange = bench.group.exchange.clone();
+    // warren
+    let rec = Recorder::new(c.count);
+    let r = rec.clone();
+    let run = start_warren(g, bench.group.clone(), move |d: Delivery| {
+        r.note(d.body());
+        async { Ok(()) }
+    })
+    .await?;
+    let t0 = Instant::now();
+    publish(pub_conn, &exchange, c, pace).await?;
+    rec.wait(c.count, patience(c)).await?;
+    let warren = t0.elapsed();
+    let rss = rss_mb();
+    run.stop().await;
+    let (wp50, wp99) = rec.percentiles();
+
+    // bare
+    let bare_rec = Recorder::new(c.count);
+    let consumer = {
+        let conn = warren_topology::connect(&ConnectOptions::new(g.url()?, "bench-bare")).await?;
+        let (q, p, n, r) = (queue.clone(), c.prefetch, c.count, bare_rec.clone());
+        tokio::spawn(async move {
+            let out = bare_loop(&conn, &q, p, n, r).await;
+            warren_topology::close(&conn, "bye").await;
+            out
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    publish(pub_conn, &exchange, c, pace).await?;
+    bare_rec.wait(c.count, patience(c)).await?;
+    let bare = t0.elapsed();
+    consumer.await??;
+    let (bp50, bp99) = bare_rec.percentiles();
+    let (w, b) = (rate(c.count, warren), rate(c.count, bare));
+    let ratio = round2(w / b);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "e2e", "queue_type": c.queue_type.as_str(), "count": c.count,
+            "rate": pace, "prefetch": c.prefetch, "concurrency": c.concurrency.unwrap_or(c.prefetch),
+            "window": c.window, "size": c.size,
+            "warren_msgs_per_s": w, "warren_p50_ms": wp50, "warren_p99_ms": wp99,
+            "bare_msgs_per_s": b, "bare_p50_ms": bp50, "bare_p99_ms": bp99,
+            "ratio": ratio, "warren_rss_mb": (rss * 10.0).round() / 10.0,
+        })
+    );
+    Ok((ratio, rss, (wp99, bp99)))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The figures of several runs of `bench consume` or `bench e2e`, for the
+/// summary line.
+#[derive(Default)]
+struct Runs {
+    ratios: Vec<f64>,
+    rss: Vec<f64>,
+    p99: Vec<(f64, f64)>,
+}
+
+impl Runs {
+    fn push(&mut self, ratio: f64, rss: f64, p99: Option<(f64, f64)>) {
+        self.ratios.push(ratio);
+        self.rss.push(rss);
+        self.p99.extend(p99);
+    }
+
+    /// Prints the summary line when there was more than one run: the median,
+    /// lowest and highest ratio, the highest RSS, and for e2e the median
+    /// p99s.
+    fn summary(mut self, bench: &str, c: &Common) {
+        if self.ratios.len() < 2 {
+            return;
+        }
+        let (median, min, max) = super::spread(&mut self.ratios);
+        let mut line = serde_json::json!({
+            "bench": bench, "summary": true, "runs": self.ratios.len(),
+            "queue_type": c.queue_type.as_str(),
+            "median_ratio": round2(median), "min_ratio": round2(min), "max_ratio": round2(max),
+            "max_warren_rss_mb": (super::spread(&mut self.rss).2 * 10.0).round() / 10.0,
+        });
+        if !self.p99.is_empty() {
+            let (mut w, mut b): (Vec<f64>, Vec<f64>) = self.p99.into_iter().unzip();
+            line["median_warren_p99_ms"] = round2(super::spread(&mut w).0).into();
+            line["median_bare_p99_ms"] = round2(super::spread(&mut b).0).into();
+        }
+        println!("{line}");
+    }
 }
 
 /// Runs `warren bench retry`: the happy path end to end (publish while the
@@ -585,25 +667,22 @@ pub async fn run_retry(g: &Global, a: RetryBenchArgs) -> anyhow::Result<ExitCode
         let mut ratios = Vec::new();
         let mut bare_ratios = Vec::new();
         let mut vs_bare = Vec::new();
-        for _ in 0..a.runs.max(1) {
+        for _ in 0..c.runs.max(1) {
             let r = retry_run(g, &c, &bench, &pub_conn, a.tier).await?;
             ratios.push(r.0);
             bare_ratios.push(r.1);
             vs_bare.push(r.2);
         }
         if ratios.len() > 1 {
-            // The happy run alone varies by ±20% on a shared 2-core
-            // machine: the median is the figure to compare with the target.
-            let round = |x: f64| (x * 100.0).round() / 100.0;
             let (median, min, max) = super::spread(&mut ratios);
             println!(
                 "{}",
                 serde_json::json!({
                     "bench": "retry", "summary": true, "runs": ratios.len(),
                     "queue_type": c.queue_type.as_str(),
-                    "median_ratio": round(median), "min_ratio": round(min), "max_ratio": round(max),
-                    "median_bare_ratio": round(super::spread(&mut bare_ratios).0),
-                    "median_retry_vs_bare_retry": round(super::spread(&mut vs_bare).0),
+                    "median_ratio": round2(median), "min_ratio": round2(min), "max_ratio": round2(max),
+                    "median_bare_ratio": round2(super::spread(&mut bare_ratios).0),
+                    "median_retry_vs_bare_retry": round2(super::spread(&mut vs_bare).0),
                 })
             );
         }
@@ -706,7 +785,6 @@ async fn retry_run(
         task.await??;
     }
     let (h, r) = (rate(c.count, happy), rate(c.count, retry));
-    let round = |x: f64| (x * 100.0).round() / 100.0;
     println!(
         "{}",
         serde_json::json!({
@@ -714,10 +792,10 @@ async fn retry_run(
             "prefetch": c.prefetch, "window": c.window, "tier_ms": tier.as_millis() as u64, "size": c.size,
             "happy_e2e_msgs_per_s": h, "retry_e2e_msgs_per_s": r,
             "first_attempts_msgs_per_s": rate(c.count, first_pass),
-            "ratio": round(r / h),
+            "ratio": round2(r / h),
             "bare_happy_e2e_msgs_per_s": bare[0], "bare_retry_e2e_msgs_per_s": bare[1],
-            "bare_ratio": round(bare[1] / bare[0]),
-            "retry_vs_bare_retry": round(r / bare[1]),
+            "bare_ratio": round2(bare[1] / bare[0]),
+            "retry_vs_bare_retry": round2(r / bare[1]),
             // CPU per message, this process (publisher and consumer) and the
             // broker (when it runs here): null where not measured.
             "happy_cpu_us_per_msg": happy_cpu.0, "retry_cpu_us_per_msg": retry_cpu.0,
