@@ -3,6 +3,9 @@
 //! libraries (`warren-topology`, `warren-producer`, `warren-consumer`,
 //! `warren-operator`), which do the work.
 
+#[macro_use]
+mod out;
+
 mod cli;
 mod cmd;
 mod handlers;

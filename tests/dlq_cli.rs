@@ -1218,3 +1218,31 @@ async fn show_prints_json_bodies_as_json_and_binary_ones_as_hex_and_list_json_ha
         ["s-json", "s-bin", "s-text"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_into_a_closed_pipe_exits_141_quietly_and_every_dead_letter_stays_in_order() {
+    const N: usize = 300;
+    let conn = connect().await;
+    let env = Env::new(&conn, "pipe").await;
+    dead_letters(&conn, &env.group, "p", N).await;
+    for args in [
+        ["dlq", "list", "--group", env.group.as_str()],
+        ["dlq", "stats", "--group", env.group.as_str()],
+    ] {
+        let mut child = warren()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before warren writes a line, as `| head`
+        // does after its lines: every write then fails with EPIPE.
+        drop(child.stdout.take());
+        let out = wait_within(child, Duration::from_secs(60));
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("p", 0..N));
+}

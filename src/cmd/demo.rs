@@ -396,7 +396,7 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         vec!["warren demo --keep   (keeps the demo's queues and dead letters to explore with `warren dlq`)".into()]
     };
     if g.json() {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "published": published,
@@ -410,18 +410,23 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
             }))?
         );
     } else {
-        println!(
+        outln!(
             "published {published} orders to {exchange} with confirms ({failed} failed) in {:.1}s",
             elapsed.as_secs_f64()
         );
-        println!();
-        println!(
+        outln!();
+        outln!(
             "{:<20} {:>9} {:>7} {:>15} {:>9} {:>11}",
-            "GROUP", "RECEIVED", "ACKED", "RETRIED (TIERS)", "DEAD", "DEAD QUEUE"
+            "GROUP",
+            "RECEIVED",
+            "ACKED",
+            "RETRIED (TIERS)",
+            "DEAD",
+            "DEAD QUEUE"
         );
         for s in &groups {
             let tiers: Vec<String> = s.retried_by_tier.values().map(u64::to_string).collect();
-            println!(
+            outln!(
                 "{:<20} {:>9} {:>7} {:>15} {:>9} {:>11}",
                 s.group,
                 s.expected,
@@ -431,20 +436,20 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
                 s.dead_queue
             );
         }
-        println!();
+        outln!();
         if reconciled {
-            println!("reconciled: every order was acked or is in its group's dead-letter queue; nothing lost");
+            outln!("reconciled: every order was acked or is in its group's dead-letter queue; nothing lost");
         } else {
-            println!("NOT reconciled: see the counts above");
+            outln!("NOT reconciled: see the counts above");
         }
         if args.keep {
-            println!("kept the demo topology ({f}) and its dead letters");
+            outln!("kept the demo topology ({f}) and its dead letters");
         } else {
-            println!("cleaned up the demo's exchange and queues");
+            outln!("cleaned up the demo's exchange and queues");
         }
-        println!("\nnext:");
+        outln!("\nnext:");
         for n in &next {
-            println!("  {n}");
+            outln!("  {n}");
         }
     }
     Ok(if reconciled {

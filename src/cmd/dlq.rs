@@ -273,12 +273,12 @@ async fn stats(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
     }
     warren_topology::close(&c, "bye").await;
     if g.json() {
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        outln!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
     }
     for s in &all {
         warn_partial(&s.coverage, &s.queue);
-        println!(
+        outln!(
             "{}  {} dead letters  oldest {}  newest {}",
             s.queue,
             s.count,
@@ -289,13 +289,15 @@ async fn stats(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         let kinds: Vec<String> = s.by_kind.iter().map(|(k, n)| format!("{k}={n}")).collect();
-        println!("  by kind: {}", kinds.join(" "));
-        println!(
+        outln!("  by kind: {}", kinds.join(" "));
+        outln!(
             "  {:>7}  {:<12}  {:<10}  example",
-            "count", "fingerprint", "kind"
+            "count",
+            "fingerprint",
+            "kind"
         );
         for f in &s.failure_groups {
-            println!(
+            outln!(
                 "  {:>7}  {:<12}  {:<10}  {}",
                 f.count,
                 f.fingerprint,
@@ -316,21 +318,26 @@ async fn list(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
     }
     warren_topology::close(&c, "bye").await;
     if g.json() {
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        outln!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
     }
     for l in &all {
         warn_partial(&l.coverage, &l.queue);
-        println!("{} ({} messages)", l.queue, l.coverage.total);
+        outln!("{} ({} messages)", l.queue, l.coverage.total);
         if l.messages.is_empty() {
             continue;
         }
-        println!(
+        outln!(
             "  {:<38}  {:>8}  {:>3}  {:<9}  {:<24}  {:>7}  error",
-            "id", "age", "att", "kind", "routing key", "size"
+            "id",
+            "age",
+            "att",
+            "kind",
+            "routing key",
+            "size"
         );
         for m in &l.messages {
-            println!(
+            outln!(
                 "  {:<38}  {:>8}  {:>3}  {:<9}  {:<24}  {:>7}  {}",
                 cut(&m.info.id, 38),
                 age(m.age_seconds),
@@ -393,10 +400,10 @@ async fn show(g: &Global, a: ShowArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     if g.json() {
-        println!("{}", serde_json::to_string_pretty(&views)?);
+        outln!("{}", serde_json::to_string_pretty(&views)?);
     } else {
         for v in views {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -517,24 +524,24 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     warren_topology::close(&c, "bye").await;
     if g.json() {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        outln!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
         for r in &reports {
             if let Some(cov) = &r.coverage {
                 warn_partial(cov, &warren_topology::dead_queue(&r.group));
             }
             if r.dry_run {
-                println!(
+                outln!(
                     "{}: dry run: {} would be replayed ({} read); nothing moved",
                     r.group,
                     r.selected,
                     r.coverage.map_or(0, |c| c.scanned)
                 );
                 for id in &r.ids {
-                    println!("  {id}");
+                    outln!("  {id}");
                 }
             } else {
-                println!(
+                outln!(
                     "{}: {} replayed to {}, {} failed (left in the dead-letter queue){}",
                     r.group,
                     r.replayed,
@@ -551,7 +558,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
                     }
                 );
                 for e in &r.errors {
-                    println!("  error: {e}");
+                    outln!("  error: {e}");
                 }
             }
         }
@@ -603,7 +610,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         for p in pending {
             p.abort().await?;
         }
-        println!("nothing matches; nothing deleted");
+        outln!("nothing matches; nothing deleted");
         return Ok(ExitCode::SUCCESS);
     }
     if !a.yes {
@@ -632,7 +639,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
             for p in pending {
                 p.abort().await?;
             }
-            println!("nothing deleted");
+            outln!("nothing deleted");
             return Ok(ExitCode::from(1));
         }
     }
@@ -648,13 +655,13 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
     }
     warren_topology::close(&c, "bye").await;
     if g.json() {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        outln!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
         for r in &reports {
-            println!("{}: {} purged", r.group, r.purged);
+            outln!("{}: {} purged", r.group, r.purged);
         }
         if let Some(w) = &archive {
-            println!(
+            outln!(
                 "archived {} messages to {}",
                 w.written(),
                 w.path().display()
@@ -676,10 +683,10 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
     }
     warren_topology::close(&c, "bye").await;
     if g.json() {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        outln!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
         for r in &reports {
-            println!(
+            outln!(
                 "{}: {} exported{}",
                 r.group,
                 r.exported,
@@ -690,7 +697,7 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
                 }
             );
         }
-        println!("wrote {}", a.file.display());
+        outln!("wrote {}", a.file.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -707,10 +714,10 @@ async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
     .await?;
     warren_topology::close(&c, "bye").await;
     if g.json() {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        outln!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         for (q, n) in &r.imported {
-            println!("{q}: {n} imported");
+            outln!("{q}: {n} imported");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -239,32 +239,39 @@ fn record(
 
 fn print_summary(g: &Global, s: &Summary, repeated: bool) -> anyhow::Result<()> {
     if g.json() {
-        println!("{}", serde_json::to_string(s)?);
+        outln!("{}", serde_json::to_string(s)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "published {}  confirmed {}  returned {}  nacked {}  failed {}  in {:.3}s  ({} msgs/s)",
-        s.published, s.confirmed, s.returned, s.nacked, s.failed, s.elapsed_seconds, s.msgs_per_sec
+        s.published,
+        s.confirmed,
+        s.returned,
+        s.nacked,
+        s.failed,
+        s.elapsed_seconds,
+        s.msgs_per_sec
     );
     if let Some(at) = &s.interrupted_at {
         if repeated {
-            println!(
+            outln!(
                 "interrupted: {} not sent, from line {} of repeat {} on",
                 s.not_sent,
                 at.line,
                 at.repeat + 1
             );
         } else {
-            println!(
+            outln!(
                 "interrupted: {} not sent, from line {} on",
-                s.not_sent, at.line
+                s.not_sent,
+                at.line
             );
         }
     }
     const SHOWN: usize = 20;
     for f in s.failures.iter().take(SHOWN) {
         if repeated {
-            println!(
+            outln!(
                 "line {} (repeat {}): {}: {}",
                 f.line,
                 f.repeat + 1,
@@ -272,13 +279,13 @@ fn print_summary(g: &Global, s: &Summary, repeated: bool) -> anyhow::Result<()> 
                 f.error
             );
         } else {
-            println!("line {}: {}: {}", f.line, f.outcome, f.error);
+            outln!("line {}: {}: {}", f.line, f.outcome, f.error);
         }
     }
     if s.failures.len() > SHOWN {
         let mut lines: Vec<usize> = s.failures.iter().map(|f| f.line).collect();
         lines.dedup();
-        println!(
+        outln!(
             "... {} more not confirmed; lines not confirmed: {}",
             s.failures.len() - SHOWN,
             lines

@@ -26,14 +26,14 @@ pub async fn run(g: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         TopologyCmd::Show => {
             if g.json() {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(
                         &json!({ "plan": plan, "lints": topology.lints() })
                     )?
                 );
             } else {
-                print!("{plan}");
+                out!("{plan}");
                 print_lints(&topology);
             }
             Ok(ExitCode::SUCCESS)
@@ -46,9 +46,9 @@ pub async fn run(g: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> {
 fn print_lints(t: &Topology) {
     let lints = t.lints();
     if !lints.is_empty() {
-        println!("WARNINGS");
+        outln!("WARNINGS");
         for l in lints {
-            println!("  {l}");
+            outln!("  {l}");
         }
     }
 }
@@ -65,7 +65,7 @@ async fn apply(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode
     warren_topology::close(&conn, "done").await;
     let done = result.context("topology apply stopped; nothing was declared")?;
     if g.json() {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({ "applied": done, "lints": t.lints() }))?
         );
@@ -76,13 +76,13 @@ async fn apply(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode
                 warren_topology::Action::Unchanged => "unchanged",
                 warren_topology::Action::Bound => "bound",
             };
-            println!("{action:<10} {:<9} {}", a.kind, a.name);
+            outln!("{action:<10} {:<9} {}", a.kind, a.name);
         }
         let created = done
             .iter()
             .filter(|a| a.action == warren_topology::Action::Created)
             .count();
-        println!(
+        outln!(
             "applied {}: {created} created, {} already there",
             g.topology.display(),
             done.iter()
@@ -101,7 +101,7 @@ async fn verify(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCod
     let report = result?;
     let ok = report.matches();
     if g.json() {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({ "matches": ok, "checks": report.checks, "lints": t.lints() })
@@ -110,15 +110,15 @@ async fn verify(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCod
     } else {
         for c in &report.checks {
             match &c.state {
-                ObjectState::Matches => println!("ok        {:<9} {}", c.kind, c.name),
-                ObjectState::Missing => println!("MISSING   {:<9} {}", c.kind, c.name),
-                ObjectState::Differs(d) => println!("DIFFERS   {:<9} {}: {d}", c.kind, c.name),
+                ObjectState::Matches => outln!("ok        {:<9} {}", c.kind, c.name),
+                ObjectState::Missing => outln!("MISSING   {:<9} {}", c.kind, c.name),
+                ObjectState::Differs(d) => outln!("DIFFERS   {:<9} {}: {d}", c.kind, c.name),
             }
         }
-        println!("bindings are declared by `apply` (idempotent); AMQP cannot list them, so verify does not check them");
+        outln!("bindings are declared by `apply` (idempotent); AMQP cannot list them, so verify does not check them");
         print_lints(t);
         if ok {
-            println!("the broker matches {}", g.topology.display());
+            outln!("the broker matches {}", g.topology.display());
         } else {
             let missing = report
                 .checks
@@ -126,7 +126,7 @@ async fn verify(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCod
                 .filter(|c| c.state == ObjectState::Missing)
                 .count();
             let differ = report.differing().count();
-            println!("the broker does not match {}: {missing} missing, {differ} different (`warren topology apply` creates what is missing; it never changes what differs)", g.topology.display());
+            outln!("the broker does not match {}: {missing} missing, {differ} different (`warren topology apply` creates what is missing; it never changes what differs)", g.topology.display());
         }
     }
     Ok(if ok {

@@ -510,7 +510,7 @@ async fn consume_run(g: &Global, c: &Common, bench: &Bench) -> anyhow::Result<(f
     let bare = t0.elapsed();
     let (w, b) = (rate(c.count, warren), rate(c.count, bare));
     let ratio = round2(w / b);
-    println!(
+    outln!(
         "{}",
         serde_json::json!({
             "bench": "consume", "queue_type": c.queue_type.as_str(), "count": c.count,
@@ -596,7 +596,7 @@ async fn e2e_run(
     let (bp50, bp99) = bare_rec.percentiles();
     let (w, b) = (rate(c.count, warren), rate(c.count, bare));
     let ratio = round2(w / b);
-    println!(
+    outln!(
         "{}",
         serde_json::json!({
             "bench": "e2e", "queue_type": c.queue_type.as_str(), "count": c.count,
@@ -649,7 +649,7 @@ impl Runs {
             line["median_warren_p99_ms"] = round2(super::spread(&mut w).0).into();
             line["median_bare_p99_ms"] = round2(super::spread(&mut b).0).into();
         }
-        println!("{line}");
+        outln!("{line}");
     }
 }
 
@@ -675,7 +675,7 @@ pub async fn run_retry(g: &Global, a: RetryBenchArgs) -> anyhow::Result<ExitCode
         }
         if ratios.len() > 1 {
             let (median, min, max) = super::spread(&mut ratios);
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({
                     "bench": "retry", "summary": true, "runs": ratios.len(),
@@ -785,7 +785,7 @@ async fn retry_run(
         task.await??;
     }
     let (h, r) = (rate(c.count, happy), rate(c.count, retry));
-    println!(
+    outln!(
         "{}",
         serde_json::json!({
             "bench": "retry", "queue_type": c.queue_type.as_str(), "count": c.count,

@@ -130,7 +130,7 @@ pub async fn run(g: &Global, a: PublishBenchArgs) -> anyhow::Result<ExitCode> {
                 unreachable!("each side ran once")
             };
             let r3 = |r: f64| (r * 1000.0).round() / 1000.0;
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({
                     "bench": "publish",
@@ -159,7 +159,7 @@ pub async fn run(g: &Global, a: PublishBenchArgs) -> anyhow::Result<ExitCode> {
             let round = |r: f64| (r * 1000.0).round() / 1000.0;
             let (median, min, max) = super::spread(&mut ratios);
             let (plain_median, _, _) = super::spread(&mut plain_ratios);
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({
                     "bench": "publish",

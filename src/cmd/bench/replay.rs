@@ -167,7 +167,7 @@ pub async fn run(g: &Global, a: ReplayBenchArgs) -> anyhow::Result<ExitCode> {
     warren_topology::close(&conn, "bye").await;
     let (replay_took, bare) = result?;
     let rate = |d: Duration| a.messages as f64 / d.as_secs_f64().max(1e-9);
-    println!(
+    outln!(
         "{}",
         serde_json::json!({
             "bench": "replay",

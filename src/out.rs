@@ -1,0 +1,55 @@
+//! What commands print on standard output.
+//!
+//! `warren dlq list | head` closes the pipe after ten lines. `println!`
+//! panics on the next write (with a backtrace); [`outln!`] instead ends the
+//! process quietly with exit code 141 (128 + SIGPIPE, what a shell shows for
+//! a tool that SIGPIPE ended). Nothing is lost by ending there: a scan's
+//! messages are held unacked on a connection that then closes, so the broker
+//! puts them back in their order, and commands that change the broker print
+//! their summary after the work. Any other write error on stdout is exit 1.
+
+use std::fmt;
+use std::io::{ErrorKind, Write};
+
+/// The exit code when the reader of stdout went away.
+pub const BROKEN_PIPE: i32 = 141;
+
+/// `println!` for commands: see the module documentation.
+macro_rules! outln {
+    () => {
+        $crate::out::text(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::out::text(format_args!($($arg)*), true)
+    };
+}
+
+/// `print!` for commands: see the module documentation.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::out::text(format_args!($($arg)*), false)
+    };
+}
+
+/// Writes to stdout (and a newline when `newline`), or ends the process
+/// when stdout is gone.
+pub fn text(args: fmt::Arguments<'_>, newline: bool) {
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| out.flush());
+    if let Err(e) = written {
+        if e.kind() == ErrorKind::BrokenPipe {
+            std::process::exit(BROKEN_PIPE);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
