@@ -1046,10 +1046,14 @@ async fn limit_takes_the_first_n_matches_from_the_head_of_the_queue() {
     );
     assert_eq!(count(&conn, &env.group).await, 0);
 
-    let out = ok(&[
+    let out = run(&[
         "dlq", "replay", "--group", &env.group, "--kind", "timeout", "--limit", "2",
     ]);
-    assert_eq!(summary(&out, &env.group).1, 2, "{out}");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(summary(&stdout, &env.group).1, 2, "{stdout}");
+    // Stopping at the limit is what was asked: no advice to scan more.
+    assert!(!stderr.contains("scan-limit"), "{stderr}");
     assert_eq!(take_ids(&conn, &env.group, 2).await, names("l", [1, 3]));
     ok(&[
         "dlq", "replay", "--group", &env.group, "--all", "--limit", "3",
@@ -1060,6 +1064,15 @@ async fn limit_takes_the_first_n_matches_from_the_head_of_the_queue() {
         "dlq", "purge", "--group", &env.group, "--all", "--limit", "1", "--yes",
     ]);
     assert!(out.contains(&format!("{}: 1 purged", env.group)), "{out}");
+    // The scan limit, not a selection, leaving messages unread is worth a
+    // warning.
+    let out = run(&["dlq", "list", "--group", &env.group, "--scan-limit", "1"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("scanned 1 of 2 (raise --scan-limit to read more)"),
+        "{stderr}"
+    );
     assert_eq!(take_ids(&conn, &env.dead(), 2).await, names("l", [6, 7]));
 }
 
@@ -1174,7 +1187,10 @@ async fn show_prints_json_bodies_as_json_and_binary_ones_as_hex_and_list_json_ha
     let l = &l.as_array().unwrap()[0];
     assert_eq!(l["group"], env.group.as_str());
     assert_eq!(l["queue"], env.dead());
-    assert_eq!(l["coverage"], json!({"scanned": 3, "total": 3}));
+    assert_eq!(
+        l["coverage"],
+        json!({"scanned": 3, "total": 3, "scan_limit_reached": false})
+    );
     let ms = l["messages"].as_array().unwrap();
     let ids: Vec<&str> = ms.iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["s-json", "s-bin", "s-text"]);

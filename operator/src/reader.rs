@@ -94,6 +94,10 @@ pub struct Coverage {
     pub scanned: usize,
     /// Messages the queue held when the scan started.
     pub total: u64,
+    /// Whether the scan stopped because it read [`ReadOptions::scan_limit`]
+    /// messages with more left in the queue (not because a selection's
+    /// `limit` was reached): reading more needs a higher scan limit.
+    pub scan_limit_reached: bool,
 }
 
 impl Coverage {
@@ -296,6 +300,8 @@ impl Scan {
         Coverage {
             scanned: self.seen,
             total: self.total,
+            scan_limit_reached: (self.seen as u64) < self.total
+                && self.seen >= self.opts.scan_limit.clamp(1, MAX_SCAN_LIMIT),
         }
     }
 

@@ -50,7 +50,8 @@ async fn fifty_reads_change_nothing_count_order_bodies_properties_headers() {
                 l.coverage,
                 op::Coverage {
                     scanned: 31,
-                    total: 31
+                    total: 31,
+                    scan_limit_reached: false,
                 }
             );
             let ids: Vec<&str> = l.messages.iter().map(|m| m.info.id.as_str()).collect();

@@ -258,8 +258,10 @@ fn cut(s: &str, n: usize) -> String {
     }
 }
 
+/// Warns when the scan limit, not the selection, left part of the queue
+/// unread.
 fn warn_partial(c: &op::Coverage, queue: &str) {
-    if c.partial() {
+    if c.scan_limit_reached {
         eprintln!("warning: {queue}: {c} (raise --scan-limit to read more)");
     }
 }
