@@ -101,6 +101,31 @@ fn without_keep_the_demo_cleans_up() {
         .unwrap();
     let names = String::from_utf8_lossy(&listed.stdout);
     assert!(!names.contains(&prefix), "queues left behind: {names}");
+    let file = std::env::temp_dir().join(format!("warren-{}.toml", prefix.trim_end_matches('.')));
+    assert!(!file.exists(), "{} left behind", file.display());
+}
+
+#[test]
+fn a_kept_demo_writes_its_topology_file_under_its_own_prefix() {
+    let prefix = format!("{}.", unique("demokept"));
+    let file = std::env::temp_dir().join(format!("warren-{}.toml", prefix.trim_end_matches('.')));
+    let o = warren()
+        .args(["demo", "--keep", "--output", "json", "--orders", "50"])
+        .args(["--prefix", &prefix])
+        .output_within(CLI_LIMIT);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Deletes the kept queues with the file.
+    let topo = Topo::adopt(&file);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["topology_file"], file.to_str().unwrap());
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert!(written.contains(&format!("{prefix}orders")), "{written}");
+    drop(topo);
 }
 
 #[test]

@@ -155,12 +155,18 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("purging {}", q.name))?;
     }
-    let topology_file = args
-        .write_topology
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("warren-demo.toml"));
-    std::fs::write(&topology_file, topology.to_toml())
-        .with_context(|| format!("writing {}", topology_file.display()))?;
+    // The file the next commands use: written when the demo is kept (or a
+    // path is given), named after the prefix so that demos with other
+    // prefixes do not overwrite or delete it.
+    let topology_file = match (&args.write_topology, args.keep) {
+        (Some(path), _) => Some(path.clone()),
+        (None, true) => Some(std::env::temp_dir().join(topology_file_name(&args.prefix))),
+        (None, false) => None,
+    };
+    if let Some(path) = &topology_file {
+        std::fs::write(path, topology.to_toml())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
 
     // Both groups consume in this process, sharing the connection and metrics.
     let registry = Registry::new();
@@ -374,12 +380,16 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         let _ = channel
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await;
-        let _ = std::fs::remove_file(&topology_file);
+        if let Some(path) = &topology_file {
+            let _ = std::fs::remove_file(path);
+        }
     }
     drop(channel);
     broker.close().await;
 
-    let f = topology_file.display().to_string();
+    let f = topology_file
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     let first = topology
         .groups
         .first()
@@ -489,4 +499,41 @@ fn live(registry: &Registry, topology: &Topology, published: u64) -> String {
         ));
     }
     parts.join(" | ")
+}
+
+/// `warren-{prefix}.toml` (`warren-demo.toml` for the default prefix), with
+/// anything but letters, digits, `.`, `-` and `_` replaced by `_`.
+fn topology_file_name(prefix: &str) -> String {
+    let stem: String = prefix
+        .trim_end_matches('.')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if stem.is_empty() {
+        "warren-demo.toml".into()
+    } else {
+        format!("warren-{stem}.toml")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::topology_file_name;
+
+    #[test]
+    fn the_kept_topology_file_is_named_after_the_prefix() {
+        assert_eq!(topology_file_name("demo."), "warren-demo.toml");
+        assert_eq!(
+            topology_file_name("team-a.demo."),
+            "warren-team-a.demo.toml"
+        );
+        assert_eq!(topology_file_name("a/b c."), "warren-a_b_c.toml");
+        assert_eq!(topology_file_name(""), "warren-demo.toml");
+    }
 }
