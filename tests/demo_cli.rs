@@ -7,30 +7,38 @@ mod harness;
 
 use harness::*;
 
+/// Runs `warren demo args`; asserts it succeeded and returns its stdout.
+fn demo(args: &[&str]) -> String {
+    let o = warren().arg("demo").args(args).output_within(CLI_LIMIT);
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "demo {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout
+}
+
+/// Where a kept demo with `prefix` writes its topology file.
+fn kept_file(prefix: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("warren-{}.toml", prefix.trim_end_matches('.')))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_summary_reconciles_with_the_queues() {
     let prefix = format!("{}.", unique("demo"));
     let file = std::env::temp_dir().join(format!("{prefix}toml"));
-    let o = warren()
-        .args([
-            "demo",
-            "--keep",
-            "--output",
-            "json",
-            "--orders",
-            "600",
-            "--prefix",
-            &prefix,
-            "--write-topology",
-            file.to_str().unwrap(),
-        ])
-        .output_within(CLI_LIMIT);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "demo failed: {stdout}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let stdout = demo(&[
+        "--keep",
+        "--output",
+        "json",
+        "--orders",
+        "600",
+        "--prefix",
+        &prefix,
+        "--write-topology",
+        file.to_str().unwrap(),
+    ]);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     // The kept topology file is what the next commands use: clean it up with its queues.
     let topo = Topo::adopt(&file);
@@ -81,15 +89,7 @@ async fn demo_summary_reconciles_with_the_queues() {
 #[test]
 fn without_keep_the_demo_cleans_up() {
     let prefix = format!("{}.", unique("democlean"));
-    let o = warren()
-        .args(["demo", "--orders", "100", "--prefix", &prefix])
-        .output_within(CLI_LIMIT);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let stdout = demo(&["--orders", "100", "--prefix", &prefix]);
     assert!(
         stdout.contains("reconciled: every order was acked or is in its group's dead-letter queue"),
         "{stdout}"
@@ -101,24 +101,17 @@ fn without_keep_the_demo_cleans_up() {
         .unwrap();
     let names = String::from_utf8_lossy(&listed.stdout);
     assert!(!names.contains(&prefix), "queues left behind: {names}");
-    let file = std::env::temp_dir().join(format!("warren-{}.toml", prefix.trim_end_matches('.')));
+    let file = kept_file(&prefix);
     assert!(!file.exists(), "{} left behind", file.display());
 }
 
 #[test]
 fn a_kept_demo_writes_its_topology_file_under_its_own_prefix() {
     let prefix = format!("{}.", unique("demokept"));
-    let file = std::env::temp_dir().join(format!("warren-{}.toml", prefix.trim_end_matches('.')));
-    let o = warren()
-        .args(["demo", "--keep", "--output", "json", "--orders", "50"])
-        .args(["--prefix", &prefix])
-        .output_within(CLI_LIMIT);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let file = kept_file(&prefix);
+    let stdout = demo(&[
+        "--keep", "--output", "json", "--orders", "50", "--prefix", &prefix,
+    ]);
     // Deletes the kept queues with the file.
     let topo = Topo::adopt(&file);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
