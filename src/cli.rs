@@ -160,8 +160,13 @@ pub fn init_tracing(g: &Global, quiet: bool) {
             format!("{default},lapin=off,amq_protocol=off")
         })
     });
+    // Colours only on a terminal: logs that go to a file, a pipe or a
+    // journal get no escape codes (and none with NO_COLOR set).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match g.log_format {
         LogFormat::Json => builder.json().init(),

@@ -214,6 +214,9 @@ fn a_wrong_password_is_a_clear_error_without_the_password() {
     );
     assert!(err.contains("amqp://guest:***@127.0.0.1:5672/%2f"), "{err}");
     assert!(err.contains("refused user \"guest\""), "{err}");
+    // Logs into a pipe (-vv: there are some) carry no colour codes.
+    assert!(err.contains(" DEBUG "), "{err}");
+    assert!(!err.contains('\x1b'), "escape codes in piped logs: {err:?}");
 }
 
 #[test]
