@@ -113,7 +113,14 @@ fn e2e_at_a_fixed_rate_reports_latency_per_run_and_the_medians() {
         assert_eq!(run["bench"], "e2e");
         assert_eq!(run["queue_type"], "quorum");
         assert_eq!(run["rate"], 2000);
-        for key in ["warren_p99_ms", "bare_p99_ms", "warren_msgs_per_s", "ratio"] {
+        for key in [
+            "warren_p99_ms",
+            "warren_p99_steady_ms",
+            "bare_p99_ms",
+            "bare_p99_steady_ms",
+            "warren_msgs_per_s",
+            "ratio",
+        ] {
             assert!(num(run, key) > 0.0, "{key} in {run}");
         }
     }
@@ -127,6 +134,14 @@ fn e2e_at_a_fixed_rate_reports_latency_per_run_and_the_medians() {
         "median of {p99s:?}: {summary}"
     );
     assert!(num(summary, "max_warren_rss_mb") > 0.0, "{summary}");
+    let steady: Vec<f64> = lines[..2]
+        .iter()
+        .map(|l| num(l, "warren_p99_steady_ms"))
+        .collect();
+    assert!(
+        (num(summary, "median_warren_p99_steady_ms") - (steady[0] + steady[1]) / 2.0).abs() < 0.011,
+        "median of {steady:?}: {summary}"
+    );
 }
 
 #[test]
