@@ -54,6 +54,40 @@ fn num(v: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
 }
 
+/// Splits the output of `--runs n` into the run lines and the summary line;
+/// asserts each run line is of `bench` and has every key of `keys` above 0.
+fn runs_and_summary<'a>(
+    lines: &'a [Value],
+    bench: &str,
+    n: usize,
+    keys: &[&str],
+) -> (&'a [Value], &'a Value) {
+    assert_eq!(lines.len(), n + 1, "{n} runs and the summary: {lines:?}");
+    let (runs, summary) = lines.split_at(n);
+    for run in runs {
+        assert_eq!(run["bench"], bench);
+        for key in keys {
+            assert!(num(run, key) > 0.0, "{key} in {run}");
+        }
+    }
+    let summary = &summary[0];
+    assert_eq!(summary["summary"], true);
+    assert_eq!(summary["runs"], n);
+    (runs, summary)
+}
+
+/// The median of `key` over the run lines.
+fn median(runs: &[Value], key: &str) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(|l| num(l, key)).collect();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
+}
+
 #[test]
 fn retry_prints_a_line_per_run_and_the_medians() {
     let lines = bench(&[
@@ -67,30 +101,28 @@ fn retry_prints_a_line_per_run_and_the_medians() {
         "--queue-type",
         "classic",
     ]);
-    assert_eq!(lines.len(), 3, "{lines:?}");
-    for run in &lines[..2] {
-        assert_eq!(run["bench"], "retry");
-        assert_eq!(run["tier_ms"], 20);
-        for key in [
+    let (runs, summary) = runs_and_summary(
+        &lines,
+        "retry",
+        2,
+        &[
             "happy_e2e_msgs_per_s",
             "retry_e2e_msgs_per_s",
             "bare_happy_e2e_msgs_per_s",
             "bare_retry_e2e_msgs_per_s",
             "ratio",
-        ] {
-            assert!(num(run, key) > 0.0, "{key} in {run}");
-        }
+        ],
+    );
+    for run in runs {
+        assert_eq!(run["tier_ms"], 20);
     }
-    let summary = &lines[2];
-    assert_eq!(summary["summary"], true);
-    assert_eq!(summary["runs"], 2);
-    let (min, median, max) = (
+    let (min, mid, max) = (
         num(summary, "min_ratio"),
         num(summary, "median_ratio"),
         num(summary, "max_ratio"),
     );
-    assert!(min <= median && median <= max, "{summary}");
-    let ratios: Vec<f64> = lines[..2].iter().map(|l| num(l, "ratio")).collect();
+    assert!(min <= mid && mid <= max, "{summary}");
+    let ratios: Vec<f64> = runs.iter().map(|l| num(l, "ratio")).collect();
     let lo = ratios.iter().copied().fold(f64::MAX, f64::min);
     assert!((min - lo).abs() < 0.011, "min {min} of {ratios:?}");
 }
@@ -108,40 +140,29 @@ fn e2e_at_a_fixed_rate_reports_latency_per_run_and_the_medians() {
         "--queue-type",
         "quorum",
     ]);
-    assert_eq!(lines.len(), 3, "two runs and the summary: {lines:?}");
-    for run in &lines[..2] {
-        assert_eq!(run["bench"], "e2e");
-        assert_eq!(run["queue_type"], "quorum");
-        assert_eq!(run["rate"], 2000);
-        for key in [
+    let (runs, summary) = runs_and_summary(
+        &lines,
+        "e2e",
+        2,
+        &[
             "warren_p99_ms",
             "warren_p99_steady_ms",
             "bare_p99_ms",
             "bare_p99_steady_ms",
             "warren_msgs_per_s",
             "ratio",
-        ] {
-            assert!(num(run, key) > 0.0, "{key} in {run}");
-        }
+        ],
+    );
+    for run in runs {
+        assert_eq!(run["queue_type"], "quorum");
+        assert_eq!(run["rate"], 2000);
     }
-    let summary = &lines[2];
-    assert_eq!(summary["summary"], true);
-    assert_eq!(summary["runs"], 2);
-    let p99s: Vec<f64> = lines[..2].iter().map(|l| num(l, "warren_p99_ms")).collect();
-    let median = num(summary, "median_warren_p99_ms");
-    assert!(
-        (median - (p99s[0] + p99s[1]) / 2.0).abs() < 0.011,
-        "median of {p99s:?}: {summary}"
-    );
+    for key in ["warren_p99_ms", "warren_p99_steady_ms"] {
+        let want = median(runs, key);
+        let got = num(summary, &format!("median_{key}"));
+        assert!((got - want).abs() < 0.011, "median of {key}: {summary}");
+    }
     assert!(num(summary, "max_warren_rss_mb") > 0.0, "{summary}");
-    let steady: Vec<f64> = lines[..2]
-        .iter()
-        .map(|l| num(l, "warren_p99_steady_ms"))
-        .collect();
-    assert!(
-        (num(summary, "median_warren_p99_steady_ms") - (steady[0] + steady[1]) / 2.0).abs() < 0.011,
-        "median of {steady:?}: {summary}"
-    );
 }
 
 #[test]

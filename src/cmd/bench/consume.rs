@@ -264,9 +264,9 @@ impl Recorder {
     /// p50 and p99 of the whole run, and the p99 without its first tenth.
     fn percentiles(&self) -> Latency {
         let v = self.lat.lock().map(|v| v.clone()).unwrap_or_default();
-        let (p50, p99) = quantiles(v.clone());
         // In handling order: the first tenth is the warm-up.
         let (_, steady_p99) = quantiles(v[v.len() / 10..].to_vec());
+        let (p50, p99) = quantiles(v);
         Latency {
             p50,
             p99,
