@@ -860,9 +860,10 @@ async fn process<H: Handler>(
     }
 }
 
-/// Publishes a copy (mandatory, properties kept as they are) and waits for
-/// its confirm; unroutable, nacked or unconfirmed within `confirm_timeout`
-/// is an error.
+/// Publishes a copy (mandatory; properties kept but `expiration` and
+/// `x-delivery-count`, see [`warren_topology::copy_properties`]) and waits
+/// for its confirm; unroutable, nacked or unconfirmed within
+/// `confirm_timeout` is an error.
 async fn publish_copy(
     publisher: &Publisher,
     exchange: &str,
@@ -870,7 +871,7 @@ async fn publish_copy(
     delivery: &Delivery,
     headers: FieldTable,
 ) -> Result<(), warren_producer::PublishError> {
-    let props = delivery.properties().clone().with_headers(headers);
+    let props = warren_topology::copy_properties(delivery.properties(), headers);
     let copy = Message::bytes(exchange, key, delivery.body().to_vec())
         .properties(props)
         .as_is();

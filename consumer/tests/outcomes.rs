@@ -270,6 +270,77 @@ async fn permanent_and_undecodable_go_straight_to_dead_letters() {
     assert_eq!(f.count(&g.retry_queue(1)).await, 0);
 }
 
+/// A dead letter must not expire in `{group}.dead` (which has no dead-letter
+/// exchange of its own) and must not carry the quorum work queue's delivery
+/// counter (which would make its classic dead-letter queue look like a
+/// quorum queue to the operator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_keeps_neither_expiration_nor_the_delivery_count() {
+    let f = Fixture::new(
+        "[[exchange]]\nname = 'orders'\nkind = 'topic'\n\
+         [[group]]\nname = 'billing'\nexchange = 'orders'\nbindings = ['order.*']\n\
+         queue_type = 'quorum'\nretry = []\ndelivery_limit = 5\nhandler_timeout = '2s'\n",
+    )
+    .await;
+    let g = f.group(0);
+    f.publish(
+        &f.exchange(),
+        "order.created",
+        b"{}",
+        props("exp-1").with_expiration("60000".into()),
+    )
+    .await;
+    // One return before the group sees it: the quorum queue now counts a
+    // delivery and says so in `x-delivery-count`.
+    let got =
+        f.ch.basic_get(g.work_queue().as_str().into(), Default::default())
+            .await
+            .unwrap()
+            .expect("the message is in the work queue");
+    f.ch.basic_nack(
+        got.delivery.delivery_tag,
+        lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                l.note(&d);
+                assert!(
+                    d.headers()
+                        .is_some_and(|h| h.inner().contains_key(headers::DELIVERY_COUNT)),
+                    "the redelivery from the quorum queue carries x-delivery-count"
+                );
+                Err(HandlerError::permanent("no such customer"))
+            }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(10)).await;
+    run.stop().await;
+    assert_eq!(ledger.count("exp-1"), 1);
+    let p = &dead[0].delivery.properties;
+    assert_eq!(p.expiration(), &None, "a dead letter never expires");
+    assert_eq!(header_int(&dead[0], headers::DELIVERY_COUNT), None);
+    assert_eq!(
+        header_str(&dead[0], headers::ERROR_KIND).as_deref(),
+        Some("permanent")
+    );
+    // Everything else is kept.
+    assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("exp-1"));
+    assert_eq!(header_str(&dead[0], "x-custom").as_deref(), Some("kept"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panics_and_timeouts_are_retried_and_the_consumer_keeps_going() {
     let f = Fixture::new(&classic("'200ms'", "")).await;

@@ -15,6 +15,16 @@ pub enum OperatorError {
         /// The queue.
         queue: String,
     },
+    /// The dead-letter queue exists with other arguments than warren
+    /// declares (a quorum queue, a TTL, ...): reading it could count
+    /// deliveries against a limit or let messages expire.
+    #[error("queue {queue:?} is not the classic dead-letter queue warren declares ({detail}); reading it could burn a delivery limit or expire messages: check it with `warren topology verify`")]
+    NotADeadQueue {
+        /// The queue.
+        queue: String,
+        /// What differs, as the broker says.
+        detail: String,
+    },
     /// An AMQP operation failed.
     #[error("{what} on {object:?}: {source}")]
     Amqp {

@@ -16,8 +16,10 @@
 //!   started (so it ends even while dead letters keep arriving), and at most
 //!   [`ReadOptions::scan_limit`]; [`Coverage`] says "scanned N of M".
 //! - Dead-letter queues are classic: a read never counts toward a delivery
-//!   limit. A delivery that carries `x-delivery-count` comes from a quorum
-//!   queue; the scan stops at once rather than burn its delivery limit.
+//!   limit. Before reading, a scan declares the queue with the arguments
+//!   warren plans for it (a no-op when they match); a queue with others (a
+//!   quorum queue, a TTL) is refused with [`OperatorError::NotADeadQueue`]
+//!   rather than read.
 //! - Every broker call has a timeout; a queue that yields fewer messages
 //!   than it counted (another reader holds some) ends the scan after
 //!   [`ReadOptions::idle_timeout`].
@@ -30,7 +32,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use serde::Serialize;
 use tracing::{debug, warn};
-use warren_topology::dead_queue;
+use warren_topology::{dead_queue, explain_precondition, planned_dead_queue};
 
 use crate::error::{timed, OperatorError};
 use crate::message::{DeadLetter, Info};
@@ -177,6 +179,7 @@ impl Scan {
             .unwrap_or(usize::MAX)
             .min(opts.scan_limit.clamp(1, MAX_SCAN_LIMIT));
         let channel = timed(rpc, "opening a channel", &queue, conn.create_channel()).await?;
+        check_dead_queue(&channel, group, rpc).await?;
         let mut consumer = None;
         if target > 0 {
             let window = u16::try_from(target).unwrap_or(u16::MAX);
@@ -243,17 +246,6 @@ impl Scan {
             }
             Ok(Some(Ok(d))) => d,
         };
-        if delivery
-            .properties
-            .headers()
-            .as_ref()
-            .is_some_and(|h| h.contains_key("x-delivery-count"))
-        {
-            return Err(OperatorError::Selection(format!(
-                "queue {:?} counts deliveries (it is a quorum queue): reading it would burn its delivery limit; dead-letter queues must be classic (see `warren topology verify`)",
-                self.queue
-            )));
-        }
         let position = self.seen;
         self.seen += 1;
         let info = Info::from_parts(&delivery.properties, &delivery.data);
@@ -330,6 +322,49 @@ impl Scan {
         .await?;
         Ok(coverage)
     }
+}
+
+/// Declares `group`'s dead-letter queue with the arguments warren plans for
+/// it: a no-op for the queue `apply` declared, PRECONDITION_FAILED (and a
+/// closed channel) for one with other arguments.
+async fn check_dead_queue(ch: &Channel, group: &str, rpc: Duration) -> Result<(), OperatorError> {
+    let planned = planned_dead_queue(group);
+    let declared = timed(
+        rpc,
+        "checking the queue's arguments",
+        &planned.name,
+        ch.queue_declare(
+            planned.name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            planned.field_table(),
+        ),
+    )
+    .await;
+    match declared {
+        Ok(_) => Ok(()),
+        Err(OperatorError::Amqp { source, .. }) if is_precondition_failed(&source) => {
+            let text = source.to_string();
+            let detail = match text.find("inequivalent arg") {
+                Some(at) => explain_precondition(&text[at..]),
+                None => text,
+            };
+            Err(OperatorError::NotADeadQueue {
+                queue: planned.name,
+                detail,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    let s = e.to_string().to_uppercase();
+    s.contains("PRECONDITION_FAILED")
+        || s.contains("PRECONDITION-FAILED")
+        || s.contains("PRECONDITIONFAILED")
 }
 
 fn is_not_found(e: &lapin::Error) -> bool {

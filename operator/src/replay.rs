@@ -119,7 +119,9 @@ impl ReplayReport {
     }
 }
 
-/// The copy that is published: attempts reset to 0, replays + 1, all else kept.
+/// The copy that is published: attempts reset to 0, replays + 1, all else
+/// kept but `expiration` and `x-delivery-count` (dead letters written before
+/// warren stopped copying them may still carry them).
 pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
     let mut h = p.headers().clone().unwrap_or_default();
     let replays = h
@@ -133,7 +135,7 @@ pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
         headers::REPLAYS.into(),
         AMQPValue::LongLongInt(replays.saturating_add(1)),
     );
-    p.clone().with_headers(h)
+    warren_topology::copy_properties(p, h)
 }
 
 fn destination(d: &DeadLetter, target: Target) -> Result<(String, String), String> {
@@ -423,9 +425,11 @@ mod tests {
         h.insert(headers::ATTEMPTS.into(), AMQPValue::ShortShortUInt(5));
         h.insert(headers::REPLAYS.into(), AMQPValue::LongInt(2));
         h.insert("keep".into(), AMQPValue::LongString("me".into()));
+        h.insert(headers::DELIVERY_COUNT.into(), AMQPValue::LongLongInt(2));
         let p = BasicProperties::default()
             .with_headers(h)
             .with_message_id("m".into())
+            .with_expiration("8000".into())
             .with_priority(3);
         let r = replay_properties(&p);
         let rh = r.headers().clone().unwrap();
@@ -443,5 +447,8 @@ mod tests {
         );
         assert_eq!(r.message_id(), p.message_id());
         assert_eq!(r.priority(), &Some(3));
+        // A replayed dead letter must not expire or claim old deliveries.
+        assert_eq!(r.expiration(), &None);
+        assert!(!rh.inner().contains_key(headers::DELIVERY_COUNT));
     }
 }

@@ -549,3 +549,103 @@ async fn cancel_mid_replay_settles_every_copy_in_flight_and_acks_exactly_those()
     let rest: Vec<String> = drain(&env.conn, &dq).await.iter().map(id).collect();
     assert_eq!(rest, want[STOP_AT..], "the rest stays, in order");
 }
+
+/// Dead letters written while the consumer still copied the quorum work
+/// queue's `x-delivery-count` (and a message's `expiration`) are read like
+/// any other, and a replay drops both.
+#[tokio::test]
+async fn dead_letters_carrying_a_delivery_count_are_read_and_replayed_without_it() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let mut h = warren_headers(
+        &env.billing,
+        "permanent",
+        "boom",
+        "order.created",
+        &env.orders,
+    );
+    h.insert(headers::DELIVERY_COUNT.into(), AMQPValue::LongLongInt(2));
+    let p = props("dc-1", h).with_expiration("600000".into());
+    publish(&env.conn, DEAD_LETTER_EXCHANGE, &env.billing, b"{}", p).await;
+    wait_count(&env.conn, &dq, 1).await;
+
+    let l = op::list(&env.conn, &env.billing, &quick()).await.unwrap();
+    assert_eq!(l.messages.len(), 1);
+    assert_eq!(l.messages[0].info.id, "dc-1");
+    wait_count(&env.conn, &dq, 1).await;
+
+    let sel = op::Selection {
+        ids: vec!["dc-1".into()],
+        ..Default::default()
+    };
+    let r = op::replay(
+        &env.conn,
+        &env.billing,
+        &sel,
+        &op::ReplayOptions {
+            read: quick(),
+            ..Default::default()
+        },
+        &op::Metrics::unregistered(),
+        &no_progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.selected, r.replayed, r.failed), (1, 1, 0));
+    let work = drain(&env.conn, &env.billing).await;
+    assert_eq!(work.len(), 1);
+    let (_, rp) = &work[0];
+    assert_eq!(rp.expiration(), &None);
+    assert_eq!(header(rp, headers::DELIVERY_COUNT), None);
+    assert_eq!(count(&env.conn, &dq).await, 0);
+}
+
+/// A queue in a dead-letter queue's place that is not the classic queue
+/// warren declares (here a quorum queue, which counts every read against a
+/// delivery limit) is refused before anything is read.
+#[tokio::test]
+async fn a_quorum_queue_in_a_dead_queues_place_is_refused_and_left_untouched() {
+    let group = format!("{}rogue", unique_prefix());
+    let dq = dead_queue(&group);
+    let _guard = Guard::empty().queue(&dq);
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(2));
+    ch.queue_declare(
+        dq.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    publish(&conn, "", &dq, b"{}", props("q-1", FieldTable::default())).await;
+    wait_count(&conn, &dq, 1).await;
+
+    for _ in 0..3 {
+        match op::list(&conn, &group, &quick()).await {
+            Err(e @ op::OperatorError::NotADeadQueue { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("x-queue-type"), "{text}");
+                assert!(text.contains("warren topology verify"), "{text}");
+            }
+            other => panic!("expected NotADeadQueue, got {other:?}"),
+        }
+    }
+    // Never delivered: still there, its delivery limit untouched.
+    wait_count(&conn, &dq, 1).await;
+    let got = ch
+        .basic_get(dq.as_str().into(), Default::default())
+        .await
+        .unwrap()
+        .expect("still in the queue");
+    assert!(!got.delivery.redelivered, "never delivered before");
+}

@@ -14,6 +14,8 @@
 //! - `connect`: [`AmqpUrl`], [`ConnectOptions`], [`connect`], and [`Broker`],
 //!   the one supervised connection a process shares.
 //! - `declare`: [`apply`] and [`verify`].
+//! - `properties`: [`copy_properties`], the properties of a copy published
+//!   in a message's place.
 //! - `error`: [`TopologyError`] and [`ConfigError`].
 
 mod config;
@@ -22,6 +24,7 @@ mod declare;
 mod error;
 mod names;
 mod plan;
+mod properties;
 
 pub use config::{
     parse_duration, Exchange, ExchangeKind, Group, Lint, QueueType, Topology,
@@ -36,7 +39,10 @@ pub use declare::{
 };
 pub use error::{ConfigError, TopologyError};
 pub use names::{dead_queue, headers, metrics, retry_queue, work_queue, DEAD_LETTER_EXCHANGE};
-pub use plan::{Arg, Plan, PlannedBinding, PlannedExchange, PlannedQueue, Role};
+pub use plan::{
+    planned_dead_queue, Arg, Plan, PlannedBinding, PlannedExchange, PlannedQueue, Role,
+};
+pub use properties::copy_properties;
 
 /// Re-exported so that users of the topology crate name the same client types.
 pub use lapin;

@@ -53,6 +53,9 @@ pub mod headers {
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C trace state.
     pub const TRACESTATE: &str = "tracestate";
+    /// Deliveries a quorum queue counted (set by the broker on redelivery);
+    /// never carried over to a copy.
+    pub const DELIVERY_COUNT: &str = "x-delivery-count";
     /// The broker's own dead-lettering history; kept untouched.
     pub const X_DEATH: &str = "x-death";
     /// The most an `x-warren-error` value holds.

@@ -173,12 +173,18 @@ pub fn retry_queue(g: &Group, tier: usize) -> Option<PlannedQueue> {
 /// The dead-letter queue of a group: classic, and nothing that could ever
 /// drop a message (no TTL, no length limit, no dead-letter exchange).
 pub fn dead_queue(g: &Group) -> PlannedQueue {
+    planned_dead_queue(&g.name)
+}
+
+/// The dead-letter queue of the group named `group`, as declared (the
+/// operator checks a queue against it before reading).
+pub fn planned_dead_queue(group: &str) -> PlannedQueue {
     let mut a = BTreeMap::new();
     a.insert("x-queue-type".into(), s("classic"));
     a.insert("x-queue-version".into(), Arg::Int(2));
     PlannedQueue {
-        name: g.dead_queue(),
-        group: g.name.clone(),
+        name: names::dead_queue(group),
+        group: group.to_owned(),
         role: Role::Dead,
         arguments: a,
     }
