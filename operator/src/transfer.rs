@@ -26,7 +26,7 @@ use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::info;
-use warren_topology::dead_queue;
+use warren_topology::{dead_queue, headers};
 
 use crate::error::OperatorError;
 use crate::message::DeadLetter;
@@ -354,13 +354,24 @@ pub fn read_export(path: &Path) -> Result<Vec<ExportedMessage>, OperatorError> {
 }
 
 /// Puts exported messages back, each into its group's dead-letter queue
-/// (or `to_group`'s), in file order, with confirms.
+/// (or `to_group`'s), in file order, with confirms. Every target queue is
+/// checked first: a missing one fails the import before anything is sent.
+/// `expiration` and `x-delivery-count` are not restored (a dead letter must
+/// not expire in a queue without a dead-letter exchange; see
+/// [`warren_topology::copy_properties`]); everything else is, byte for byte.
 pub async fn import(
     conn: &Connection,
     messages: &[ExportedMessage],
     to_group: Option<&str>,
     opts: &ReadOptions,
 ) -> Result<ImportReport, OperatorError> {
+    let groups: std::collections::BTreeSet<&str> = messages
+        .iter()
+        .map(|m| to_group.unwrap_or(&m.group))
+        .collect();
+    for g in groups {
+        crate::reader::count(conn, g, opts.rpc_timeout).await?;
+    }
     let mut confirms: Confirmed<String> =
         Confirmed::open(conn, DEFAULT_WINDOW, opts.rpc_timeout).await?;
     let mut report = ImportReport::default();
@@ -380,6 +391,15 @@ pub async fn import(
                 line: 0,
                 reason,
             })?;
+        let counted = props
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key(headers::DELIVERY_COUNT));
+        let props = if props.expiration().is_some() || counted {
+            warren_topology::copy_properties(&props, props.headers().clone().unwrap_or_default())
+        } else {
+            props
+        };
         // Straight to the queue through the default exchange: no binding
         // can send it anywhere else.
         confirms

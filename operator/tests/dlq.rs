@@ -649,3 +649,50 @@ async fn a_quorum_queue_in_a_dead_queues_place_is_refused_and_left_untouched() {
         .expect("still in the queue");
     assert!(!got.delivery.redelivered, "never delivered before");
 }
+
+/// An import whose file names a group without a dead-letter queue sends
+/// nothing at all (before: the lines before it were imported and the error
+/// said nothing about them, so running it again duplicated them).
+#[tokio::test]
+async fn an_import_naming_a_missing_group_sends_nothing() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    for i in 0..3 {
+        dead_letter(
+            &env.conn,
+            &env.billing,
+            &format!("i{i}"),
+            "permanent",
+            "boom",
+            b"{}",
+            &env.orders,
+        )
+        .await;
+    }
+    wait_count(&env.conn, &dq, 3).await;
+    let dir = std::env::temp_dir().join(format!(
+        "warren-op-imp-{}",
+        env.prefix.trim_end_matches('.')
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("export.jsonl");
+    let _ = std::fs::remove_file(&file);
+    let mut w = op::ExportWriter::create_new(&file).unwrap();
+    op::export(&env.conn, &env.billing, &mut w, true, &quick())
+        .await
+        .unwrap();
+    drop(w);
+    wait_count(&env.conn, &dq, 0).await;
+    let mut messages = op::read_export(&file).unwrap();
+    assert_eq!(messages.len(), 3);
+    messages[2].group = format!("{}nosuch", env.prefix);
+    match op::import(&env.conn, &messages, None, &quick()).await {
+        Err(op::OperatorError::NoSuchQueue { queue }) => {
+            assert_eq!(queue, dead_queue(&messages[2].group));
+        }
+        other => panic!("expected NoSuchQueue, got {other:?}"),
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(count(&env.conn, &dq).await, 0, "nothing was imported");
+    let _ = std::fs::remove_dir_all(&dir);
+}
