@@ -24,6 +24,8 @@ use warren_topology::{headers, lapin, Plan, Topology, DEAD_LETTER_EXCHANGE};
 struct Env {
     group: String,
     orders: String,
+    /// The prefixed topology as a `warren.toml` text.
+    toml: String,
     _cleanup: Cleanup,
 }
 
@@ -45,11 +47,33 @@ impl Env {
         Env {
             group: format!("{prefix}g"),
             orders: format!("{prefix}orders"),
+            toml: t.to_toml(),
             _cleanup: Cleanup::new(&plan).at(URL.parse().unwrap()),
         }
     }
     fn dead(&self) -> String {
         format!("{}.dead", self.group)
+    }
+    /// Writes the topology to a file in the temp dir (removed on drop).
+    fn topology_file(&self) -> TempFile {
+        let path = std::env::temp_dir().join(format!("{}toml", self.group));
+        std::fs::write(&path, &self.toml).unwrap();
+        TempFile(path)
+    }
+}
+
+/// A file removed on drop.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -697,10 +721,11 @@ async fn purge_on_a_terminal_asks_with_the_count_then_n_deletes_nothing_and_y_ex
     let args = ["dlq", "purge", "--group", &env.group, "--kind", "timeout"];
     let prompt = format!("Delete 3 dead letters (3 from {})? [y/N] ", env.dead());
 
+    // Declining is not a failure.
     let (shown, code) = on_a_terminal(&args, "[y/N] ", "n");
     assert!(shown.contains(&prompt), "{shown:?}");
     assert!(shown.contains("nothing deleted"), "{shown:?}");
-    assert_eq!(code, Some(1), "{shown:?}");
+    assert_eq!(code, Some(0), "{shown:?}");
     assert_eq!(peek_ids(&conn, &env.dead(), 6).await, names("p", 0..6));
 
     let (shown, code) = on_a_terminal(&args, "[y/N] ", "y");
@@ -1147,21 +1172,12 @@ async fn show_prints_json_bodies_as_json_and_binary_ones_as_hex_and_list_json_ha
     dead_letter(&conn, &env, props("s-bin", h()), &[0xff, 0x00, 0xfe, 0x80]).await;
     dead_letter(&conn, &env, props("s-text", h()), b"plain words").await;
 
-    let show = |id: &str, json_out: bool| -> serde_json::Value {
-        let mut args = vec!["dlq", "show", id, "--group", env.group.as_str()];
-        if json_out {
-            args.extend(["--output", "json"]);
-        }
-        let out = ok(&args);
-        if json_out {
-            serde_json::from_str(&out).unwrap()
-        } else {
-            // Table output: each dead letter as pretty JSON.
-            assert!(out.contains("\n  \""), "not pretty: {out}");
-            json!([serde_json::from_str::<serde_json::Value>(&out).unwrap()])
-        }
+    // --output json: an array of every dead letter with that id.
+    let show = |id: &str| -> serde_json::Value {
+        let args = ["dlq", "show", id, "--group", &env.group, "--output", "json"];
+        serde_json::from_str(&ok(&args)).unwrap()
     };
-    let v = show("s-bin", true);
+    let v = show("s-bin");
     assert_eq!(v.as_array().unwrap().len(), 1);
     assert_eq!(v[0]["body"], json!({"hex": "ff00fe80"}));
     assert_eq!(v[0]["position"], 1);
@@ -1169,10 +1185,53 @@ async fn show_prints_json_bodies_as_json_and_binary_ones_as_hex_and_list_json_ha
     assert_eq!(v[0]["info"]["id"], "s-bin");
     assert_eq!(v[0]["properties"]["message_id"], "s-bin");
     assert_eq!(v[0]["properties"]["headers"][headers::ERROR_KIND], "decode");
-    let v = show("s-json", false);
+    let v = show("s-json");
     assert_eq!(v[0]["body"], json!({"json": {"a": [1, 2], "b": "x"}}));
-    let v = show("s-text", true);
+    let v = show("s-text");
     assert_eq!(v[0]["body"], json!({"text": "plain words"}));
+    // Table output: labelled lines, not JSON.
+    let out = ok(&["dlq", "show", "s-json", "--group", &env.group]);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&out).is_err(),
+        "{out}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "id             s-json", "{out}");
+    assert_eq!(
+        lines[1],
+        format!("queue          {} (position 0)", env.dead())
+    );
+    assert_eq!(lines[2], "kind           decode");
+    assert_eq!(lines[3], "error          bad body");
+    let header = lines.iter().position(|l| *l == "headers").unwrap();
+    assert!(
+        lines[header..]
+            .iter()
+            .any(|l| l.split_whitespace().eq(["x-warren-error-kind", "decode"])),
+        "{out}"
+    );
+    assert!(lines.contains(&"  message_id         s-json"), "{out}");
+    let body = lines.iter().position(|l| l.starts_with("body")).unwrap();
+    assert_eq!(
+        lines[body..],
+        [
+            "body (19 bytes, JSON)",
+            "  {",
+            "    \"a\": [",
+            "      1,",
+            "      2",
+            "    ],",
+            "    \"b\": \"x\"",
+            "  }"
+        ]
+    );
+    let out = ok(&["dlq", "show", "s-bin", "--group", &env.group]);
+    assert!(out.ends_with("body (4 bytes, hex)\n  ff00fe80\n"), "{out}");
+    let out = ok(&["dlq", "show", "s-text", "--group", &env.group]);
+    assert!(
+        out.ends_with("body (11 bytes, text)\n  plain words\n"),
+        "{out}"
+    );
     let out = run(&["dlq", "show", "nope", "--group", &env.group]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -1261,4 +1320,346 @@ async fn output_into_a_closed_pipe_exits_141_quietly_and_every_dead_letter_stays
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
     assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("p", 0..N));
+}
+
+// ---------------------------------------------------------------------------
+// --output json, escaping, input checks, ids not found, the audit user.
+
+/// Parses stdout as one JSON document, or fails with what was printed.
+fn json_of(out: &std::process::Output, what: &str) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: stdout is not JSON ({e}): {:?}\nstderr: {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_output_json_stdout_is_json_only_even_when_there_is_nothing_to_do() {
+    use serde_json::json;
+    let conn = connect().await;
+    let env = Env::new(&conn, "jsonnone").await;
+    dead_letters(&conn, &env.group, "j", 2).await;
+    let g = env.group.as_str();
+    let dir = std::env::temp_dir().join(format!("warren-jsonnone-{g}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let export = dir.join("export.jsonl");
+    let _ = std::fs::remove_file(&export);
+    let empty = Env::new(&conn, "jsonempty").await;
+
+    // (args, exit code): a selection that matches nothing, an empty queue.
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["replay", "--group", g, "--id", "nosuchid"], 1),
+        (
+            vec!["replay", "--group", g, "--id", "nosuchid", "--dry-run"],
+            1,
+        ),
+        (vec!["replay", "--group", g, "--kind", "timeout"], 0),
+        (vec!["purge", "--group", g, "--id", "nosuchid", "--yes"], 1),
+        (vec!["purge", "--group", g, "--kind", "timeout", "--yes"], 0),
+        (vec!["show", "nosuchid", "--group", g], 1),
+        (vec!["list", "--group", &empty.group], 0),
+        (vec!["stats", "--group", &empty.group], 0),
+        (
+            vec!["export", export.to_str().unwrap(), "--group", &empty.group],
+            0,
+        ),
+    ];
+    for (args, code) in &cases {
+        let mut all = vec!["dlq"];
+        all.extend(args);
+        all.extend(["--output", "json"]);
+        let out = run(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(*code),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        let v = json_of(&out, &format!("{args:?}"));
+        assert!(v.is_array(), "{args:?}: {v}");
+    }
+    // What the nothing-matches purge says, as JSON.
+    let out = run(&[
+        "dlq", "purge", "--group", g, "--id", "nosuchid", "--yes", "--output", "json",
+    ]);
+    assert_eq!(
+        json_of(&out, "purge"),
+        json!([{
+            "group": g, "purged": 0, "ids": [], "ids_not_found": ["nosuchid"],
+            "coverage": {"scanned": 2, "total": 2, "scan_limit_reached": false},
+        }])
+    );
+    // The field says it; stderr stays quiet.
+    assert_eq!(text(&out.stderr), "");
+    let out = run(&["dlq", "show", "nosuchid", "--group", g, "--output", "json"]);
+    assert_eq!(json_of(&out, "show"), json!([]));
+    // Nothing moved.
+    assert_eq!(peek_ids(&conn, &env.dead(), 2).await, names("j", 0..2));
+    assert_eq!(count(&conn, &env.group).await, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_characters_from_messages_are_escaped_in_table_output() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "ctrl").await;
+    let id = "line1\nline2\x1b[31mRED";
+    let error = "boom\n\x1b[2J\tcleared\u{202e}";
+    let h = warren_headers(&env, "permanent", error, "o.\rcreated");
+    dead_letter(&conn, &env, props(id, h), b"body\x1b]0;title\x07 end").await;
+    let g = env.group.as_str();
+    let id_shown = r"line1\nline2\x1b[31mRED";
+    let error_shown = r"boom\n\x1b[2J\tcleared\u{202e}";
+
+    for args in [
+        vec!["dlq", "list", "--group", g],
+        vec!["dlq", "stats", "--group", g],
+        vec!["dlq", "show", id, "--group", g],
+        vec!["dlq", "replay", "--group", g, "--all", "--dry-run"],
+    ] {
+        let out = ok(&args);
+        let bad: Vec<char> = out
+            .chars()
+            .filter(|c| (c.is_control() && *c != '\n') || *c == '\u{202e}')
+            .collect();
+        assert!(bad.is_empty(), "{args:?}: raw {bad:?} in {out:?}");
+        let shown = if args[1] == "stats" {
+            error_shown
+        } else {
+            id_shown
+        };
+        assert!(out.contains(shown), "{args:?}: {shown} not in {out}");
+    }
+    // list: one line per message, the error escaped on it.
+    let out = ok(&["dlq", "list", "--group", g]);
+    let row = out
+        .lines()
+        .find(|l| l.contains(id_shown))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains(error_shown), "{row}");
+    assert!(row.contains(r"o.\rcreated"), "{row}");
+    // show: the body too.
+    let out = ok(&["dlq", "show", id, "--group", g]);
+    assert!(out.contains(r"body\x1b]0;title\x07 end"), "{out}");
+    // JSON keeps the text exact (serde escapes it).
+    let out = run(&["dlq", "list", "--group", g, "--output", "json"]);
+    let v = json_of(&out, "list");
+    assert_eq!(v[0]["messages"][0]["id"], id);
+    assert_eq!(v[0]["messages"][0]["error"], error);
+    assert_eq!(peek_ids(&conn, &env.dead(), 1).await, [id]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_flag_values_are_usage_errors_that_exit_2_before_anything_moves() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "badflags").await;
+    dead_letters(&conn, &env.group, "b", 3).await;
+    let g = env.group.as_str();
+    let watch = |extra: &[&'static str]| {
+        let mut a = vec!["watch", "--group", g, "--metrics-addr", "127.0.0.1:0"];
+        a.extend_from_slice(extra);
+        a
+    };
+    // (args, what stderr must say)
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["replay", "--group", g, "--kind", "bogus"],
+            "[possible values: retryable, permanent, timeout, panic, decode, broker, unknown]",
+        ),
+        (
+            vec!["purge", "--group", g, "--kind", "bogus", "--yes"],
+            "[possible values: retryable, permanent, timeout, panic, decode, broker, unknown]",
+        ),
+        (
+            vec!["replay", "--group", g, "--all", "--rate", "0"],
+            "--rate must be a positive number, not 0",
+        ),
+        (
+            vec!["replay", "--group", g, "--all", "--rate=-3"],
+            "--rate must be a positive number, not -3",
+        ),
+        (
+            vec!["list", "--group", g, "--scan-limit", "0"],
+            "invalid value '0' for '--scan-limit <SCAN_LIMIT>': must be at least 1",
+        ),
+        (
+            vec!["replay", "--group", g, "--all", "--scan-limit", "70000"],
+            "invalid value '70000' for '--scan-limit <SCAN_LIMIT>': at most 65535",
+        ),
+        (
+            watch(&["--interval", "0s"]),
+            "invalid value '0s' for '--interval <INTERVAL>': must be longer than 0",
+        ),
+        (
+            watch(&["--webhook", "not a url"]),
+            "invalid value 'not a url' for '--webhook <WEBHOOK>'",
+        ),
+        (
+            watch(&["--webhook", "ftp://example.com/hook"]),
+            "an http:// or https:// URL",
+        ),
+    ];
+    for (args, says) in &cases {
+        let mut all = vec!["dlq"];
+        all.extend(args);
+        let out = run(&all);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // The largest scan limit is accepted.
+    ok(&["dlq", "list", "--group", g, "--scan-limit", "65535"]);
+    assert_eq!(peek_ids(&conn, &env.dead(), 3).await, names("b", 0..3));
+    assert_eq!(count(&conn, &env.group).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_and_purge_name_the_ids_they_did_not_find_and_exit_1() {
+    use serde_json::json;
+    let conn = connect().await;
+    let env = Env::new(&conn, "missing").await;
+    dead_letters(&conn, &env.group, "m", 4).await;
+    let g = env.group.as_str();
+    let warning = |id: &str| {
+        format!("warning: --id {id:?}: no dead letter with this id matched the selection\n")
+    };
+
+    // Table: the present one is replayed, the missing one named on stderr.
+    let out = run(&[
+        "dlq",
+        "replay",
+        "--group",
+        g,
+        "--id",
+        "m-0",
+        "--id",
+        "nonexistent-id",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(summary(&stdout, g).1, 1, "{stdout}");
+    assert_eq!(stderr, warning("nonexistent-id"));
+    assert_eq!(take_ids(&conn, g, 1).await, names("m", [0]));
+
+    // JSON: a field of every group's report.
+    let out = run(&[
+        "dlq", "replay", "--group", g, "--id", "m-1", "--id", "nope-1", "--id", "nope-2",
+        "--output", "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let v = json_of(&out, "replay");
+    assert_eq!(v[0]["ids"], json!(["m-1"]));
+    assert_eq!(v[0]["ids_not_found"], json!(["nope-1", "nope-2"]));
+    assert_eq!(take_ids(&conn, g, 1).await, names("m", [1]));
+
+    // Every id found: exit 0, no warning, an empty list.
+    let out = run(&[
+        "dlq",
+        "replay",
+        "--group",
+        g,
+        "--id",
+        "m-2",
+        "--dry-run",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(json_of(&out, "dry run")[0]["ids_not_found"], json!([]));
+    assert_eq!(text(&out.stderr), "");
+
+    // purge the same way.
+    let out = run(&[
+        "dlq", "purge", "--group", g, "--id", "m-3", "--id", "gone", "--yes",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(stdout, format!("{g}: 1 purged\n"));
+    assert_eq!(stderr, warning("gone"));
+    assert_eq!(take_ids(&conn, &env.dead(), 1).await, names("m", [2]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_in_neither_the_topology_file_nor_on_the_broker_is_a_usage_error_listing_the_groups(
+) {
+    let conn = connect().await;
+    let env = Env::new(&conn, "nogroup").await;
+    dead_letters(&conn, &env.group, "n", 1).await;
+    let file = env.topology_file();
+    let nosuch = format!("{}nosuch", env.group);
+    for cmd in [
+        vec!["stats"],
+        vec!["list"],
+        vec!["show", "n-0"],
+        vec!["replay", "--all"],
+        vec!["purge", "--all", "--yes"],
+    ] {
+        let mut args = vec!["dlq"];
+        args.extend(&cmd);
+        args.extend(["-f", file.path(), "--group", &env.group, "--group", &nosuch]);
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}: {}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stderr),
+            format!(
+                "error: no group {nosuch:?} in {} and no queue \"{nosuch}.dead\" on the broker; groups: {}\n",
+                file.path(),
+                env.group
+            ),
+            "{cmd:?}"
+        );
+        assert_eq!(text(&out.stdout), "", "{cmd:?}");
+    }
+    // The group of the file works; nothing was touched before.
+    let out = ok(&["dlq", "stats", "-f", file.path(), "--group", &env.group]);
+    assert!(
+        out.starts_with(&format!("{}  1 dead letters", env.dead())),
+        "{out}"
+    );
+    assert_eq!(peek_ids(&conn, &env.dead(), 1).await, names("n", [0]));
+}
+
+/// The name /etc/passwd gives this process's uid, else `uid:N`.
+fn this_user() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == uid)
+        .map(|f| f[0].to_owned())
+        .unwrap_or(format!("uid:{uid}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_record_names_the_uid_when_user_and_logname_are_unset() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "whoami").await;
+    dead_letters(&conn, &env.group, "w", 1).await;
+    let dir = std::env::temp_dir().join(format!("warren-whoami-{}", env.group));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("audit.jsonl");
+    let out = warren()
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .args(["dlq", "purge", "--group", &env.group, "--all", "--yes"])
+        .args(["--audit-log", file.to_str().unwrap()])
+        .output_within(CLI_LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines = audit_lines(&file);
+    assert_eq!(lines.len(), 1);
+    let user = lines[0]["user"].as_str().unwrap();
+    assert_ne!(user, "unknown");
+    assert_eq!(user, this_user());
+    let _ = std::fs::remove_dir_all(&dir);
 }

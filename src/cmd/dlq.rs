@@ -50,8 +50,8 @@ pub struct ReadArgs {
     /// A group (repeatable); default: every group of the topology file.
     #[arg(long = "group", value_name = "GROUP")]
     pub groups: Vec<String>,
-    /// Read at most this many messages per queue (bounds memory; at most 65535).
-    #[arg(long, default_value_t = op::DEFAULT_SCAN_LIMIT)]
+    /// Read at most this many messages per queue (bounds memory; 1 to 65535).
+    #[arg(long, default_value_t = op::DEFAULT_SCAN_LIMIT, value_parser = scan_limit)]
     pub scan_limit: usize,
 }
 
@@ -67,8 +67,8 @@ pub struct SelectArgs {
     /// A regular expression the error must match.
     #[arg(long, value_name = "REGEX")]
     pub error: Option<String>,
-    /// An error kind: retryable, permanent, timeout, panic, decode, broker.
-    #[arg(long)]
+    /// An error kind (`unknown`: no kind header and no broker dead-lettering).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(KINDS))]
     pub kind: Option<String>,
     /// The original routing key.
     #[arg(long)]
@@ -130,7 +130,8 @@ pub struct ReplayArgs {
     /// Publish to the original exchange and routing key (every bound group sees it).
     #[arg(long)]
     pub to_original: bool,
-    /// At most this many messages per second.
+    /// At most this many messages per second (a positive number; default: as
+    /// fast as confirms allow).
     #[arg(long)]
     pub rate: Option<f64>,
     /// Show what would be replayed; move nothing.
@@ -187,15 +188,72 @@ pub struct WatchArgs {
     /// A group (repeatable); default: every group of the topology file.
     #[arg(long = "group", value_name = "GROUP")]
     pub groups: Vec<String>,
-    /// Time between measurements.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// Time between measurements (more than 0).
+    #[arg(long, default_value = "5s", value_parser = positive_duration)]
     pub interval: Duration,
     /// Where /metrics and /healthz are served.
     #[arg(long, default_value = "127.0.0.1:9465")]
     pub metrics_addr: SocketAddr,
-    /// POST a JSON alert here when a group gains dead letters.
-    #[arg(long)]
+    /// POST a JSON alert here (an http:// or https:// URL) when a group
+    /// gains dead letters.
+    #[arg(long, value_parser = webhook_url)]
     pub webhook: Option<String>,
+}
+
+/// The error kinds `--kind` takes: the consumer's five, `broker` (the
+/// broker dead-lettered it) and `unknown` (no kind header).
+const KINDS: [&str; 7] = [
+    "retryable",
+    "permanent",
+    "timeout",
+    "panic",
+    "decode",
+    "broker",
+    "unknown",
+];
+
+/// `--scan-limit`: 1 to [`op::MAX_SCAN_LIMIT`] (the prefetch window is 16
+/// bits), refused rather than clamped.
+fn scan_limit(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    if n > op::MAX_SCAN_LIMIT {
+        return Err(format!(
+            "at most {} (the broker's prefetch window is 16 bits); run again for the rest",
+            op::MAX_SCAN_LIMIT
+        ));
+    }
+    Ok(n)
+}
+
+/// `watch --interval`: a duration longer than zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be longer than 0".into());
+    }
+    Ok(d)
+}
+
+/// `watch --webhook`: an absolute http(s) URL.
+fn webhook_url(s: &str) -> Result<String, String> {
+    let u = reqwest::Url::parse(s).map_err(|e| e.to_string())?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
+        return Err("must be an http:// or https:// URL with a host".into());
+    }
+    Ok(s.to_owned())
+}
+
+/// `replay --rate`: refused unless positive, as `publish --rate` is.
+fn check_rate(rate: Option<f64>) -> anyhow::Result<()> {
+    match rate {
+        Some(r) if !(r > 0.0 && r.is_finite()) => {
+            Err(UsageError(format!("--rate must be a positive number, not {r}")).into())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Runs `warren dlq ...`.
@@ -227,6 +285,47 @@ fn groups(g: &Global, given: &[String]) -> anyhow::Result<Vec<String>> {
     Ok(t.groups.iter().map(|g| g.name.clone()).collect())
 }
 
+/// Checks groups given with `--group` before anything is read or moved: a
+/// group that is neither in the topology file nor has a dead-letter queue on
+/// the broker is a usage error listing the file's groups (as `consume
+/// --group` does). A group outside the file whose queue exists is accepted:
+/// reading a dead-letter queue needs only its name.
+async fn check_groups(g: &Global, c: &Connection, given: &[String]) -> anyhow::Result<()> {
+    if given.is_empty() {
+        return Ok(());
+    }
+    let known: Option<Vec<String>> = match g.topology() {
+        Ok(t) => Some(t.groups.iter().map(|g| g.name.clone()).collect()),
+        Err(_) => None,
+    };
+    for group in given {
+        if known.as_ref().is_some_and(|k| k.contains(group)) {
+            continue;
+        }
+        // Other errors (a timeout, ...) are left to the command itself.
+        if let Err(op::OperatorError::NoSuchQueue { queue }) =
+            op::count(c, group, op::DEFAULT_RPC_TIMEOUT).await
+        {
+            let file = g.topology.display();
+            return Err(UsageError(match &known {
+                Some(k) => format!(
+                    "no group {group:?} in {file} and no queue {queue:?} on the broker; groups: {}",
+                    if k.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        k.join(", ")
+                    }
+                ),
+                None => format!(
+                    "no queue {queue:?} on the broker: check --group ({file} cannot be read to list the groups)"
+                ),
+            })
+            .into());
+        }
+    }
+    Ok(())
+}
+
 async fn conn(g: &Global) -> anyhow::Result<Connection> {
     Ok(connect(&ConnectOptions::new(g.url()?, "operator")).await?)
 }
@@ -245,6 +344,38 @@ fn age(s: Option<u64>) -> String {
             .collect::<Vec<_>>()
             .join(" "),
     }
+}
+
+/// Text from a message made safe for a terminal: control characters (C0,
+/// DEL, C1) and bidirectional overrides are written as escapes (`\n`,
+/// `\x1b`, `\u{202e}`), so that a message cannot break a row, move the
+/// cursor, clear the screen or reorder what is shown. Backslashes are kept
+/// as they are. JSON output needs none of this: serde escapes it.
+fn esc(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x80 && c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// [`esc`], then [`cut`] to `n` characters.
+fn cell(s: &str, n: usize) -> String {
+    cut(&esc(s), n)
 }
 
 fn cut(s: &str, n: usize) -> String {
@@ -269,6 +400,7 @@ fn warn_partial(c: &op::Coverage, queue: &str) {
 async fn stats(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
     let groups = groups(g, &a.groups)?;
     let c = conn(g).await?;
+    check_groups(g, &c, &a.groups).await?;
     let mut all = Vec::new();
     for group in &groups {
         all.push(op::stats(&c, group, &read_opts(&a)).await?);
@@ -290,7 +422,11 @@ async fn stats(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
         if s.count == 0 {
             continue;
         }
-        let kinds: Vec<String> = s.by_kind.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        let kinds: Vec<String> = s
+            .by_kind
+            .iter()
+            .map(|(k, n)| format!("{}={n}", esc(k)))
+            .collect();
         outln!("  by kind: {}", kinds.join(" "));
         outln!(
             "  {:>7}  {:<12}  {:<10}  example",
@@ -302,9 +438,9 @@ async fn stats(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
             outln!(
                 "  {:>7}  {:<12}  {:<10}  {}",
                 f.count,
-                f.fingerprint,
-                f.kind,
-                cut(&f.example, 90)
+                esc(&f.fingerprint),
+                esc(&f.kind),
+                cell(&f.example, 90)
             );
         }
     }
@@ -314,6 +450,7 @@ async fn stats(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
 async fn list(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
     let groups = groups(g, &a.groups)?;
     let c = conn(g).await?;
+    check_groups(g, &c, &a.groups).await?;
     let mut all = Vec::new();
     for group in &groups {
         all.push(op::list(&c, group, &read_opts(&a)).await?);
@@ -341,13 +478,13 @@ async fn list(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
         for m in &l.messages {
             outln!(
                 "  {:<38}  {:>8}  {:>3}  {:<9}  {:<24}  {:>7}  {}",
-                cut(&m.info.id, 38),
+                cell(&m.info.id, 38),
                 age(m.age_seconds),
                 m.info.attempts,
-                m.info.kind,
-                cut(m.info.original_routing_key.as_deref().unwrap_or("-"), 24),
+                esc(&m.info.kind),
+                cell(m.info.original_routing_key.as_deref().unwrap_or("-"), 24),
                 m.info.size,
-                cut(&m.info.error, 80)
+                cell(&m.info.error, 80)
             );
         }
     }
@@ -366,9 +503,14 @@ fn body_view(body: &[u8]) -> serde_json::Value {
     }
 }
 
+/// `show ID`: every dead letter with that id (an id can be in several
+/// groups, or twice in one queue). `--output json`: an array of them, `[]`
+/// when there is none. Table: each as labelled lines (message text escaped),
+/// a blank line between them. Exit 1 when there is none.
 async fn show(g: &Global, a: ShowArgs) -> anyhow::Result<ExitCode> {
     let groups = groups(g, &a.read.groups)?;
     let c = conn(g).await?;
+    check_groups(g, &c, &a.read.groups).await?;
     let mut found = Vec::new();
     for group in &groups {
         let (ds, cov) = op::show(&c, group, &a.id, &read_opts(&a.read)).await?;
@@ -378,10 +520,6 @@ async fn show(g: &Global, a: ShowArgs) -> anyhow::Result<ExitCode> {
         found.extend(ds);
     }
     warren_topology::close(&c, "bye").await;
-    if found.is_empty() {
-        eprintln!("no dead letter with id {:?} in {}", a.id, groups.join(", "));
-        return Ok(ExitCode::from(1));
-    }
     let views: Vec<serde_json::Value> = found
         .iter()
         .map(|d| {
@@ -404,17 +542,151 @@ async fn show(g: &Global, a: ShowArgs) -> anyhow::Result<ExitCode> {
     if g.json() {
         outln!("{}", serde_json::to_string_pretty(&views)?);
     } else {
-        for v in views {
-            outln!("{}", serde_json::to_string_pretty(&v)?);
+        for (i, (d, v)) in found.iter().zip(&views).enumerate() {
+            if i > 0 {
+                outln!();
+            }
+            for line in show_lines(d, v) {
+                outln!("{line}");
+            }
         }
+    }
+    if found.is_empty() {
+        eprintln!("no dead letter with id {:?} in {}", a.id, groups.join(", "));
+        return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// A JSON value on one line for the table view: strings bare, the rest as
+/// compact JSON; escaped either way.
+fn plain(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => esc(s),
+        other => esc(&other.to_string()),
+    }
+}
+
+/// `show`'s table view of one dead letter (`v`: its JSON view).
+fn show_lines(d: &op::DeadLetter, v: &serde_json::Value) -> Vec<String> {
+    let i = &d.info;
+    let opt = |s: &Option<String>| s.as_deref().map_or("-".to_owned(), esc);
+    let dead_lettered = match i.dead_lettered_at {
+        Some(t) => {
+            let at = std::time::UNIX_EPOCH + Duration::from_secs(t);
+            let ago = std::time::SystemTime::now()
+                .duration_since(at)
+                .ok()
+                .map(|d| d.as_secs());
+            format!(
+                "{} ({} ago)",
+                humantime::format_rfc3339_seconds(at),
+                age(ago)
+            )
+        }
+        None => "-".into(),
+    };
+    let mut out = vec![
+        format!("id             {}", esc(&i.id)),
+        format!(
+            "queue          {} (position {})",
+            warren_topology::dead_queue(&d.group),
+            d.position
+        ),
+        format!("kind           {}", esc(&i.kind)),
+        format!("error          {}", esc(&i.error)),
+        format!("fingerprint    {}", esc(&i.fingerprint)),
+        format!("attempts       {}", i.attempts),
+        format!("replays        {}", i.replays),
+        format!("dead-lettered  {dead_lettered}"),
+        format!(
+            "original       exchange {}, routing key {}",
+            opt(&i.original_exchange),
+            opt(&i.original_routing_key)
+        ),
+        format!(
+            "arrived by     exchange {}, routing key {}",
+            esc(&d.exchange),
+            esc(&d.routing_key)
+        ),
+        "properties".to_owned(),
+    ];
+    if let Some(props) = v["properties"].as_object() {
+        for (k, p) in props {
+            if k != "headers" && !p.is_null() {
+                out.push(format!("  {k:<18} {}", plain(p)));
+            }
+        }
+    }
+    if let Some(h) = v["properties"]["headers"].as_object() {
+        out.push("headers".to_owned());
+        let width = h.keys().map(|k| esc(k).chars().count()).max().unwrap_or(0);
+        for (k, p) in h {
+            out.push(format!("  {:<width$}  {}", esc(k), plain(p)));
+        }
+    }
+    let body = &v["body"];
+    if let Some(j) = body.get("json") {
+        out.push(format!("body ({} bytes, JSON)", d.body.len()));
+        let pretty = serde_json::to_string_pretty(j).unwrap_or_default();
+        out.extend(pretty.lines().map(|l| format!("  {}", esc(l))));
+    } else if let Some(t) = body.get("text").and_then(|t| t.as_str()) {
+        out.push(format!("body ({} bytes, text)", d.body.len()));
+        // Line breaks are the text's own; every other control is escaped.
+        out.extend(t.split('\n').map(|l| format!("  {}", esc(l))));
+    } else {
+        out.push(format!("body ({} bytes, hex)", d.body.len()));
+        out.push(format!("  {}", plain(&body["hex"])));
+    }
+    out
+}
+
+/// Who runs this, for the audit record: `$USER`, `$LOGNAME`, else the
+/// process's uid as `/etc/passwd` names it, else `uid:N` (root in a
+/// container often has no `$USER`).
+fn user_name() -> String {
+    for var in ["USER", "LOGNAME"] {
+        if let Ok(u) = std::env::var(var) {
+            if !u.is_empty() {
+                return u;
+            }
+        }
+    }
+    let Some(uid) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| uid_in_status(&s))
+    else {
+        return "unknown".into();
+    };
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| name_in_passwd(&p, uid))
+        .unwrap_or_else(|| format!("uid:{uid}"))
+}
+
+/// The real uid in a `/proc/<pid>/status` text (`Uid: real effective ...`).
+fn uid_in_status(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The first user name with `uid` in an `/etc/passwd` text.
+fn name_in_passwd(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id: u32 = f.nth(1)?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
 fn whoami() -> (String, String) {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
+    let user = user_name();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .or_else(|_| std::env::var("HOSTNAME"))
@@ -463,8 +735,52 @@ fn ctrl_c_token() -> CancellationToken {
     crate::signal::interrupt_token("stopping after the current message (Ctrl-C)")
 }
 
+/// The `--id`s no group's run took, in the order given; `None` when a run
+/// cannot tell (stopped early, stopped by `--limit`, or more failures than
+/// it names).
+fn ids_not_found<'a>(
+    asked: &[String],
+    taken: impl IntoIterator<Item = &'a String>,
+    unsure: bool,
+) -> Option<Vec<String>> {
+    if unsure {
+        return None;
+    }
+    let taken: std::collections::HashSet<&String> = taken.into_iter().collect();
+    let mut out: Vec<String> = Vec::new();
+    for id in asked {
+        if !taken.contains(id) && !out.contains(id) {
+            out.push(id.clone());
+        }
+    }
+    Some(out)
+}
+
+/// Warns (table output) about each id not found.
+fn warn_not_found(not_found: Option<&Vec<String>>) {
+    for id in not_found.into_iter().flatten() {
+        eprintln!("warning: --id {id:?}: no dead letter with this id matched the selection");
+    }
+}
+
+/// Reports as JSON with `ids_not_found` added to each (the same list in
+/// every group's entry: ids that no group took).
+fn with_not_found<T: serde::Serialize>(
+    reports: &[T],
+    not_found: Option<&Vec<String>>,
+) -> anyhow::Result<String> {
+    let mut v = serde_json::to_value(reports)?;
+    if let Some(items) = v.as_array_mut() {
+        for r in items {
+            r["ids_not_found"] = serde_json::to_value(not_found)?;
+        }
+    }
+    Ok(serde_json::to_string_pretty(&v)?)
+}
+
 async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
     let selection = a.select.selection()?;
+    check_rate(a.rate)?;
     let groups = groups(g, &a.read.groups)?;
     check_audit_log(a.audit_log.as_ref())?;
     if a.to_original && !a.dry_run {
@@ -483,6 +799,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let c = conn(g).await?;
+    check_groups(g, &c, &a.read.groups).await?;
     let metrics = op::Metrics::unregistered();
     let cancel = ctrl_c_token();
     let (user, host) = whoami();
@@ -525,9 +842,31 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
         reports.push(r);
     }
     warren_topology::close(&c, "bye").await;
-    if g.json() {
-        outln!("{}", serde_json::to_string_pretty(&reports)?);
+    // A failed copy names its id at the start of its error.
+    let failed_ids: Vec<String> = reports
+        .iter()
+        .flat_map(|r| &r.errors)
+        .filter_map(|e| e.split_once(": ").map(|(id, _)| id.to_owned()))
+        .collect();
+    let unsure = cancel.is_cancelled()
+        || reports.iter().any(|r| {
+            r.stopped_early
+                || r.failed > r.errors.len()
+                || selection.limit.is_some_and(|l| r.selected >= l)
+        });
+    let not_found = if a.select.ids.is_empty() {
+        Some(Vec::new())
     } else {
+        ids_not_found(
+            &a.select.ids,
+            reports.iter().flat_map(|r| &r.ids).chain(&failed_ids),
+            unsure,
+        )
+    };
+    if g.json() {
+        outln!("{}", with_not_found(&reports, not_found.as_ref())?);
+    } else {
+        warn_not_found(not_found.as_ref());
         for r in &reports {
             if let Some(cov) = &r.coverage {
                 warn_partial(cov, &warren_topology::dead_queue(&r.group));
@@ -540,7 +879,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
                     r.coverage.map_or(0, |c| c.scanned)
                 );
                 for id in &r.ids {
-                    outln!("  {id}");
+                    outln!("  {}", esc(id));
                 }
             } else {
                 outln!(
@@ -560,7 +899,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
                     }
                 );
                 for e in &r.errors {
-                    outln!("  error: {e}");
+                    outln!("  error: {}", esc(e));
                 }
             }
         }
@@ -568,7 +907,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
     Ok(if cancel.is_cancelled() {
         // Stopped by Ctrl-C: what was replayed is in the summary above.
         ExitCode::from(130)
-    } else if failed {
+    } else if failed || not_found.is_some_and(|n| !n.is_empty()) {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -590,6 +929,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let c = conn(g).await?;
+    check_groups(g, &c, &a.read.groups).await?;
     let mut pending = Vec::new();
     for group in &groups {
         let p =
@@ -608,12 +948,30 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
     for p in &pending {
         warn_partial(&p.coverage(), &warren_topology::dead_queue(p.group()));
     }
+    let not_found = if a.select.ids.is_empty() {
+        Some(Vec::new())
+    } else {
+        let limited = pending
+            .iter()
+            .any(|p| selection.limit.is_some_and(|l| p.count() >= l));
+        ids_not_found(&a.select.ids, pending.iter().flat_map(|p| p.ids()), limited)
+    };
+    let code = if not_found.as_ref().is_some_and(|n| !n.is_empty()) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    };
+    if !g.json() {
+        warn_not_found(not_found.as_ref());
+    }
     if total == 0 {
-        for p in pending {
-            p.abort().await?;
+        let reports = abort_all(pending).await?;
+        if g.json() {
+            outln!("{}", with_not_found(&reports, not_found.as_ref())?);
+        } else {
+            outln!("nothing matches; nothing deleted");
         }
-        outln!("nothing matches; nothing deleted");
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     if !a.yes {
         let per: Vec<String> = pending
@@ -638,11 +996,14 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         .context("reading the answer")?
         .context("reading the answer")?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            for p in pending {
-                p.abort().await?;
+            // Declining is an answer, not a failure: exit 0.
+            let reports = abort_all(pending).await?;
+            if g.json() {
+                outln!("{}", with_not_found(&reports, not_found.as_ref())?);
+            } else {
+                outln!("nothing deleted");
             }
-            outln!("nothing deleted");
-            return Ok(ExitCode::from(1));
+            return Ok(code);
         }
     }
     let (user, host) = whoami();
@@ -657,7 +1018,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
     }
     warren_topology::close(&c, "bye").await;
     if g.json() {
-        outln!("{}", serde_json::to_string_pretty(&reports)?);
+        outln!("{}", with_not_found(&reports, not_found.as_ref())?);
     } else {
         for r in &reports {
             outln!("{}: {} purged", r.group, r.purged);
@@ -670,13 +1031,30 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
+}
+
+/// Puts every held message back (in order) and says, per group, that none
+/// was purged.
+async fn abort_all(pending: Vec<op::PendingPurge>) -> anyhow::Result<Vec<op::PurgeReport>> {
+    let mut reports = Vec::new();
+    for p in pending {
+        reports.push(op::PurgeReport {
+            group: p.group().to_owned(),
+            coverage: p.coverage(),
+            purged: 0,
+            ids: Vec::new(),
+        });
+        p.abort().await?;
+    }
+    Ok(reports)
 }
 
 async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
     let groups = groups(g, &a.read.groups)?;
-    let mut out = op::ExportWriter::create_new(&a.file)?;
     let c = conn(g).await?;
+    check_groups(g, &c, &a.read.groups).await?;
+    let mut out = op::ExportWriter::create_new(&a.file)?;
     let mut reports = Vec::new();
     for group in &groups {
         let r = op::export(&c, group, &mut out, a.remove, &read_opts(&a.read)).await?;
@@ -786,4 +1164,73 @@ async fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<ExitCode> {
     let _ = tokio::time::timeout(Duration::from_secs(5), poster).await;
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn esc_writes_control_characters_and_bidi_overrides_as_escapes() {
+        assert_eq!(esc("line1\nline2\x1b[31mRED"), r"line1\nline2\x1b[31mRED");
+        assert_eq!(esc("a\tb\rc\x07\x7f"), r"a\tb\rc\x07\x7f");
+        assert_eq!(esc("\u{9b}2J \u{202e}txt"), r"\u{9b}2J \u{202e}txt");
+        // Printable text, backslashes and non-ASCII letters stay as they are.
+        assert_eq!(esc(r"C:\dir ünïcode 注文"), r"C:\dir ünïcode 注文");
+        // Cut after escaping: the width is what the terminal shows.
+        assert_eq!(cell("a\nbcdef", 4), r"a\n…");
+    }
+
+    #[test]
+    fn the_uid_comes_from_proc_status_and_its_name_from_passwd() {
+        let status =
+            "Name:\twarren\nUmask:\t0022\nUid:\t1000\t1001\t1000\t1000\nGid:\t0\t0\t0\t0\n";
+        assert_eq!(uid_in_status(status), Some(1000));
+        assert_eq!(uid_in_status("Name:\tx\n"), None);
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n# comment\nbroken\nops:x:1000:1000::/home/ops:/bin/sh\n";
+        assert_eq!(name_in_passwd(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(name_in_passwd(passwd, 1000).as_deref(), Some("ops"));
+        assert_eq!(name_in_passwd(passwd, 4242), None);
+    }
+
+    #[test]
+    fn ids_not_found_keeps_the_order_given_once_each_unless_unsure() {
+        let asked: Vec<String> = ["b", "x", "a", "x", "y"].map(String::from).to_vec();
+        let taken: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        assert_eq!(
+            ids_not_found(&asked, &taken, false),
+            Some(vec!["x".to_owned(), "y".to_owned()])
+        );
+        assert_eq!(ids_not_found(&asked, &taken, true), None);
+        assert_eq!(ids_not_found(&taken, &taken, false), Some(vec![]));
+    }
+
+    #[test]
+    fn flag_values_are_checked() {
+        assert_eq!(scan_limit("1"), Ok(1));
+        assert_eq!(scan_limit("65535"), Ok(op::MAX_SCAN_LIMIT));
+        assert_eq!(scan_limit("0"), Err("must be at least 1".into()));
+        assert!(scan_limit("65536")
+            .unwrap_err()
+            .starts_with("at most 65535 "));
+        assert!(scan_limit("-1").is_err());
+        assert_eq!(positive_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(positive_duration("0s"), Err("must be longer than 0".into()));
+        assert!(webhook_url("https://hooks.example.com/x?y=1").is_ok());
+        assert!(webhook_url("http://127.0.0.1:9000/hook").is_ok());
+        for bad in [
+            "not a url",
+            "ftp://example.com/",
+            "mailto:ops@example.com",
+            "/hook",
+        ] {
+            assert!(webhook_url(bad).is_err(), "{bad}");
+        }
+        assert!(check_rate(None).is_ok());
+        assert!(check_rate(Some(0.5)).is_ok());
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = check_rate(Some(bad)).unwrap_err();
+            assert!(e.downcast_ref::<UsageError>().is_some(), "{bad}");
+        }
+    }
 }
