@@ -320,7 +320,7 @@ impl<H: Handler> ConsumerGroup<H> {
                     return Err(e);
                 }
             };
-            delays = backoff.build();
+            let opened_at = Instant::now();
             if epoch > 0 {
                 self.ctx.metrics.reconnects.inc();
                 info!(group = %self.ctx.name, "consuming again after a reconnect");
@@ -350,6 +350,19 @@ impl<H: Handler> ConsumerGroup<H> {
                     close_quietly(&session.consume, 200).await;
                     if connection_dead {
                         broker.invalidate().await;
+                    }
+                    // A session that fails soon after it opened (a message
+                    // the connection cannot carry, a queue deleted under
+                    // it) would otherwise be reopened in a tight loop.
+                    if opened_at.elapsed() >= STABLE_SESSION {
+                        delays = backoff.build();
+                    } else {
+                        let wait = delays.next().unwrap_or(Duration::from_secs(10));
+                        warn!(group = %self.ctx.name, retry_in = ?wait, "the session ended soon after it opened; waiting before the next");
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
                     }
                 }
             }
@@ -513,7 +526,12 @@ impl<H: Handler> ConsumerGroup<H> {
                         self.spawn(tasks, publisher.clone(), d, epoch, permit);
                     }
                     (_, Some(Err(e))) => {
-                        warn!(group = %self.ctx.name, error = %e, "consumer failed");
+                        let text = e.to_string();
+                        if text.contains("frame too large") {
+                            error!(group = %self.ctx.name, error = %text, "a delivery does not fit the connection's frame size (its headers are larger than frame_max): raise it with `?frame_max=N` in the AMQP URL, up to the broker's frame_max");
+                        } else {
+                            warn!(group = %self.ctx.name, error = %text, "consumer failed");
+                        }
                         return Ended::Lost;
                     }
                     (_, None) => {
@@ -638,6 +656,10 @@ impl<H: Handler> ConsumerGroup<H> {
 /// for its copy's confirm while second attempts finish at once, acking
 /// stragglers at half the window made the retry path about 10% slower than
 /// at seven eighths.
+/// A session that lasted this long resets the reconnect backoff; one that
+/// ended sooner waits before the next.
+const STABLE_SESSION: Duration = Duration::from_secs(5);
+
 fn straggler_threshold(prefetch: usize) -> usize {
     // Never the whole window: one unfinished delivery plus the threshold
     // must fit, or the group would wait for the slow one.
@@ -838,21 +860,21 @@ async fn process<H: Handler>(
         Ok(()) => {
             match tier {
                 Some(tier) => {
-                    info!(kind = %failure.kind(), error = %failure.message(), tier, queue = %key, "handler failed; retrying later");
+                    info!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, "handler failed; retrying later");
                     m.handled.with_label_values(&[group, "retry"]).inc();
                     m.retries
                         .with_label_values(&[group, &tier.to_string()])
                         .inc();
                 }
                 None => {
-                    warn!(kind = %failure.kind(), error = %failure.message(), "handler failed; dead-lettered");
+                    warn!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), "handler failed; dead-lettered");
                     m.handled.with_label_values(&[group, "dead_letter"]).inc();
                 }
             }
             Settle::Ack
         }
         Err(why) => {
-            error!(error = %why, exchange = %exchange, routing_key = %key, "the copy was not confirmed; requeueing the delivery");
+            error!(group, message_id = delivery.message_id().unwrap_or(""), error = %why, exchange = %exchange, routing_key = %key, "the copy was not confirmed; requeueing the delivery");
             m.handled.with_label_values(&[group, "requeue"]).inc();
             tokio::time::sleep(ctx.settings.requeue_delay).await;
             Settle::Requeue

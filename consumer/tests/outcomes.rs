@@ -341,6 +341,128 @@ async fn a_dead_letter_keeps_neither_expiration_nor_the_delivery_count() {
     assert_eq!(header_str(&dead[0], "x-custom").as_deref(), Some("kept"));
 }
 
+/// Headers of 50 KB (any client with the broker's default frame size can
+/// publish them) are delivered, dead-lettered with the headers intact, and
+/// do not hold up the message behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_large_headers_is_handled_and_dead_lettered_whole() {
+    let f = Fixture::new(&classic("", "")).await;
+    let g = f.group(0);
+    let blob = "z".repeat(50_000);
+    let mut big = props("big-1");
+    let mut h = big.headers().clone().unwrap_or_default();
+    h.insert(
+        "trace-blob".into(),
+        AMQPValue::LongString(blob.clone().into()),
+    );
+    big = big.with_headers(h);
+    f.publish(&f.exchange(), "order.created", b"{}", big).await;
+    f.publish(&f.exchange(), "order.created", b"{}", props("small-1"))
+        .await;
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                l.note(&d);
+                if d.message_id() == Some("big-1") {
+                    return Err(HandlerError::permanent("too big to bill"));
+                }
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(10)).await;
+    wait_for(Duration::from_secs(5), "both handled", || ledger.len() == 2).await;
+    assert_eq!(run.metric("warren_reconnects_total", &[]), 0.0);
+    run.stop().await;
+    assert_eq!(
+        header_str(&dead[0], "trace-blob").as_deref(),
+        Some(blob.as_str())
+    );
+    assert_eq!(ledger.count("small-1"), 1);
+}
+
+/// A session that fails as soon as it opens (here: headers larger than the
+/// frame size the URL asks for) is reopened with a growing delay, not in a
+/// tight loop (before: about 300 reconnects a second), and the message
+/// stays in its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_keeps_failing_is_reopened_with_backoff() {
+    let f = Fixture::new(&classic("", "")).await;
+    let g = f.group(0);
+    let mut big = props("big-2");
+    let mut h = big.headers().clone().unwrap_or_default();
+    h.insert(
+        "trace-blob".into(),
+        AMQPValue::LongString("z".repeat(50_000).into()),
+    );
+    big = big.with_headers(h);
+    f.publish(&f.exchange(), "order.created", b"{}", big).await;
+
+    let raw = warren_testkit::url().expose().to_owned();
+    let sep = if raw.contains('?') { '&' } else { '?' };
+    let small: warren_topology::AmqpUrl = format!("{raw}{sep}frame_max=16384").parse().unwrap();
+    let registry = prometheus::Registry::new();
+    let broker = Arc::new(
+        warren_topology::Broker::connect(
+            warren_topology::ConnectOptions::new(small, "consumer-test").attempts(3),
+        )
+        .await
+        .unwrap(),
+    );
+    let group = warren_consumer::ConsumerGroup::builder(
+        g.clone(),
+        handler_fn(|_d: Delivery| async move { Ok(()) }),
+    )
+    .metrics(warren_consumer::Metrics::register(&registry).unwrap())
+    .build()
+    .unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (c, b) = (cancel.clone(), broker.clone());
+    let task = tokio::spawn(async move { group.run(&b, c).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("stops in time")
+        .unwrap()
+        .unwrap();
+    broker.close().await;
+    let text = {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut buf)
+            .unwrap();
+        String::from_utf8(buf).unwrap()
+    };
+    let reconnects: f64 = text
+        .lines()
+        .find(|l| l.starts_with("warren_reconnects_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        (1.0..=8.0).contains(&reconnects),
+        "reconnects in 3 s: {reconnects}"
+    );
+    wait_for_count(&f, &g.work_queue(), 1).await;
+}
+
+async fn wait_for_count(f: &Fixture, queue: &str, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.count(queue).await != n {
+        assert!(Instant::now() < deadline, "{queue} never held {n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panics_and_timeouts_are_retried_and_the_consumer_keeps_going() {
     let f = Fixture::new(&classic("'200ms'", "")).await;

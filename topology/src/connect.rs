@@ -206,13 +206,18 @@ struct AttemptError {
     retry: bool,
 }
 
-/// The largest frame warren asks for unless the URL sets `frame_max`.
+/// The largest frame warren asks for unless the URL sets `frame_max`: the
+/// broker's own default, 128 KiB.
 ///
-/// lapin keeps a send and a receive buffer of 32 frames per connection, so
-/// the broker's default of 128 KiB costs 8 MiB of memory per connection;
-/// 16 KiB costs 1 MiB. Bodies larger than a frame are split into several
-/// frames, as they always are above the limit.
-pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+/// A message's properties and headers travel in one frame that cannot be
+/// split, and the broker delivers a message whatever the consumer's frame
+/// size: a connection with smaller frames fails on every message whose
+/// headers another client could publish, and the message blocks its queue.
+/// lapin keeps a send and a receive buffer of 32 frames per connection (up
+/// to 8 MiB at 128 KiB once used); `?frame_max=16384` in the URL trades that
+/// memory for refusing headers over about 16 KiB. Bodies larger than a frame
+/// are split into several frames either way.
+pub const DEFAULT_FRAME_MAX: u32 = 128 * 1024;
 
 async fn connect_once(opts: &ConnectOptions) -> Result<Connection, AttemptError> {
     let props = ConnectionProperties::default()

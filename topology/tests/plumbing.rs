@@ -161,16 +161,14 @@ async fn classic_plumbing() {
     tier_returns_to_own_group_then_reject_dead_letters("classic").await;
 }
 
-/// warren asks for 16 KiB frames (lapin keeps 32 frames per direction per
-/// connection, so the broker's 128 KiB would cost 8 MiB per connection), and
-/// a `frame_max` in the URL wins.
+/// warren asks for the broker's default frame size (128 KiB: a message's
+/// headers travel in one frame, so smaller frames would refuse messages
+/// other clients publish), and a `frame_max` in the URL wins.
 #[tokio::test]
-async fn connections_ask_for_small_frames_unless_the_url_sets_them() {
+async fn connections_ask_for_the_brokers_default_frames_unless_the_url_sets_them() {
     let conn = connect().await;
-    assert_eq!(
-        conn.configuration().frame_max(),
-        warren_topology::DEFAULT_FRAME_MAX
-    );
+    assert_eq!(conn.configuration().frame_max(), 131_072);
+    assert_eq!(warren_topology::DEFAULT_FRAME_MAX, 131_072);
     let _ = conn.close(200, "bye".into()).await;
 
     let raw = url().expose().to_owned();
