@@ -56,21 +56,24 @@ impl AmqpUrl {
 /// not even parse.
 pub fn redact(raw: &str) -> String {
     match url::Url::parse(raw) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
             u.to_string()
         }
-        Err(_) => {
-            // user:pass@ without a parseable URL around it: mask between ':' and '@'.
-            match (raw.find("://"), raw.rfind('@')) {
-                (Some(s), Some(at)) if at > s => {
-                    let userinfo = &raw[s + 3..at];
-                    let user = userinfo.split(':').next().unwrap_or_default();
-                    format!("{}{}:***{}", &raw[..s + 3], user, &raw[at..])
-                }
-                _ => raw.to_owned(),
+        // A URL without a password, or text that only parses as some other
+        // URL (`guest:pw@host` has the scheme "guest").
+        _ => {
+            // user:pass@ without a parseable URL around it (`amqp//u:p@h`,
+            // `u:p@h`): mask what follows the user up to the last '@'.
+            let Some(at) = raw.rfind('@') else {
+                return raw.to_owned();
+            };
+            // After `//` if there is one (a password may hold '/'); masking
+            // too much is fine, too little is not.
+            let start = raw[..at].find("//").map_or(0, |i| i + 2);
+            match raw[start..at].find(':') {
+                Some(colon) => format!("{}:***{}", &raw[..start + colon], &raw[at..]),
+                None => raw.to_owned(),
             }
         }
     }
@@ -520,6 +523,23 @@ pub async fn close(conn: &Connection, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unparsable_urls_never_show_their_password() {
+        for (raw, shown) in [
+            (
+                "amqp//guest:s3cretPW@127.0.0.1:5672/%2f",
+                "amqp//guest:***@127.0.0.1:5672/%2f",
+            ),
+            ("guest:s3cretPW@127.0.0.1:5672", "guest:***@127.0.0.1:5672"),
+            ("amqp//guest:pa/ss@h", "amqp//guest:***@h"),
+            ("amqp://guest:s3cret PW@[bad", "amqp://guest:***@[bad"),
+        ] {
+            assert_eq!(redact(raw), shown);
+            let err = raw.parse::<AmqpUrl>().expect_err(raw).to_string();
+            assert!(!err.contains("s3cret") && !err.contains("pa/ss"), "{err}");
+        }
+    }
 
     #[test]
     fn url_never_shows_the_password() {
