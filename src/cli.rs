@@ -23,8 +23,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Options every command takes.
-#[derive(Debug, Clone, clap::Args)]
+/// Options every command takes. `Debug` masks the password of the URL.
+#[derive(Clone, clap::Args)]
 pub struct Global {
     /// The topology file.
     #[arg(
@@ -36,7 +36,15 @@ pub struct Global {
     )]
     pub topology: PathBuf,
     /// The broker (the password is never printed).
-    #[arg(long, env = "WARREN_AMQP_URL", default_value = warren_topology::DEFAULT_AMQP_URL, global = true, hide_default_value = true)]
+    // Help names the variable but never shows its value: it holds the password.
+    #[arg(
+        long,
+        env = "WARREN_AMQP_URL",
+        default_value = warren_topology::DEFAULT_AMQP_URL,
+        global = true,
+        hide_default_value = true,
+        hide_env_values = true
+    )]
     pub amqp_url: String,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
@@ -92,12 +100,26 @@ pub enum Command {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+impl std::fmt::Debug for Global {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Global")
+            .field("topology", &self.topology)
+            .field("amqp_url", &mask_passwords(&self.amqp_url))
+            .field("output", &self.output)
+            .field("verbose", &self.verbose)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
 impl Global {
-    /// The broker URL, validated.
+    /// The broker URL, validated. The error never holds the password, even
+    /// for a URL too broken to say where its password is.
     pub fn url(&self) -> anyhow::Result<AmqpUrl> {
-        self.amqp_url
-            .parse::<AmqpUrl>()
-            .map_err(|e| UsageError(format!("{e} (set --amqp-url or WARREN_AMQP_URL)")).into())
+        self.amqp_url.parse::<AmqpUrl>().map_err(|e| {
+            let text = without_password(&e.to_string(), &self.amqp_url);
+            UsageError(format!("{text} (set --amqp-url or WARREN_AMQP_URL)")).into()
+        })
     }
 
     /// The topology file, validated; a bad file is a usage error (exit 2).
@@ -125,9 +147,13 @@ pub fn exit_code_of(e: &anyhow::Error) -> u8 {
     }
 }
 
-/// An error and its causes on one line, the password masked anywhere it
-/// could appear.
+/// An error and its causes on one line, the password of anything that looks
+/// like `scheme://user:password@host` masked (see [`mask_passwords`]).
 pub fn render_error(e: &anyhow::Error) -> String {
+    mask_passwords(&chain(e))
+}
+
+fn chain(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for (i, cause) in e.chain().enumerate() {
         let s = cause.to_string();
@@ -140,6 +166,82 @@ pub fn render_error(e: &anyhow::Error) -> String {
         text.push_str(&s);
     }
     text
+}
+
+/// `text` with every occurrence of the password of `raw` (a URL that may not
+/// parse) replaced by `***`, also percent-decoded, then [`mask_passwords`].
+fn without_password(text: &str, raw: &str) -> String {
+    let mut out = text.to_owned();
+    if let Some(password) = password_of(raw) {
+        out = out.replace(password, "***");
+        let decoded = percent_decode(password);
+        if !decoded.is_empty() {
+            out = out.replace(&decoded, "***");
+        }
+    }
+    mask_passwords(&out)
+}
+
+/// Where the password of a URL-like string is: between the first `:` of the
+/// user info (after the first `//`, or the whole string without one) and the
+/// last `@`. `None` without one.
+fn password_of(raw: &str) -> Option<&str> {
+    let at = raw.rfind('@')?;
+    let start = raw[..at].find("//").map_or(0, |i| i + 2);
+    let userinfo = &raw[start..at];
+    let (_, password) = userinfo.split_once(':')?;
+    Some(password).filter(|p| !p.is_empty() && *p != "***")
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Masks the password of every `user:password@` in `text`, whether or not
+/// the URL around it parses: in each word (split at white space and quotes)
+/// with an `@`, what follows the first `:` of the user info (after the
+/// word's first `//`) up to the word's last `@` becomes `***`.
+pub fn mask_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        match password_of(word) {
+            Some(p) => {
+                let at = word.rfind('@').unwrap_or(word.len());
+                let from = at - p.len();
+                out.push_str(&word[..from]);
+                out.push_str("***");
+                out.push_str(&word[at..]);
+            }
+            None => out.push_str(word),
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>' | '(' | ')' | '[' | ']') {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }
 
 /// Logs go to stderr; `RUST_LOG` wins over `-v`. `quiet` commands (the demo,
@@ -171,5 +273,64 @@ pub fn init_tracing(g: &Global, quiet: bool) {
     match g.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_passwords_masks_urls_that_do_not_parse() {
+        assert_eq!(
+            mask_passwords(
+                "error: invalid AMQP URL amqp//guest:s3cretPW@127.0.0.1:5672/%2f: relative URL"
+            ),
+            "error: invalid AMQP URL amqp//guest:***@127.0.0.1:5672/%2f: relative URL"
+        );
+        assert_eq!(
+            mask_passwords("url \"amqp://u:p@ss/w//rd@host/%2f\" is bad"),
+            "url \"amqp://u:***@host/%2f\" is bad"
+        );
+        assert_eq!(mask_passwords("amqp:guest:pw@host"), "amqp:***@host");
+        // Nothing to mask: no password, or already masked.
+        for s in [
+            "amqp://guest@host/%2f",
+            "amqp://guest:***@host/%2f",
+            "write to ops@example.com: it failed",
+            "plain text, no at sign: a:b",
+        ] {
+            assert_eq!(mask_passwords(s), s);
+        }
+    }
+
+    #[test]
+    fn url_errors_never_hold_the_password() {
+        for raw in [
+            "amqp//guest:s3cretPW@127.0.0.1:5672/%2f",
+            "amqp:/guest:s3cretPW@127.0.0.1:5672/%2f",
+            "http://guest:s3cretPW@127.0.0.1:5672/%2f",
+            "amqp://guest:s3cretPW@:5672/%2f",
+            "amqp://guest:s3cret%50W@/%2f",
+            "guest:s3cretPW@127.0.0.1",
+        ] {
+            let g = Global {
+                topology: "warren.toml".into(),
+                amqp_url: raw.to_owned(),
+                output: Output::Table,
+                verbose: 0,
+                log_format: LogFormat::Text,
+            };
+            let e = g.url().expect_err(raw);
+            let text = render_error(&e);
+            assert!(!text.contains("s3cret"), "{raw}: {text}");
+            assert!(text.contains("***"), "{raw}: {text}");
+            assert!(!format!("{g:?}").contains("s3cret"), "{g:?}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%41%zz%4"), "aA%zz%4");
     }
 }

@@ -240,3 +240,252 @@ async fn ctrl_c_stops_sending_waits_for_confirms_and_says_what_was_not_sent() {
     // Exactly what was reported confirmed is in the queue.
     assert_eq!(u64::from(count(&conn, &q).await), published);
 }
+
+const SECRET_URL: &str = "amqp://guest:s3cretPW@127.0.0.1:5672/%2f";
+
+/// `warren` with `args`, its exit code and stderr.
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = warren().args(args).output_within(CLI_LIMIT);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `warren publish` with `input` on stdin.
+fn publish_stdin(args: &[&str], input: &[u8]) -> (Option<i32>, String) {
+    let mut child = warren()
+        .arg("publish")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = wait_within(child, CLI_LIMIT);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_names_the_url_variable_but_never_shows_its_password() {
+    // Every command's -h and --help, found by walking "Commands:".
+    let mut todo: Vec<Vec<String>> = vec![vec![]];
+    let mut seen = 0;
+    while let Some(path) = todo.pop() {
+        for flag in ["-h", "--help"] {
+            let out = warren()
+                .env("WARREN_AMQP_URL", SECRET_URL)
+                .args(&path)
+                .arg(flag)
+                .output_within(CLI_LIMIT);
+            assert!(out.status.success(), "{path:?} {flag}: {out:?}");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(!text.contains("s3cretPW"), "{path:?} {flag}:\n{text}");
+            assert!(
+                text.contains("[env: WARREN_AMQP_URL]"),
+                "{path:?} {flag} still names the variable:\n{text}"
+            );
+            if flag == "--help" {
+                let commands = text
+                    .lines()
+                    .skip_while(|l| *l != "Commands:")
+                    .skip(1)
+                    .take_while(|l| !l.is_empty());
+                for line in commands {
+                    let name = line.split_whitespace().next().unwrap();
+                    if name != "help" {
+                        let mut sub = path.clone();
+                        sub.push(name.to_owned());
+                        todo.push(sub);
+                    }
+                }
+            }
+        }
+        seen += 1;
+    }
+    assert!(seen >= 20, "walked only {seen} commands");
+}
+
+#[test]
+fn a_url_that_does_not_parse_is_never_printed_with_its_password() {
+    for url in [
+        "amqp//guest:s3cretPW@127.0.0.1:5672/%2f",
+        "http://guest:s3cretPW@127.0.0.1:5672/%2f",
+    ] {
+        let (code, err) = run(&["--amqp-url", url, "publish", "-e", "x", "--body", "{}"]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("guest:***@127.0.0.1"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_broker_would_refuse_exits_2_before_anything_is_sent() {
+    let topo = Topo::new("pubrefuse", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    let exchange = topo.exchange();
+    let long = "k".repeat(300);
+    let header = format!("{long}=v");
+    let message_id = format!("message-id={long}");
+    let content_type = format!("content-type={long}");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["-k", "order.x", "--header", &header],
+            "--header name is 300 bytes",
+        ),
+        (
+            vec!["-k", "order.x", "--property", &message_id],
+            "--property message-id is 300 bytes",
+        ),
+        (
+            vec!["-k", "order.x", "--property", &content_type],
+            "--property content-type is 300 bytes",
+        ),
+        (vec!["-k", &long], "--routing-key is 300 bytes"),
+        (
+            vec!["-k", "order.x", "--property", "delivery-mode=0"],
+            "--property delivery-mode: \"0\" is not 1 (transient) or 2 (persistent)",
+        ),
+        (
+            vec!["-k", "order.x", "--property", "expiration=abc"],
+            "--property expiration: \"abc\" is not a whole number of milliseconds",
+        ),
+        (
+            vec!["-k", "order.x", "--property", "expiration=-5"],
+            "--property expiration: \"-5\" is not a whole number of milliseconds",
+        ),
+        (
+            vec!["-k", "order.x", "--property", "expiration=1.5"],
+            "--property expiration: \"1.5\" is not a whole number of milliseconds",
+        ),
+        (
+            vec!["-k", "order.x", "--property", "user-id=bob"],
+            "the connection logs in as \"guest\", and RabbitMQ refuses a user-id other than the connection's user",
+        ),
+        (
+            vec!["-k", "order.x", "--timeout", "0s"],
+            "--timeout must be more than 0s",
+        ),
+        (vec!["-k", "order.x", "--window", "0"], "--window must be at least 1"),
+    ];
+    for (args, want) in &cases {
+        let mut all = vec!["publish", "-e", &exchange, "--body", "{\"n\":1}"];
+        all.extend(args);
+        let (code, err) = run(&all);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        if want.contains("bytes") {
+            assert!(err.contains("AMQP allows at most 255 bytes"), "{err}");
+        }
+    }
+    // An exchange name is a short string too (checked before connecting).
+    let (code, err) = run(&["publish", "-e", &long, "--body", "{}"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--exchange is 300 bytes") && err.contains("at most 255 bytes"),
+        "{err}"
+    );
+    assert_eq!(count(&conn, &topo.q("g")).await, 0, "nothing was sent");
+
+    // What is right passes: 255 bytes, whole milliseconds, the own user.
+    let max = format!("message-id={}", "m".repeat(255));
+    let out = warren()
+        .args(["publish", "-e", &exchange, "-k", "order.x", "--body", "{}"])
+        .args(["--property", &max, "--property", "expiration=60000"])
+        .args([
+            "--property",
+            "user-id=guest",
+            "--property",
+            "delivery-mode=1",
+        ])
+        .args(["--header", &format!("{}=v", "h".repeat(255))])
+        .output_within(CLI_LIMIT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(count(&conn, &topo.q("g")).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_and_lone_surrogates_refuse_the_whole_input() {
+    let topo = Topo::new("pubutf8", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    let exchange = topo.exchange();
+    let args = ["-e", &exchange, "-k", "order.x", "--file", "-"];
+    for input in [
+        &b"{\"ok\":1}\n{\"n\":\"\xff\xfe\"}\n"[..],
+        b"{\"ok\":1}\n{\"n\":\"\\ud800\"}\n",
+        b"{\"ok\":1}\n[\"\\udc00\"]\n",
+    ] {
+        let (code, err) = publish_stdin(&args, input);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains("stdin:2: not valid JSON") && err.contains("nothing was published"),
+            "{err}"
+        );
+    }
+    let (code, err) = run(&["publish", "-e", &exchange, "--body", "\"\\ud800\""]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--body is not valid JSON"), "{err}");
+    assert_eq!(count(&conn, &topo.q("g")).await, 0, "nothing was sent");
+
+    // A surrogate pair is a character: it goes.
+    let (code, err) = publish_stdin(&args, b"{\"smile\":\"\\ud83d\\ude00\"}\n");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(count(&conn, &topo.q("g")).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_limit_says_how_to_raise_it_and_the_flag_does() {
+    let topo = Topo::new("pubsize", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    let exchange = topo.exchange();
+    // A JSON string of 16 MiB + 1 byte, quotes included.
+    let body = format!("\"{}\"", "x".repeat(16 * 1024 * 1024 - 1));
+    let file = std::env::temp_dir().join(format!("{}.jsonl", topo.p));
+    std::fs::write(&file, format!("{{}}\n{body}\n")).unwrap();
+    let path = file.to_str().unwrap();
+    let (code, err) = run(&["publish", "-e", &exchange, "-k", "order.x", "--file", path]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}.jsonl:2: the message is 16777217 bytes, over the limit of 16777216 bytes (16 MiB); \
+             raise it with --max-message-size, up to the broker's max_message_size \
+             (128 MiB by default in RabbitMQ 3.10); nothing was published",
+            topo.p
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("PublisherConfig"), "{err}");
+    assert_eq!(count(&conn, &topo.q("g")).await, 0, "nothing was sent");
+
+    let out = warren()
+        .args(["publish", "-e", &exchange, "-k", "order.x", "--file", path])
+        .args(["--max-message-size", "17MiB", "--output", "json"])
+        .output_within(CLI_LIMIT);
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json(&out.stdout)["confirmed"], 2);
+    let got = drain(&conn, &topo.q("g")).await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].1.len(), body.len());
+    assert!(got[1].1 == body.as_bytes(), "byte-exact");
+
+    let (code, err) = run(&[
+        "publish",
+        "-e",
+        &exchange,
+        "--body",
+        "{}",
+        "--max-message-size",
+        "1GiB",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--max-message-size"), "{err}");
+}

@@ -1,35 +1,42 @@
 //! `warren publish`: publish JSON messages with confirms, from `--body`, a
 //! JSON Lines file, or stdin; a progress bar and a summary at the end.
 
+use std::fmt;
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Serialize;
 use warren_producer::{Message, PublishError, Publisher, PublisherConfig};
 use warren_topology::lapin::types::{AMQPValue, FieldTable, ShortString};
+use warren_topology::lapin::uri::AMQPUri;
 use warren_topology::lapin::BasicProperties;
-use warren_topology::ConnectOptions;
+use warren_topology::{AmqpUrl, ConnectOptions};
 
 use crate::cli::{Global, UsageError};
 
 /// Arguments of `warren publish`.
 ///
-/// Every body must be valid JSON; the bytes are published as given. Nothing
-/// is published when any line is invalid. Exit 1 when any message was not
+/// Every body must be valid JSON (UTF-8, no lone surrogates) and at most
+/// `--max-message-size`; the bytes are published as given. Nothing is
+/// published when any line is invalid, and flags the broker would refuse
+/// (names and properties over 255 bytes, a bad expiration or delivery mode)
+/// are refused before connecting (exit 2). Exit 1 when any message was not
 /// confirmed (the summary names the lines). Ctrl-C stops sending, waits for
 /// the confirms of what was sent, prints the summary (with the first line not
 /// sent) and exits 130; a second Ctrl-C quits at once.
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
-    /// The exchange to publish to ("" is the default exchange).
+    /// The exchange to publish to ("" is the default exchange; at most 255 bytes).
     #[arg(long, short = 'e')]
     pub exchange: String,
-    /// The routing key.
+    /// The routing key (at most 255 bytes).
     #[arg(long, short = 'k', default_value = "")]
     pub routing_key: String,
     /// The body, one JSON value.
@@ -39,12 +46,16 @@ pub struct PublishArgs {
     /// skipped). Without --body or --file, stdin is read.
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// A header, K=V (repeatable; the value is a string).
+    /// A header, K=V (repeatable; the value is a string, the name at most
+    /// 255 bytes).
     #[arg(long = "header", value_name = "K=V")]
     pub headers: Vec<String>,
     /// An AMQP property, K=V (repeatable): content-type, content-encoding,
-    /// correlation-id, reply-to, expiration, message-id, type, user-id,
-    /// app-id, priority, delivery-mode, timestamp (seconds).
+    /// correlation-id, reply-to, expiration (milliseconds), message-id, type,
+    /// user-id, app-id, priority (0-255), delivery-mode (1 transient, 2
+    /// persistent), timestamp (seconds). String values are at most 255
+    /// bytes. RabbitMQ refuses a user-id other than the connection's user
+    /// unless that user has the impersonator tag.
     #[arg(long = "property", value_name = "K=V")]
     pub properties: Vec<String>,
     /// Publish every message this many times (for load).
@@ -56,9 +67,14 @@ pub struct PublishArgs {
     /// Unconfirmed messages in flight at most.
     #[arg(long, default_value_t = PublisherConfig::DEFAULT_WINDOW)]
     pub window: usize,
-    /// Time allowed per message, from its turn to its confirm.
+    /// Time allowed per message, from its turn to its confirm (more than 0).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Largest body, in bytes (or with KiB, MiB: "64MiB"); a larger one
+    /// refuses the input. Up to the broker's own max_message_size (128 MiB
+    /// by default in RabbitMQ 3.8 to 3.13, 16 MiB from 4.0), at most 512 MiB.
+    #[arg(long, value_name = "BYTES", default_value_t = PublisherConfig::DEFAULT_MAX_MESSAGE_SIZE, value_parser = parse_size)]
+    pub max_message_size: usize,
     /// No progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -115,7 +131,15 @@ pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
             return Err(UsageError(format!("--rate must be a positive number, not {rate}")).into());
         }
     }
-    let properties = properties(&args.properties, &args.headers)?;
+    if args.timeout.is_zero() {
+        return Err(UsageError("--timeout must be more than 0s".into()).into());
+    }
+    if args.window == 0 {
+        return Err(UsageError("--window must be at least 1".into()).into());
+    }
+    short_string("--exchange", "", &args.exchange)?;
+    short_string("--routing-key", "", &args.routing_key)?;
+    let properties = properties(&args.properties, &args.headers, login(&url).as_deref())?;
     let lines = read_lines(&args)?;
     if lines.is_empty() {
         return Err(UsageError("nothing to publish: the input has no message".into()).into());
@@ -123,7 +147,8 @@ pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
 
     let config = PublisherConfig::default()
         .window(args.window)
-        .publish_timeout(args.timeout);
+        .publish_timeout(args.timeout)
+        .max_message_size(args.max_message_size);
     let registry = prometheus::Registry::new();
     let publisher = Publisher::connect(config, ConnectOptions::new(url, "cli"), &registry).await?;
 
@@ -314,7 +339,9 @@ fn progress(total: u64, quiet: bool) -> ProgressBar {
 /// The bodies to publish, each checked to be JSON; an invalid one refuses
 /// the whole input before anything is published.
 fn read_lines(args: &PublishArgs) -> anyhow::Result<Vec<Line>> {
+    let limit = args.max_message_size;
     if let Some(body) = &args.body {
+        check_size(body.len(), limit).map_err(|e| UsageError(format!("--body: {e}")))?;
         check_json(body.as_bytes())
             .map_err(|e| UsageError(format!("--body is not valid JSON: {e}")))?;
         return Ok(vec![Line {
@@ -344,6 +371,8 @@ fn read_lines(args: &PublishArgs) -> anyhow::Result<Vec<Line>> {
         if body.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        check_size(body.len(), limit)
+            .map_err(|e| UsageError(format!("{name}:{number}: {e}; nothing was published")))?;
         check_json(&body).map_err(|e| {
             UsageError(format!(
                 "{name}:{number}: not valid JSON ({e}); nothing was published"
@@ -354,8 +383,130 @@ fn read_lines(args: &PublishArgs) -> anyhow::Result<Vec<Line>> {
     Ok(lines)
 }
 
+/// Whether `body` is JSON as `serde_json::Value` parsing sees it: UTF-8,
+/// every string decoded (a lone surrogate such as `"\ud800"` is an error,
+/// which `IgnoredAny` lets through), numbers in range; nothing is built.
 fn check_json(body: &[u8]) -> Result<(), serde_json::Error> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(body).map(|_| ())
+    serde_json::from_slice::<Json>(body).map(|_| ())
+}
+
+/// A JSON value walked, not kept (see [`check_json`]).
+struct Json;
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(JsonVisitor)
+    }
+}
+
+struct JsonVisitor;
+
+impl<'de> Visitor<'de> for JsonVisitor {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Json, E> {
+        Ok(Json)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Json, E> {
+        Ok(Json)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Json, E> {
+        Ok(Json)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Json, E> {
+        Ok(Json)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Json, E> {
+        Ok(Json)
+    }
+    fn visit_unit<E>(self) -> Result<Json, E> {
+        Ok(Json)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        while seq.next_element::<Json>()?.is_some() {}
+        Ok(Json)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        while map.next_entry::<Json, Json>()?.is_some() {}
+        Ok(Json)
+    }
+}
+
+/// AMQP short strings (names, routing keys, header names, most properties)
+/// are at most this many bytes.
+const SHORT_STRING_MAX: usize = 255;
+
+/// The largest `--max-message-size`: RabbitMQ's own ceiling for its
+/// `max_message_size` setting.
+const MAX_MESSAGE_SIZE_CEILING: usize = 512 * 1024 * 1024;
+
+/// `value` as a short string, or an error naming the flag and the limit.
+fn short_string(flag: &str, what: &str, value: &str) -> Result<ShortString, UsageError> {
+    ShortString::try_new(value).map_err(|_| {
+        let shown: String = value.chars().take(32).collect();
+        UsageError(format!(
+            "{flag}{what} is {} bytes ({shown:?}...); AMQP allows at most {SHORT_STRING_MAX} bytes",
+            value.len()
+        ))
+    })
+}
+
+fn check_size(size: usize, limit: usize) -> Result<(), String> {
+    if size <= limit {
+        return Ok(());
+    }
+    Err(format!(
+        "the message is {size} bytes, over the limit of {limit} bytes ({}); \
+         raise it with --max-message-size, up to the broker's max_message_size \
+         (128 MiB by default in RabbitMQ 3.10)",
+        bytes(limit)
+    ))
+}
+
+/// `n` bytes for people: "16 MiB", "512 KiB" or "1000 bytes".
+fn bytes(n: usize) -> String {
+    const KIB: usize = 1024;
+    const MIB: usize = 1024 * 1024;
+    if n >= MIB && n.is_multiple_of(MIB) {
+        format!("{} MiB", n / MIB)
+    } else if n >= KIB && n.is_multiple_of(KIB) {
+        format!("{} KiB", n / KIB)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// A size: bytes, or a whole number of KiB or MiB ("64MiB", "512 KiB"),
+/// from 1 byte to 512 MiB.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let (digits, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, ""), |i| (&t[..i], t[i..].trim()));
+    let scale: usize = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1024,
+        "mib" => 1024 * 1024,
+        _ => {
+            return Err(format!(
+                "{s:?}: expected bytes, KiB or MiB (for example 16777216 or 16MiB)"
+            ))
+        }
+    };
+    let n = digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{s:?}: expected a whole number of bytes, KiB or MiB"))?;
+    if n == 0 || n > MAX_MESSAGE_SIZE_CEILING {
+        return Err(format!(
+            "{s:?}: must be from 1 byte to 512 MiB (RabbitMQ's largest max_message_size)"
+        ));
+    }
+    Ok(n)
 }
 
 fn split_kv<'a>(flag: &str, kv: &'a str) -> Result<(&'a str, &'a str), UsageError> {
@@ -364,14 +515,33 @@ fn split_kv<'a>(flag: &str, kv: &'a str) -> Result<(&'a str, &'a str), UsageErro
         .ok_or_else(|| UsageError(format!("{flag} {kv:?}: expected K=V")))
 }
 
+/// The user the connection logs in as (what RabbitMQ compares a user-id
+/// with), as the AMQP client reads the URL; `None` with EXTERNAL
+/// authentication, where the certificate names the user.
+fn login(url: &AmqpUrl) -> Option<String> {
+    let uri = AMQPUri::from_str(url.expose()).ok()?;
+    let external = uri
+        .query
+        .auth_mechanism
+        .is_some_and(|m| m.name().eq_ignore_ascii_case("EXTERNAL"));
+    (!external).then_some(uri.authority.userinfo.username)
+}
+
 /// Properties from `--property` and `--header`; content-type defaults to
-/// application/json (the bodies are JSON).
-fn properties(props: &[String], headers: &[String]) -> Result<BasicProperties, UsageError> {
+/// application/json (the bodies are JSON). `login` is the connection's user:
+/// RabbitMQ closes the channel on a message whose user-id is another user
+/// (unless the login has the impersonator tag), so such a user-id is refused
+/// here rather than failing every message.
+fn properties(
+    props: &[String],
+    headers: &[String],
+    login: Option<&str>,
+) -> Result<BasicProperties, UsageError> {
     let mut p = BasicProperties::default();
     let mut content_type = false;
     for kv in props {
         let (k, v) = split_kv("--property", kv)?;
-        let s = || ShortString::from(v);
+        let s = || short_string("--property ", k, v);
         let num = |max: u64| {
             v.parse::<u64>().ok().filter(|n| *n <= max).ok_or_else(|| {
                 UsageError(format!("--property {k}: {v:?} is not a number up to {max}"))
@@ -380,18 +550,43 @@ fn properties(props: &[String], headers: &[String]) -> Result<BasicProperties, U
         p = match k.replace('_', "-").to_ascii_lowercase().as_str() {
             "content-type" => {
                 content_type = true;
-                p.with_content_type(s())
+                p.with_content_type(s()?)
             }
-            "content-encoding" => p.with_content_encoding(s()),
-            "correlation-id" => p.with_correlation_id(s()),
-            "reply-to" => p.with_reply_to(s()),
-            "expiration" => p.with_expiration(s()),
-            "message-id" => p.with_message_id(s()),
-            "type" => p.with_type(s()),
-            "user-id" => p.with_user_id(s()),
-            "app-id" => p.with_app_id(s()),
+            "content-encoding" => p.with_content_encoding(s()?),
+            "correlation-id" => p.with_correlation_id(s()?),
+            "reply-to" => p.with_reply_to(s()?),
+            "expiration" => {
+                // The broker wants whole milliseconds written as a string.
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(UsageError(format!(
+                        "--property {k}: {v:?} is not a whole number of milliseconds (for example expiration=60000)"
+                    )));
+                }
+                p.with_expiration(s()?)
+            }
+            "message-id" => p.with_message_id(s()?),
+            "type" => p.with_type(s()?),
+            "user-id" => {
+                if let Some(login) = login.filter(|l| *l != v) {
+                    return Err(UsageError(format!(
+                        "--property {k}={v}: the connection logs in as {login:?}, and RabbitMQ refuses a user-id \
+                         other than the connection's user (unless that user has the impersonator tag); \
+                         connect as {v:?} or leave user-id out"
+                    )));
+                }
+                p.with_user_id(s()?)
+            }
+            "app-id" => p.with_app_id(s()?),
             "priority" => p.with_priority(num(255)? as u8),
-            "delivery-mode" => p.with_delivery_mode(num(2)? as u8),
+            "delivery-mode" => match v {
+                "1" => p.with_delivery_mode(1),
+                "2" => p.with_delivery_mode(2),
+                _ => {
+                    return Err(UsageError(format!(
+                        "--property {k}: {v:?} is not 1 (transient) or 2 (persistent)"
+                    )))
+                }
+            },
             "timestamp" => p.with_timestamp(num(u64::MAX)?),
             other => {
                 return Err(UsageError(format!(
@@ -407,9 +602,150 @@ fn properties(props: &[String], headers: &[String]) -> Result<BasicProperties, U
         let mut table = FieldTable::default();
         for kv in headers {
             let (k, v) = split_kv("--header", kv)?;
-            table.insert(k.into(), AMQPValue::LongString(v.into()));
+            let name = short_string("--header", " name", k)?;
+            table.insert(name, AMQPValue::LongString(v.into()));
         }
         p = p.with_headers(table);
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_check_refuses_invalid_utf8_and_lone_surrogates() {
+        for bad in [
+            &b"{\"n\":\"\xff\xfe\"}"[..],
+            b"\"\xc3\"",
+            b"{\"\xff\":1}",
+            br#"{"n":"\ud800"}"#,
+            br#"["\udc00"]"#,
+            br#"{"\ud800x":1}"#,
+            br#""\ud800\u0041""#,
+            b"{not json}",
+            b"[1,]",
+        ] {
+            assert!(check_json(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        for good in [
+            &br#"{"n":"\ud83d\ude00","m":"\u00fc"}"#[..],
+            "{\"note\":\"ünïcode 😀\"}".as_bytes(),
+            br#"[1,-2,3.5e10,true,false,null,{"a":[{}]}]"#,
+            br#""just a string""#,
+            b"  42  ",
+        ] {
+            assert!(
+                check_json(good).is_ok(),
+                "{}",
+                String::from_utf8_lossy(good)
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_parse_in_bytes_kib_and_mib_up_to_512_mib() {
+        assert_eq!(parse_size("16777216"), Ok(16 * 1024 * 1024));
+        assert_eq!(parse_size("64MiB"), Ok(64 * 1024 * 1024));
+        assert_eq!(parse_size("512 KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("512mib"), Ok(MAX_MESSAGE_SIZE_CEILING));
+        for bad in [
+            "0",
+            "513MiB",
+            "1GiB",
+            "1.5MiB",
+            "-1",
+            "",
+            "MiB",
+            "99999999999999999999",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(bytes(16 * 1024 * 1024), "16 MiB");
+        assert_eq!(bytes(1536), "1536 bytes");
+        assert_eq!(bytes(2048), "2 KiB");
+    }
+
+    fn props(p: &[&str], h: &[&str]) -> Result<BasicProperties, String> {
+        let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        properties(&own(p), &own(h), Some("guest")).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn properties_the_broker_would_refuse_are_refused_here() {
+        let long = "k".repeat(256);
+        let message_id = format!("message-id={long}");
+        let content_type = format!("content-type={long}");
+        let app_id = format!("app-id={long}");
+        let header = format!("{long}=v");
+        let cases: [(&[&str], &[&str], &str); 10] = [
+            (&[&message_id], &[], "--property message-id is 256 bytes"),
+            (
+                &[&content_type],
+                &[],
+                "--property content-type is 256 bytes",
+            ),
+            (&[&app_id], &[], "--property app-id is 256 bytes"),
+            (&[], &[&header], "--header name is 256 bytes"),
+            (
+                &["delivery-mode=0"],
+                &[],
+                "not 1 (transient) or 2 (persistent)",
+            ),
+            (
+                &["expiration=abc"],
+                &[],
+                "not a whole number of milliseconds",
+            ),
+            (
+                &["expiration=-5"],
+                &[],
+                "not a whole number of milliseconds",
+            ),
+            (
+                &["expiration=1.5"],
+                &[],
+                "not a whole number of milliseconds",
+            ),
+            (&["expiration="], &[], "not a whole number of milliseconds"),
+            (&["user-id=bob"], &[], "logs in as \"guest\""),
+        ];
+        for (p, h, want) in cases {
+            let e = props(p, h).expect_err(want);
+            assert!(e.contains(want), "{e}");
+            if e.contains("bytes") {
+                assert!(e.contains("at most 255 bytes"), "{e}");
+            }
+        }
+        // The limits themselves pass; a header value is a long string.
+        let max = "k".repeat(255);
+        let ok = props(
+            &[
+                &format!("message-id={max}"),
+                "expiration=0",
+                "expiration=60000",
+                "delivery-mode=1",
+                "user-id=guest",
+            ],
+            &[&format!("{max}={}", "v".repeat(1000))],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.expiration().as_ref().map(|s| s.as_str()), Some("60000"));
+        assert_eq!(ok.delivery_mode(), &Some(1));
+        // With EXTERNAL authentication the login is unknown: user-id passes.
+        assert!(properties(&["user-id=bob".into()], &[], None).is_ok());
+    }
+
+    #[test]
+    fn the_size_error_says_the_limit_and_what_to_do() {
+        let e = check_size(16 * 1024 * 1024 + 1, 16 * 1024 * 1024).unwrap_err();
+        assert_eq!(
+            e,
+            "the message is 16777217 bytes, over the limit of 16777216 bytes (16 MiB); \
+             raise it with --max-message-size, up to the broker's max_message_size \
+             (128 MiB by default in RabbitMQ 3.10)"
+        );
+        assert!(check_size(10, 10).is_ok());
+    }
 }
