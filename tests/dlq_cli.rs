@@ -238,10 +238,18 @@ async fn watch_gauges_follow_the_queue_and_the_webhook_fires_once_per_interval()
             "--webhook",
             &hook,
         ])
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read stderr on a thread so the pipe never fills.
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
     let metrics_url = format!("http://127.0.0.1:{port}/metrics");
     let gauge = |name: &'static str| {
         let (url, group) = (metrics_url.clone(), env.group.clone());
@@ -335,6 +343,14 @@ async fn watch_gauges_follow_the_queue_and_the_webhook_fires_once_per_interval()
         assert!(Instant::now() < deadline, "watch did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // At the default log level, a line per new dead letter naming it.
+    let log = log.join().unwrap();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("new dead letter"))
+        .collect();
+    assert!(lines.len() >= 3, "{log}");
+    assert!(lines.iter().any(|l| l.contains("w-0")), "{log}");
 }
 
 // ---------------------------------------------------------------------------

@@ -7,6 +7,10 @@
 //! messages at its tail are the new ones (dead-letter queues are FIFO);
 //! otherwise only the head is peeked for the oldest age.
 //!
+//! New dead letters are found by the queue's growth between two
+//! measurements: when a replay or purge removes as many as arrive within one
+//! interval, the new ones are not logged or alerted (the gauges stay right).
+//!
 //! The connection is supervised here: on any broker error the connection
 //! is dropped and the next interval reconnects (with backoff).
 
@@ -17,7 +21,7 @@ use lapin::Connection;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 use warren_topology::{connect, ConnectOptions};
 
 use crate::error::OperatorError;
@@ -127,7 +131,9 @@ pub async fn watch(
                         .with_label_values(&[group])
                         .set(m.oldest.unwrap_or(0) as f64);
                     for s in &m.new {
-                        info!(group = %group, kind = %s.info.kind, error = %s.info.error,
+                        // WARN: a new dead letter is a failure someone has
+                        // to look at, and `watch` logs at WARN by default.
+                        warn!(group = %group, kind = %s.info.kind, error = %s.info.error,
                             message_id = %s.info.id, "new dead letter");
                     }
                     if let Some(prev) = previous {
@@ -143,7 +149,7 @@ pub async fn watch(
                                 examples: m.new.iter().rev().take(10).rev().cloned().collect(),
                             };
                             if m.new.is_empty() {
-                                info!(group = %group, new = alert.new, count = m.count, "new dead letters (queue too long to read one by one)");
+                                warn!(group = %group, new = alert.new, count = m.count, "new dead letters (queue too long to read one by one)");
                             }
                             if alerts.try_send(alert).is_err() {
                                 warn!(group = %group, "alert dropped: the alert sender lags");
