@@ -81,6 +81,10 @@ pub enum PublishError {
         /// The broker's words.
         reason: String,
     },
+    /// The message cannot be published as it is (an exchange name or
+    /// routing key over AMQP's 255 bytes); nothing was sent.
+    #[error("cannot publish: {0}; nothing was sent")]
+    Invalid(String),
     /// The body is larger than the configured limit; nothing was sent.
     #[error("message of {size} bytes is over the limit of {limit} bytes (PublisherConfig::max_message_size); nothing was sent")]
     TooLarge {

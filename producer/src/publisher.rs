@@ -250,6 +250,18 @@ impl Publisher {
                 limit,
             });
         }
+        for (what, v) in [
+            ("exchange name", &msg.exchange),
+            ("routing key", &msg.routing_key),
+        ] {
+            if v.len() > MAX_SHORT_STRING {
+                self.inner.metrics.count(&msg.exchange, FAILED);
+                return Err(PublishError::Invalid(format!(
+                    "the {what} is {} bytes; AMQP allows at most {MAX_SHORT_STRING}",
+                    v.len()
+                )));
+            }
+        }
         let message_id = msg.finish_properties();
         let span = info_span!(
             "publish",
@@ -392,3 +404,6 @@ impl PendingConfirm {
         .await
     }
 }
+
+/// The longest exchange name or routing key AMQP carries (a short string).
+const MAX_SHORT_STRING: usize = 255;

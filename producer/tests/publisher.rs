@@ -174,6 +174,34 @@ async fn unroutable_is_an_error_even_mixed_in_a_full_window() {
     p.close().await;
 }
 
+/// An exchange name or routing key over AMQP's 255 bytes is an error for
+/// that message (before: a panic in the publisher's task, and every later
+/// publish failed with "the publisher is closed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_over_255_bytes_fail_only_their_message() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, _registry, _) = publisher(PublisherConfig::default()).await;
+    let long = "k".repeat(300);
+    for m in [
+        Message::bytes(&ex, &long, "x"),
+        Message::bytes(&long, "k", "x"),
+    ] {
+        match p.publish(m).await {
+            Err(e @ PublishError::Invalid(_)) => {
+                assert!(e.to_string().contains("at most 255"), "{e}");
+                assert!(!e.is_transient());
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+    p.publish(Message::bytes(&ex, "k", "after")).await.unwrap();
+    assert_eq!(fx.count(&q).await, 1);
+    p.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nacked_when_the_queue_rejects() {
     let mut fx = Fixture::new().await;
