@@ -409,3 +409,479 @@ fn an_unknown_group_is_a_usage_error_listing_the_groups() {
         .output_within(CLI_LIMIT);
     assert_eq!(o.status.code(), Some(2), "a handler is required");
 }
+
+/// A group whose handlers may run for a while (20s before the timeout).
+const SLOW_GROUP: &str = "name = \"{p}.g\"\nexchange = \"{p}.orders\"\nbindings = [\"order.*\"]\nqueue_type = \"classic\"\nretry = [\"200ms\"]\nhandler_timeout = \"20s\"\n";
+
+/// A scratch directory for a test's command to write into, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+
+    fn lines(&self, name: &str) -> Vec<String> {
+        std::fs::read_to_string(self.0.join(name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether process `pid` is gone (exited; a zombie counts as gone).
+fn gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits until every pid written to `file` (one per line, at least `n`) is gone.
+async fn wait_gone(scratch: &Scratch, file: &str, n: usize) -> Vec<String> {
+    let ok = wait_until(Duration::from_secs(5), || async {
+        let pids = scratch.lines(file);
+        pids.len() >= n && pids.iter().all(|p| gone(p))
+    })
+    .await;
+    let pids = scratch.lines(file);
+    let alive: Vec<&String> = pids.iter().filter(|p| !gone(p)).collect();
+    // Leave nothing behind whatever the outcome.
+    for p in &alive {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", p.as_str()])
+            .status();
+    }
+    assert!(
+        ok,
+        "the command's children still run: {alive:?} of {pids:?} (at least {n} expected)"
+    );
+    pids
+}
+
+/// A `warren consume` started without the harness's `--metrics-addr`, in a
+/// process group of its own when `own_group` (as a shell started from a
+/// terminal or systemd would run it); ready when `/readyz` answers 200 at
+/// `host:port`.
+fn start_worker(
+    topo: &Topo,
+    handler: &[&str],
+    extra: &[&str],
+    host: &str,
+    own_group: bool,
+) -> Worker {
+    use std::os::unix::process::CommandExt;
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("{}-{port}.log", topo.p));
+    let file = std::fs::File::create(&log).unwrap();
+    let addr = format!("{host}:{port}");
+    let group = topo.q("g");
+    let mut args = vec![
+        "consume",
+        "-f",
+        topo.file(),
+        "--group",
+        &group,
+        "--metrics-addr",
+        &addr,
+        "-v",
+    ];
+    args.extend_from_slice(handler);
+    args.extend_from_slice(extra);
+    let mut cmd = warren();
+    cmd.args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(file);
+    if own_group {
+        cmd.process_group(0);
+    }
+    let child = cmd.spawn().unwrap();
+    let mut w = Worker { child, port, log };
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+            let mut r = String::new();
+            let _ = s.read_to_string(&mut r);
+            if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") {
+                return w;
+            }
+        }
+        if let Ok(Some(status)) = w.child.try_wait() {
+            panic!("worker exited with {status}: {}", w.log_text());
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "worker not ready in 20s: {}",
+            w.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_to_the_process_group_drains_and_handlers_finish() {
+    let topo = Topo::new("pgrp", &[SLOW_GROUP]);
+    topo.apply();
+    let dir = Scratch::new("pgrpdir");
+    let cmd = format!(
+        "cat > /dev/null; sleep 1; echo \"$WARREN_MESSAGE_ID\" >> {}",
+        dir.path("done")
+    );
+    let mut w = start_worker(
+        &topo,
+        &["--exec", &cmd],
+        &["--prefetch", "4", "--concurrency", "2", "--grace", "10s"],
+        "127.0.0.1",
+        true,
+    );
+    let conn = connect().await;
+    let ids: BTreeSet<String> = (0..8).map(|i| format!("i-{i}")).collect();
+    for id in &ids {
+        publish(&conn, &topo.exchange(), "order.created", id, b"{}").await;
+    }
+    let group = topo.q("g");
+    let in_flight = format!("warren_in_flight{{group=\"{group}\"}}");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            w.metric(&in_flight) >= 2.0
+        })
+        .await,
+        "handlers never ran"
+    );
+    // What a Ctrl-C at a terminal does: SIGINT to the whole foreground group.
+    let pgid = w.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", "--", &format!("-{pgid}")])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let code = w.wait_exit(Duration::from_secs(15));
+    assert_eq!(
+        code,
+        Some(0),
+        "exit code after SIGINT; log:\n{}",
+        w.log_text()
+    );
+    let done: BTreeSet<String> = dir.lines("done").into_iter().collect();
+    assert!(
+        done.len() >= 2,
+        "the handlers in flight finished: {done:?}; log:\n{}",
+        w.log_text()
+    );
+    assert_eq!(
+        count(&conn, &topo.q("g.retry.1")).await,
+        0,
+        "nothing retried"
+    );
+    assert_eq!(count(&conn, &topo.q("g.dead")).await, 0);
+    let left = drain(&conn, &group).await;
+    for (id, _, h) in &left {
+        assert_eq!(header_str(h, "x-warren-error"), None, "{id} failed");
+    }
+    let left: BTreeSet<String> = left.into_iter().map(|(id, _, _)| id).collect();
+    assert!(done.is_disjoint(&left), "{done:?} {left:?}");
+    assert_eq!(done.union(&left).cloned().collect::<BTreeSet<_>>(), ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_timeout_kills_the_commands_children_too() {
+    let topo = Topo::new("tmokill", &[GROUP]);
+    topo.apply();
+    let dir = Scratch::new("tmokilldir");
+    // The child outlives the shell unless its whole process group is killed.
+    let cmd = format!(
+        "cat > /dev/null; sh -c 'echo $$ >> {}; exec sleep 47'; echo done",
+        dir.path("pids")
+    );
+    let w = Worker::start(&topo, &topo.q("g"), &["--exec", &cmd], &[]);
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "slow-1", b"{}").await;
+    let dead_q = topo.q("g.dead");
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            count(&conn, &dead_q).await == 1
+        })
+        .await,
+        "log:\n{}",
+        w.log_text()
+    );
+    let dead = dead_by_id(drain(&conn, &dead_q).await);
+    assert_eq!(
+        header_str(&dead["slow-1"], "x-warren-error-kind").as_deref(),
+        Some("timeout")
+    );
+    let pids = wait_gone(&dir, "pids", 2).await;
+    assert_eq!(pids.len(), 2, "one child per attempt: {pids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_the_grace_kills_the_commands_children_and_redelivery_is_visible() {
+    let topo = Topo::new("gracekill", &[SLOW_GROUP]);
+    topo.apply();
+    let dir = Scratch::new("gracekilldir");
+    let record = format!(
+        "cat > /dev/null; echo \"$WARREN_MESSAGE_ID ${{WARREN_REDELIVERED-unset}}\" >> {}",
+        dir.path("env")
+    );
+    let hang = format!(
+        "{record}; sh -c 'echo $$ >> {}; exec sleep 47'",
+        dir.path("pids")
+    );
+    let mut w = Worker::start(&topo, &topo.q("g"), &["--exec", &hang], &["--grace", "1s"]);
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "r-1", b"{}").await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            !dir.lines("pids").is_empty()
+        })
+        .await,
+        "the command never started; log:\n{}",
+        w.log_text()
+    );
+    w.sigterm();
+    let code = w.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "log:\n{}", w.log_text());
+    wait_gone(&dir, "pids", 1).await;
+    assert_eq!(count(&conn, &topo.q("g.retry.1")).await, 0);
+
+    // Requeued unfinished: the next worker sees a redelivery.
+    let _w2 = Worker::start(&topo, &topo.q("g"), &["--exec", &record], &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            dir.lines("env").len() == 2
+        })
+        .await,
+        "{:?}",
+        dir.lines("env")
+    );
+    assert_eq!(dir.lines("env"), ["r-1 false", "r-1 true"]);
+    let work_q = topo.q("g");
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            count(&conn, &work_q).await == 0
+        })
+        .await
+    );
+    assert_eq!(count(&conn, &topo.q("g.dead")).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_exits_is_settled_though_a_child_holds_stderr() {
+    let topo = Topo::new("bgchild", &[GROUP]);
+    topo.apply();
+    let dir = Scratch::new("bgchilddir");
+    let cmd = format!(
+        "cat > /dev/null; (sh -c 'echo $$ >> {}; exec sleep 33' &); exit 0",
+        dir.path("pids")
+    );
+    let w = Worker::start(&topo, &topo.q("g"), &["--exec", &cmd], &[]);
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "bg-1", b"{}").await;
+    let acked = format!(
+        "warren_handled_total{{group=\"{}\",outcome=\"ack\"}}",
+        topo.q("g")
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || async { w.metric(&acked) == 1.0 }).await,
+        "not acked; log:\n{}",
+        w.log_text()
+    );
+    // Well under handler_timeout (1s): settled at the exit, not at EOF.
+    assert!(
+        w.metric("warren_handler_seconds_sum") < 0.9,
+        "{}",
+        w.metrics()
+    );
+    wait_gone(&dir, "pids", 1).await;
+    assert_eq!(count(&conn, &topo.q("g.dead")).await, 0);
+    assert_eq!(count(&conn, &topo.q("g.retry.1")).await, 0);
+    assert_eq!(count(&conn, &topo.q("g")).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_keeps_the_end_of_stderr_and_control_characters_are_escaped() {
+    let topo = Topo::new("tail", &[GROUP]);
+    topo.apply();
+    let dir = Scratch::new("taildir");
+    let path = dir.0.join("handler.sh");
+    std::fs::write(
+        &path,
+        "cat > /dev/null\ncase \"$WARREN_MESSAGE_ID\" in\n  long*) head -c 3000 /dev/zero | tr '\\000' e >&2; printf '\\nFINAL ERROR: disk full\\n' >&2;;\n  ctl*) printf 'a \\033[31mred\\033[0m \\000nul\\ttab\\033]0;title\\007\\n' >&2;;\nesac\nexit 65\n",
+    )
+    .unwrap();
+    let cmd = format!("exec sh {}", path.display());
+    let w = Worker::start(&topo, &topo.q("g"), &["--exec", &cmd], &[]);
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "long-1", b"{}").await;
+    publish(&conn, &topo.exchange(), "order.created", "ctl-1", b"{}").await;
+    let dead_q = topo.q("g.dead");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(&conn, &dead_q).await == 2
+        })
+        .await,
+        "log:\n{}",
+        w.log_text()
+    );
+    let dead = dead_by_id(drain(&conn, &dead_q).await);
+    let long = header_str(&dead["long-1"], "x-warren-error").unwrap();
+    assert!(long.len() <= 1024, "{} bytes", long.len());
+    assert!(
+        long.starts_with("command exited with 65 (EX_DATAERR): …eeee"),
+        "{long}"
+    );
+    assert!(long.ends_with("eee FINAL ERROR: disk full"), "{long}");
+    let ctl = "command exited with 65 (EX_DATAERR): a \\u{1b}[31mred\\u{1b}[0m \\u{0}nul tab\\u{1b}]0;title\\u{7}";
+    assert_eq!(
+        header_str(&dead["ctl-1"], "x-warren-error").as_deref(),
+        Some(ctl)
+    );
+    let log = w.log_text();
+    assert!(log.contains(ctl), "{log}");
+    for c in ['\u{1b}', '\0', '\u{7}', '\t'] {
+        assert!(!log.contains(c), "{c:?} in the log:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_of_the_http_url_is_masked_in_headers_and_logs() {
+    let topo = Topo::new("httppw", &[GROUP]);
+    topo.apply();
+    // Nothing listens there: a refused connection, retried, then dead-lettered.
+    let port = free_port();
+    let url = format!("http://user:secretpw@127.0.0.1:{port}/h");
+    let w = Worker::start(&topo, &topo.q("g"), &["--http", &url], &[]);
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "pw-1", b"{}").await;
+    let dead_q = topo.q("g.dead");
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            count(&conn, &dead_q).await == 1
+        })
+        .await,
+        "log:\n{}",
+        w.log_text()
+    );
+    let dead = dead_by_id(drain(&conn, &dead_q).await);
+    let error = header_str(&dead["pw-1"], "x-warren-error").unwrap();
+    assert!(
+        error.starts_with(&format!("POST http://user:***@127.0.0.1:{port}/h failed: ")),
+        "{error}"
+    );
+    assert!(!error.contains("secretpw"), "{error}");
+    let log = w.log_text();
+    assert!(log.contains("user:***@"), "{log}");
+    assert!(!log.contains("secretpw"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_addr_takes_a_host_name_and_a_default_concurrency_follows_prefetch() {
+    let topo = Topo::new("mhost", &[GROUP]);
+    topo.apply();
+    let dir = Scratch::new("mhostdir");
+    let cmd = format!(
+        "cat > /dev/null; echo \"$WARREN_MESSAGE_ID\" >> {}",
+        dir.path("done")
+    );
+    // The group's concurrency is the default (16): --prefetch 2 lowers it.
+    let _w = start_worker(
+        &topo,
+        &["--exec", &cmd],
+        &["--prefetch", "2"],
+        "localhost",
+        false,
+    );
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "m-1", b"{}").await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            dir.lines("done") == ["m-1"]
+        })
+        .await
+    );
+}
+
+fn consume_usage_error(topo: &Topo, args: &[&str]) -> String {
+    let group = topo.q("g");
+    let mut all = vec!["consume", "-f", topo.file(), "--group", &group];
+    all.extend_from_slice(args);
+    let o = warren().args(&all).output_within(CLI_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    err
+}
+
+#[test]
+fn bad_handler_and_limit_flags_are_usage_errors_that_say_what_to_do() {
+    let topo = Topo::new(
+        "usage2",
+        &["name = \"{p}.g\"\nexchange = \"{p}.orders\"\nprefetch = 32\nconcurrency = 8\n"],
+    );
+    for blank in ["", "   "] {
+        let err = consume_usage_error(&topo, &["--exec", blank]);
+        assert_eq!(
+            err,
+            "error: --exec needs a command: an empty one would succeed for, ack and discard every message\n"
+        );
+    }
+    let err = consume_usage_error(&topo, &["--exec", "true", "--prefetch", "2"]);
+    assert_eq!(
+        err,
+        format!(
+            "error: concurrency 8 (group \"{}\" in {}) is above prefetch 2 (--prefetch): the extra handlers could never be busy; give --concurrency 2 or less, or a --prefetch of at least 8\n",
+            topo.q("g"),
+            topo.file()
+        )
+    );
+    let err = consume_usage_error(&topo, &["--exec", "true", "--metrics-addr", "9464"]);
+    assert!(
+        err.contains("expected HOST:PORT, e.g. 127.0.0.1:9464, localhost:9464 or [::1]:9464"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_consumer_error_names_the_group_once() {
+    // Not applied: the work queue does not exist.
+    let topo = Topo::new("noqueue", &[GROUP]);
+    let group = topo.q("g");
+    let o = warren()
+        .args([
+            "consume",
+            "-f",
+            topo.file(),
+            "--group",
+            &group,
+            "--exec",
+            "true",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output_within(CLI_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "error: consumer group \"{group}\": queue \"{group}\" does not exist on the broker (run `warren topology apply` first)"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.matches("consumer group").count(), 1, "{err}");
+}

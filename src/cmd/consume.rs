@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use prometheus::Registry;
-use tracing::info;
+use tracing::{info, warn};
 use warren_consumer::{ConsumerGroup, Handler};
-use warren_topology::{Broker, ConnectOptions, Group};
+use warren_topology::{Broker, ConnectOptions, Group, DEFAULT_CONCURRENCY};
 
 use crate::cli::{Global, UsageError};
 use crate::handlers::{ExecHandler, HttpHandler};
@@ -44,9 +44,10 @@ pub struct ConsumeArgs {
     /// basic.qos prefetch (overrides the topology file).
     #[arg(long)]
     pub prefetch: Option<u16>,
-    /// Where to serve /metrics, /healthz and /readyz.
-    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
+    /// Where to serve /metrics, /healthz and /readyz: HOST:PORT, the host an
+    /// address or a name (every address it resolves to is served).
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = parse_host_port)]
+    pub metrics_addr: String,
     /// On SIGTERM/SIGINT, how long in-flight handlers may take to finish
     /// before they are requeued (under Kubernetes' 30s default).
     #[arg(long, default_value = "25s", value_parser = parse_duration)]
@@ -57,8 +58,45 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     warren_topology::parse_duration(s)
 }
 
+/// `HOST:PORT` (`[::1]:9464` for an IPv6 address); the host is resolved when
+/// the server starts.
+fn parse_host_port(s: &str) -> Result<String, String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_owned());
+    }
+    let expected = "expected HOST:PORT, e.g. 127.0.0.1:9464, localhost:9464 or [::1]:9464";
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+            port.parse::<u16>()
+                .map_err(|_| format!("{port:?} is not a port number (0-65535); {expected}"))?;
+            Ok(s.to_owned())
+        }
+        _ => Err(expected.to_owned()),
+    }
+}
+
+/// Every address `--metrics-addr` names.
+async fn metrics_addrs(spec: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(spec)
+        .await
+        .map_err(|e| UsageError(format!("--metrics-addr {spec:?}: cannot resolve it: {e}")))?
+        .collect();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(UsageError(format!("--metrics-addr {spec:?} resolves to no address")).into());
+    }
+    Ok(addrs)
+}
+
 /// Runs `warren consume`.
 pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
+    if args.exec.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        return Err(UsageError(
+            "--exec needs a command: an empty one would succeed for, ack and discard every message"
+                .into(),
+        )
+        .into());
+    }
     let topology = g.topology()?;
     let url = g.url()?;
     let mut group = topology.group(&args.group).cloned().ok_or_else(|| {
@@ -74,9 +112,21 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
             }
         ))
     })?;
+    let in_file = format!("group {:?} in {}", group.name, g.topology.display());
     if let Some(p) = args.prefetch {
         if p == 0 {
             return Err(UsageError("--prefetch must be at least 1".into()).into());
+        }
+        // A default concurrency follows a lower prefetch, as it does in the file.
+        if args.concurrency.is_none()
+            && group.concurrency == DEFAULT_CONCURRENCY.min(group.prefetch)
+            && group.concurrency > p
+        {
+            info!(
+                concurrency = p,
+                "concurrency (the default) lowered to --prefetch"
+            );
+            group.concurrency = p;
         }
         group.prefetch = p;
     }
@@ -87,9 +137,22 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         group.concurrency = c;
     }
     if group.concurrency > group.prefetch {
+        let source = |flag: bool, flag_name: &str| {
+            if flag {
+                format!("--{flag_name}")
+            } else {
+                in_file.clone()
+            }
+        };
         return Err(UsageError(format!(
-            "concurrency {} is above prefetch {}: the extra handlers could never be busy",
-            group.concurrency, group.prefetch
+            "concurrency {} ({}) is above prefetch {} ({}): the extra handlers could never be busy; \
+             give --concurrency {} or less, or a --prefetch of at least {}",
+            group.concurrency,
+            source(args.concurrency.is_some(), "concurrency"),
+            group.prefetch,
+            source(args.prefetch.is_some(), "prefetch"),
+            group.prefetch,
+            group.concurrency,
         ))
         .into());
     }
@@ -100,9 +163,13 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
                 group.handler_timeout,
                 usize::from(group.concurrency),
             )?;
-            serve_group(url, group, h, &args).await?;
+            let shown = format!("POST {}", h.shown_url());
+            serve_group(url, group, h, &shown, &args).await?;
         }
-        (None, Some(cmd)) => serve_group(url, group, ExecHandler::new(cmd.clone()), &args).await?,
+        (None, Some(cmd)) => {
+            let shown = format!("sh -c {cmd:?}");
+            serve_group(url, group, ExecHandler::new(cmd.clone()), &shown, &args).await?
+        }
         _ => return Err(UsageError("give exactly one of --http URL or --exec CMD".into()).into()),
     }
     Ok(ExitCode::SUCCESS)
@@ -112,20 +179,34 @@ async fn serve_group<H: Handler>(
     url: warren_topology::AmqpUrl,
     group: Group,
     handler: H,
+    handler_text: &str,
     args: &ConsumeArgs,
 ) -> anyhow::Result<()> {
     let registry = Registry::new();
     let cancel = crate::signal::shutdown_token();
     let health = Health::default();
     let server_stop = tokio_util::sync::CancellationToken::new();
-    let addr = serve::spawn(
-        args.metrics_addr,
-        registry.clone(),
-        health.clone(),
-        server_stop.clone(),
-    )
-    .await?;
-    info!(%addr, "serving /metrics, /healthz, /readyz");
+    // A name (`localhost:9464`) is served on every address it resolves to;
+    // an address that cannot be bound is an error only when none can.
+    let mut failed = None;
+    let mut served = 0;
+    for addr in metrics_addrs(&args.metrics_addr).await? {
+        match serve::spawn(addr, registry.clone(), health.clone(), server_stop.clone()).await {
+            Ok(addr) => {
+                served += 1;
+                info!(%addr, "serving /metrics, /healthz, /readyz");
+            }
+            Err(e) => {
+                warn!(%addr, error = %e, "cannot serve /metrics on this address");
+                failed = Some(e);
+            }
+        }
+    }
+    if served == 0 {
+        if let Some(e) = failed {
+            return Err(e);
+        }
+    }
 
     let name = group.name.clone();
     let consumer = ConsumerGroup::builder(group, handler)
@@ -150,12 +231,13 @@ async fn serve_group<H: Handler>(
     });
 
     let broker = Arc::new(Broker::new(ConnectOptions::new(url, "consumer")));
-    info!(group = %name, "consuming");
+    info!(group = %name, handler = %handler_text, "consuming");
     let result = consumer.run(&broker, cancel.clone()).await;
     health.set_ready(false);
     broker.close().await;
     server_stop.cancel();
-    result.with_context(|| format!("consumer group {name:?} stopped"))?;
+    // The consumer's errors name the group already.
+    result?;
     info!(group = %name, "drained and stopped");
     Ok(())
 }

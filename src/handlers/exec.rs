@@ -2,21 +2,39 @@
 //!
 //! The command runs through `sh -c` with the body on stdin and
 //! `WARREN_MESSAGE_ID`, `WARREN_ATTEMPT`, `WARREN_ROUTING_KEY`, `WARREN_GROUP`
-//! in its environment. Exit 0 is success; exit 65 (EX_DATAERR) is permanent;
-//! any other exit or a signal is retryable, with the last 1 KiB of stderr as
-//! the error text. A command still running at `handler_timeout` is killed
-//! (the runtime drops the future; the child is killed on drop).
+//! and `WARREN_REDELIVERED` (`true`/`false`) in its environment; its stdout
+//! is warren's. Exit 0 is success; exit 65 (EX_DATAERR) is permanent; any
+//! other exit or a signal is retryable, with the end of stderr as the error
+//! text (as much of its last 1 KiB as fits in `x-warren-error`).
+//!
+//! ## Process groups
+//!
+//! Each command runs in a process group of its own, so a Ctrl-C at a
+//! terminal, `kill -INT -- -<warren's pgid>` or systemd's
+//! `KillMode=control-group` signal reaches warren, which drains, and not the
+//! handlers, which finish. The whole group is killed (SIGKILL):
+//!
+//! - when the command exits (after up to [`STDERR_AFTER_EXIT`] for the rest
+//!   of its stderr): a background child it left behind does not hold the
+//!   delivery, nor run on beside the next attempt;
+//! - at `handler_timeout` and when the shutdown grace is over (the consumer
+//!   drops the handler's future; [`GroupGuard`] kills on drop).
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::process::{ChildStderr, ChildStdin, Command};
 use warren_consumer::{Delivery, Handler, HandlerError, HandlerResult};
 
-use super::{tail_text, ERROR_TEXT_BYTES};
+use super::{with_tail, ERROR_TEXT_BYTES};
 
 /// The exit code that means "this message is bad data": permanent.
 pub const EX_DATAERR: i32 = 65;
+
+/// How long the rest of stderr is read once the command has exited: a
+/// background child holding stderr open does not delay the outcome longer.
+pub const STDERR_AFTER_EXIT: Duration = Duration::from_millis(100);
 
 /// Runs a shell command per delivery.
 #[derive(Debug, Clone)]
@@ -35,79 +53,146 @@ impl ExecHandler {
 
 /// The outcome of a finished command.
 pub fn outcome_of_exit(code: Option<i32>, signal: Option<i32>, stderr: &[u8]) -> HandlerResult {
-    let tail = tail_text(stderr, ERROR_TEXT_BYTES);
-    let with_tail = |s: String| {
-        if tail.is_empty() {
-            s
-        } else {
-            format!("{s}: {tail}")
-        }
-    };
     match (code, signal) {
         (Some(0), _) => Ok(()),
-        (Some(EX_DATAERR), _) => Err(HandlerError::permanent(with_tail(format!(
-            "command exited with {EX_DATAERR} (EX_DATAERR)"
-        )))),
-        (Some(c), _) => Err(HandlerError::retryable(with_tail(format!(
-            "command exited with {c}"
-        )))),
-        (None, Some(s)) => Err(HandlerError::retryable(with_tail(format!(
-            "command killed by signal {s}"
-        )))),
-        (None, None) => Err(HandlerError::retryable(with_tail(
-            "command ended without an exit code".into(),
+        (Some(EX_DATAERR), _) => Err(HandlerError::permanent(with_tail(
+            &format!("command exited with {EX_DATAERR} (EX_DATAERR)"),
+            stderr,
         ))),
+        (Some(c), _) => Err(HandlerError::retryable(with_tail(
+            &format!("command exited with {c}"),
+            stderr,
+        ))),
+        (None, Some(s)) => Err(HandlerError::retryable(with_tail(
+            &format!("command killed by signal {s}"),
+            stderr,
+        ))),
+        (None, None) => Err(HandlerError::retryable(with_tail(
+            "command ended without an exit code",
+            stderr,
+        ))),
+    }
+}
+
+/// Kills a command's process group when dropped, unless already done: the
+/// handler's future being dropped (a timeout, the end of the shutdown grace)
+/// takes the command's children with it.
+#[derive(Debug)]
+struct GroupGuard {
+    pgid: Option<u32>,
+}
+
+impl GroupGuard {
+    /// Kills the group now.
+    async fn kill(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            if let Ok(mut c) = kill_command(pgid).spawn() {
+                let _ = c.wait().await;
+            }
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            // Synchronous (a drop cannot wait), about a millisecond.
+            let _ = kill_command(pgid).as_std_mut().status();
+        }
+    }
+}
+
+/// `kill -KILL -<pgid>` through the shell the handlers need anyway: the
+/// workspace forbids `unsafe` (so no `libc::killpg`) and has no `nix`.
+fn kill_command(pgid: u32) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!("kill -KILL -{pgid}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+/// Writes the body to the command's stdin and closes it. A command that does
+/// not read its stdin closes the pipe: not an error.
+async fn write_body(stdin: Option<ChildStdin>, body: &[u8]) {
+    if let Some(mut stdin) = stdin {
+        let _ = stdin.write_all(body).await;
+        let _ = stdin.shutdown().await;
+    }
+}
+
+/// Reads stderr to its end, keeping only the last bytes in `tail`: bounded
+/// memory whatever the command prints.
+async fn read_tail(stderr: Option<ChildStderr>, tail: &mut Vec<u8>) {
+    let Some(mut err) = stderr else { return };
+    let mut buf = [0u8; 4096];
+    loop {
+        match err.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * ERROR_TEXT_BYTES {
+                    tail.drain(..tail.len() - ERROR_TEXT_BYTES);
+                }
+            }
+        }
     }
 }
 
 impl Handler for ExecHandler {
     async fn handle(&self, d: Delivery) -> HandlerResult {
-        let mut child = Command::new("sh")
+        let mut command = Command::new("sh");
+        command
             .arg("-c")
             .arg(&self.command)
             .env("WARREN_MESSAGE_ID", d.message_id().unwrap_or_default())
             .env("WARREN_ATTEMPT", d.attempt().to_string())
             .env("WARREN_ROUTING_KEY", d.routing_key())
             .env("WARREN_GROUP", d.group())
+            .env(
+                "WARREN_REDELIVERED",
+                if d.redelivered() { "true" } else { "false" },
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                HandlerError::retryable(format!("cannot start `sh -c {}`: {e}", self.command))
-            })?;
+            .kill_on_drop(true);
+        #[cfg(unix)]
+        command.process_group(0);
+        let mut child = command.spawn().map_err(|e| {
+            HandlerError::retryable(format!("cannot start `sh -c {}`: {e}", self.command))
+        })?;
+        // Declared after `child`, so dropped first: the group is killed while
+        // its leader is not yet reaped and the group id cannot be reused.
+        let mut group = GroupGuard { pgid: child.id() };
 
-        let stdin = child.stdin.take();
-        let body = d.body().to_vec();
-        let write = async move {
-            if let Some(mut stdin) = stdin {
-                // A command that does not read its stdin closes the pipe: not an error.
-                let _ = stdin.write_all(&body).await;
-                let _ = stdin.shutdown().await;
-            }
-        };
-        let stderr = child.stderr.take();
-        let read = async move {
-            // Keep only the last bytes: bounded memory whatever the command prints.
-            let mut tail: Vec<u8> = Vec::new();
-            if let Some(mut err) = stderr {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match err.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            tail.extend_from_slice(&buf[..n]);
-                            if tail.len() > 2 * ERROR_TEXT_BYTES {
-                                tail.drain(..tail.len() - ERROR_TEXT_BYTES);
-                            }
-                        }
-                    }
+        let mut tail: Vec<u8> = Vec::new();
+        let status = {
+            let write = write_body(child.stdin.take(), d.body());
+            let read = read_tail(child.stderr.take(), &mut tail);
+            tokio::pin!(write, read);
+            let (mut written, mut read_all) = (false, false);
+            // The outcome is settled when the command exits, not when its
+            // pipes close: a background child may hold them open.
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    () = &mut write, if !written => written = true,
+                    () = &mut read, if !read_all => read_all = true,
                 }
+            };
+            if !read_all {
+                let _ = tokio::time::timeout(STDERR_AFTER_EXIT, &mut read).await;
             }
-            tail
+            status
         };
-        let ((), tail, status) = tokio::join!(write, read, child.wait());
+        // The leader has been reaped: its id is free again, but the kernel
+        // does not hand out an id while a group of that id still has
+        // members, and a reuse of an empty one in this instant would need
+        // the whole pid space to wrap around.
+        group.kill().await;
         let status = status
             .map_err(|e| HandlerError::retryable(format!("waiting for the command failed: {e}")))?;
         #[cfg(unix)]

@@ -5,6 +5,9 @@
 //! | 2xx | success (ack) |
 //! | 4xx other than 408 and 429 | permanent (dead-lettered): status and the first 1 KiB of the body |
 //! | 5xx, 408, 429, a timeout, a refused connection | retryable |
+//!
+//! A password in the URL (`http://user:pw@host/hook`) is sent as basic
+//! auth and shown everywhere as `user:***@`: logs, errors, `x-warren-error`.
 
 use std::time::Duration;
 
@@ -12,34 +15,51 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use warren_consumer::{Delivery, ErrorKind, Handler, HandlerError, HandlerResult};
 use warren_topology::headers;
 
-use super::{head_text, ERROR_TEXT_BYTES};
+use super::{with_head, ERROR_TEXT_BYTES};
 
 /// Forwards deliveries to an HTTP endpoint over a keep-alive pool.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpHandler {
     client: reqwest::Client,
     url: reqwest::Url,
+    /// The URL as shown: its password masked.
+    shown: String,
+}
+
+impl std::fmt::Debug for HttpHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpHandler")
+            .field("url", &self.shown)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HttpHandler {
     /// A handler posting to `url`, each request bounded by `timeout` (the
     /// group's `handler_timeout`).
     pub fn new(url: &str, timeout: Duration, pool: usize) -> anyhow::Result<Self> {
+        let shown = warren_topology::redact(url);
         let url = reqwest::Url::parse(url)
-            .map_err(|e| crate::cli::UsageError(format!("--http {url:?} is not a URL: {e}")))?;
+            .map_err(|e| crate::cli::UsageError(format!("--http {shown:?} is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http") {
             return Err(crate::cli::UsageError(format!(
-                "--http {url}: only http:// is supported (put TLS in front of the worker's local service)"
+                "--http {shown}: only http:// is supported (put TLS in front of the worker's local service)"
             ))
             .into());
         }
+        let shown = warren_topology::redact(url.as_str());
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(pool)
             .tcp_nodelay(true)
             .build()?;
-        Ok(HttpHandler { client, url })
+        Ok(HttpHandler { client, url, shown })
+    }
+
+    /// The URL as it may be shown: its password masked.
+    pub fn shown_url(&self) -> &str {
+        &self.shown
     }
 
     fn request_headers(d: &Delivery) -> HeaderMap {
@@ -80,16 +100,11 @@ impl HttpHandler {
 /// The outcome of an HTTP status, with the start of the response body.
 pub fn outcome_of_status(status: u16, body: &[u8]) -> HandlerResult {
     let text = || {
-        let b = head_text(body, ERROR_TEXT_BYTES);
         let reason = reqwest::StatusCode::from_u16(status)
             .ok()
             .and_then(|s| s.canonical_reason())
             .unwrap_or("");
-        if b.is_empty() {
-            format!("HTTP {status} {reason}")
-        } else {
-            format!("HTTP {status} {reason}: {b}")
-        }
+        with_head(format!("HTTP {status} {reason}").trim_end(), body)
     };
     match status {
         200..=299 => Ok(()),
@@ -113,14 +128,14 @@ impl Handler for HttpHandler {
             Err(e) if e.is_timeout() => {
                 return Err(HandlerError::new(
                     ErrorKind::Timeout,
-                    format!("POST {} timed out", self.url),
+                    format!("POST {} timed out", self.shown),
                 ))
             }
             Err(e) => {
                 return Err(HandlerError::retryable(format!(
                     "POST {} failed: {}",
-                    self.url,
-                    error_chain(&e)
+                    self.shown,
+                    error_chain(&e.without_url())
                 )))
             }
         };
@@ -187,8 +202,29 @@ mod tests {
             ErrorKind::Retryable
         );
         let long = vec![b'x'; 5000];
-        assert!(
-            outcome_of_status(500, &long).unwrap_err().message().len() <= ERROR_TEXT_BYTES + 40
+        assert!(outcome_of_status(500, &long).unwrap_err().message().len() <= ERROR_TEXT_BYTES);
+        assert_eq!(
+            outcome_of_status(400, b"\x1b]0;owned\x07 no")
+                .unwrap_err()
+                .message(),
+            "HTTP 400 Bad Request: \\u{1b}]0;owned\\u{7} no"
         );
+    }
+
+    #[test]
+    fn the_password_of_the_url_is_never_shown() {
+        let h = HttpHandler::new(
+            "http://user:secretpw@127.0.0.1:9/hook",
+            Duration::from_secs(1),
+            1,
+        )
+        .unwrap();
+        assert_eq!(h.shown_url(), "http://user:***@127.0.0.1:9/hook");
+        assert!(!format!("{h:?}").contains("secretpw"));
+        let e = HttpHandler::new("ftp://user:secretpw@host/x", Duration::from_secs(1), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("secretpw"), "{e}");
+        assert!(e.contains("ftp://user:***@host/x"), "{e}");
     }
 }
