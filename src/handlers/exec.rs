@@ -14,11 +14,11 @@
 //! `KillMode=control-group` signal reaches warren, which drains, and not the
 //! handlers, which finish. The whole group is killed (SIGKILL):
 //!
-//! - when the command exits (after up to [`STDERR_AFTER_EXIT`] for the rest
+//! - when the command exits (after up to `STDERR_AFTER_EXIT` for the rest
 //!   of its stderr): a background child it left behind does not hold the
 //!   delivery, nor run on beside the next attempt;
 //! - at `handler_timeout` and when the shutdown grace is over (the consumer
-//!   drops the handler's future; [`GroupGuard`] kills on drop).
+//!   drops the handler's future; `GroupGuard` kills on drop).
 
 use std::process::Stdio;
 use std::time::Duration;
