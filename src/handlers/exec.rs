@@ -10,9 +10,10 @@
 //! ## Process groups
 //!
 //! Each command runs in a process group of its own, so a Ctrl-C at a
-//! terminal, `kill -INT -- -<warren's pgid>` or systemd's
-//! `KillMode=control-group` signal reaches warren, which drains, and not the
-//! handlers, which finish. The whole group is killed (SIGKILL):
+//! terminal or `kill -INT -- -<warren's pgid>` reaches warren, which drains,
+//! and not the handlers, which finish. (systemd's `KillMode=control-group`
+//! signals every process of the cgroup whatever its group: use
+//! `KillMode=mixed`.) The whole group is killed (SIGKILL):
 //!
 //! - when the command exits (after up to `STDERR_AFTER_EXIT` for the rest
 //!   of its stderr): a background child it left behind does not hold the
@@ -84,11 +85,9 @@ struct GroupGuard {
 
 impl GroupGuard {
     /// Kills the group now.
-    async fn kill(&mut self) {
+    fn kill(&mut self) {
         if let Some(pgid) = self.pgid.take() {
-            if let Ok(mut c) = kill_command(pgid).spawn() {
-                let _ = c.wait().await;
-            }
+            kill_group(pgid);
         }
     }
 }
@@ -96,22 +95,20 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if let Some(pgid) = self.pgid.take() {
-            // Synchronous (a drop cannot wait), about a millisecond.
-            let _ = kill_command(pgid).as_std_mut().status();
+            kill_group(pgid);
         }
     }
 }
 
-/// `kill -KILL -<pgid>` through the shell the handlers need anyway: the
-/// workspace forbids `unsafe` (so no `libc::killpg`) and has no `nix`.
-fn kill_command(pgid: u32) -> Command {
-    let mut c = Command::new("sh");
-    c.arg("-c")
-        .arg(format!("kill -KILL -{pgid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    c
+/// SIGKILL to a process group (`killpg`, through rustix: the workspace
+/// forbids `unsafe`). A group already gone is not an error.
+fn kill_group(pgid: u32) {
+    let pid = i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
 }
 
 /// Writes the body to the command's stdin and closes it. A command that does
@@ -192,7 +189,7 @@ impl Handler for ExecHandler {
         // does not hand out an id while a group of that id still has
         // members, and a reuse of an empty one in this instant would need
         // the whole pid space to wrap around.
-        group.kill().await;
+        group.kill();
         let status = status
             .map_err(|e| HandlerError::retryable(format!("waiting for the command failed: {e}")))?;
         #[cfg(unix)]
