@@ -474,67 +474,6 @@ async fn wait_gone(scratch: &Scratch, file: &str, n: usize) -> Vec<String> {
     pids
 }
 
-/// A `warren consume` started without the harness's `--metrics-addr`, in a
-/// process group of its own when `own_group` (as a shell started from a
-/// terminal or systemd would run it); ready when `/readyz` answers 200 at
-/// `host:port`.
-fn start_worker(
-    topo: &Topo,
-    handler: &[&str],
-    extra: &[&str],
-    host: &str,
-    own_group: bool,
-) -> Worker {
-    use std::os::unix::process::CommandExt;
-    let port = free_port();
-    let log = std::env::temp_dir().join(format!("{}-{port}.log", topo.p));
-    let file = std::fs::File::create(&log).unwrap();
-    let addr = format!("{host}:{port}");
-    let group = topo.q("g");
-    let mut args = vec![
-        "consume",
-        "-f",
-        topo.file(),
-        "--group",
-        &group,
-        "--metrics-addr",
-        &addr,
-        "-v",
-    ];
-    args.extend_from_slice(handler);
-    args.extend_from_slice(extra);
-    let mut cmd = warren();
-    cmd.args(&args)
-        .stdout(std::process::Stdio::null())
-        .stderr(file);
-    if own_group {
-        cmd.process_group(0);
-    }
-    let child = cmd.spawn().unwrap();
-    let mut w = Worker { child, port, log };
-    let end = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
-            let mut r = String::new();
-            let _ = s.read_to_string(&mut r);
-            if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") {
-                return w;
-            }
-        }
-        if let Ok(Some(status)) = w.child.try_wait() {
-            panic!("worker exited with {status}: {}", w.log_text());
-        }
-        assert!(
-            std::time::Instant::now() < end,
-            "worker not ready in 20s: {}",
-            w.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_to_the_process_group_drains_and_handlers_finish() {
     let topo = Topo::new("pgrp", &[SLOW_GROUP]);
@@ -544,8 +483,9 @@ async fn ctrl_c_to_the_process_group_drains_and_handlers_finish() {
         "cat > /dev/null; sleep 1; echo \"$WARREN_MESSAGE_ID\" >> {}",
         dir.path("done")
     );
-    let mut w = start_worker(
+    let mut w = Worker::start_at(
         &topo,
+        &topo.q("g"),
         &["--exec", &cmd],
         &["--prefetch", "4", "--concurrency", "2", "--grace", "10s"],
         "127.0.0.1",
@@ -801,8 +741,9 @@ async fn metrics_addr_takes_a_host_name_and_a_default_concurrency_follows_prefet
         dir.path("done")
     );
     // The group's concurrency is the default (16): --prefetch 2 lowers it.
-    let _w = start_worker(
+    let _w = Worker::start_at(
         &topo,
+        &topo.q("g"),
         &["--exec", &cmd],
         &["--prefetch", "2"],
         "localhost",

@@ -123,11 +123,28 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// `warren consume` for `group` with `/metrics` on 127.0.0.1; ready
+    /// when `/readyz` answers 200.
     pub fn start(topo: &Topo, group: &str, handler: &[&str], extra: &[&str]) -> Worker {
+        Worker::start_at(topo, group, handler, extra, "127.0.0.1", false)
+    }
+
+    /// [`Worker::start`] with `--metrics-addr {host}:{port}`, and in a
+    /// process group of its own when `own_group` (as a shell started from a
+    /// terminal runs it).
+    pub fn start_at(
+        topo: &Topo,
+        group: &str,
+        handler: &[&str],
+        extra: &[&str],
+        host: &str,
+        own_group: bool,
+    ) -> Worker {
+        use std::os::unix::process::CommandExt;
         let port = free_port();
         let log = std::env::temp_dir().join(format!("{}-{port}.log", topo.p));
         let file = std::fs::File::create(&log).unwrap();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("{host}:{port}");
         let mut args = vec![
             "consume",
             "-f",
@@ -140,18 +157,18 @@ impl Worker {
         ];
         args.extend_from_slice(handler);
         args.extend_from_slice(extra);
-        let child = warren()
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        let w = Worker { child, port, log };
+        let mut cmd = warren();
+        cmd.args(&args).stdout(Stdio::null()).stderr(file);
+        if own_group {
+            cmd.process_group(0);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut w = Worker { child, port, log };
         w.wait_ready();
         w
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
         let end = Instant::now() + Duration::from_secs(20);
         while Instant::now() < end {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
@@ -162,6 +179,9 @@ impl Worker {
                 if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") {
                     return;
                 }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("worker exited with {status}: {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
