@@ -646,6 +646,10 @@ impl<H: Handler> ConsumerGroup<H> {
     }
 }
 
+/// A session that lasted this long resets the reconnect backoff; one that
+/// ended sooner waits before the next.
+const STABLE_SESSION: Duration = Duration::from_secs(5);
+
 /// How many finished deliveries may wait behind an unfinished one before they
 /// are acked one by one: when an eighth of the prefetch window is left (and
 /// the unfinished one is older than [`STRAGGLER_AFTER`]).
@@ -656,10 +660,6 @@ impl<H: Handler> ConsumerGroup<H> {
 /// for its copy's confirm while second attempts finish at once, acking
 /// stragglers at half the window made the retry path about 10% slower than
 /// at seven eighths.
-/// A session that lasted this long resets the reconnect backoff; one that
-/// ended sooner waits before the next.
-const STABLE_SESSION: Duration = Duration::from_secs(5);
-
 fn straggler_threshold(prefetch: usize) -> usize {
     // Never the whole window: one unfinished delivery plus the threshold
     // must fit, or the group would wait for the slow one.

@@ -19,9 +19,16 @@ use crate::names::headers;
 /// `p` with `headers` and without `expiration`; `x-delivery-count` is
 /// removed from `headers`. Every other property is kept as it is.
 pub fn copy_properties(p: &BasicProperties, headers: FieldTable) -> BasicProperties {
-    let mut map = headers.inner().clone();
-    map.remove(headers::DELIVERY_COUNT);
-    let mut out = BasicProperties::default().with_headers(FieldTable::from(map));
+    // Rebuilt only when the counter is there (the copy's headers are
+    // usually fresh from the caller).
+    let headers = if headers.contains_key(headers::DELIVERY_COUNT) {
+        let mut map = headers.inner().clone();
+        map.remove(headers::DELIVERY_COUNT);
+        FieldTable::from(map)
+    } else {
+        headers
+    };
+    let mut out = BasicProperties::default().with_headers(headers);
     if let Some(v) = p.content_type() {
         out = out.with_content_type(v.clone());
     }
