@@ -11,6 +11,16 @@
 use std::fmt;
 use std::io::{ErrorKind, Write};
 
+/// Whether `c`, written to a terminal, could break a line, move the cursor,
+/// clear the screen or reorder what is shown: control characters (C0, DEL,
+/// C1) and the bidirectional marks and overrides. Text from messages and
+/// handlers is escaped where this says so before it reaches a table or a
+/// log line.
+pub fn unsafe_on_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// The exit code when the reader of stdout went away.
 pub const BROKEN_PIPE: i32 = 141;
 

@@ -24,9 +24,7 @@ const CUT: &str = "…";
 fn push_clean(out: &mut String, c: char) {
     match c {
         '\n' | '\r' | '\t' => out.push(' '),
-        c if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') => {
-            out.extend(c.escape_unicode())
-        }
+        c if crate::out::unsafe_on_terminal(c) => out.extend(c.escape_unicode()),
         c => out.push(c),
     }
 }
