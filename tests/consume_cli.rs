@@ -331,20 +331,9 @@ async fn sigterm_drains_in_flight_work_and_exits_0_losing_nothing() {
         &["--exec", &cmd],
         &["--prefetch", "8", "--concurrency", "4", "--grace", "10s"],
     );
-    let conn = connect().await;
     let ids: BTreeSet<String> = (0..30).map(|i| format!("t-{i:02}")).collect();
-    for id in &ids {
-        publish(&conn, &topo.exchange(), "order.created", id, b"{}").await;
-    }
+    let conn = publish_and_wait_in_flight(&topo, &w, &ids).await;
     let group = topo.q("g");
-    let in_flight = format!("warren_in_flight{{group=\"{group}\"}}");
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            w.metric(&in_flight) >= 2.0
-        })
-        .await,
-        "handlers never ran concurrently"
-    );
     w.sigterm();
     let code = w.wait_exit(Duration::from_secs(15));
     assert_eq!(
@@ -442,6 +431,28 @@ impl Drop for Scratch {
     }
 }
 
+/// Publishes one message per id to group `g` and waits until at least two
+/// handlers run at once. Returns the connection it published on.
+async fn publish_and_wait_in_flight(
+    topo: &Topo,
+    w: &Worker,
+    ids: &BTreeSet<String>,
+) -> lapin::Connection {
+    let conn = connect().await;
+    for id in ids {
+        publish(&conn, &topo.exchange(), "order.created", id, b"{}").await;
+    }
+    let in_flight = format!("warren_in_flight{{group=\"{}\"}}", topo.q("g"));
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            w.metric(&in_flight) >= 2.0
+        })
+        .await,
+        "handlers never ran concurrently"
+    );
+    conn
+}
+
 /// Whether process `pid` is gone (exited; a zombie counts as gone).
 fn gone(pid: &str) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -491,20 +502,9 @@ async fn ctrl_c_to_the_process_group_drains_and_handlers_finish() {
         "127.0.0.1",
         true,
     );
-    let conn = connect().await;
     let ids: BTreeSet<String> = (0..8).map(|i| format!("i-{i}")).collect();
-    for id in &ids {
-        publish(&conn, &topo.exchange(), "order.created", id, b"{}").await;
-    }
+    let conn = publish_and_wait_in_flight(&topo, &w, &ids).await;
     let group = topo.q("g");
-    let in_flight = format!("warren_in_flight{{group=\"{group}\"}}");
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            w.metric(&in_flight) >= 2.0
-        })
-        .await,
-        "handlers never ran"
-    );
     // What a Ctrl-C at a terminal does: SIGINT to the whole foreground group.
     let pgid = w.child.id().to_string();
     let sent = std::process::Command::new("kill")
