@@ -41,7 +41,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 use warren_producer::{Message, Publisher, PublisherConfig, PublisherMetrics};
-use warren_topology::{Broker, Group, DEAD_LETTER_EXCHANGE};
+use warren_topology::{Broker, Group, QueueType, DEAD_LETTER_EXCHANGE};
 
 use crate::acks::{AckOp, AckWindow, Settle, Stragglers};
 use crate::delivery::Delivery;
@@ -271,7 +271,10 @@ impl<H: Handler> ConsumerGroup<H> {
     /// Consumes until `cancel` fires, reconnecting (with backoff) whenever the
     /// channel or connection is lost. On cancel: basic.cancel, in-flight
     /// handlers get the grace period, what did not finish is requeued, the
-    /// channels are closed. The connection belongs to `broker` (it may be
+    /// channels are closed. On a quorum queue the deliveries already
+    /// prefetched are handled within the grace too (each one only while
+    /// twice the mean handler time fits in what is left): the queue would
+    /// count each one returned toward `delivery_limit`. The connection belongs to `broker` (it may be
     /// shared with a producer): call [`Broker::close`] after this returns.
     ///
     /// Returns an error only for what retrying cannot fix (the work queue
@@ -336,7 +339,8 @@ impl<H: Handler> ConsumerGroup<H> {
             self.ready.send_replace(false);
             match ended {
                 Ended::Shutdown(window) => {
-                    self.shutdown(session, epoch, tasks, window).await;
+                    self.shutdown(session, &publisher, epoch, tasks, &sem, window)
+                        .await;
                     publisher.close().await;
                     return Ok(());
                 }
@@ -599,22 +603,28 @@ impl<H: Handler> ConsumerGroup<H> {
 
     async fn shutdown(
         &self,
-        s: Session,
+        mut s: Session,
+        publisher: &Publisher,
         epoch: u64,
         mut tasks: JoinSet<Completion>,
+        sem: &Arc<Semaphore>,
         mut window: AckWindow,
     ) {
         let name = &self.ctx.name;
         info!(group = %name, in_flight = tasks.len(), grace = ?self.ctx.settings.grace, "shutting down: cancelling the consumer");
         let tag = s.consumer.tag();
-        if let Err(e) = with_timeout(
+        let cancelled = match with_timeout(
             Duration::from_secs(5),
             s.consume.basic_cancel(tag, BasicCancelOptions::default()),
         )
         .await
         {
-            warn!(group = %name, error = %e, "basic.cancel failed");
-        }
+            Ok(()) => true,
+            Err(e) => {
+                warn!(group = %name, error = %e, "basic.cancel failed");
+                false
+            }
+        };
         let deadline = tokio::time::Instant::now() + self.ctx.settings.grace;
         let mut ops = Vec::new();
         // Settled deliveries whose acks were being batched go out first,
@@ -622,10 +632,25 @@ impl<H: Handler> ConsumerGroup<H> {
         if let Err(e) = send_acks(&s.consume, &mut window, &mut ops, Flush::All).await {
             warn!(group = %name, error = %e, "ack failed during shutdown; the broker requeues");
         }
-        while !tasks.is_empty() {
+        // Deliveries the broker sent before its cancel-ok, waiting for a
+        // handler: returned to the queue when the channel closes, except on
+        // a quorum queue, which counts every return toward `delivery_limit`
+        // (a group scaled down five times would dead-letter a message no
+        // handler ever saw). There they are handled within the grace, each
+        // one only if the handlers' mean run time fits twice in what is
+        // left of it.
+        let mut take_buffered =
+            cancelled && self.ctx.settings.group.queue_type == QueueType::Quorum;
+        let (mut handled_after_cancel, mut returned_unstarted) = (0u64, false);
+        while take_buffered || !tasks.is_empty() {
+            let next = async {
+                let permit = sem.clone().acquire_owned().await;
+                (permit, s.consumer.next().await)
+            };
             tokio::select! {
+                biased;
                 _ = tokio::time::sleep_until(deadline) => break,
-                Some(done) = tasks.join_next() => {
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     self.record(done, epoch, &mut window);
                     while let Some(done) = tasks.try_join_next() {
                         self.record(done, epoch, &mut window);
@@ -635,7 +660,23 @@ impl<H: Handler> ConsumerGroup<H> {
                         break;
                     }
                 }
+                (permit, item) = next, if take_buffered => match (permit, item) {
+                    (Ok(permit), Some(Ok(d))) if self.fits_before(deadline) => {
+                        window.received(d.delivery_tag, Instant::now());
+                        self.spawn(&mut tasks, publisher.clone(), d, epoch, permit);
+                        handled_after_cancel += 1;
+                    }
+                    (_, Some(Ok(_))) => {
+                        // Unacked, it goes back with the rest at the close.
+                        returned_unstarted = true;
+                        take_buffered = false;
+                    }
+                    _ => take_buffered = false,
+                }
             }
+        }
+        if handled_after_cancel > 0 || returned_unstarted {
+            info!(group = %name, started = handled_after_cancel, rest_returned = returned_unstarted, "deliveries received before the cancel were handled within the grace (a quorum queue counts a returned one toward delivery_limit)");
         }
         let unfinished = tasks.len();
         drain_aborting(&mut tasks).await;
@@ -643,6 +684,22 @@ impl<H: Handler> ConsumerGroup<H> {
         info!(group = %name, unfinished, requeued, "in-flight handlers done or cancelled; unacked deliveries go back to the queue");
         // Closing the channel returns every unacked delivery to the queue.
         close_quietly(&s.consume, 200).await;
+    }
+
+    /// Whether a handler started now is likely to finish before `deadline`:
+    /// twice the group's mean handler time so far fits in what is left.
+    fn fits_before(&self, deadline: tokio::time::Instant) -> bool {
+        let h = self
+            .ctx
+            .metrics
+            .handler_seconds
+            .with_label_values(&[&*self.ctx.name]);
+        let n = h.get_sample_count();
+        if n == 0 {
+            return true;
+        }
+        let mean = Duration::from_secs_f64(h.get_sample_sum() / n as f64);
+        deadline.saturating_duration_since(tokio::time::Instant::now()) >= mean * 2
     }
 }
 

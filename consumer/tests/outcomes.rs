@@ -843,6 +843,94 @@ async fn shutdown_acks_what_finished_behind_an_unfinished_delivery() {
     assert_eq!(finished.len(), 5, "nothing handled twice");
 }
 
+fn quorum_shutdown(prefetch: u16, concurrency: u16) -> String {
+    format!(
+        "[[exchange]]\nname = 'orders'\nkind = 'topic'\n\
+         [[group]]\nname = 'billing'\nexchange = 'orders'\nbindings = ['order.*']\n\
+         queue_type = 'quorum'\ndelivery_limit = 5\nretry = ['200ms']\n\
+         prefetch = {prefetch}\nconcurrency = {concurrency}\nhandler_timeout = '1m'\n"
+    )
+}
+
+/// A quorum queue counts every delivery returned to it toward
+/// `delivery_limit`, so the deliveries waiting in the client for a handler
+/// when the group shuts down are handled within the grace rather than
+/// returned: none goes back, none is handled twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_on_a_quorum_queue_handles_what_was_prefetched() {
+    let f = Fixture::new(&quorum_shutdown(20, 2)).await;
+    let g = f.group(0);
+    let (started, finished) = (Ledger::default(), Ledger::default());
+    let (s, d2) = (started.clone(), finished.clone());
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (s, d2) = (s.clone(), d2.clone());
+            async move {
+                s.note(&d);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                d2.note(&d);
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b.shutdown_grace(Duration::from_secs(10)),
+    )
+    .await;
+    f.publish_numbered("order.created", b"x", "p", 12).await;
+    wait_for(Duration::from_secs(5), "the first two running", || {
+        started.len() >= 2
+    })
+    .await;
+    assert!(started.len() < 12, "the rest still waits in the client");
+    run.stop().await;
+    assert_eq!(finished.len(), 12, "every prefetched delivery was handled");
+    assert_eq!(started.len(), 12, "nothing handled twice");
+    assert!(
+        started.0.lock().unwrap().iter().all(|s| !s.redelivered),
+        "nothing went back to the queue first"
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0, "and all were acked");
+}
+
+/// Prefetched deliveries are started at shutdown only while twice the mean
+/// handler time fits in the grace left: one that could not finish is
+/// returned unstarted, not started and then cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_on_a_quorum_queue_returns_what_would_not_finish_in_the_grace() {
+    let f = Fixture::new(&quorum_shutdown(10, 1)).await;
+    let g = f.group(0);
+    let (started, finished) = (Ledger::default(), Ledger::default());
+    let (s, d2) = (started.clone(), finished.clone());
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (s, d2) = (s.clone(), d2.clone());
+            async move {
+                s.note(&d);
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                d2.note(&d);
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b.shutdown_grace(Duration::from_millis(1000)),
+    )
+    .await;
+    f.publish_numbered("order.created", b"x", "r", 6).await;
+    wait_for(Duration::from_secs(5), "the first running", || {
+        started.len() == 1
+    })
+    .await;
+    run.stop().await;
+    // The first finishes after 400 ms; 600 ms are left, under twice its
+    // time, so the next is not started.
+    assert_eq!(started.len(), finished.len(), "no handler was cut off");
+    assert_eq!(finished.len(), 1);
+    assert_eq!(f.count(&g.work_queue()).await, 5, "the rest went back");
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
 /// Deliveries of a queue not yet acked, as the broker counts them.
 fn unacked(queue: &str) -> u64 {
     let out = std::process::Command::new("rabbitmqctl")
