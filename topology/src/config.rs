@@ -5,7 +5,7 @@
 //! one bad field yields no [`Topology`] at all, so nothing is ever declared from
 //! it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
@@ -242,7 +242,8 @@ impl Topology {
         }
 
         let mut groups = Vec::new();
-        let mut queue_names: HashSet<String> = HashSet::new();
+        // Queue name -> the group that derives it.
+        let mut queue_owner: HashMap<String, String> = HashMap::new();
         for g in raw.groups {
             let g = g.into_inner();
             let name_span = g.name.span();
@@ -262,20 +263,6 @@ impl Topology {
                     ),
                 ));
             }
-            let own: Vec<String> = std::iter::once(names::work_queue(&name))
-                .chain(std::iter::once(names::dead_queue(&name)))
-                .collect();
-            for q in &own {
-                if queue_names.contains(q) {
-                    return Err(at(
-                        name_span,
-                        "group.name",
-                        format!("group {name:?} is declared twice (or its queue {q:?} clashes with another group's); group names must be unique"),
-                    ));
-                }
-            }
-            queue_names.extend(own);
-
             if !exchanges.iter().any(|e| &e.name == g.exchange.get_ref()) {
                 let known: Vec<&str> = exchanges.iter().map(|e| e.name.as_str()).collect();
                 return Err(at(
@@ -336,6 +323,24 @@ impl Topology {
                     out
                 }
             };
+
+            // Every queue the group derives must be its own: a group named
+            // like another's tier (`billing.retry.1`) or dead queue would
+            // declare one queue twice with different arguments.
+            let own = std::iter::once(names::work_queue(&name))
+                .chain((1..=retry.len()).map(|n| names::retry_queue(&name, n)))
+                .chain(std::iter::once(names::dead_queue(&name)));
+            for q in own {
+                if let Some(other) = queue_owner.get(&q) {
+                    let message = if other == &name {
+                        format!("group {name:?} is declared twice; group names must be unique")
+                    } else {
+                        format!("group {name:?} and group {other:?} would both declare queue {q:?} (a group's queues are {{group}}, {{group}}.retry.{{n}} and {{group}}.dead); rename one of them")
+                    };
+                    return Err(at(name_span, "group.name", message));
+                }
+                queue_owner.insert(q, name.clone());
+            }
 
             let prefetch = match g.prefetch {
                 Some(p) if *p.get_ref() == 0 => {

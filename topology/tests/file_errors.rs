@@ -49,7 +49,31 @@ fn duplicate_group() {
     let g = "[[group]]\nname = \"billing\"\nexchange = \"orders\"\n";
     assert_eq!(
         err(&format!("{EXCHANGE}{g}{g}")),
-        "warren.toml:9:8: group.name: group \"billing\" is declared twice (or its queue \"billing\" clashes with another group's); group names must be unique"
+        "warren.toml:9:8: group.name: group \"billing\" is declared twice; group names must be unique"
+    );
+}
+
+#[test]
+fn a_group_named_like_another_groups_retry_queue() {
+    // `billing.retry.1` is billing's first tier: declaring it as a work queue
+    // too would fail halfway through `apply` (after creating other queues).
+    let billing = "[[group]]\nname = \"billing\"\nexchange = \"orders\"\n";
+    let tier = "[[group]]\nname = \"billing.retry.1\"\nexchange = \"orders\"\n";
+    let expected = "group.name: group \"billing.retry.1\" and group \"billing\" would both declare queue \"billing.retry.1\" (a group's queues are {group}, {group}.retry.{n} and {group}.dead); rename one of them";
+    assert_eq!(
+        err(&format!("{EXCHANGE}{billing}{tier}")),
+        format!("warren.toml:9:8: {expected}")
+    );
+    assert_eq!(
+        err(&format!("{EXCHANGE}{tier}{billing}")),
+        format!(
+            "warren.toml:9:8: {}",
+            expected.replacen(
+                "group \"billing.retry.1\" and group \"billing\"",
+                "group \"billing\" and group \"billing.retry.1\"",
+                1
+            )
+        )
     );
 }
 
