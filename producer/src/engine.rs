@@ -18,8 +18,34 @@
 //!   seen it;
 //! - a message that got someone else's return waits until a later round shows
 //!   an empty queue again (an `Ack(None)`), or until nothing is in flight.
+//!
+//! ## Which message made the broker close the channel
+//!
+//! The broker refuses some messages by closing the channel (406
+//! PRECONDITION_FAILED: a `user_id` other than the connection's user, a body
+//! over its `max_message_size`, an invalid `expiration`; 404 or 403 for the
+//! exchange). Sending such a message again can never succeed, so it must fail
+//! at once while the other unconfirmed messages of that channel go again. The
+//! close says neither which message nor its delivery tag; the engine blames:
+//!
+//! 1. every unconfirmed message of the channel that the broker's words name:
+//!    its exchange (`'name'`), its `user_id`, a body over the size the text
+//!    gives, its `expiration` ([`refused_for`]);
+//! 2. else, for a soft (channel) error, the only unconfirmed message of the
+//!    channel, if there is one: the broker handles a channel's publishes in
+//!    order and confirms none after the one it refused, so the culprit is
+//!    always among the unconfirmed;
+//! 3. else nobody yet: the unconfirmed messages become *suspects*, and are
+//!    sent again one at a time until a close with a single one in flight
+//!    names the culprit (rule 2), or every suspect is answered. The broker's
+//!    text can be cut at 255 bytes (a long `user_id`), so rule 1 cannot
+//!    always tell.
+//!
+//! A lapin error other than the broker's close (a publish that found the
+//! channel already closing) waits up to [`CLOSE_GRACE`] for the close itself
+//! to reach the pending confirms, so that the broker's words are not lost.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -48,6 +74,9 @@ const RECV_BATCH: usize = 64;
 /// Sends of one message after which a channel error it cannot be cleared of
 /// fails it.
 const MAX_ATTEMPTS: u32 = 10;
+/// How long a channel that failed a publish may take to deliver the broker's
+/// reason (`channel.close`) to the confirms still pending on it.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 pub(crate) type Reply = oneshot::Sender<Result<Confirmed, PublishError>>;
 
@@ -93,6 +122,15 @@ pub(crate) struct Engine {
     /// Keys acked with someone else's return, and the round they came in.
     undecided: Vec<(u64, u64)>,
     round: u64,
+    /// Sends on the current channel whose outcome has not come back yet.
+    outstanding: usize,
+    /// The current channel failed a publish and is closing: the error seen
+    /// first (if any) and when, while the broker's reason may still be on its
+    /// way to the other pending confirms.
+    closing: Option<(Option<lapin::Error>, Instant)>,
+    /// Orders of the messages to send one at a time: they were unconfirmed
+    /// when the broker closed the channel without saying which one it refused.
+    suspects: HashSet<u64>,
     connecting: Option<BoxFut<Result<(Channel, u64), PublishError>>>,
     backoff: Box<dyn Iterator<Item = Duration> + Send>,
     connect_after: Option<Instant>,
@@ -129,6 +167,9 @@ impl Engine {
             returned: HashMap::new(),
             undecided: Vec::new(),
             round: 0,
+            outstanding: 0,
+            closing: None,
+            suspects: HashSet::new(),
             connecting: None,
             backoff,
             connect_after: None,
@@ -147,13 +188,14 @@ impl Engine {
             }
             self.maybe_connect();
             self.note_blocked();
-            if self.channel.is_some() && self.blocked.is_none() {
-                while let Some(job) = self.retry.pop_front() {
-                    self.start(job);
-                    if self.channel.is_none() {
-                        break;
-                    }
-                }
+            if !self.suspects.is_empty() && self.jobs.is_empty() && self.retry.is_empty() {
+                self.suspects.clear(); // every suspect was answered
+            }
+            while self.may_send() {
+                let Some(job) = self.retry.pop_front() else {
+                    break;
+                };
+                self.start(job);
             }
             tokio::select! {
                 biased;
@@ -206,6 +248,16 @@ impl Engine {
         self.blocked = now;
     }
 
+    /// Whether a message can go out now: a channel that has not failed, a
+    /// broker that reads, and, while suspects are sent one at a time, nothing
+    /// else in flight.
+    fn may_send(&self) -> bool {
+        self.channel.is_some()
+            && self.closing.is_none()
+            && self.blocked.is_none()
+            && (self.suspects.is_empty() || self.outstanding == 0)
+    }
+
     fn maybe_connect(&mut self) {
         if self.channel.is_some() || self.connecting.is_some() || self.retry.is_empty() {
             return;
@@ -227,6 +279,8 @@ impl Engine {
                 }
                 self.generation = generation;
                 self.epoch += 1;
+                self.outstanding = 0;
+                self.closing = None;
                 self.channel = Some(ch);
                 self.connect_after = None;
                 self.backoff = Box::new(backoff(&self.config));
@@ -255,7 +309,9 @@ impl Engine {
     /// Hands a message to the channel (or parks it until there is one).
     fn start(&mut self, mut job: Job) {
         if job.reply.is_none() {
-            return; // answered already (timed out); drop it and free its slot
+            // Answered already (timed out): drop it and free its slot.
+            self.suspects.remove(&job.order);
+            return;
         }
         if job.order == u64::MAX {
             job.order = self.next_order;
@@ -268,8 +324,19 @@ impl Engine {
             self.retry.push_back(job);
             return;
         }
+        if self.closing.is_some() || !(self.suspects.is_empty() || self.outstanding == 0) {
+            // The channel is failing, or a suspect is on its own in flight.
+            self.retry.push_back(job);
+            return;
+        }
         let ch = match &self.channel {
             Some(ch) if ch.status().connected() => ch.clone(),
+            Some(_) if self.outstanding > 0 => {
+                // Closing: the broker's reason reaches the pending confirms.
+                self.retry.push_back(job);
+                self.closing = Some((None, Instant::now()));
+                return;
+            }
             _ => {
                 self.retry.push_back(job);
                 self.channel_failed(None);
@@ -301,6 +368,7 @@ impl Engine {
             };
             (key, epoch, res)
         }));
+        self.outstanding += 1;
         self.jobs.insert(key, job);
     }
 
@@ -329,6 +397,7 @@ impl Engine {
             if *epoch != self.epoch {
                 continue;
             }
+            self.outstanding = self.outstanding.saturating_sub(1);
             match res {
                 Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => {
                     let id = r
@@ -394,7 +463,12 @@ impl Engine {
                     }
                 }
                 Err(e) => {
-                    if failure.is_none() && epoch == self.epoch {
+                    // The broker's own words win over a local "closed".
+                    let better = match &failure {
+                        None => true,
+                        Some(f) => !is_protocol(f) && is_protocol(&e),
+                    };
+                    if better && epoch == self.epoch {
                         failure = Some(e);
                     }
                 }
@@ -402,15 +476,16 @@ impl Engine {
         }
 
         // 3. Settle those that waited for an empty return queue.
+        let failing = failure.is_some() || self.closing.is_some();
         if !self.undecided.is_empty() {
-            let all = self.in_flight.is_empty() || failure.is_some();
+            let all = self.in_flight.is_empty() || failing;
             let ready: Vec<u64> = self
                 .undecided
                 .iter()
                 .filter(|(_, r)| all || (queue_was_empty && *r < round))
                 .map(|(k, _)| *k)
                 .collect();
-            if failure.is_none() {
+            if !failing {
                 self.undecided
                     .retain(|(_, r)| !(all || (queue_was_empty && *r < round)));
                 for key in ready {
@@ -422,8 +497,20 @@ impl Engine {
             self.returned.clear();
         }
 
+        // 4. A failed channel: tear it down once the broker's reason is known
+        // or nothing else can bring it.
         if let Some(e) = failure {
-            self.channel_failed(Some(e));
+            match &mut self.closing {
+                Some((first @ None, _)) => *first = Some(e),
+                Some((Some(first), _)) if !is_protocol(first) && is_protocol(&e) => *first = e,
+                Some(_) => {}
+                None => self.closing = Some((Some(e), Instant::now())),
+            }
+        }
+        let known = matches!(&self.closing, Some((Some(e), _)) if is_protocol(e));
+        if self.closing.is_some() && (known || self.outstanding == 0) {
+            let e = self.closing.take().and_then(|(e, _)| e);
+            self.channel_failed(e);
         }
     }
 
@@ -461,8 +548,10 @@ impl Engine {
     }
 
     /// The channel died: attribute the error to the messages that caused it,
-    /// park the others for the next channel (at-least-once).
+    /// park the others for the next channel (at-least-once). See the module
+    /// docs for how the culprit is found.
     fn channel_failed(&mut self, e: Option<lapin::Error>) {
+        self.closing = None;
         let Some(_dead) = self.channel.take() else {
             return;
         };
@@ -475,25 +564,45 @@ impl Engine {
         };
         self.last_error = Some(text.clone());
         let soft = e.as_ref().is_some_and(|e| e.is_amqp_soft_error());
-        let dead: Vec<u64> = self
+        let mut dead: Vec<u64> = self
             .jobs
             .iter()
             .filter(|(_, j)| j.epoch == self.epoch)
             .map(|(k, _)| *k)
             .collect();
+        dead.sort_unstable();
+        // Acked with someone else's return: stored, so not the culprit.
+        let acked: HashSet<u64> = self.undecided.iter().map(|(k, _)| *k).collect();
+        let unconfirmed = dead.iter().filter(|k| !acked.contains(k)).count();
+        let mut blamed = 0;
         let mut parked = Vec::new();
         for key in dead {
             let Some(job) = self.jobs.remove(&key) else {
                 continue;
             };
             let named = soft && text.contains(&format!("'{}'", job.exchange));
-            if named && code == 404 {
-                let err = PublishError::ExchangeNotFound {
+            let err = if soft && refused_for(code, &text, &job) {
+                Some(self.message_refused(&job, code, &text))
+            } else if named && code == 404 {
+                Some(PublishError::ExchangeNotFound {
                     exchange: job.exchange.clone(),
                     reason: text.clone(),
-                };
+                })
+            } else if named {
+                Some(PublishError::Refused {
+                    exchange: job.exchange.clone(),
+                    reason: text.clone(),
+                })
+            } else if soft && unconfirmed == 1 && !acked.contains(&key) {
+                // Alone in flight: nothing else can have closed the channel.
+                Some(self.message_refused(&job, code, &text))
+            } else {
+                None
+            };
+            if let Some(err) = err {
+                blamed += 1;
                 self.finish(job, Err(err));
-            } else if named || job.attempts >= MAX_ATTEMPTS {
+            } else if job.attempts >= MAX_ATTEMPTS {
                 let err = PublishError::Refused {
                     exchange: job.exchange.clone(),
                     reason: text.clone(),
@@ -501,11 +610,26 @@ impl Engine {
                 self.finish(job, Err(err));
             } else if job.reply.is_some() {
                 parked.push(job);
+            } else {
+                self.suspects.remove(&job.order);
             }
+        }
+        if blamed > 0 {
+            // Found: whatever the others were suspected of, it was this.
+            self.suspects.clear();
+        } else if soft && !parked.is_empty() {
+            self.suspects.extend(parked.iter().map(|j| j.order));
+            warn!(
+                error = %text,
+                code,
+                suspects = parked.len(),
+                "the broker closed the publishing channel without saying which message it refused; sending the unconfirmed messages one at a time to find it"
+            );
         }
         warn!(
             error = %text,
             code,
+            refused = blamed,
             republishing = parked.len(),
             "publishing channel closed; unconfirmed messages go again on a new channel"
         );
@@ -515,16 +639,35 @@ impl Engine {
         self.retry.extend(parked);
     }
 
+    fn message_refused(&self, job: &Job, code: u16, text: &str) -> PublishError {
+        PublishError::MessageRefused {
+            exchange: job.exchange.clone(),
+            routing_key: job.routing_key.clone(),
+            message_id: job.message_id.clone(),
+            reply_code: code,
+            reason: text.to_owned(),
+        }
+    }
+
     fn abandon_epoch(&mut self) {
         self.returned.clear();
         self.undecided.clear();
         // Keys of the dead channel may still yield; bump the epoch so that
         // they are ignored even before a new channel exists.
         self.epoch += 1;
+        self.outstanding = 0;
     }
 
     fn expire(&mut self) {
         let now = Instant::now();
+        if self
+            .closing
+            .as_ref()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= CLOSE_GRACE)
+        {
+            let e = self.closing.take().and_then(|(e, _)| e);
+            self.channel_failed(e);
+        }
         let mut expired = Vec::new();
         for job in self.jobs.values_mut() {
             if job.deadline <= now {
@@ -565,7 +708,8 @@ impl Engine {
     }
 
     /// Answers the caller (if still waiting), counts, logs, frees the slot.
-    fn finish(&self, mut job: Job, result: Result<Confirmed, PublishError>) {
+    fn finish(&mut self, mut job: Job, result: Result<Confirmed, PublishError>) {
+        self.suspects.remove(&job.order);
         let Some(reply) = job.reply.take() else {
             return;
         };
@@ -592,6 +736,51 @@ impl Engine {
         let _ = reply.send(result);
         drop(job.permit);
     }
+}
+
+/// Whether the error is the broker's own (a `channel.close` or
+/// `connection.close` with its reply code and text).
+fn is_protocol(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(_))
+}
+
+/// Whether the broker's reason for closing the channel (`code`, `text`)
+/// names a property of this message that it refuses whenever it is sent.
+/// RabbitMQ's words (3.x and 4.x):
+///
+/// - `PRECONDITION_FAILED - user_id property set to 'X' but authenticated user was 'Y'`
+/// - `PRECONDITION_FAILED - message size N is larger than [configured ]max size M`
+/// - `PRECONDITION_FAILED - invalid expiration 'X': REASON`
+///
+/// The broker cuts its text at 255 bytes; a text that does not parse names
+/// nobody (the engine then finds the message by sending one at a time).
+fn refused_for(code: u16, text: &str, job: &Job) -> bool {
+    if code != 406 {
+        return false;
+    }
+    let props = &job.properties;
+    if let Some(rest) = text.split_once("user_id property set to '").map(|(_, r)| r) {
+        let Some((claimed, _)) = rest.rsplit_once("' but authenticated user was '") else {
+            return false;
+        };
+        return props
+            .user_id()
+            .as_ref()
+            .is_some_and(|u| u.as_str() == claimed);
+    }
+    if let Some((_, rest)) = text.split_once("message size ") {
+        let max = rest
+            .split_once("max size ")
+            .and_then(|(_, m)| m.trim().parse::<usize>().ok());
+        return max.is_some_and(|max| job.body.len() > max);
+    }
+    if let Some((_, rest)) = text.split_once("invalid expiration '") {
+        return props
+            .expiration()
+            .as_ref()
+            .is_some_and(|x| rest.starts_with(&format!("{}': ", x.as_str())));
+    }
+    false
 }
 
 async fn poll_opt<T>(fut: &mut Option<BoxFut<T>>) -> T {
@@ -627,5 +816,75 @@ pub(crate) async fn open_channel(
         Err(_) => Err(PublishError::Channel(format!(
             "no channel within {timeout:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(body: usize, user_id: Option<&str>, expiration: Option<&str>) -> Job {
+        let mut properties = BasicProperties::default();
+        if let Some(u) = user_id {
+            properties = properties.with_user_id(u.into());
+        }
+        if let Some(x) = expiration {
+            properties = properties.with_expiration(x.into());
+        }
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap_or_else(|_| unreachable!("a fresh semaphore has a permit"));
+        Job {
+            exchange: "orders".into(),
+            routing_key: "k".into(),
+            body: Arc::new(vec![b'x'; body]),
+            properties,
+            message_id: "m".into(),
+            started: Instant::now(),
+            deadline: Instant::now(),
+            reply: None,
+            span: Span::none(),
+            attempts: 1,
+            order: 0,
+            epoch: 0,
+            permit,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_brokers_words_name_the_refused_messages() {
+        let user = "PRECONDITION_FAILED - user_id property set to 'mallory' but authenticated user was 'guest'";
+        assert!(refused_for(406, user, &job(1, Some("mallory"), None)));
+        assert!(!refused_for(406, user, &job(1, Some("guest"), None)));
+        assert!(!refused_for(406, user, &job(1, None, None)));
+        assert!(!refused_for(403, user, &job(1, Some("mallory"), None)));
+        // Cut at 255 bytes by the broker: names nobody.
+        let cut = "PRECONDITION_FAILED - user_id property set to 'mallorymallory...";
+        assert!(!refused_for(
+            406,
+            cut,
+            &job(1, Some("mallorymallory"), None)
+        ));
+
+        let size =
+            "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1000";
+        assert!(refused_for(406, size, &job(2000, None, None)));
+        assert!(refused_for(406, size, &job(1001, None, None)));
+        assert!(!refused_for(406, size, &job(1000, None, None)));
+        let size = "PRECONDITION_FAILED - message size 134217729 is larger than max size 134217728";
+        assert!(refused_for(406, size, &job(134_217_729, None, None)));
+        assert!(!refused_for(406, size, &job(10, None, None)));
+
+        let exp = "PRECONDITION_FAILED - invalid expiration '-5': {value_negative,-5}";
+        assert!(refused_for(406, exp, &job(1, None, Some("-5"))));
+        assert!(!refused_for(406, exp, &job(1, None, Some("5"))));
+        assert!(!refused_for(406, exp, &job(1, None, None)));
+
+        let other = "PRECONDITION_FAILED - something else";
+        assert!(!refused_for(
+            406,
+            other,
+            &job(1, Some("mallory"), Some("-5"))
+        ));
     }
 }

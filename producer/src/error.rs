@@ -81,6 +81,27 @@ pub enum PublishError {
         /// The broker's words.
         reason: String,
     },
+    /// The broker refused this very message and closed the channel (406
+    /// PRECONDITION_FAILED: a `user_id` property other than the connection's
+    /// user, which RabbitMQ allows only to users with the `impersonator`
+    /// tag; a body over the broker's `max_message_size`; an `expiration`
+    /// that is not a whole number of milliseconds). Nothing was stored, and
+    /// sending it again would be refused the same way, so it is not retried;
+    /// the other messages that were in flight on that channel are published
+    /// again.
+    #[error("the broker refused message {message_id:?} to exchange {exchange:?} with routing key {routing_key:?} and closed the channel ({reply_code} {reason}); it was not stored, and sending it again would be refused the same way{}", refusal_hint(reason))]
+    MessageRefused {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The message's `message_id`.
+        message_id: String,
+        /// The broker's reply code (406 PRECONDITION_FAILED, for example).
+        reply_code: u16,
+        /// The broker's words.
+        reason: String,
+    },
     /// The message cannot be published as it is (an exchange name or
     /// routing key over AMQP's 255 bytes); nothing was sent.
     #[error("cannot publish: {0}; nothing was sent")]
@@ -120,6 +141,19 @@ pub enum PublishError {
     /// The metrics could not be registered.
     #[error("cannot register the producer metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+}
+
+/// What to do about a refused message, from the broker's words.
+fn refusal_hint(reason: &str) -> &'static str {
+    if reason.contains("user_id property") {
+        "; leave user_id unset or set it to the user the connection logs in as (RabbitMQ accepts another only from a user with the `impersonator` tag)"
+    } else if reason.contains("message size") {
+        "; the body is over the broker's max_message_size: set PublisherConfig::max_message_size to the broker's limit to refuse such messages before sending"
+    } else if reason.contains("invalid expiration") {
+        "; expiration must be a whole number of milliseconds, such as \"60000\""
+    } else {
+        ""
+    }
 }
 
 impl PublishError {
@@ -174,5 +208,32 @@ mod tests {
             "{t}"
         );
         assert_eq!(t.outcome(), "failed");
+    }
+
+    #[test]
+    fn a_refused_message_says_why_and_what_to_do() {
+        let e = PublishError::MessageRefused {
+            exchange: "orders".into(),
+            routing_key: "k".into(),
+            message_id: "m-1".into(),
+            reply_code: 406,
+            reason: "PRECONDITION_FAILED - user_id property set to 'mallory' but authenticated user was 'guest'".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the broker refused message \"m-1\" to exchange \"orders\" with routing key \"k\" and closed the channel (406 PRECONDITION_FAILED - user_id property set to 'mallory' but authenticated user was 'guest'); it was not stored, and sending it again would be refused the same way; leave user_id unset or set it to the user the connection logs in as (RabbitMQ accepts another only from a user with the `impersonator` tag)"
+        );
+        assert!(!e.is_transient());
+        assert_eq!(e.outcome(), "failed");
+        let size = PublishError::MessageRefused {
+            exchange: "orders".into(),
+            routing_key: "k".into(),
+            message_id: "m-2".into(),
+            reply_code: 406,
+            reason:
+                "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1000"
+                    .into(),
+        };
+        assert!(size.to_string().contains("max_message_size"), "{size}");
     }
 }

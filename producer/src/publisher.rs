@@ -47,6 +47,14 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 /// - A message to a missing exchange fails with
 ///   [`PublishError::ExchangeNotFound`]; the other messages of the channel the
 ///   broker closed are republished.
+/// - A message the broker refuses by closing the channel (a `user_id` other
+///   than the connection's user, a body over the broker's
+///   `max_message_size`, an invalid `expiration`) fails at once with
+///   [`PublishError::MessageRefused`] instead of being sent again; the other
+///   unconfirmed messages of that channel are republished. When the broker's
+///   words do not say which message it was (its text is cut at 255 bytes),
+///   the unconfirmed messages go again one at a time until the refused one
+///   is alone when the channel closes.
 /// - Memory is bounded by the window: a caller waits for a slot up to its
 ///   timeout. When the broker blocks publishers (`connection.blocked`: a
 ///   memory or disk alarm), the publisher holds new messages back instead of

@@ -282,6 +282,209 @@ async fn missing_exchange_fails_only_its_messages() {
     p.close().await;
 }
 
+/// The message with a wrong `user_id` (RabbitMQ closes the channel with 406
+/// PRECONDITION_FAILED) among `n` good ones published in one batch, and what
+/// became of every one of them.
+struct Refusal {
+    results: Vec<Result<warren_producer::Confirmed, PublishError>>,
+    elapsed: Duration,
+    bad_id: String,
+    /// The publisher's channel number at the end: 1 + channels reopened.
+    channel: u32,
+}
+
+async fn publish_with_a_wrong_user_id(
+    fx: &mut Fixture,
+    n: usize,
+    bad: usize,
+    user_id: &str,
+) -> (Refusal, prometheus::Registry, String) {
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, registry, conn_name) = publisher(PublisherConfig::default().window(256)).await;
+    let bad_id = format!("bad-{}", unique("id"));
+    let msgs = (0..n).map(|i| {
+        let m = Message::bytes(&ex, "k", format!("{i}"));
+        if i == bad {
+            m.properties(
+                BasicProperties::default()
+                    .with_message_id(bad_id.as_str().into())
+                    .with_user_id(user_id.into()),
+            )
+        } else {
+            m
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let results = p.publish_batch(msgs).await;
+    let elapsed = started.elapsed();
+    let name = conn_name.clone();
+    let channels = tokio::task::spawn_blocking(move || common::channel_numbers(&name))
+        .await
+        .unwrap();
+    assert_eq!(
+        channels.len(),
+        1,
+        "one publishing channel open: {channels:?}"
+    );
+
+    // Every good one confirmed and in the queue; the bad one nowhere.
+    let mut confirmed = HashSet::new();
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            Ok(c) => {
+                assert_ne!(i, bad, "the refused message was reported sent");
+                assert!(
+                    c.attempts <= 2,
+                    "message {i} went {} times; one republish at most",
+                    c.attempts
+                );
+                confirmed.insert(c.message_id.clone());
+            }
+            Err(e) if i == bad => assert!(!e.is_transient(), "{e}"),
+            Err(e) => panic!("good message {i} failed: {e}"),
+        }
+    }
+    assert_eq!(confirmed.len(), n - 1);
+    fx.wait_count(&q, n as u32 - 1).await;
+    let in_queue: HashSet<String> = fx
+        .drain(&q)
+        .await
+        .iter()
+        .map(|(_, p)| p.message_id().as_ref().unwrap().to_string())
+        .collect();
+    let missing: Vec<_> = confirmed.difference(&in_queue).collect();
+    assert!(
+        missing.is_empty(),
+        "confirmed, not in the queue: {missing:?}"
+    );
+    assert!(
+        !in_queue.contains(&bad_id),
+        "the refused message was stored"
+    );
+    assert_eq!(published(&registry, &ex, "confirmed"), n as u64 - 1);
+    assert_eq!(published(&registry, &ex, "failed"), 1);
+
+    // Still usable afterwards, on the same connection.
+    p.publish(Message::bytes(&ex, "k", "after")).await.unwrap();
+    p.close().await;
+    let refusal = Refusal {
+        results,
+        elapsed,
+        bad_id,
+        channel: channels[0],
+    };
+    (refusal, registry, ex)
+}
+
+/// RabbitMQ refuses a `user_id` other than the connection's user by closing
+/// the channel. Before, the publisher sent the message again and again (ten
+/// channels) and failed the good messages behind it too; now it fails that
+/// one at once, from the broker's words, and republishes the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_user_id_fails_at_once_and_the_others_are_confirmed() {
+    let mut fx = Fixture::new().await;
+    let mallory = format!("mallory-{}", std::process::id());
+    let (r, _registry, ex) = publish_with_a_wrong_user_id(&mut fx, 600, 300, &mallory).await;
+    match &r.results[300] {
+        Err(
+            e @ PublishError::MessageRefused {
+                exchange,
+                routing_key,
+                message_id,
+                reply_code,
+                reason,
+            },
+        ) => {
+            assert_eq!(
+                (exchange, routing_key.as_str(), message_id, *reply_code),
+                (&ex, "k", &r.bad_id, 406)
+            );
+            assert_eq!(
+                reason,
+                &format!("PRECONDITION_FAILED - user_id property set to '{mallory}' but authenticated user was 'guest'")
+            );
+            assert!(
+                e.to_string().contains(
+                    "leave user_id unset or set it to the user the connection logs in as"
+                ),
+                "{e}"
+            );
+        }
+        other => panic!("expected MessageRefused, got {other:?}"),
+    }
+    // One send of the bad message: the channel was reopened once.
+    assert_eq!(r.channel, 2, "channels opened: one close, one reopen");
+    assert!(r.elapsed < Duration::from_secs(10), "{:?}", r.elapsed);
+}
+
+/// The broker cuts its reply text at 255 bytes: with a long `user_id` its
+/// words no longer say which message it refused. The publisher then sends the
+/// unconfirmed messages one at a time until the refused one is alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_the_broker_cannot_name_is_found_one_at_a_time() {
+    let mut fx = Fixture::new().await;
+    let long = format!("{}-{}", "m".repeat(240), std::process::id());
+    let (r, _registry, _) = publish_with_a_wrong_user_id(&mut fx, 600, 300, &long).await;
+    match &r.results[300] {
+        Err(PublishError::MessageRefused {
+            message_id,
+            reply_code: 406,
+            reason,
+            ..
+        }) => {
+            assert_eq!(message_id, &r.bad_id);
+            assert!(
+                reason.starts_with("PRECONDITION_FAILED - user_id property set to 'mmm"),
+                "{reason}"
+            );
+            assert!(
+                reason.ends_with("..."),
+                "the broker cut its words: {reason}"
+            );
+        }
+        other => panic!("expected MessageRefused, got {other:?}"),
+    }
+    // Sent twice at most: with the others, then alone.
+    assert!(r.channel <= 3, "channel number {}", r.channel);
+    assert!(r.elapsed < Duration::from_secs(20), "{:?}", r.elapsed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_refused_message_fails_on_its_first_send() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, _registry, conn_name) = publisher(PublisherConfig::default()).await;
+    // An expiration that is not a whole number of milliseconds.
+    let bad = Message::bytes(&ex, "k", "x")
+        .properties(BasicProperties::default().with_expiration("-5".into()));
+    match p.publish(bad).await {
+        Err(
+            e @ PublishError::MessageRefused {
+                reply_code: 406, ..
+            },
+        ) => {
+            assert!(e.to_string().contains("invalid expiration '-5'"), "{e}");
+            assert!(
+                e.to_string().contains("whole number of milliseconds"),
+                "{e}"
+            );
+        }
+        other => panic!("expected MessageRefused, got {other:?}"),
+    }
+    let c = p.publish(Message::bytes(&ex, "k", "good")).await.unwrap();
+    assert_eq!(c.attempts, 1);
+    let channels = tokio::task::spawn_blocking(move || common::channel_numbers(&conn_name))
+        .await
+        .unwrap();
+    assert_eq!(channels, vec![2], "one close, one reopen");
+    assert_eq!(fx.wait_count(&q, 1).await, 1);
+    p.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_fails_before_sending() {
     let mut fx = Fixture::new().await;

@@ -153,6 +153,25 @@ pub fn connection_pid(name: &str) -> Option<String> {
         .map(|(pid, _)| pid.trim().to_owned())
 }
 
+/// The numbers of the channels the broker has open on the connection the
+/// client named `name`. lapin numbers a connection's channels 1, 2, 3, ...
+/// in the order it opens them, so the highest tells how many were opened.
+pub fn channel_numbers(name: &str) -> Vec<u32> {
+    let Some(pid) = connection_pid(name) else {
+        return vec![];
+    };
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_channels", "connection", "number"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(conn, _)| conn.trim() == pid)
+        .map(|(_, n)| n.trim().parse().unwrap())
+        .collect()
+}
+
 /// Forcibly closes the broker connection named `name`.
 pub fn close_connection(name: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
