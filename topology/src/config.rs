@@ -308,6 +308,16 @@ impl Topology {
                     for t in tiers {
                         let d = parse_duration(t.get_ref())
                             .map_err(|m| at(t.span(), "group.retry", m))?;
+                        if d.subsec_nanos() % 1_000_000 != 0 {
+                            return Err(at(
+                                t.span(),
+                                "group.retry",
+                                format!(
+                                    "{:?} is not a whole number of milliseconds, which is what a queue's TTL counts; use whole milliseconds (at least \"1ms\")",
+                                    t.get_ref()
+                                ),
+                            ));
+                        }
                         if d.as_millis() > i32::MAX as u128 {
                             return Err(at(
                                 t.span(),

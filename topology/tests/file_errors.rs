@@ -154,6 +154,17 @@ fn zero_duration() {
 }
 
 #[test]
+fn a_tier_under_a_millisecond() {
+    // x-message-ttl counts whole milliseconds: "500us" would be a TTL of 0,
+    // a retry with no delay at all.
+    assert_eq!(
+        err(&group("retry = [\"1s\", \"500us\"]\n")),
+        "warren.toml:9:16: group.retry: \"500us\" is not a whole number of milliseconds, which is what a queue's TTL counts; use whole milliseconds (at least \"1ms\")"
+    );
+    assert!(err(&group("retry = [\"1500us\"]\n")).contains("whole number of milliseconds"));
+}
+
+#[test]
 fn unparsable_duration() {
     let e = err(&group("handler_timeout = \"soon\"\n"));
     assert!(
