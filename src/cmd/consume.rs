@@ -3,7 +3,9 @@
 //! Runs the group's consumer (prefetch, concurrency, retries, dead-lettering,
 //! reconnects) with an HTTP endpoint or a command as its handler, serves
 //! `/metrics`, `/healthz` and `/readyz`, and drains on SIGTERM/SIGINT within
-//! `--grace`, then exits 0.
+//! `--grace`, then exits 0. A second SIGTERM/SIGINT during the drain quits at
+//! once (exit 130) after killing the `--exec` commands still running: their
+//! deliveries, unacked, go back to the queue when the connection drops.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -17,7 +19,7 @@ use warren_consumer::{ConsumerGroup, Handler};
 use warren_topology::{Broker, ConnectOptions, Group, DEFAULT_CONCURRENCY};
 
 use crate::cli::{Global, UsageError};
-use crate::handlers::{ExecHandler, HttpHandler};
+use crate::handlers::{ExecHandler, HttpHandler, RunningGroups};
 use crate::serve::{self, Health};
 
 /// Default address of `/metrics`, `/healthz`, `/readyz`.
@@ -164,26 +166,45 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
                 usize::from(group.concurrency),
             )?;
             let shown = format!("POST {}", h.shown_url());
-            serve_group(url, group, h, &shown, &args).await?;
+            // In-flight requests die with the process: nothing to kill.
+            serve_group(url, group, h, &shown, None, &args).await?;
         }
         (None, Some(cmd)) => {
             let shown = format!("sh -c {cmd:?}");
-            serve_group(url, group, ExecHandler::new(cmd.clone()), &shown, &args).await?
+            let h = ExecHandler::new(cmd.clone());
+            let running = h.running();
+            serve_group(url, group, h, &shown, Some(running), &args).await?
         }
         _ => return Err(UsageError("give exactly one of --http URL or --exec CMD".into()).into()),
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs the group until a signal; `commands` are the process groups a
+/// forced exit (a second signal) must kill first.
 async fn serve_group<H: Handler>(
     url: warren_topology::AmqpUrl,
     group: Group,
     handler: H,
     handler_text: &str,
+    commands: Option<RunningGroups>,
     args: &ConsumeArgs,
 ) -> anyhow::Result<()> {
     let registry = Registry::new();
-    let cancel = crate::signal::shutdown_token();
+    let cancel = {
+        let (registry, name) = (registry.clone(), group.name.clone());
+        crate::signal::drain_token(args.grace, move || {
+            let running = handlers_running(&registry, &name);
+            let killed = commands.map(|c| c.kill_all());
+            warn!(
+                group = %name,
+                handlers_running = running,
+                commands_killed = killed,
+                "second SIGINT/SIGTERM: quitting now (exit 130) without waiting for the handlers; \
+                 the broker requeues every unacked delivery when the connection drops"
+            );
+        })
+    };
     let health = Health::default();
     let server_stop = tokio_util::sync::CancellationToken::new();
     // A name (`localhost:9464`) is served on every address it resolves to;
@@ -240,4 +261,20 @@ async fn serve_group<H: Handler>(
     result?;
     info!(group = %name, "drained and stopped");
     Ok(())
+}
+
+/// `warren_in_flight{group}`: handlers running now.
+fn handlers_running(registry: &Registry, group: &str) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "warren_in_flight")
+        .flat_map(|family| family.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "group" && l.value() == group)
+        })
+        .map(|m| m.get_gauge().get_value() as u64)
+        .sum()
 }

@@ -19,13 +19,21 @@
 //!   of its stderr): a background child it left behind does not hold the
 //!   delivery, nor run on beside the next attempt;
 //! - at `handler_timeout` and when the shutdown grace is over (the consumer
-//!   drops the handler's future; `GroupGuard` kills on drop).
+//!   drops the handler's future; `GroupGuard` kills on drop);
+//! - when warren quits at once on a second SIGINT/SIGTERM:
+//!   `std::process::exit` runs no destructor, so every group also stays in
+//!   a [`RunningGroups`] from its spawn until it is killed, and the exit path
+//!   kills them all ([`RunningGroups::kill_all`]). Their deliveries, unacked,
+//!   go back to the queue with the connection; without the kill the commands
+//!   would run on beside the redelivery.
 
+use std::collections::HashSet;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{ChildStderr, ChildStdin, Command};
+use tokio::process::{Child, ChildStderr, ChildStdin, Command};
 use warren_consumer::{Delivery, Handler, HandlerError, HandlerResult};
 
 use super::{with_tail, ERROR_TEXT_BYTES};
@@ -41,6 +49,7 @@ pub const STDERR_AFTER_EXIT: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 pub struct ExecHandler {
     command: String,
+    running: RunningGroups,
 }
 
 impl ExecHandler {
@@ -48,6 +57,87 @@ impl ExecHandler {
     pub fn new(command: impl Into<String>) -> Self {
         ExecHandler {
             command: command.into(),
+            running: RunningGroups::default(),
+        }
+    }
+
+    /// The process groups of the commands running now, for an exit that
+    /// cannot wait for them.
+    pub fn running(&self) -> RunningGroups {
+        self.running.clone()
+    }
+}
+
+/// The process groups of the commands that run now, shared between the
+/// handler and an exit path that runs no destructor.
+///
+/// A group is added under the lock together with its spawn, and taken out
+/// under the lock together with its kill, so [`RunningGroups::kill_all`]
+/// sees every group that may still have processes, and never one that was
+/// already killed (whose id could, in theory, be someone else's by then).
+/// After `kill_all`, no command starts.
+#[derive(Debug, Clone, Default)]
+pub struct RunningGroups(Arc<Mutex<Groups>>);
+
+#[derive(Debug, Default)]
+struct Groups {
+    pgids: HashSet<u32>,
+    closed: bool,
+}
+
+impl RunningGroups {
+    /// A poisoned lock is still usable: the set is changed by single
+    /// inserts and removes, never left half-done.
+    fn lock(&self) -> MutexGuard<'_, Groups> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Kills every group that runs now (SIGKILL) and refuses to start any
+    /// command from now on. Returns how many groups it killed.
+    ///
+    /// SIGKILL rather than SIGTERM and a pause: this is the way out when
+    /// someone asked to quit at once; the commands' deliveries are
+    /// redelivered, so their work is done again anyway (as after a crash),
+    /// a command could ignore SIGTERM, and the grace and timeout ends kill
+    /// the same way, so a command has one way of being stopped to expect.
+    pub fn kill_all(&self) -> usize {
+        let mut groups = self.lock();
+        groups.closed = true;
+        let killed = groups.pgids.len();
+        for pgid in groups.pgids.drain() {
+            kill_group(pgid);
+        }
+        killed
+    }
+
+    /// Spawns `command` and records its process group, both under the lock:
+    /// an exit path that kills everything in between cannot miss it.
+    fn spawn(&self, command: &mut Command) -> std::io::Result<(Child, GroupGuard)> {
+        let mut groups = self.lock();
+        if groups.closed {
+            return Err(std::io::Error::other(
+                "warren is quitting: no command starts any more",
+            ));
+        }
+        let child = command.spawn()?;
+        let pgid = child.id();
+        if let Some(pgid) = pgid {
+            groups.pgids.insert(pgid);
+        }
+        Ok((
+            child,
+            GroupGuard {
+                pgid,
+                running: self.clone(),
+            },
+        ))
+    }
+
+    /// Kills the group `pgid` if it is still recorded, and forgets it.
+    fn kill(&self, pgid: u32) {
+        let mut groups = self.lock();
+        if groups.pgids.remove(&pgid) {
+            kill_group(pgid);
         }
     }
 }
@@ -81,22 +171,21 @@ pub fn outcome_of_exit(code: Option<i32>, signal: Option<i32>, stderr: &[u8]) ->
 #[derive(Debug)]
 struct GroupGuard {
     pgid: Option<u32>,
+    running: RunningGroups,
 }
 
 impl GroupGuard {
-    /// Kills the group now.
+    /// Kills the group now (unless [`RunningGroups::kill_all`] did).
     fn kill(&mut self) {
         if let Some(pgid) = self.pgid.take() {
-            kill_group(pgid);
+            self.running.kill(pgid);
         }
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if let Some(pgid) = self.pgid.take() {
-            kill_group(pgid);
-        }
+        self.kill();
     }
 }
 
@@ -158,12 +247,15 @@ impl Handler for ExecHandler {
             .kill_on_drop(true);
         #[cfg(unix)]
         command.process_group(0);
-        let mut child = command.spawn().map_err(|e| {
+        let (child, group) = self.running.spawn(&mut command).map_err(|e| {
             HandlerError::retryable(format!("cannot start `sh -c {}`: {e}", self.command))
         })?;
-        // Declared after `child`, so dropped first: the group is killed while
-        // its leader is not yet reaped and the group id cannot be reused.
-        let mut group = GroupGuard { pgid: child.id() };
+        // Bound one after the other (not by the pattern above), `group`
+        // after `child`, so `group` is dropped first: the group is killed
+        // while its leader is not yet reaped and the group id cannot be
+        // reused.
+        let mut child = child;
+        let mut group = group;
 
         let mut tail: Vec<u8> = Vec::new();
         let status = {
@@ -203,7 +295,40 @@ impl Handler for ExecHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::ExitStatusExt;
     use warren_consumer::ErrorKind;
+
+    fn sleeper() -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", "exec sleep 57"])
+            .process_group(0)
+            .kill_on_drop(true);
+        c
+    }
+
+    #[tokio::test]
+    async fn kill_all_kills_the_running_groups_only_and_then_starts_nothing() {
+        let running = RunningGroups::default();
+        let (mut done, mut done_guard) = running.spawn(&mut sleeper()).unwrap();
+        done_guard.kill();
+        assert_eq!(done.wait().await.unwrap().signal(), Some(9));
+        let (mut child, guard) = running.spawn(&mut sleeper()).unwrap();
+
+        assert_eq!(
+            running.kill_all(),
+            1,
+            "the group killed already is not counted"
+        );
+        let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        assert_eq!(status.unwrap().unwrap().signal(), Some(9));
+        drop(guard);
+        let refused = running.spawn(&mut sleeper()).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "warren is quitting: no command starts any more"
+        );
+        assert_eq!(running.kill_all(), 0);
+    }
 
     #[test]
     fn exit_codes_map_to_the_documented_outcomes() {

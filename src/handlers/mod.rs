@@ -9,7 +9,7 @@
 mod exec;
 mod http;
 
-pub use exec::ExecHandler;
+pub use exec::{ExecHandler, RunningGroups};
 pub use http::HttpHandler;
 
 /// The most of an error text: what `x-warren-error` keeps (1 KiB).
