@@ -506,12 +506,7 @@ async fn ctrl_c_to_the_process_group_drains_and_handlers_finish() {
     let conn = publish_and_wait_in_flight(&topo, &w, &ids).await;
     let group = topo.q("g");
     // What a Ctrl-C at a terminal does: SIGINT to the whole foreground group.
-    let pgid = w.child.id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", "--", &format!("-{pgid}")])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    ctrl_c(&w);
     let code = w.wait_exit(Duration::from_secs(15));
     assert_eq!(
         code,
@@ -538,6 +533,166 @@ async fn ctrl_c_to_the_process_group_drains_and_handlers_finish() {
     let left: BTreeSet<String> = left.into_iter().map(|(id, _, _)| id).collect();
     assert!(done.is_disjoint(&left), "{done:?} {left:?}");
     assert_eq!(done.union(&left).cloned().collect::<BTreeSet<_>>(), ids);
+}
+
+/// Whether the worker's `/readyz` answers 200 (false once it drains).
+fn ready(w: &Worker) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", w.port)) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")
+}
+
+/// SIGINT to the worker's process group (a worker started in a group of its
+/// own): what a Ctrl-C at its terminal does.
+fn ctrl_c(w: &Worker) {
+    let pgid = w.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", "--", &format!("-{pgid}")])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Ctrl-C, then waits until the worker drains (`/readyz` no longer 200),
+/// still running: the first signal was taken and a second one is not folded
+/// into it.
+async fn first_ctrl_c(w: &mut Worker) {
+    ctrl_c(w);
+    assert!(
+        wait_until(Duration::from_secs(5), || async { !ready(w) }).await,
+        "the first Ctrl-C did not start a drain; log:\n{}",
+        w.log_text()
+    );
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "the drain waits for the handler in flight; log:\n{}",
+        w.log_text()
+    );
+}
+
+/// The message with id `id` is back, alone, in the work queue, untouched,
+/// and nothing went to the retry or dead-letter queues.
+async fn requeued_untouched(topo: &Topo, id: &str) {
+    let conn = connect().await;
+    let work_q = topo.q("g");
+    // The broker requeues a dropped connection's deliveries at once; give
+    // it a moment to notice the connection is gone.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(&conn, &work_q).await == 1
+        })
+        .await,
+        "not requeued: {} in the work queue",
+        count(&conn, &work_q).await
+    );
+    assert_eq!(count(&conn, &topo.q("g.dead")).await, 0, "dead-lettered");
+    assert_eq!(count(&conn, &topo.q("g.retry.1")).await, 0, "retried");
+    let left = drain(&conn, &work_q).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0, id);
+    assert_eq!(header_str(&left[0].2, "x-warren-error"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_quits_at_once_killing_the_commands_and_losing_nothing() {
+    let topo = Topo::new("twice", &[SLOW_GROUP]);
+    topo.apply();
+    let dir = Scratch::new("twicedir");
+    // The shell, a background child and a foreground one write their pids,
+    // then outlast the grace and the handler timeout (20s).
+    let pids = dir.path("pids");
+    let cmd = format!(
+        "cat > /dev/null; echo $$ >> {pids}; sleep 58 & echo $! >> {pids}; \
+         sh -c 'echo $$ >> {pids}; exec sleep 59'"
+    );
+    let mut w = Worker::start_at(
+        &topo,
+        &topo.q("g"),
+        &["--exec", &cmd],
+        &["--grace", "60s"],
+        "127.0.0.1",
+        true,
+    );
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "twice-1", b"{}").await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            dir.lines("pids").len() == 3
+        })
+        .await,
+        "the command never started; log:\n{}",
+        w.log_text()
+    );
+    first_ctrl_c(&mut w).await;
+    ctrl_c(&w);
+    let code = w.wait_exit(Duration::from_secs(3));
+    let log = w.log_text();
+    assert_eq!(
+        code,
+        Some(130),
+        "exit code after a second Ctrl-C; log:\n{log}"
+    );
+    assert!(
+        log.contains("a second SIGINT/SIGTERM (Ctrl-C) quits at once"),
+        "{log}"
+    );
+    assert!(log.contains("second SIGINT/SIGTERM: quitting now"), "{log}");
+    assert!(log.contains("handlers_running=1"), "{log}");
+    assert!(log.contains("commands_killed=1"), "{log}");
+    // Not orphaned: the shell and both of its children are gone.
+    wait_gone(&dir, "pids", 3).await;
+    requeued_untouched(&topo, "twice-1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_quits_at_once_with_an_http_handler_too() {
+    let topo = Topo::new("twicehttp", &[SLOW_GROUP]);
+    topo.apply();
+    let seen: Seen = Arc::default();
+    let url = test_server(seen.clone()).await;
+    let mut w = Worker::start_at(
+        &topo,
+        &topo.q("g"),
+        &["--http", &url],
+        &["--grace", "60s"],
+        "127.0.0.1",
+        true,
+    );
+    let conn = connect().await;
+    // The test server answers a "hang" body after 30s.
+    publish(
+        &conn,
+        &topo.exchange(),
+        "order.created",
+        "hang-1",
+        b"{\"hang\":1}",
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            !seen.lock().unwrap().is_empty()
+        })
+        .await,
+        "the request never came; log:\n{}",
+        w.log_text()
+    );
+    first_ctrl_c(&mut w).await;
+    ctrl_c(&w);
+    let code = w.wait_exit(Duration::from_secs(3));
+    let log = w.log_text();
+    assert_eq!(
+        code,
+        Some(130),
+        "exit code after a second Ctrl-C; log:\n{log}"
+    );
+    assert!(log.contains("handlers_running=1"), "{log}");
+    assert!(!log.contains("commands_killed"), "{log}");
+    requeued_untouched(&topo, "hang-1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
