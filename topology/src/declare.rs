@@ -252,27 +252,22 @@ pub struct Applied {
 }
 
 /// Declares a plan. Checks everything first: if any existing object differs,
-/// returns [`TopologyError::Mismatch`] for the first of them and declares
-/// nothing at all. Applying twice changes nothing.
+/// returns [`TopologyError::Mismatch`] naming each of them and what differs,
+/// and declares nothing at all. Applying twice changes nothing.
 pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, TopologyError> {
     let report = verify(conn, plan).await?;
-    if let Some(c) = report.differing().next() {
-        let ObjectState::Differs(detail) = &c.state else {
-            unreachable!("differing() yields Differs only")
-        };
-        let others: Vec<String> = report
-            .differing()
-            .skip(1)
-            .map(|c| format!("{} {:?}", c.kind, c.name))
-            .collect();
-        let detail = if others.is_empty() {
-            detail.clone()
-        } else {
-            format!("{detail} (also differing: {})", others.join(", "))
-        };
+    let mut differing = report.differing().filter_map(|c| match &c.state {
+        ObjectState::Differs(detail) => Some((c, detail)),
+        _ => None,
+    });
+    if let Some((first, detail)) = differing.next() {
+        let mut detail = detail.clone();
+        for (c, d) in differing {
+            detail.push_str(&format!("; also {} {:?}: {d}", c.kind, c.name));
+        }
         return Err(TopologyError::Mismatch {
-            kind: c.kind,
-            name: c.name.clone(),
+            kind: first.kind,
+            name: first.name.clone(),
             detail,
         });
     }

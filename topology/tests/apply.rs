@@ -262,3 +262,28 @@ async fn an_exchange_of_another_kind_is_reported() {
         other => panic!("expected a difference, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn every_differing_object_is_named_with_what_differs() {
+    let p = unique_prefix();
+    let t = topology(&p, FILE);
+    let plan = Plan::new(&t);
+    let _guard = Guard::new(&plan);
+    let conn = connect().await;
+    // Two queues declared by hand with other arguments.
+    let ch = conn.create_channel().await.unwrap();
+    for q in ["shipping", "shipping.dead"] {
+        ch.queue_declare(
+            format!("{p}{q}").as_str().into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let err = apply(&conn, &plan).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("queue \"{p}shipping\" exists on the broker with other settings: x-dead-letter-exchange: the broker has none, the topology wants warren.dlx; also queue \"{p}shipping.dead\": x-queue-version: the broker has none, the topology wants 2. warren deleted nothing")),
+        "{err}"
+    );
+}
