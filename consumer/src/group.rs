@@ -767,6 +767,24 @@ async fn sleep_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// `warren_in_flight` for one running handler, lowered when the handler
+/// ends however it ends: a handler cut off at the end of the shutdown grace
+/// is dropped, not finished.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn drain_aborting(tasks: &mut JoinSet<Completion>) {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -857,8 +875,7 @@ async fn process<H: Handler>(
     let group = &*ctx.name;
     let m = &ctx.metrics;
     let limit = ctx.settings.group.handler_timeout;
-    let in_flight = m.in_flight.with_label_values(&[group]);
-    in_flight.inc();
+    let in_flight = InFlight::new(m.in_flight.with_label_values(&[group]));
     let started = Instant::now();
     let run = AssertUnwindSafe(handler.handle(delivery.clone())).catch_unwind();
     let result: HandlerResult = match tokio::time::timeout(limit, run).await {
@@ -872,7 +889,7 @@ async fn process<H: Handler>(
             ),
         )),
     };
-    in_flight.dec();
+    drop(in_flight);
     m.handler_seconds
         .with_label_values(&[group])
         .observe(started.elapsed().as_secs_f64());

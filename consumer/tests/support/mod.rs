@@ -224,33 +224,39 @@ impl Running {
 
     /// A metric's value, summed over series whose labels include `labels`.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        use prometheus::Encoder;
-        let mut buf = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .unwrap();
-        let text = String::from_utf8(buf).unwrap();
-        let mut total = 0.0;
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix(name) else {
-                continue;
-            };
-            if !(rest.starts_with('{') || rest.starts_with(' ')) {
-                continue;
-            }
-            if labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-            {
-                total += rest
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0);
-            }
-        }
-        total
+        metric(&self.registry, name, labels)
     }
+}
+
+/// A metric's value in `registry`, summed over series whose labels include
+/// `labels`.
+pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let mut total = 0.0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            total += rest
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    total
 }
 
 /// A shared record of what handlers saw.
