@@ -2,9 +2,8 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use serde_json::json;
-use warren_topology::{ConnectOptions, ObjectState, Plan, Topology};
+use warren_topology::{ConnectOptions, ObjectState, Plan, Topology, TopologyError};
 
 use crate::cli::Global;
 
@@ -63,7 +62,17 @@ async fn apply(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode
     let conn = connect(g).await?;
     let result = warren_topology::apply(&conn, plan).await;
     warren_topology::close(&conn, "done").await;
-    let done = result.context("topology apply stopped; nothing was declared")?;
+    let done = match result {
+        Ok(done) => done,
+        Err(e @ TopologyError::Incomplete { .. }) => return Err(anyhow::Error::new(e).context(
+            "topology apply stopped partway (`warren topology verify` shows what the broker has)",
+        )),
+        Err(e) => {
+            return Err(
+                anyhow::Error::new(e).context("topology apply stopped; nothing was declared")
+            )
+        }
+    };
     if g.json() {
         outln!(
             "{}",

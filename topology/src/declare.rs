@@ -254,6 +254,9 @@ pub struct Applied {
 /// Declares a plan. Checks everything first: if any existing object differs,
 /// returns [`TopologyError::Mismatch`] naming each of them and what differs,
 /// and declares nothing at all. Applying twice changes nothing.
+///
+/// A failure while declaring (after the checks) that comes after some
+/// objects were created is [`TopologyError::Incomplete`], which names them.
 pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, TopologyError> {
     let report = verify(conn, plan).await?;
     let mut differing = report.differing().filter_map(|c| match &c.state {
@@ -277,25 +280,74 @@ pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, Topol
             .iter()
             .any(|c| c.kind == kind && c.name == name && c.state == ObjectState::Matches)
     };
-    let broker = |object: String| move |source| TopologyError::Broker { object, source };
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(broker("a channel".into()))?;
     let mut done = Vec::new();
+    // A failure after something was declared says what was.
+    let failed = |done: &[Applied], e: TopologyError| {
+        let mut declared: Vec<String> = done
+            .iter()
+            .filter(|a| a.action == Action::Created)
+            .map(|a| format!("{} {:?}", a.kind, a.name))
+            .collect();
+        let bindings = done.iter().filter(|a| a.action == Action::Bound).count();
+        if bindings > 0 {
+            declared.push(format!(
+                "{bindings} binding{}",
+                if bindings == 1 { "" } else { "s" }
+            ));
+        }
+        if declared.is_empty() {
+            e
+        } else {
+            TopologyError::Incomplete {
+                declared,
+                source: Box::new(e),
+            }
+        }
+    };
+    // A declare refused with PRECONDITION_FAILED here means the object
+    // appeared (with other settings) after the checks.
+    let refused =
+        |kind: &'static str, name: &str, object: String, source: lapin::Error| match soft_error(
+            &source,
+        ) {
+            Some((AMQPSoftError::PRECONDITIONFAILED, text)) => TopologyError::Mismatch {
+                kind,
+                name: name.to_owned(),
+                detail: explain_precondition(&text),
+            },
+            _ => TopologyError::Broker { object, source },
+        };
+    let ch = match conn.create_channel().await {
+        Ok(ch) => ch,
+        Err(source) => {
+            return Err(TopologyError::Broker {
+                object: "a channel".into(),
+                source,
+            })
+        }
+    };
     for e in &plan.exchanges {
         let opts = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
         };
-        ch.exchange_declare(
-            e.name.as_str().into(),
-            lapin_kind(e.kind),
-            opts,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker(format!("exchange {:?}", e.name)))?;
+        if let Err(source) = ch
+            .exchange_declare(
+                e.name.as_str().into(),
+                lapin_kind(e.kind),
+                opts,
+                FieldTable::default(),
+            )
+            .await
+        {
+            let err = refused(
+                "exchange",
+                &e.name,
+                format!("exchange {:?}", e.name),
+                source,
+            );
+            return Err(failed(&done, err));
+        }
         done.push(Applied {
             kind: "exchange",
             name: e.name.clone(),
@@ -307,13 +359,17 @@ pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, Topol
         });
     }
     for q in &plan.queues {
-        ch.queue_declare(
-            q.name.as_str().into(),
-            QueueDeclareOptions::durable(),
-            q.field_table(),
-        )
-        .await
-        .map_err(broker(format!("queue {:?}", q.name)))?;
+        if let Err(source) = ch
+            .queue_declare(
+                q.name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                q.field_table(),
+            )
+            .await
+        {
+            let err = refused("queue", &q.name, format!("queue {:?}", q.name), source);
+            return Err(failed(&done, err));
+        }
         done.push(Applied {
             kind: "queue",
             name: q.name.clone(),
@@ -325,18 +381,25 @@ pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, Topol
         });
     }
     for b in &plan.bindings {
-        ch.queue_bind(
-            b.queue.as_str().into(),
-            b.exchange.as_str().into(),
-            b.key.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker(format!(
-            "binding {} -> {} ({:?})",
-            b.exchange, b.queue, b.key
-        )))?;
+        if let Err(source) = ch
+            .queue_bind(
+                b.queue.as_str().into(),
+                b.exchange.as_str().into(),
+                b.key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            let err = TopologyError::Broker {
+                object: format!(
+                    "binding exchange {:?} -> queue {:?} (key {:?})",
+                    b.exchange, b.queue, b.key
+                ),
+                source,
+            };
+            return Err(failed(&done, err));
+        }
         done.push(Applied {
             kind: "binding",
             name: format!("{} -> {} key {:?}", b.exchange, b.queue, b.key),

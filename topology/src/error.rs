@@ -75,6 +75,17 @@ pub enum TopologyError {
         /// What differs, as far as the broker says.
         detail: String,
     },
+    /// `apply` failed after it had declared some objects (a binding to an
+    /// exchange that is not there, a permission, an object another client
+    /// declared meanwhile); what it declared stays.
+    #[error("{source}; already declared: {}", declared.join(", "))]
+    Incomplete {
+        /// What `apply` had declared before the failure (`exchange "x"`,
+        /// `queue "y"`, `N bindings`).
+        declared: Vec<String>,
+        /// The failure.
+        source: Box<TopologyError>,
+    },
     /// Any other broker error while declaring.
     #[error("broker error on {object}: {source}")]
     Broker {
@@ -92,6 +103,7 @@ impl TopologyError {
         match self {
             TopologyError::Connect { transient, .. } => *transient,
             TopologyError::Broker { source, .. } => source.is_io_error() || !source.is_amqp_error(),
+            TopologyError::Incomplete { source, .. } => source.is_transient(),
             _ => false,
         }
     }

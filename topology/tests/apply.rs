@@ -287,3 +287,35 @@ async fn every_differing_object_is_named_with_what_differs() {
         "{err}"
     );
 }
+
+/// Declaring fails after some objects were created (here a binding to an
+/// exchange the plan does not declare, which `verify` cannot see): the error
+/// says what was declared instead of implying nothing was.
+#[tokio::test]
+async fn a_failure_partway_names_what_was_already_declared() {
+    let p = unique_prefix();
+    let t = topology(&p, FILE);
+    let mut plan = Plan::new(&t);
+    plan.bindings.push(warren_topology::PlannedBinding {
+        exchange: format!("{p}nowhere"),
+        queue: format!("{p}shipping"),
+        key: "k".into(),
+    });
+    let _guard = Guard::new(&plan);
+    let conn = connect().await;
+    let err = apply(&conn, &plan).await.unwrap_err();
+    assert!(matches!(err, TopologyError::Incomplete { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("exchange \"{p}nowhere\"")) && text.contains("NOT_FOUND"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "already declared: exchange \"{p}orders\", queue \"{p}billing\", "
+        )),
+        "{text}"
+    );
+    assert!(text.contains("5 bindings"), "{text}");
+    assert_eq!(broker_queues(&p).len(), 7, "what the text says is there");
+}
