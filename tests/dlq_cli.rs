@@ -1338,6 +1338,135 @@ async fn output_into_a_closed_pipe_exits_141_quietly_and_every_dead_letter_stays
     assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("p", 0..N));
 }
 
+/// `export -` writes the JSON Lines to stdout and nothing else (the summary
+/// goes to stderr; before, it created a file named `-`), refuses `--remove`,
+/// ends with 141 when the reader goes away; `import -` reads stdin. Each
+/// leaves the queue as it says.
+#[tokio::test(flavor = "multi_thread")]
+async fn export_and_import_dash_are_stdout_and_stdin() {
+    const N: usize = 5;
+    let conn = connect().await;
+    let env = Env::new(&conn, "dash").await;
+    dead_letters(&conn, &env.group, "d", N).await;
+    let g = env.group.as_str();
+    let file = env.topology_file();
+    // Run where a file named `-` would show.
+    let dir = std::env::temp_dir().join(format!("warren-dash-{g}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let in_dir = |args: &[&str]| {
+        warren()
+            .current_dir(&dir)
+            .args(["-f", file.path(), "dlq"])
+            .args(args)
+            .output_within(CLI_LIMIT)
+    };
+
+    let mut exported = String::new();
+    for output in ["table", "json"] {
+        let out = in_dir(&["export", "-", "--group", g, "--output", output]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{output}: {stderr}");
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("{output}: not an export line ({e}): {l:?}"))
+            })
+            .collect();
+        let ids: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, names("d", 0..N), "{output}: {stdout}");
+        assert!(lines.iter().all(|l| l["group"] == g), "{stdout}");
+        match output {
+            "table" => assert_eq!(stderr, format!("{g}: {N} exported\n")),
+            _ => {
+                let report: serde_json::Value = serde_json::from_str(&stderr)
+                    .unwrap_or_else(|e| panic!("the JSON report on stderr ({e}): {stderr:?}"));
+                assert_eq!(report[0]["exported"], N, "{report}");
+            }
+        }
+        assert!(!dir.join("-").exists(), "a file named '-' was written");
+        exported = stdout;
+    }
+    assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("d", 0..N));
+
+    // --remove needs a file on disk: refused before anything moves.
+    let out = in_dir(&["export", "-", "--group", g, "--remove"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("export to a file"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "");
+
+    // The reader goes away: 141, quietly, and everything stays in order.
+    let mut child = warren()
+        .current_dir(&dir)
+        .args(["-f", file.path(), "dlq", "export", "-", "--group", g])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = wait_within(child, CLI_LIMIT);
+    assert_eq!(out.status.code(), Some(141), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("d", 0..N));
+
+    // import -: the export, back from stdin, byte for byte.
+    let before = drain(&conn, &env.dead()).await;
+    assert_eq!(before.len(), N);
+    let mut child = warren()
+        .current_dir(&dir)
+        .args(["-f", file.path(), "dlq", "import", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(exported.as_bytes()).unwrap();
+    }
+    let out = wait_within(child, CLI_LIMIT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{}: {N} imported\n", env.dead()));
+    settle(&conn, &env.dead(), N).await;
+    assert_eq!(drain(&conn, &env.dead()).await, before);
+
+    // A bad line on stdin is named as such, and nothing is sent.
+    let mut child = warren()
+        .current_dir(&dir)
+        .args(["-f", file.path(), "dlq", "import", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(format!("{}not json\n", exported).as_bytes())
+            .unwrap();
+    }
+    let out = wait_within(child, CLI_LIMIT);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("standard input:{}: not an export line", N + 1)),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(count(&conn, &env.dead()).await, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---------------------------------------------------------------------------
 // --output json, escaping, input checks, ids not found, the audit user.
 

@@ -19,7 +19,8 @@
 //! - `replay`: [`replay`] with [`ReplayOptions`], [`Target`].
 //! - `purge`: [`prepare_purge`] → [`PendingPurge::commit`] or `abort`.
 //! - `transfer`: the export format ([`ExportedMessage`]), [`export`],
-//!   [`read_export`], [`import`], [`ExportWriter`].
+//!   [`read_export`], [`read_export_from`], [`import`], [`ExportWriter`]
+//!   (to a file or standard output).
 //! - `watch`: [`watch`], [`Alert`].
 //! - `audit`: [`AuditRecord`].
 //! - `publish`: the confirm-mode publisher replay and import share.
@@ -59,8 +60,8 @@ pub use regex::Regex;
 pub use replay::{replay, replay_properties, Progress, ReplayOptions, ReplayReport, Target};
 pub use select::Selection;
 pub use transfer::{
-    export, import, read_export, ExportReport, ExportWriter, ExportedMessage, ExportedProperties,
-    ImportReport,
+    export, import, read_export, read_export_from, ExportReport, ExportWriter, ExportedMessage,
+    ExportedProperties, ImportReport,
 };
 pub use value::{table_to_plain, table_to_typed, typed_to_table, value_to_plain};
 pub use watch::{watch, Alert, WatchOptions, DEFAULT_INTERVAL, DEFAULT_READ_LIMIT};

@@ -202,13 +202,39 @@ impl ExportedMessage {
 }
 
 /// An export or archive file being written: buffered, fsynced on
-/// [`ExportWriter::sync`].
+/// [`ExportWriter::sync`]. Or standard output ([`ExportWriter::stdout`]).
 #[derive(Debug)]
 pub struct ExportWriter {
     path: PathBuf,
-    out: BufWriter<File>,
+    out: BufWriter<Sink>,
     written: usize,
 }
+
+/// Where an [`ExportWriter`] writes.
+#[derive(Debug)]
+enum Sink {
+    File(File),
+    Stdout(std::io::Stdout),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::File(f) => f.write(buf),
+            Sink::Stdout(o) => o.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::File(f) => f.flush(),
+            Sink::Stdout(o) => o.flush(),
+        }
+    }
+}
+
+/// The path of [`ExportWriter::stdout`].
+const STDIO_NAME: &str = "-";
 
 impl ExportWriter {
     /// Creates `path`; refuses to overwrite an existing file.
@@ -225,9 +251,26 @@ impl ExportWriter {
     pub fn from_file(path: &Path, file: File) -> Self {
         ExportWriter {
             path: path.to_owned(),
-            out: BufWriter::new(file),
+            out: BufWriter::new(Sink::File(file)),
             written: 0,
         }
+    }
+
+    /// Writes to standard output (`warren dlq export -`); its path is `-`.
+    /// [`ExportWriter::sync`] can only flush there: nothing tells whether
+    /// whoever reads the lines stored them, so do not remove what was
+    /// exported this way ([`export`] refuses `remove` with it).
+    pub fn stdout() -> Self {
+        ExportWriter {
+            path: PathBuf::from(STDIO_NAME),
+            out: BufWriter::new(Sink::Stdout(std::io::stdout())),
+            written: 0,
+        }
+    }
+
+    /// Whether it writes to standard output.
+    pub fn is_stdout(&self) -> bool {
+        matches!(self.out.get_ref(), Sink::Stdout(_))
     }
 
     /// Appends one message.
@@ -247,26 +290,29 @@ impl ExportWriter {
         self.written
     }
 
-    /// Flushes and fsyncs: after this the lines are on disk.
+    /// Flushes and fsyncs: after this the lines are on disk. Standard
+    /// output is only flushed.
     pub fn sync(&mut self) -> Result<(), OperatorError> {
         self.out.flush().map_err(|source| io(&self.path, source))?;
-        self.out
-            .get_ref()
-            .sync_all()
-            .map_err(|source| io(&self.path, source))
+        match self.out.get_ref() {
+            Sink::File(f) => f.sync_all().map_err(|source| io(&self.path, source)),
+            Sink::Stdout(_) => Ok(()),
+        }
     }
 
-    /// The file.
+    /// The file (`-` for standard output).
     pub fn path(&self) -> &Path {
         &self.path
     }
 }
 
 fn io(path: &Path, source: std::io::Error) -> OperatorError {
-    OperatorError::Io {
-        file: path.display().to_string(),
-        source,
-    }
+    let file = if path == Path::new(STDIO_NAME) {
+        "standard output".to_owned()
+    } else {
+        path.display().to_string()
+    };
+    OperatorError::Io { file, source }
 }
 
 /// What `export` did for one group.
@@ -283,7 +329,9 @@ pub struct ExportReport {
 }
 
 /// Writes a group's dead letters to `out`; with `remove`, acks them after
-/// the file is fsynced. Otherwise nothing changes in the queue.
+/// the file is fsynced. Otherwise nothing changes in the queue. `remove`
+/// with [`ExportWriter::stdout`] is refused before anything is read: what
+/// went to a pipe cannot be known to be stored.
 pub async fn export(
     conn: &Connection,
     group: &str,
@@ -291,6 +339,15 @@ pub async fn export(
     remove: bool,
     opts: &ReadOptions,
 ) -> Result<ExportReport, OperatorError> {
+    if remove && out.is_stdout() {
+        return Err(io(
+            out.path(),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "exported messages are removed only once they are on disk, and what is written to standard output cannot be known to be stored; export to a file to remove",
+            ),
+        ));
+    }
     let mut scan = Scan::open(conn, group, opts).await?;
     let mut tags = Vec::new();
     let result = async {
@@ -333,14 +390,26 @@ pub struct ImportReport {
 /// line is bad).
 pub fn read_export(path: &Path) -> Result<Vec<ExportedMessage>, OperatorError> {
     let file = File::open(path).map_err(|source| io(path, source))?;
+    read_export_from(&path.display().to_string(), BufReader::new(file))
+}
+
+/// Reads export lines from `input` (standard input, for `warren dlq import
+/// -`) and checks every one; `name` is the file's name in errors.
+pub fn read_export_from(
+    name: &str,
+    input: impl BufRead,
+) -> Result<Vec<ExportedMessage>, OperatorError> {
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| io(path, source))?;
+    for (i, line) in input.lines().enumerate() {
+        let line = line.map_err(|source| OperatorError::Io {
+            file: name.to_owned(),
+            source,
+        })?;
         if line.trim().is_empty() {
             continue;
         }
         let bad = |reason: String| OperatorError::Import {
-            file: path.display().to_string(),
+            file: name.to_owned(),
             line: i + 1,
             reason,
         };

@@ -160,10 +160,11 @@ pub struct PurgeArgs {
     pub audit_log: Option<PathBuf>,
 }
 
-/// `export FILE`.
+/// `export FILE` (`-`: standard output).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExportArgs {
-    /// The file to write (must not exist).
+    /// The file to write (must not exist); `-` writes the JSON Lines to
+    /// standard output and the summary to standard error.
     pub file: PathBuf,
     #[command(flatten)]
     read: ReadArgs,
@@ -172,10 +173,10 @@ pub struct ExportArgs {
     pub remove: bool,
 }
 
-/// `import FILE`.
+/// `import FILE` (`-`: standard input).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ImportArgs {
-    /// An export file.
+    /// An export file; `-` reads standard input.
     pub file: PathBuf,
     /// Put every message into this group's dead-letter queue instead of its own.
     #[arg(long)]
@@ -1048,23 +1049,52 @@ async fn abort_all(pending: Vec<op::PendingPurge>) -> anyhow::Result<Vec<op::Pur
     Ok(reports)
 }
 
+/// Whether a file argument is `-`: standard output or input.
+fn is_stdio(file: &std::path::Path) -> bool {
+    file.as_os_str() == "-"
+}
+
 async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let to_stdout = is_stdio(&a.file);
+    if to_stdout && a.remove {
+        return Err(UsageError(
+            "export - --remove: messages are removed only once the export is on disk, and warren cannot know that what it writes to standard output is stored; export to a file, or export - without --remove".into(),
+        )
+        .into());
+    }
     let groups = groups(g, &a.read.groups)?;
     let c = conn(g).await?;
     check_groups(g, &c, &a.read.groups).await?;
-    let mut out = op::ExportWriter::create_new(&a.file)?;
+    let mut out = if to_stdout {
+        op::ExportWriter::stdout()
+    } else {
+        op::ExportWriter::create_new(&a.file)?
+    };
     let mut reports = Vec::new();
     for group in &groups {
-        let r = op::export(&c, group, &mut out, a.remove, &read_opts(&a.read)).await?;
+        let r = match op::export(&c, group, &mut out, a.remove, &read_opts(&a.read)).await {
+            Ok(r) => r,
+            // `warren dlq export - | head`: the reader went away. The scan
+            // put every message back; end as `outln!` does.
+            Err(op::OperatorError::Io { source, .. })
+                if to_stdout && source.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                warren_topology::close(&c, "bye").await;
+                return Ok(ExitCode::from(crate::out::BROKEN_PIPE as u8));
+            }
+            Err(e) => return Err(e.into()),
+        };
         warn_partial(&r.coverage, &warren_topology::dead_queue(group));
         reports.push(r);
     }
     warren_topology::close(&c, "bye").await;
+    // With `-`, standard output holds the export and nothing else.
+    let mut lines = Vec::new();
     if g.json() {
-        outln!("{}", serde_json::to_string_pretty(&reports)?);
+        lines.push(serde_json::to_string_pretty(&reports)?);
     } else {
         for r in &reports {
-            outln!(
+            lines.push(format!(
                 "{}: {} exported{}",
                 r.group,
                 r.exported,
@@ -1073,15 +1103,29 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     String::new()
                 }
-            );
+            ));
         }
-        outln!("wrote {}", a.file.display());
+        if !to_stdout {
+            lines.push(format!("wrote {}", a.file.display()));
+        }
+    }
+    for line in lines {
+        if to_stdout {
+            eprintln!("{line}");
+        } else {
+            outln!("{line}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
-    let messages = op::read_export(&a.file).map_err(|e| UsageError(e.to_string()))?;
+    let messages = if is_stdio(&a.file) {
+        op::read_export_from("standard input", std::io::stdin().lock())
+    } else {
+        op::read_export(&a.file)
+    }
+    .map_err(|e| UsageError(e.to_string()))?;
     let c = conn(g).await?;
     let r = op::import(
         &c,
