@@ -130,3 +130,51 @@ fn no_broker_is_a_clear_error_with_the_fix() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("scripts/broker"), "{err}");
 }
+
+#[test]
+fn a_topology_file_the_user_named_is_kept_even_without_keep() {
+    let prefix = format!("{}.", unique("demofile"));
+    let file = std::env::temp_dir().join(format!("{prefix}mine.toml"));
+    demo(&[
+        "--orders",
+        "20",
+        "--prefix",
+        &prefix,
+        "--write-topology",
+        file.to_str().unwrap(),
+    ]);
+    let written = std::fs::read_to_string(&file);
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        written.is_ok_and(|t| t.contains(&format!("{prefix}orders"))),
+        "the file asked for with --write-topology was deleted"
+    );
+}
+
+#[test]
+fn a_kept_demo_says_how_to_delete_it_and_that_removes_its_file_too() {
+    let prefix = format!("{}.", unique("demoundo"));
+    let file = kept_file(&prefix);
+    let stdout = demo(&[
+        "--keep", "--output", "json", "--orders", "10", "--prefix", &prefix,
+    ]);
+    let topo = Topo::adopt(&file);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let undo = format!("warren demo --prefix {prefix} --orders 0");
+    assert!(
+        v["next"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with(&undo)),
+        "{stdout}"
+    );
+    let stdout = demo(&["--prefix", &prefix, "--orders", "0"]);
+    assert!(stdout.contains("cleaned up"), "{stdout}");
+    assert!(
+        !file.exists(),
+        "{} still describes queues that are gone",
+        file.display()
+    );
+    drop(topo);
+}

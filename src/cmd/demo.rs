@@ -41,13 +41,16 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2000)]
     pub orders: u32,
     /// Leave the demo's exchanges, queues and dead letters on the broker to
-    /// explore with `warren dlq` (otherwise they are deleted at the end).
+    /// explore with `warren dlq` (otherwise they are deleted at the end;
+    /// `warren demo --orders 0` deletes those of an earlier `--keep`).
     #[arg(long)]
     pub keep: bool,
     /// Prefix of the demo's exchanges and queues.
     #[arg(long, default_value = "demo.")]
     pub prefix: String,
-    /// Where to write the demo's topology file (for the next commands).
+    /// Where to write the demo's topology file (for the next commands); the
+    /// file stays, with or without `--keep`. By default a kept demo writes
+    /// `warren-{prefix}.toml` in the temporary directory.
     #[arg(long)]
     pub write_topology: Option<PathBuf>,
     /// Give up when the pipeline has not settled after this long.
@@ -158,9 +161,10 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     // The file the next commands use: written when the demo is kept (or a
     // path is given), named after the prefix so that demos with other
     // prefixes do not overwrite or delete it.
+    let default_file = std::env::temp_dir().join(topology_file_name(&args.prefix));
     let topology_file = match (&args.write_topology, args.keep) {
         (Some(path), _) => Some(path.clone()),
-        (None, true) => Some(std::env::temp_dir().join(topology_file_name(&args.prefix))),
+        (None, true) => Some(default_file.clone()),
         (None, false) => None,
     };
     if let Some(path) = &topology_file {
@@ -380,8 +384,10 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         let _ = channel
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await;
-        if let Some(path) = &topology_file {
-            let _ = std::fs::remove_file(path);
+        // The file an earlier `--keep` left describes queues that are gone
+        // now. A file named with --write-topology is the user's: it stays.
+        if args.write_topology.as_ref() != Some(&default_file) {
+            let _ = std::fs::remove_file(&default_file);
         }
     }
     drop(channel);
@@ -401,6 +407,10 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
             format!("warren dlq list -f {f} --group {first}"),
             format!("warren dlq replay -f {f} --group {first} --all --dry-run"),
             format!("warren topology verify -f {f}"),
+            format!(
+                "{}   (deletes the demo's exchange, queues and dead letters)",
+                undo_command(&args.prefix)
+            ),
         ]
     } else {
         vec!["warren demo --keep   (keeps the demo's queues and dead letters to explore with `warren dlq`)".into()]
@@ -499,6 +509,24 @@ fn live(registry: &Registry, topology: &Topology, published: u64) -> String {
         ));
     }
     parts.join(" | ")
+}
+
+/// The command that deletes a kept demo: an empty demo run without `--keep`.
+fn undo_command(prefix: &str) -> String {
+    if prefix == "demo." {
+        return "warren demo --orders 0".into();
+    }
+    let plain = prefix
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if plain {
+        format!("warren demo --prefix {prefix} --orders 0")
+    } else {
+        format!(
+            "warren demo --prefix '{}' --orders 0",
+            prefix.replace('\'', "'\\''")
+        )
+    }
 }
 
 /// `warren-{prefix}.toml` (`warren-demo.toml` for the default prefix), with
