@@ -178,3 +178,23 @@ fn a_kept_demo_says_how_to_delete_it_and_that_removes_its_file_too() {
     );
     drop(topo);
 }
+
+#[test]
+fn an_empty_or_invalid_prefix_is_refused_before_connecting() {
+    for (prefix, says) in [
+        ("", "--prefix \"\": "),
+        (
+            "amq.",
+            "--prefix \"amq.\": exchange.name: \"amq.orders\" starts with \"amq.\"",
+        ),
+    ] {
+        let o = warren()
+            .args(["demo", "--prefix", prefix])
+            // Nothing answers here: a refusal must come before connecting.
+            .args(["--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2f"])
+            .output_within(CLI_LIMIT);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{prefix:?}: {err}");
+        assert!(err.contains(says), "{prefix:?}: {err}");
+    }
+}

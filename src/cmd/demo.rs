@@ -27,7 +27,7 @@ use warren_topology::lapin::options::{
 };
 use warren_topology::{Broker, ConnectOptions, Plan, Topology};
 
-use crate::cli::Global;
+use crate::cli::{Global, UsageError};
 
 /// The demo topology, built into the binary so `warren demo` runs anywhere.
 const DEMO_TOML: &str = include_str!("../../examples/demo.toml");
@@ -45,7 +45,8 @@ pub struct DemoArgs {
     /// `warren demo --orders 0` deletes those of an earlier `--keep`).
     #[arg(long)]
     pub keep: bool,
-    /// Prefix of the demo's exchanges and queues.
+    /// Prefix of the demo's exchanges and queues. Not empty: the demo purges
+    /// and deletes its queues, and must never touch real ones.
     #[arg(long, default_value = "demo.")]
     pub prefix: String,
     /// Where to write the demo's topology file (for the next commands); the
@@ -131,10 +132,7 @@ struct GroupSummary {
 /// Runs `warren demo`.
 pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let url = g.url()?;
-    let mut topology = Topology::parse(DEMO_TOML, "examples/demo.toml")?.with_prefix(&args.prefix);
-    for group in &mut topology.groups {
-        group.retry = DEMO_TIERS.to_vec();
-    }
+    let topology = demo_topology(&args.prefix)?;
     let plan = Plan::new(&topology);
     let started = Instant::now();
 
@@ -509,6 +507,25 @@ fn live(registry: &Registry, topology: &Topology, published: u64) -> String {
         ));
     }
     parts.join(" | ")
+}
+
+/// The demo topology under `prefix`, with the demo's short tiers; a prefix
+/// that is empty, or that makes names the broker refuses, is a usage error.
+fn demo_topology(prefix: &str) -> anyhow::Result<Topology> {
+    if prefix.is_empty() {
+        return Err(UsageError(
+            "--prefix \"\": the demo's exchange and queues would be named like examples/demo.toml's (orders, billing, shipping), which a real deployment may use, and the demo purges and deletes its queues; give it a prefix of its own (default \"demo.\")".into(),
+        )
+        .into());
+    }
+    let mut topology = Topology::parse(DEMO_TOML, "examples/demo.toml")?.with_prefix(prefix);
+    for group in &mut topology.groups {
+        group.retry = DEMO_TIERS.to_vec();
+    }
+    // The same checks as a topology file: names the broker accepts.
+    Topology::parse(&topology.to_toml(), "--prefix")
+        .map_err(|e| UsageError(format!("--prefix {prefix:?}: {}: {}", e.field, e.message)))?;
+    Ok(topology)
 }
 
 /// The command that deletes a kept demo: an empty demo run without `--keep`.
