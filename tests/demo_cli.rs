@@ -198,3 +198,46 @@ fn an_empty_or_invalid_prefix_is_refused_before_connecting() {
         assert!(err.contains(says), "{prefix:?}: {err}");
     }
 }
+
+/// Queues with consumers are someone's live queues, not a demo left by
+/// `--keep`: the demo purges and deletes its queues, so it must not run there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_refuses_queues_that_have_consumers() {
+    let prefix = format!("{}.", unique("demoinuse"));
+    let file = kept_file(&prefix);
+    demo(&["--keep", "--orders", "0", "--prefix", &prefix]);
+    let topo = Topo::adopt(&file);
+    let conn = connect().await;
+    let dead = format!("{prefix}billing.dead");
+    publish(&conn, "", &dead, "precious", b"{}").await;
+    let ch = conn.create_channel().await.unwrap();
+    // Held until the end: dropping a lapin consumer cancels it.
+    let _consumer = ch
+        .basic_consume(
+            dead.as_str().into(),
+            "walk-consumer".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    // Unacked while the consumer holds it; still in the queue.
+    let o = warren()
+        .args(["demo", "--orders", "0", "--prefix", &prefix])
+        .output_within(CLI_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("queue \"{dead}\" has 1 consumer")),
+        "{err}"
+    );
+    ch.close(200, "done".into()).await.unwrap();
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || async {
+            count(&conn, &dead).await == 1
+        })
+        .await,
+        "the dead letter is still there"
+    );
+    drop(topo);
+}

@@ -144,6 +144,7 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
             "{e}\nno broker answers at {url}: start one with `scripts/broker` (or `rabbitmq-server -detached`, or `docker compose up -d rabbitmq`), or point --amqp-url at yours"
         )
     })?;
+    refuse_queues_in_use(&broker, &plan).await?;
     let conn_for_apply =
         warren_topology::connect(&ConnectOptions::new(url.clone(), "demo").attempts(2)).await?;
     let applied = warren_topology::apply(&conn_for_apply, &plan).await;
@@ -526,6 +527,37 @@ fn demo_topology(prefix: &str) -> anyhow::Result<Topology> {
     Topology::parse(&topology.to_toml(), "--prefix")
         .map_err(|e| UsageError(format!("--prefix {prefix:?}: {}: {}", e.field, e.message)))?;
     Ok(topology)
+}
+
+/// Refuses to run on queues that have consumers: a demo left by `--keep`
+/// has none, and the demo purges (and, without `--keep`, deletes) its
+/// queues, so queues in use are someone else's with the same names.
+async fn refuse_queues_in_use(broker: &Broker, plan: &Plan) -> anyhow::Result<()> {
+    for q in &plan.queues {
+        // A passive declare of a missing queue closes its channel.
+        let (channel, _) = broker.channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        if let Ok(found) = channel
+            .queue_declare(q.name.as_str().into(), passive, Default::default())
+            .await
+        {
+            let consumers = found.consumer_count();
+            if consumers > 0 {
+                anyhow::bail!(
+                    "queue {:?} has {consumers} consumer{} and {} ready message{}: it is in use, not a demo left by --keep, and the demo would purge and delete it; nothing was changed. Stop its consumers, or give the demo another --prefix",
+                    q.name,
+                    if consumers == 1 { "" } else { "s" },
+                    found.message_count(),
+                    if found.message_count() == 1 { "" } else { "s" },
+                );
+            }
+            let _ = channel.close(200, "checked".into()).await;
+        }
+    }
+    Ok(())
 }
 
 /// The command that deletes a kept demo: an empty demo run without `--keep`.
