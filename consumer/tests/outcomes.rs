@@ -900,6 +900,59 @@ async fn shutdown_on_a_quorum_queue_handles_what_was_prefetched() {
     assert_eq!(f.count(&g.work_queue()).await, 0, "and all were acked");
 }
 
+/// What a team does on every deploy: scale a quorum group down and up while
+/// a backlog waits (here each instance lives until it has handled one
+/// message, one handler at a time). Each drain used to hand its prefetched
+/// deliveries back,
+/// the queue counted each return, and after `delivery_limit` drains the same
+/// messages were dead-lettered without a handler ever seeing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_a_quorum_group_down_and_up_during_a_backlog_dead_letters_nothing() {
+    let f = Fixture::new(&quorum_shutdown(20, 1)).await;
+    let g = f.group(0);
+    let handled = Ledger::default();
+    f.publish_numbered("order.created", b"x", "b", 300).await;
+    // delivery_limit is 5: seven drains.
+    for round in 1..=8 {
+        let h = handled.clone();
+        let run = Running::start(
+            g.clone(),
+            handler_fn(move |d: Delivery| {
+                let h = h.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    h.note(&d);
+                    Ok(())
+                }
+            }),
+            "consumer-test",
+            |b| b.shutdown_grace(Duration::from_secs(10)),
+        )
+        .await;
+        let before = handled.len();
+        if round < 8 {
+            wait_for(Duration::from_secs(10), "one handled", || {
+                handled.len() > before
+            })
+            .await;
+        } else {
+            // Until every message is handled or dead-lettered.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while handled.len() + (f.count(&g.dead_queue()).await as usize) < 300 {
+                assert!(Instant::now() < deadline, "the backlog was not drained");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        run.stop().await;
+    }
+    assert_eq!(f.count(&g.dead_queue()).await, 0, "nothing dead-lettered");
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    let seen = handled.0.lock().unwrap();
+    let ids: std::collections::HashSet<&str> = seen.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids.len(), 300, "every message handled");
+    assert_eq!(seen.len(), 300, "none twice");
+}
+
 /// Prefetched deliveries are started at shutdown only while twice the mean
 /// handler time fits in the grace left: one that could not finish is
 /// returned unstarted, not started and then cut off.
