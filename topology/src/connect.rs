@@ -243,12 +243,33 @@ async fn connect_once(opts: &ConnectOptions) -> Result<Connection, AttemptError>
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(classify(&e, &opts.url)),
         Err(_) => Err(AttemptError {
-            reason: format!(
-                "no answer within {}",
-                humantime::format_duration(opts.connect_timeout)
-            ),
+            reason: timed_out(opts).await,
             retry: true,
         }),
+    }
+}
+
+/// Why a connection attempt timed out: a port that accepts connections but
+/// does not speak AMQP (a management UI, a wrong service) or nothing that
+/// answers at all.
+async fn timed_out(opts: &ConnectOptions) -> String {
+    let within = humantime::format_duration(opts.connect_timeout);
+    let Some((host, port)) = url::Url::parse(opts.url.expose()).ok().and_then(|u| {
+        let port = u
+            .port()
+            .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+        Some((u.host_str()?.trim_matches(['[', ']']).to_owned(), port))
+    }) else {
+        return format!("no answer within {within}");
+    };
+    let probe = tokio::net::TcpStream::connect((host.as_str(), port));
+    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Ok(_)) => format!(
+            "{host}:{port} accepted the connection but did not answer the AMQP handshake within {within}: is it the broker's AMQP port? (RabbitMQ listens on 5672, 5671 for amqps; 15672 is its management UI)"
+        ),
+        _ => format!(
+            "no answer from {host}:{port} within {within} (a firewall that drops the packets, or a host that is down?)"
+        ),
     }
 }
 
