@@ -188,11 +188,29 @@ impl Topology {
     /// Reads and validates a topology file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Topology, TopologyError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
-            file: path.display().to_string(),
+        let file = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| TopologyError::Read {
+            file: file.clone(),
             source,
         })?;
-        Topology::parse(&text, &path.display().to_string()).map_err(TopologyError::Invalid)
+        let text = String::from_utf8(bytes).map_err(|e| {
+            // Where the first byte that is not UTF-8 is.
+            let bytes = e.as_bytes();
+            let valid = e.utf8_error().valid_up_to();
+            let before = String::from_utf8_lossy(&bytes[..valid]);
+            let (line, column) = line_col(&before, valid);
+            TopologyError::Invalid(ConfigError {
+                file: file.clone(),
+                line,
+                column,
+                field: String::new(),
+                message: format!(
+                    "byte 0x{:02X} is not UTF-8; a topology file is UTF-8 text (re-save it as UTF-8)",
+                    bytes[valid]
+                ),
+            })
+        })?;
+        Topology::parse(&text, &file).map_err(TopologyError::Invalid)
     }
 
     /// Parses and validates a topology from text; `file` names it in errors.

@@ -240,6 +240,25 @@ fn missing_file_says_how_to_point_at_another() {
 }
 
 #[test]
+fn a_file_that_is_not_utf8_names_the_line_and_column() {
+    let path = std::env::temp_dir().join(format!("warren-latin1-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        b"[[exchange]]\nname = \"caf\xe9\"\nkind = \"topic\"\n",
+    )
+    .unwrap();
+    let e = Topology::from_file(&path).unwrap_err().to_string();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        e,
+        format!(
+            "{}:2:12: byte 0xE9 is not UTF-8; a topology file is UTF-8 text (re-save it as UTF-8)",
+            path.display()
+        )
+    );
+}
+
+#[test]
 fn the_demo_topology_is_valid() {
     let t = Topology::from_file(concat!(
         env!("CARGO_MANIFEST_DIR"),
