@@ -241,3 +241,36 @@ async fn the_demo_refuses_queues_that_have_consumers() {
     );
     drop(topo);
 }
+
+#[test]
+fn a_demo_that_does_not_settle_says_what_it_leaves_and_how_to_delete_it() {
+    let prefix = format!("{}.", unique("demoslow"));
+    let o = warren()
+        .args([
+            "demo",
+            "--orders",
+            "200",
+            "--timeout",
+            "1ms",
+            "--prefix",
+            &prefix,
+        ])
+        .output_within(CLI_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let undo = format!("warren demo --prefix {prefix} --orders 0");
+    assert!(
+        err.contains("did not settle within 1ms")
+            && err.contains(&format!(
+                "stay on the broker as they are (`{undo}` deletes them)"
+            )),
+        "{err}"
+    );
+    demo(&["--prefix", &prefix, "--orders", "0"]);
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "name"])
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&listed.stdout);
+    assert!(!names.contains(&prefix), "queues left behind: {names}");
+}

@@ -300,10 +300,11 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         if Instant::now() > deadline {
             bar.abandon();
             anyhow::bail!(
-                "the pipeline did not settle within {}: {} of {} deliveries settled",
+                "the pipeline did not settle within {}: {} of {} deliveries settled; the demo's exchange and queues stay on the broker as they are (`{}` deletes them)",
                 humantime::format_duration(args.timeout),
                 s,
-                total_expected(&expected)
+                total_expected(&expected),
+                undo_command(&args.prefix)
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
