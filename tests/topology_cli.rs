@@ -237,3 +237,17 @@ fn a_malformed_url_is_a_usage_error_without_the_password() {
     );
     assert!(err.contains("WARREN_AMQP_URL"), "{err}");
 }
+
+#[test]
+fn an_empty_file_is_said_to_declare_nothing() {
+    let path = std::env::temp_dir().join(format!("{}-empty.toml", prefix()));
+    std::fs::write(&path, "# nothing yet\n").unwrap();
+    let o = warren(&["topology", "show", "-f", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("declares no [[exchange]] and no [[group]]"),
+        "an empty file passes silently: {err}"
+    );
+}

@@ -21,6 +21,13 @@ pub enum TopologyCmd {
 /// Runs `warren topology ...`.
 pub async fn run(g: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> {
     let topology = g.topology()?;
+    if topology.exchanges.is_empty() && topology.groups.is_empty() {
+        // Valid, but almost always the wrong file.
+        eprintln!(
+            "warning: {} declares no [[exchange]] and no [[group]]: there is nothing to show, apply or verify (pass another file with -f or WARREN_TOPOLOGY)",
+            g.topology.display()
+        );
+    }
     let plan = Plan::new(&topology);
     match cmd {
         TopologyCmd::Show => {
