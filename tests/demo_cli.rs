@@ -122,6 +122,22 @@ fn a_kept_demo_writes_its_topology_file_under_its_own_prefix() {
 }
 
 #[test]
+fn a_refused_login_is_not_called_a_missing_broker() {
+    let o = warren()
+        .args([
+            "demo",
+            "--amqp-url",
+            "amqp://guest:Sekr1tPw@127.0.0.1:5672/%2f",
+        ])
+        .output_within(CLI_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("refused user \"guest\""), "{err}");
+    assert!(!err.contains("no broker answers"), "{err}");
+    assert!(!err.contains("Sekr1tPw"), "{err}");
+}
+
+#[test]
 fn no_broker_is_a_clear_error_with_the_fix() {
     let o = warren()
         .args(["demo", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2f"])

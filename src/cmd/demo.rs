@@ -140,9 +140,15 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         ConnectOptions::new(url.clone(), "demo").attempts(2),
     ));
     let (channel, _) = broker.channel().await.map_err(|e| {
-        anyhow::anyhow!(
-            "{e}\nno broker answers at {url}: start one with `scripts/broker` (or `rabbitmq-server -detached`, or `docker compose up -d rabbitmq`), or point --amqp-url at yours"
-        )
+        // A broker that answered and refused the user or vhost needs no
+        // advice on starting one.
+        if e.is_transient() {
+            anyhow::anyhow!(
+                "{e}\nno broker answers at {url}: start one with `scripts/broker` (or `rabbitmq-server -detached`, or `docker compose up -d rabbitmq`), or point --amqp-url at yours"
+            )
+        } else {
+            anyhow::Error::new(e)
+        }
     })?;
     refuse_queues_in_use(&broker, &plan).await?;
     let conn_for_apply =
