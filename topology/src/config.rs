@@ -523,6 +523,20 @@ impl Topology {
                     ),
                 });
             }
+            let kind = self
+                .exchanges
+                .iter()
+                .find(|e| e.name == g.exchange)
+                .map(|e| e.kind);
+            if kind == Some(ExchangeKind::Headers) {
+                out.push(Lint {
+                    group: g.name.clone(),
+                    message: format!(
+                        "exchange {:?} is a headers exchange, which routes on binding arguments that warren does not declare: each binding matches every message, whatever its key",
+                        g.exchange
+                    ),
+                });
+            }
             if g.bindings.is_empty() {
                 out.push(Lint {
                     group: g.name.clone(),
@@ -737,6 +751,16 @@ delivery_limit = 5
         assert!(
             lints.iter().any(|l| l.contains("delivery_limit")),
             "{lints:?}"
+        );
+    }
+
+    #[test]
+    fn a_group_on_a_headers_exchange_is_told_it_gets_everything() {
+        let t = Topology::parse("[[exchange]]\nname='e'\nkind='headers'\n[[group]]\nname='g'\nexchange='e'\nbindings=['k']\ndelivery_limit=3\n", "f").unwrap();
+        let lints: Vec<String> = t.lints().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lints,
+            ["group \"g\": exchange \"e\" is a headers exchange, which routes on binding arguments that warren does not declare: each binding matches every message, whatever its key"]
         );
     }
 
