@@ -176,13 +176,20 @@ fn a_kept_demo_says_how_to_delete_it_and_that_removes_its_file_too() {
     ]);
     let topo = Topo::adopt(&file);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let undo = format!("warren demo --prefix {prefix} --orders 0");
+    // Not on the PATH here: the commands name the binary as it was run.
+    let undo = format!(
+        "{} demo --prefix {prefix} --orders 0",
+        env!("CARGO_BIN_EXE_warren")
+    );
+    let next: Vec<&str> = v["next"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(next.iter().any(|n| n.starts_with(&undo)), "{stdout}");
     assert!(
-        v["next"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n.as_str().unwrap().starts_with(&undo)),
+        next[0].starts_with(&format!("{} dlq stats -f ", env!("CARGO_BIN_EXE_warren"))),
         "{stdout}"
     );
     let stdout = demo(&["--prefix", &prefix, "--orders", "0"]);
@@ -274,7 +281,10 @@ fn a_demo_that_does_not_settle_says_what_it_leaves_and_how_to_delete_it() {
         .output_within(CLI_LIMIT);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    let undo = format!("warren demo --prefix {prefix} --orders 0");
+    let undo = format!(
+        "{} demo --prefix {prefix} --orders 0",
+        env!("CARGO_BIN_EXE_warren")
+    );
     assert!(
         err.contains("did not settle within 1ms")
             && err.contains(&format!(

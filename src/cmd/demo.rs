@@ -407,19 +407,20 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         .first()
         .map(|g| g.name.clone())
         .unwrap_or_default();
+    let w = program();
     let next: Vec<String> = if args.keep {
         vec![
-            format!("warren dlq stats -f {f}"),
-            format!("warren dlq list -f {f} --group {first}"),
-            format!("warren dlq replay -f {f} --group {first} --all --dry-run"),
-            format!("warren topology verify -f {f}"),
+            format!("{w} dlq stats -f {f}"),
+            format!("{w} dlq list -f {f} --group {first}"),
+            format!("{w} dlq replay -f {f} --group {first} --all --dry-run"),
+            format!("{w} topology verify -f {f}"),
             format!(
                 "{}   (deletes the demo's exchange, queues and dead letters)",
                 undo_command(&args.prefix)
             ),
         ]
     } else {
-        vec!["warren demo --keep   (keeps the demo's queues and dead letters to explore with `warren dlq`)".into()]
+        vec![format!("{w} demo --keep   (keeps the demo's queues and dead letters to explore with `warren dlq`)")]
     };
     if g.json() {
         outln!(
@@ -567,19 +568,34 @@ async fn refuse_queues_in_use(broker: &Broker, plan: &Plan) -> anyhow::Result<()
     Ok(())
 }
 
+/// How to run warren in the commands the demo suggests: `warren` when it is
+/// on the PATH, else the path this process was started as
+/// (`target/release/warren` after `cargo run --release -- demo`).
+fn program() -> String {
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("warren").is_file()));
+    match std::env::args().next() {
+        Some(argv0) if !on_path && argv0.contains('/') && !argv0.contains(char::is_whitespace) => {
+            argv0
+        }
+        _ => "warren".into(),
+    }
+}
+
 /// The command that deletes a kept demo: an empty demo run without `--keep`.
 fn undo_command(prefix: &str) -> String {
+    let w = program();
     if prefix == "demo." {
-        return "warren demo --orders 0".into();
+        return format!("{w} demo --orders 0");
     }
     let plain = prefix
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
     if plain {
-        format!("warren demo --prefix {prefix} --orders 0")
+        format!("{w} demo --prefix {prefix} --orders 0")
     } else {
         format!(
-            "warren demo --prefix '{}' --orders 0",
+            "{w} demo --prefix '{}' --orders 0",
             prefix.replace('\'', "'\\''")
         )
     }
