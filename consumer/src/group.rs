@@ -284,7 +284,7 @@ impl<H: Handler> ConsumerGroup<H> {
         broker: &Arc<Broker>,
         cancel: CancellationToken,
     ) -> Result<(), ConsumerError> {
-        let mut copies: Option<Publisher> = None;
+        let mut copies: Option<Copies> = None;
         let sem = Arc::new(Semaphore::new(usize::from(
             self.ctx.settings.group.concurrency.max(1),
         )));
@@ -317,8 +317,8 @@ impl<H: Handler> ConsumerGroup<H> {
                 Err(e) => {
                     self.ready.send_replace(false);
                     drain_aborting(&mut tasks).await;
-                    if let Some(p) = copies.take() {
-                        p.close().await;
+                    if let Some(c) = copies.take() {
+                        c.publisher.close().await;
                     }
                     return Err(e);
                 }
@@ -341,7 +341,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 Ended::Shutdown(window) => {
                     self.shutdown(session, &publisher, epoch, tasks, &sem, window)
                         .await;
-                    publisher.close().await;
+                    publisher.publisher.close().await;
                     return Ok(());
                 }
                 Ended::Lost => {
@@ -373,8 +373,8 @@ impl<H: Handler> ConsumerGroup<H> {
         }
         self.ready.send_replace(false);
         drain_aborting(&mut tasks).await;
-        if let Some(p) = copies.take() {
-            p.close().await;
+        if let Some(c) = copies.take() {
+            c.publisher.close().await;
         }
         Ok(())
     }
@@ -382,7 +382,7 @@ impl<H: Handler> ConsumerGroup<H> {
     async fn open(
         &self,
         broker: &Arc<Broker>,
-        copies: &mut Option<Publisher>,
+        copies: &mut Option<Copies>,
     ) -> Result<Session, ConsumerError> {
         let group = &self.ctx.settings.group;
         let err = |what: &'static str| {
@@ -461,7 +461,7 @@ impl<H: Handler> ConsumerGroup<H> {
     async fn copy_publisher(
         &self,
         broker: &Arc<Broker>,
-    ) -> Result<Publisher, warren_producer::PublishError> {
+    ) -> Result<Copies, warren_producer::PublishError> {
         let settings = &self.ctx.settings;
         let config = PublisherConfig::default()
             .window(usize::from(settings.group.concurrency.max(1)))
@@ -469,13 +469,16 @@ impl<H: Handler> ConsumerGroup<H> {
             .max_message_size(usize::MAX);
         let mut opts = broker.options().clone();
         opts.component = format!("{}-copies", opts.component);
-        Publisher::owning(config, Broker::new(opts), PublisherMetrics::unregistered()?).await
+        let login = opts.url.login().map(Arc::from);
+        let publisher =
+            Publisher::owning(config, Broker::new(opts), PublisherMetrics::unregistered()?).await?;
+        Ok(Copies { publisher, login })
     }
 
     async fn consume(
         &self,
         s: &mut Session,
-        publisher: &Publisher,
+        publisher: &Copies,
         epoch: u64,
         tasks: &mut JoinSet<Completion>,
         sem: &Arc<Semaphore>,
@@ -571,7 +574,7 @@ impl<H: Handler> ConsumerGroup<H> {
     fn spawn(
         &self,
         tasks: &mut JoinSet<Completion>,
-        publish: Publisher,
+        publish: Copies,
         d: lapin::message::Delivery,
         epoch: u64,
         permit: OwnedSemaphorePermit,
@@ -604,7 +607,7 @@ impl<H: Handler> ConsumerGroup<H> {
     async fn shutdown(
         &self,
         mut s: Session,
-        publisher: &Publisher,
+        publisher: &Copies,
         epoch: u64,
         mut tasks: JoinSet<Completion>,
         sem: &Arc<Semaphore>,
@@ -767,6 +770,15 @@ async fn sleep_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Where retry and dead-letter copies go: the copies' publisher, and the
+/// user its connection logs in as (`None` when the client certificate names
+/// it), which a copy's `user_id` must match for the broker to take it.
+#[derive(Clone)]
+struct Copies {
+    publisher: Publisher,
+    login: Option<Arc<str>>,
+}
+
 /// `warren_in_flight` for one running handler, lowered when the handler
 /// ends however it ends: a handler cut off at the end of the shutdown grace
 /// is dropped, not finished.
@@ -869,7 +881,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 async fn process<H: Handler>(
     ctx: &Ctx,
     handler: &H,
-    publish: &Publisher,
+    publish: &Copies,
     delivery: Delivery,
 ) -> Settle {
     let group = &*ctx.name;
@@ -956,22 +968,27 @@ async fn process<H: Handler>(
     }
 }
 
-/// Publishes a copy (mandatory; properties kept but `expiration` and
-/// `x-delivery-count`, see [`warren_topology::copy_properties`]) and waits
+/// Publishes a copy (mandatory; properties kept but `expiration`,
+/// `x-delivery-count` and a `user_id` of another user than the copies'
+/// connection, see [`warren_topology::copy_properties_for`]) and waits
 /// for its confirm; unroutable, nacked or unconfirmed within
 /// `confirm_timeout` is an error.
 async fn publish_copy(
-    publisher: &Publisher,
+    copies: &Copies,
     exchange: &str,
     key: &str,
     delivery: &Delivery,
     headers: FieldTable,
 ) -> Result<(), warren_producer::PublishError> {
-    let props = warren_topology::copy_properties(delivery.properties(), headers);
+    let props = warren_topology::copy_properties_for(
+        delivery.properties(),
+        headers,
+        copies.login.as_deref(),
+    );
     let copy = Message::bytes(exchange, key, delivery.body().to_vec())
         .properties(props)
         .as_is();
-    publisher.publish(copy).await.map(|_| ())
+    copies.publisher.publish(copy).await.map(|_| ())
 }
 
 #[cfg(test)]

@@ -344,6 +344,51 @@ async fn a_dead_letter_keeps_neither_expiration_nor_the_delivery_count() {
 /// Headers of 50 KB (any client with the broker's default frame size can
 /// publish them) are delivered, dead-lettered with the headers intact, and
 /// do not hold up the message behind them.
+/// A consumer that logs in as another user than the publisher: the broker
+/// refuses a message whose `user_id` is not the publishing connection's
+/// user, so a copy that kept it was refused, the original requeued, and the
+/// message looped forever. The copy now goes without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_another_users_message_drops_its_user_id_and_reaches_the_dead_letters() {
+    let f = Fixture::new(&classic("", "")).await;
+    let g = f.group(0);
+    let user = warren_testkit::TempUser::create();
+    let run = Running::start_as(
+        user.url(),
+        g.clone(),
+        handler_fn(|_d: Delivery| async { Err(HandlerError::permanent("refused by the test")) }),
+        "consumer-test",
+        |b| b.requeue_delay(Duration::from_millis(100)),
+    )
+    .await;
+    // Published by guest with its own (valid) user_id.
+    f.publish(
+        &f.exchange(),
+        "order.created",
+        b"{}",
+        props("uid-1").with_user_id("guest".into()),
+    )
+    .await;
+    wait_for_count(&f, &g.dead_queue(), 1).await;
+    run.stop().await;
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(2)).await;
+    assert_eq!(dead[0].delivery.properties.user_id(), &None);
+    assert_eq!(
+        dead[0]
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("uid-1")
+    );
+    assert_eq!(
+        header_str(&dead[0], headers::ERROR_KIND).as_deref(),
+        Some("permanent")
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_with_large_headers_is_handled_and_dead_lettered_whole() {
     let f = Fixture::new(&classic("", "")).await;

@@ -42,6 +42,44 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// A broker user of its own (every permission on `/`), deleted when the
+/// guard is dropped. It disturbs no other client.
+pub struct TempUser {
+    /// The user name (unique per test and run).
+    pub name: String,
+    password: String,
+}
+
+impl TempUser {
+    /// Creates the user.
+    pub fn create() -> TempUser {
+        let name = unique("warren-test-user-");
+        let password = unique("pw-");
+        rabbitmqctl(&["add_user", &name, &password]);
+        let user = TempUser { name, password };
+        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        user
+    }
+
+    /// [`url`] logged in as this user.
+    pub fn url(&self) -> warren_topology::AmqpUrl {
+        let base = url();
+        let raw = base.expose();
+        let host = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
+        format!("amqp://{}:{}@{host}", self.name, self.password)
+            .parse()
+            .expect("the user's URL parses")
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
 /// A memory alarm: `set_vm_memory_high_watermark 0` blocks every publishing
 /// connection. The watermark it found is put back by [`Alarm::clear`] or
 /// when the guard is dropped.

@@ -42,6 +42,20 @@ impl AmqpUrl {
             .unwrap_or_else(|| "127.0.0.1".into())
     }
 
+    /// The user the connection logs in as, which is what RabbitMQ compares
+    /// a message's `user_id` with: the URL's user, percent-decoded (`guest`
+    /// when none); `None` with `auth_mechanism=external`, where the client
+    /// certificate names the user.
+    pub fn login(&self) -> Option<String> {
+        use std::str::FromStr;
+        let uri = lapin::uri::AMQPUri::from_str(&self.raw).ok()?;
+        let external = uri
+            .query
+            .auth_mechanism
+            .is_some_and(|m| m.name().eq_ignore_ascii_case("EXTERNAL"));
+        (!external).then_some(uri.authority.userinfo.username)
+    }
+
     /// The user name the URL names (`guest` when none).
     pub fn username(&self) -> String {
         url::Url::parse(&self.raw)
@@ -569,6 +583,21 @@ mod tests {
         assert!(!format!("{u:?}").contains("s3cret"));
         assert_eq!(u.expose(), "amqp://alice:s3cret@rabbit:5672/%2f");
         assert_eq!(u.username(), "alice");
+    }
+
+    #[test]
+    fn the_login_is_the_decoded_user_unless_a_certificate_names_it() {
+        let login = |raw: &str| raw.parse::<AmqpUrl>().unwrap().login();
+        assert_eq!(
+            login("amqp://alice:pw@rabbit/%2f").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            login("amqp://svc%40a:pw@rabbit/%2f").as_deref(),
+            Some("svc@a")
+        );
+        assert_eq!(login("amqp://rabbit/%2f").as_deref(), Some("guest"));
+        assert_eq!(login("amqps://rabbit/%2f?auth_mechanism=external"), None);
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub use names::{dead_queue, headers, metrics, retry_queue, work_queue, DEAD_LETT
 pub use plan::{
     planned_dead_queue, Arg, Plan, PlannedBinding, PlannedExchange, PlannedQueue, Role,
 };
-pub use properties::copy_properties;
+pub use properties::{copy_properties, copy_properties_for};
 
 /// Re-exported so that users of the topology crate name the same client types.
 pub use lapin;

@@ -2,7 +2,8 @@
 //! or dead-letter copy, a replay).
 //!
 //! Two things are never carried over, as the broker does when it dead-letters
-//! a message itself:
+//! a message itself (and a third only by [`copy_properties_for`]: a
+//! `user_id` that is not the publishing connection's user):
 //!
 //! - `expiration` (per-message TTL): a dead letter that kept it would vanish
 //!   from `{group}.dead`, which has no dead-letter exchange of its own, and a
@@ -19,6 +20,30 @@ use crate::names::headers;
 /// `p` with `headers` and without `expiration`; `x-delivery-count` is
 /// removed from `headers`. Every other property is kept as it is.
 pub fn copy_properties(p: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    copy(p, headers, |_| true)
+}
+
+/// [`copy_properties`] for a copy published by a connection logged in as
+/// `login` (`None`: a user named by a client certificate, unknown here):
+/// `user_id` is kept only when it is `login`. The broker closes the channel
+/// on a message whose `user_id` is another user (unless the login has the
+/// `impersonator` tag, which warren cannot see), so a consumer running as
+/// another user than the publisher would have every copy of such a message
+/// refused and the message requeued forever. RabbitMQ's federation drops a
+/// foreign `user_id` the same way.
+pub fn copy_properties_for(
+    p: &BasicProperties,
+    headers: FieldTable,
+    login: Option<&str>,
+) -> BasicProperties {
+    copy(p, headers, |user| Some(user) == login)
+}
+
+fn copy(
+    p: &BasicProperties,
+    headers: FieldTable,
+    keep_user_id: impl Fn(&str) -> bool,
+) -> BasicProperties {
     // Rebuilt only when the counter is there (the copy's headers are
     // usually fresh from the caller).
     let headers = if headers.contains_key(headers::DELIVERY_COUNT) {
@@ -56,7 +81,7 @@ pub fn copy_properties(p: &BasicProperties, headers: FieldTable) -> BasicPropert
     if let Some(v) = p.kind() {
         out = out.with_type(v.clone());
     }
-    if let Some(v) = p.user_id() {
+    if let Some(v) = p.user_id().as_ref().filter(|v| keep_user_id(v.as_str())) {
         out = out.with_user_id(v.clone());
     }
     if let Some(v) = p.app_id() {
@@ -125,6 +150,23 @@ mod tests {
             .with_app_id("shop".into())
             .with_cluster_id("c1".into());
         assert_eq!(copy, expected);
+    }
+
+    #[test]
+    fn a_copy_for_another_login_drops_the_user_id_only() {
+        let p = every_property();
+        let h = p.headers().clone().unwrap_or_default();
+        let same = copy_properties_for(&p, h.clone(), Some("guest"));
+        assert_eq!(same, copy_properties(&p, h.clone()));
+        for login in [Some("svc-b"), Some("Guest"), None] {
+            let other = copy_properties_for(&p, h.clone(), login);
+            assert_eq!(other.user_id(), &None, "{login:?}");
+            assert_eq!(
+                other.with_user_id("guest".into()),
+                copy_properties(&p, h.clone()),
+                "all else kept for {login:?}"
+            );
+        }
     }
 
     #[test]

@@ -183,9 +183,22 @@ impl Running {
             warren_consumer::ConsumerGroupBuilder<H>,
         ) -> warren_consumer::ConsumerGroupBuilder<H>,
     ) -> Running {
+        Running::start_as(url(), group, handler, component, tune).await
+    }
+
+    /// [`Running::start`] logged in with `url`.
+    pub async fn start_as<H: Handler>(
+        url: warren_topology::AmqpUrl,
+        group: Group,
+        handler: H,
+        component: &str,
+        tune: impl FnOnce(
+            warren_consumer::ConsumerGroupBuilder<H>,
+        ) -> warren_consumer::ConsumerGroupBuilder<H>,
+    ) -> Running {
         let registry = prometheus::Registry::new();
         let broker = Arc::new(
-            Broker::connect(ConnectOptions::new(url(), component).attempts(3))
+            Broker::connect(ConnectOptions::new(url, component).attempts(3))
                 .await
                 .unwrap(),
         );
