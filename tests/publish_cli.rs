@@ -175,6 +175,34 @@ async fn unroutable_messages_exit_1_and_name_their_lines() {
             "{f}"
         );
     }
+    // Repeats count from 1, like lines, and in the same order.
+    let repeats: Vec<u64> = failures
+        .iter()
+        .map(|f| f["repeat"].as_u64().unwrap())
+        .collect();
+    assert_eq!(repeats, [1, 2, 3], "{s}");
+
+    // The table names the same line and repeat numbers as the JSON.
+    let out = warren()
+        .args(["publish", "-e", &topo.exchange(), "-k", "nobody.listens"])
+        .args(["--body", "{\"x\":1}", "--count", "3"])
+        .output_within(CLI_LIMIT);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let table: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("line "))
+        .map(|l| {
+            l.split_once(": returned: ")
+                .unwrap_or_else(|| panic!("{text}"))
+                .0
+        })
+        .collect();
+    let from_json: Vec<String> = failures
+        .iter()
+        .map(|f| format!("{} (repeat {})", f["line"], f["repeat"]))
+        .collect();
+    assert_eq!(table, from_json, "table:\n{text}\njson: {s}");
 
     // A missing exchange: a clear error, exit 1, nothing confirmed.
     let out = warren()
@@ -234,11 +262,47 @@ async fn ctrl_c_stops_sending_waits_for_confirms_and_says_what_was_not_sent() {
     assert_eq!(s["interrupted_at"]["line"], 1, "{s}");
     assert_eq!(
         s["interrupted_at"]["repeat"].as_u64().unwrap(),
-        published,
-        "the first repeat not sent comes right after the last sent: {s}"
+        published + 1,
+        "repeats count from 1: the first not sent comes right after the last sent: {s}"
     );
     // Exactly what was reported confirmed is in the queue.
     assert_eq!(u64::from(count(&conn, &q).await), published);
+
+    // The table names the same repeat as the JSON: the one after the last sent.
+    let child = warren()
+        .args(["publish", "-e", &topo.exchange(), "-k", "order.created"])
+        .args(["--body", "{\"n\":1}", "--count", "100000", "--rate", "400"])
+        .arg("--quiet")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            u64::from(count(&conn, &q).await) >= published + 50
+        })
+        .await,
+        "publishing started again"
+    );
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = wait_within(child, CLI_LIMIT);
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let number_after = |prefix: &str| -> u64 {
+        let (_, rest) = text.split_once(prefix).unwrap_or_else(|| panic!("{text}"));
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap_or_else(|_| panic!("{text}"))
+    };
+    let published = number_after("published ");
+    assert_eq!(
+        number_after(" not sent, from line 1 of repeat "),
+        published + 1,
+        "{text}"
+    );
 }
 
 const SECRET_URL: &str = "amqp://guest:s3cretPW@127.0.0.1:5672/%2f";

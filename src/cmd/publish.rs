@@ -103,15 +103,21 @@ struct Summary {
     /// Where Ctrl-C stopped the input: this line (of this repeat) and the
     /// ones after it were not sent.
     interrupted_at: Option<Position>,
+    /// Every message not confirmed, by line, then repeat.
     failures: Vec<Failure>,
 }
 
+/// A message of the input: `line` of the input (from 1, blank lines
+/// counted) in its `repeat`th pass of `--count` (from 1). The JSON summary
+/// and the table print the same numbers.
 #[derive(Debug, Serialize)]
 struct Position {
     line: usize,
     repeat: u64,
 }
 
+/// A message not confirmed; `line` and `repeat` count from 1, as in
+/// [`Position`].
 #[derive(Debug, Serialize)]
 struct Failure {
     line: usize,
@@ -165,7 +171,7 @@ pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
         "stopping: nothing more is sent; waiting for the confirms of what was sent",
     );
     let mut pending = FuturesUnordered::new();
-    'all: for repeat in 0..args.count {
+    'all: for repeat in 1..=args.count {
         for line in &lines {
             if let Some(p) = pacer.as_mut() {
                 tokio::select! {
@@ -283,7 +289,7 @@ fn print_summary(g: &Global, s: &Summary, repeated: bool) -> anyhow::Result<()> 
                 "interrupted: {} not sent, from line {} of repeat {} on",
                 s.not_sent,
                 at.line,
-                at.repeat + 1
+                at.repeat
             );
         } else {
             outln!(
@@ -299,7 +305,7 @@ fn print_summary(g: &Global, s: &Summary, repeated: bool) -> anyhow::Result<()> 
             outln!(
                 "line {} (repeat {}): {}: {}",
                 f.line,
-                f.repeat + 1,
+                f.repeat,
                 f.outcome,
                 f.error
             );
