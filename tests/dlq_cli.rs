@@ -1467,6 +1467,76 @@ async fn export_and_import_dash_are_stdout_and_stdin() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `purge --archive -` is refused (exit 2) before connecting: a purge
+/// deletes only once its archive is on disk, and standard output is not
+/// (before, it wrote a file named `-`). `./-` is the way to that file.
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_archive_dash_is_refused_before_anything_moves_and_dot_slash_dash_is_a_file() {
+    const N: usize = 3;
+    let conn = connect().await;
+    let env = Env::new(&conn, "pdash").await;
+    dead_letters(&conn, &env.group, "a", N).await;
+    let g = env.group.as_str();
+    let file = env.topology_file();
+    // Run where a file named `-` would show.
+    let dir = std::env::temp_dir().join(format!("warren-pdash-{g}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let in_dir = |url: &str, args: &[&str]| {
+        warren()
+            .current_dir(&dir)
+            .args(["-f", file.path(), "--amqp-url", url, "dlq", "purge"])
+            .args(["--group", g, "--all"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output_within(CLI_LIMIT)
+    };
+    // No broker listens on port 1: a run that connected would fail with 1.
+    let nowhere = "amqp://guest:guest@127.0.0.1:1/%2f";
+    for (url, args) in [
+        (URL, &["--yes", "--archive", "-"][..]),
+        (URL, &["--yes", "--archive=-", "--output", "json"]),
+        (nowhere, &["--yes", "--archive", "-"]),
+        // Without --yes: the archive is named, not only the missing --yes.
+        (URL, &["--archive", "-"]),
+    ] {
+        let out = in_dir(url, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert_eq!(
+            text(&out.stderr),
+            "error: purge --archive -: dead letters are deleted only once their archive is on disk, \
+             and warren cannot know that what it writes to standard output is stored; \
+             give --archive a file path (./- for a file named \"-\"), \
+             or look first with warren dlq export - (which removes nothing)\n",
+            "{args:?}"
+        );
+        assert_eq!(text(&out.stdout), "", "{args:?}");
+        assert!(
+            !dir.join("-").exists(),
+            "{args:?}: a file named '-' was written"
+        );
+        assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("a", 0..N));
+    }
+
+    // ./- is a file named `-`: archived, then deleted.
+    let out = in_dir(URL, &["--yes", "--archive", "./-"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        text(&out.stdout),
+        format!("{g}: {N} purged\narchived {N} messages to ./-\n")
+    );
+    let archived = std::fs::read_to_string(dir.join("-")).unwrap();
+    let ids: Vec<String> = archived
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids, names("a", 0..N));
+    settle(&conn, &env.dead(), 0).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---------------------------------------------------------------------------
 // --output json, escaping, input checks, ids not found, the audit user.
 

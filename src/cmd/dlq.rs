@@ -152,7 +152,9 @@ pub struct PurgeArgs {
     /// Do not ask.
     #[arg(long)]
     pub yes: bool,
-    /// Write what is deleted (export format) to this new file first.
+    /// Write what is deleted (export format) to this new file first; it is
+    /// fsynced before anything is deleted. `-` is refused: standard output
+    /// cannot be known to be stored (`./-` names a file called `-`).
     #[arg(long)]
     pub archive: Option<PathBuf>,
     /// Append an audit record (JSON Lines) to this file.
@@ -914,6 +916,14 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
+    // As `export - --remove`: deleting waits for the archive to be on disk,
+    // which standard output never is.
+    if a.archive.as_deref().is_some_and(is_stdio) {
+        return Err(UsageError(
+            "purge --archive -: dead letters are deleted only once their archive is on disk, and warren cannot know that what it writes to standard output is stored; give --archive a file path (./- for a file named \"-\"), or look first with warren dlq export - (which removes nothing)".into(),
+        )
+        .into());
+    }
     let selection = a.select.selection()?;
     let groups = groups(g, &a.read.groups)?;
     if !a.yes && !std::io::stdin().is_terminal() {
