@@ -470,8 +470,11 @@ impl<H: Handler> ConsumerGroup<H> {
         let mut opts = broker.options().clone();
         opts.component = format!("{}-copies", opts.component);
         let login = opts.url.login().map(Arc::from);
-        let publisher =
-            Publisher::owning(config, Broker::new(opts), PublisherMetrics::unregistered()?).await?;
+        // Its reconnects are the consumer's (the publishes are counted by
+        // `warren_handled_total` and `warren_retries_total`).
+        let metrics = PublisherMetrics::unregistered()?
+            .counting_reconnects_in(self.ctx.metrics.reconnects.clone());
+        let publisher = Publisher::owning(config, Broker::new(opts), metrics).await?;
         Ok(Copies { publisher, login })
     }
 

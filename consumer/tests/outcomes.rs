@@ -1076,6 +1076,60 @@ fn connection_pids(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The copies go out on a connection of their own; when it is lost, the
+/// next copy opens a new one, and `warren_reconnects_total{component=
+/// "consumer"}` counts it like a reconnect of the consuming connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_copies_connection_is_reopened_and_counted() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let component = format!("ctest-{}", unique_prefix().trim_end_matches('.'));
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                l.note(&d);
+                if d.attempt() == 1 {
+                    return Err(HandlerError::retryable("first attempt fails"));
+                }
+                Ok(())
+            }
+        }),
+        &component,
+        |b| b,
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"x", props("k1"))
+        .await;
+    wait_for(Duration::from_secs(10), "k1 retried and handled", || {
+        ledger.count("k1") == 2
+    })
+    .await;
+    let pids = connection_pids(&format!("warren-{component}-copies@"));
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", &pids[0], "test: forced close"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    f.publish(&f.exchange(), "order.created", b"x", props("k2"))
+        .await;
+    wait_for(Duration::from_secs(20), "k2 retried and handled", || {
+        ledger.count("k2") == 2
+    })
+    .await;
+    assert_eq!(
+        run.metric("warren_reconnects_total", &[("component", "consumer")]),
+        1.0
+    );
+    run.stop().await;
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_connection_is_reopened_and_nothing_is_lost() {
     let f = Fixture::new(&classic("'200ms'", "")).await;

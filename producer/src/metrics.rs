@@ -81,6 +81,14 @@ impl PublisherMetrics {
         })
     }
 
+    /// These metrics with reconnects counted by `reconnects` instead: a
+    /// consumer counts its copies publisher's reconnects as its own
+    /// (`warren_reconnects_total{component="consumer"}`).
+    pub fn counting_reconnects_in(mut self, reconnects: IntCounter) -> Self {
+        self.reconnects = reconnects;
+        self
+    }
+
     pub(crate) fn count(&self, exchange: &str, outcome: &str) {
         let i = match outcome {
             CONFIRMED => 0,
