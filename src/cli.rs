@@ -266,14 +266,30 @@ pub fn init_tracing(g: &Global, quiet: bool) {
     // journal get no escape codes (and none with NO_COLOR set).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_writer(std::io::stderr);
-    match g.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let layer = match g.log_format {
+        LogFormat::Json => layer.json().boxed(),
+        LogFormat::Text => layer.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layer.with_filter(tracing_subscriber::filter::filter_fn(|m| !tells_secrets(m))))
+        .init();
+}
+
+/// Whether an event may print the password: the AMQP client's TRACE events
+/// show the URL (`amq_protocol_tcp`: "Connecting", with the URI) and whole
+/// frames, the login's `connection.start-ok` among them. They are dropped at
+/// every verbosity and whatever `RUST_LOG` asks for; DEBUG and above print
+/// neither.
+fn tells_secrets(m: &tracing::Metadata<'_>) -> bool {
+    *m.level() == tracing::Level::TRACE
+        && (m.target().starts_with("lapin") || m.target().starts_with("amq_protocol"))
 }
 
 #[cfg(test)]

@@ -219,6 +219,48 @@ fn a_wrong_password_is_a_clear_error_without_the_password() {
     assert!(!err.contains('\x1b'), "escape codes in piped logs: {err:?}");
 }
 
+/// The AMQP client's TRACE events print the URL and the login frame (the
+/// password as a list of bytes): at `-vvv` and with `RUST_LOG=trace` the
+/// log is as verbose as asked, but never holds the password.
+#[test]
+fn trace_logs_never_hold_the_password() {
+    let p = prefix();
+    let t = TempTopology::new(&p);
+    let pw = "Tr4ceS3cretPw";
+    let url = format!("amqp://guest:{pw}@127.0.0.1:5672/%2f");
+    let args = [
+        "topology",
+        "verify",
+        "-f",
+        t.path.to_str().unwrap(),
+        "--amqp-url",
+        &url,
+    ];
+    let vvv = {
+        let mut a = args.to_vec();
+        a.push("-vvv");
+        warren(&a)
+    };
+    let rust_log = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(args)
+        .env_remove("WARREN_TOPOLOGY")
+        .env("RUST_LOG", "trace")
+        .output_within(CLI_LIMIT);
+    let bytes: Vec<String> = pw.bytes().map(|b| b.to_string()).collect();
+    for (how, o) in [("-vvv", vvv), ("RUST_LOG=trace", rust_log)] {
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{how}: {out}{err}");
+        // Verbose as asked: the client's DEBUG events are shown.
+        assert!(err.contains("DEBUG lapin"), "{how}: {err}");
+        let log = format!("{out}{err}").replace(' ', "");
+        assert!(!log.contains(pw), "{how}: the password leaked: {out}{err}");
+        assert!(
+            !log.contains(&bytes.join(",")),
+            "{how}: the password leaked as bytes: {out}{err}"
+        );
+    }
+}
+
 #[test]
 fn a_malformed_url_is_a_usage_error_without_the_password() {
     let o = warren(&[
