@@ -739,23 +739,33 @@ async fn malformed_attempt_headers_count_as_absent_and_never_loop() {
     assert_eq!(f.count(&g.work_queue()).await, 0);
 }
 
+/// A handler that notes each delivery in `started`, takes `time`, notes it
+/// in `finished` and succeeds.
+fn timed_handler(
+    started: &Ledger,
+    finished: &Ledger,
+    time: Duration,
+) -> impl warren_consumer::Handler {
+    let (s, d2) = (started.clone(), finished.clone());
+    handler_fn(move |d: Delivery| {
+        let (s, d2) = (s.clone(), d2.clone());
+        async move {
+            s.note(&d);
+            tokio::time::sleep(time).await;
+            d2.note(&d);
+            Ok(())
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_handlers_finish_and_acks_them() {
     let f = Fixture::new(&classic("'200ms'", "")).await;
     let g = f.group(0);
     let (started, finished) = (Ledger::default(), Ledger::default());
-    let (s, d2) = (started.clone(), finished.clone());
     let run = Running::start(
         g.clone(),
-        handler_fn(move |d: Delivery| {
-            let (s, d2) = (s.clone(), d2.clone());
-            async move {
-                s.note(&d);
-                tokio::time::sleep(Duration::from_millis(700)).await;
-                d2.note(&d);
-                Ok(())
-            }
-        }),
+        timed_handler(&started, &finished, Duration::from_millis(700)),
         "consumer-test",
         |b| b.shutdown_grace(Duration::from_secs(5)),
     )
@@ -913,18 +923,9 @@ async fn shutdown_on_a_quorum_queue_handles_what_was_prefetched() {
     let f = Fixture::new(&quorum_shutdown(20, 2)).await;
     let g = f.group(0);
     let (started, finished) = (Ledger::default(), Ledger::default());
-    let (s, d2) = (started.clone(), finished.clone());
     let run = Running::start(
         g.clone(),
-        handler_fn(move |d: Delivery| {
-            let (s, d2) = (s.clone(), d2.clone());
-            async move {
-                s.note(&d);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                d2.note(&d);
-                Ok(())
-            }
-        }),
+        timed_handler(&started, &finished, Duration::from_millis(50)),
         "consumer-test",
         |b| b.shutdown_grace(Duration::from_secs(10)),
     )
@@ -1006,18 +1007,9 @@ async fn shutdown_on_a_quorum_queue_returns_what_would_not_finish_in_the_grace()
     let f = Fixture::new(&quorum_shutdown(10, 1)).await;
     let g = f.group(0);
     let (started, finished) = (Ledger::default(), Ledger::default());
-    let (s, d2) = (started.clone(), finished.clone());
     let run = Running::start(
         g.clone(),
-        handler_fn(move |d: Delivery| {
-            let (s, d2) = (s.clone(), d2.clone());
-            async move {
-                s.note(&d);
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                d2.note(&d);
-                Ok(())
-            }
-        }),
+        timed_handler(&started, &finished, Duration::from_millis(400)),
         "consumer-test",
         |b| b.shutdown_grace(Duration::from_millis(1000)),
     )
