@@ -274,8 +274,9 @@ impl<H: Handler> ConsumerGroup<H> {
     /// channels are closed. On a quorum queue the deliveries already
     /// prefetched are handled within the grace too (each one only while
     /// twice the mean handler time fits in what is left): the queue would
-    /// count each one returned toward `delivery_limit`. The connection belongs to `broker` (it may be
-    /// shared with a producer): call [`Broker::close`] after this returns.
+    /// count each one returned toward `delivery_limit`. The connection
+    /// belongs to `broker` (it may be shared with a producer): call
+    /// [`Broker::close`] after this returns.
     ///
     /// Returns an error only for what retrying cannot fix (the work queue
     /// does not exist, the broker refuses the credentials).
@@ -318,7 +319,7 @@ impl<H: Handler> ConsumerGroup<H> {
                     self.ready.send_replace(false);
                     drain_aborting(&mut tasks).await;
                     if let Some(c) = copies.take() {
-                        c.publisher.close().await;
+                        c.close().await;
                     }
                     return Err(e);
                 }
@@ -330,18 +331,25 @@ impl<H: Handler> ConsumerGroup<H> {
             }
             epoch += 1;
             self.ready.send_replace(true);
-            let Some(publisher) = copies.clone() else {
+            let Some(session_copies) = copies.clone() else {
                 continue;
             };
             let ended = self
-                .consume(&mut session, &publisher, epoch, &mut tasks, &sem, &cancel)
+                .consume(
+                    &mut session,
+                    &session_copies,
+                    epoch,
+                    &mut tasks,
+                    &sem,
+                    &cancel,
+                )
                 .await;
             self.ready.send_replace(false);
             match ended {
                 Ended::Shutdown(window) => {
-                    self.shutdown(session, &publisher, epoch, tasks, &sem, window)
+                    self.shutdown(session, &session_copies, epoch, tasks, &sem, window)
                         .await;
-                    publisher.publisher.close().await;
+                    session_copies.close().await;
                     return Ok(());
                 }
                 Ended::Lost => {
@@ -374,7 +382,7 @@ impl<H: Handler> ConsumerGroup<H> {
         self.ready.send_replace(false);
         drain_aborting(&mut tasks).await;
         if let Some(c) = copies.take() {
-            c.publisher.close().await;
+            c.close().await;
         }
         Ok(())
     }
@@ -481,7 +489,7 @@ impl<H: Handler> ConsumerGroup<H> {
     async fn consume(
         &self,
         s: &mut Session,
-        publisher: &Copies,
+        copies: &Copies,
         epoch: u64,
         tasks: &mut JoinSet<Completion>,
         sem: &Arc<Semaphore>,
@@ -533,7 +541,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 (permit, item) = next => match (permit, item) {
                     (Ok(permit), Some(Ok(d))) => {
                         window.received(d.delivery_tag, Instant::now());
-                        self.spawn(tasks, publisher.clone(), d, epoch, permit);
+                        self.spawn(tasks, copies.clone(), d, epoch, permit);
                     }
                     (_, Some(Err(e))) => {
                         let text = e.to_string();
@@ -577,7 +585,7 @@ impl<H: Handler> ConsumerGroup<H> {
     fn spawn(
         &self,
         tasks: &mut JoinSet<Completion>,
-        publish: Copies,
+        copies: Copies,
         d: lapin::message::Delivery,
         epoch: u64,
         permit: OwnedSemaphorePermit,
@@ -600,7 +608,7 @@ impl<H: Handler> ConsumerGroup<H> {
         tasks.spawn(
             async move {
                 let _permit = permit;
-                let settle = process(&ctx, &*handler, &publish, delivery).await;
+                let settle = process(&ctx, &*handler, &copies, delivery).await;
                 Completion { tag, epoch, settle }
             }
             .instrument(span),
@@ -610,7 +618,7 @@ impl<H: Handler> ConsumerGroup<H> {
     async fn shutdown(
         &self,
         mut s: Session,
-        publisher: &Copies,
+        copies: &Copies,
         epoch: u64,
         mut tasks: JoinSet<Completion>,
         sem: &Arc<Semaphore>,
@@ -669,7 +677,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 (permit, item) = next, if take_buffered => match (permit, item) {
                     (Ok(permit), Some(Ok(d))) if self.fits_before(deadline) => {
                         window.received(d.delivery_tag, Instant::now());
-                        self.spawn(&mut tasks, publisher.clone(), d, epoch, permit);
+                        self.spawn(&mut tasks, copies.clone(), d, epoch, permit);
                         handled_after_cancel += 1;
                     }
                     (_, Some(Ok(_))) => {
@@ -782,6 +790,12 @@ struct Copies {
     login: Option<Arc<str>>,
 }
 
+impl Copies {
+    async fn close(&self) {
+        self.publisher.close().await;
+    }
+}
+
 /// `warren_in_flight` for one running handler, lowered when the handler
 /// ends however it ends: a handler cut off at the end of the shutdown grace
 /// is dropped, not finished.
@@ -884,7 +898,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 async fn process<H: Handler>(
     ctx: &Ctx,
     handler: &H,
-    publish: &Copies,
+    copies: &Copies,
     delivery: Delivery,
 ) -> Settle {
     let group = &*ctx.name;
@@ -945,7 +959,7 @@ async fn process<H: Handler>(
             target,
         },
     );
-    match publish_copy(publish, &exchange, &key, &delivery, headers).await {
+    match publish_copy(copies, &exchange, &key, &delivery, headers).await {
         Ok(()) => {
             match tier {
                 Some(tier) => {
