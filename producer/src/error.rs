@@ -103,7 +103,8 @@ pub enum PublishError {
         reason: String,
     },
     /// The message cannot be published as it is (an exchange name or
-    /// routing key over AMQP's 255 bytes); nothing was sent.
+    /// routing key over AMQP's 255 bytes, properties and headers larger than
+    /// one frame); nothing was sent.
     #[error("cannot publish: {0}; nothing was sent")]
     Invalid(String),
     /// The body is larger than the configured limit; nothing was sent.

@@ -55,6 +55,13 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 ///   words do not say which message it was (its text is cut at 255 bytes),
 ///   the unconfirmed messages go again one at a time until the refused one
 ///   is alone when the channel closes.
+/// - Checked before anything is sent, failing only that message with
+///   nothing sent: a body over `max_message_size` ([`PublishError::TooLarge`]),
+///   an exchange name or routing key over 255 bytes, and properties and
+///   headers that do not fit in one frame of the connection's `frame_max`
+///   ([`PublishError::Invalid`]): AMQP cannot split them, and the broker
+///   would close the whole connection, failing or resending every message
+///   in flight on it.
 /// - Memory is bounded by the window: a caller waits for a slot up to its
 ///   timeout. When the broker blocks publishers (`connection.blocked`: a
 ///   memory or disk alarm), the publisher holds new messages back instead of
@@ -271,6 +278,14 @@ impl Publisher {
             }
         }
         let message_id = msg.finish_properties();
+        let frame_max = self.inner.broker.frame_max();
+        if let Some(size) = msg.header_frame_overflow(frame_max) {
+            self.inner.metrics.count(&msg.exchange, FAILED);
+            return Err(PublishError::Invalid(format!(
+                "the message's properties and headers are {size} bytes encoded, over the {} bytes that fit in one frame on this connection (frame_max {frame_max}; properties cannot be split across frames, and the broker would close the connection)",
+                crate::message::header_room(frame_max)
+            )));
+        }
         let span = info_span!(
             "publish",
             message_id = %message_id,

@@ -704,3 +704,84 @@ async fn back_pressure_when_the_broker_stops_confirming() {
     }
     p.close().await;
 }
+
+/// Properties that do not fit in one frame: the broker would close the whole
+/// connection (a frame error), failing or resending every message in flight
+/// on it. The publisher refuses such a message before sending it, and the
+/// others go through on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_over_a_frame_fail_before_sending() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, registry, _) = publisher(PublisherConfig::default()).await;
+    let big = "h".repeat(200_000);
+    let (bad, good) = tokio::join!(
+        p.publish(
+            Message::bytes(&ex, "k", b"big".to_vec())
+                .header("note", AMQPValue::LongString(big.as_str().into()))
+        ),
+        p.publish(Message::bytes(&ex, "k", b"small".to_vec())),
+    );
+    good.unwrap();
+    let err = bad.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("cannot publish: the message's properties and headers are 200"),
+        "{text}"
+    );
+    assert!(text.ends_with("nothing was sent"), "{text}");
+    assert_eq!(fx.wait_count(&q, 1).await, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fx.count(&q).await, 1, "the oversized one was not sent");
+    assert_eq!(published(&registry, &ex, "failed"), 1);
+    assert_eq!(
+        common::counter(&registry, "warren_reconnects_total", &[]),
+        0,
+        "the connection was not lost"
+    );
+    p.close().await;
+}
+
+/// The limit is AMQP's, to the byte: properties that fill the frame to its
+/// last byte are sent and stored, one byte more is refused before sending
+/// (RabbitMQ itself would tolerate a few bytes more; the specification does
+/// not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_fill_a_frame_exactly_are_sent() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, registry, _) = publisher(PublisherConfig::default()).await;
+    // Encoded: property flags 2, message_id 1+36 (a UUID), timestamp 8,
+    // content_type 1+24, delivery_mode 1, the table's length 4, and the
+    // entry: key 1+4, type 1, length 4, then the value. A 128 KiB frame
+    // carries 131,072 - 20 bytes of properties.
+    let fits = 131_072 - 20 - (2 + 37 + 8 + 25 + 1 + 4 + 5 + 1 + 4);
+    let header = |n: usize| AMQPValue::LongString("h".repeat(n).as_str().into());
+    p.publish(Message::bytes(&ex, "k", b"fits".to_vec()).header("note", header(fits)))
+        .await
+        .unwrap();
+    let err = p
+        .publish(Message::bytes(&ex, "k", b"over".to_vec()).header("note", header(fits + 1)))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with(&format!(
+            "cannot publish: the message's properties and headers are {} bytes encoded, over the 131052 bytes",
+            131_053
+        )),
+        "{err}"
+    );
+    let stored = fx.drain(&q).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0, b"fits");
+    assert_eq!(published(&registry, &ex, "confirmed"), 1);
+    assert_eq!(
+        common::counter(&registry, "warren_reconnects_total", &[]),
+        0
+    );
+    p.close().await;
+}

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -365,6 +365,9 @@ pub struct Broker {
     opts: ConnectOptions,
     current: Mutex<Option<Connection>>,
     generation: AtomicU64,
+    /// The largest frame of the current connection (negotiated), or the one
+    /// asked for before the first connection.
+    frame_max: AtomicU32,
     /// The broker's reason while it blocks this connection.
     blocked: Arc<std::sync::Mutex<Option<String>>>,
     /// Follows the current connection's events.
@@ -394,10 +397,15 @@ impl Drop for Broker {
 impl Broker {
     /// A broker handle; nothing is connected until first use.
     pub fn new(opts: ConnectOptions) -> Self {
+        let asked = lapin::uri::AMQPUri::from_str(opts.url.expose())
+            .ok()
+            .and_then(|u| u.query.frame_max)
+            .unwrap_or(DEFAULT_FRAME_MAX);
         Broker {
             opts,
             current: Mutex::new(None),
             generation: AtomicU64::new(0),
+            frame_max: AtomicU32::new(asked),
             blocked: Arc::new(std::sync::Mutex::new(None)),
             watcher: std::sync::Mutex::new(None),
         }
@@ -469,6 +477,15 @@ impl Broker {
         &self.opts
     }
 
+    /// The largest frame, in bytes, of the current connection (the smaller
+    /// of what warren asked for, [`DEFAULT_FRAME_MAX`] unless the URL sets
+    /// `frame_max`, and what the broker allows); before the first connection,
+    /// what warren asks for. A message's properties and headers must fit in
+    /// one frame: the broker closes the whole connection on a larger one.
+    pub fn frame_max(&self) -> u32 {
+        self.frame_max.load(Ordering::Relaxed)
+    }
+
     /// How many connections were made so far (1 after the first connect;
     /// every reconnect adds one).
     pub fn generation(&self) -> u64 {
@@ -485,6 +502,8 @@ impl Broker {
                 warn!(url = %self.opts.url, component = %self.opts.component, "connection lost; reconnecting");
             }
             let conn = connect(&self.opts).await?;
+            self.frame_max
+                .store(conn.configuration().frame_max(), Ordering::Relaxed);
             self.watch(&conn);
             *current = Some(conn);
             self.generation.fetch_add(1, Ordering::Relaxed);
