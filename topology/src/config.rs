@@ -31,9 +31,17 @@ pub const DEFAULT_RETRY: [Duration; 3] = [
 /// The most retry tiers a group may have. Each tier is a queue; past this the
 /// topology is almost certainly a mistake (use longer tiers instead).
 pub const MAX_TIERS: usize = 20;
-/// RabbitMQ's default `consumer_timeout` (30 minutes): a delivery not acked by
-/// then closes the channel, so a handler timeout must stay below it.
+/// RabbitMQ's default `consumer_timeout` (30 minutes in 3.10 and 4.x): a
+/// delivery not acked by then closes its channel. A handler timeout at or
+/// over it gets a [`Lint`] (not an error: the broker's may have been raised,
+/// and AMQP cannot read it).
 pub const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// The shortest `handler_timeout` (100 ms). The timeout guards against a
+/// hung handler; it is not a latency target. Its clock includes starting the
+/// handler (a process for `--exec`, a connection for `--http`), and every
+/// timeout throws the work away and sends the message through a retry tier,
+/// so a shorter one would cancel healthy handlers.
+pub const MIN_HANDLER_TIMEOUT: Duration = Duration::from_millis(100);
 /// The longest name the broker accepts (an AMQP short string).
 pub const MAX_NAME_BYTES: usize = 255;
 
@@ -398,13 +406,27 @@ impl Topology {
             let handler_timeout = match g.handler_timeout {
                 None => DEFAULT_HANDLER_TIMEOUT,
                 Some(t) => {
-                    let d = parse_duration(t.get_ref())
-                        .map_err(|m| at(t.span(), "group.handler_timeout", m))?;
-                    if d >= BROKER_CONSUMER_TIMEOUT {
+                    let field = "group.handler_timeout";
+                    let d = parse_duration(t.get_ref()).map_err(|m| at(t.span(), field, m))?;
+                    let min = humantime::format_duration(MIN_HANDLER_TIMEOUT);
+                    if d.subsec_nanos() % 1_000_000 != 0 {
                         return Err(at(
                             t.span(),
-                            "group.handler_timeout",
-                            format!("{:?} is at or over the broker's default consumer timeout of 30m, after which the broker closes the channel; use less than 30m", t.get_ref()),
+                            field,
+                            format!(
+                                "{:?} is not a whole number of milliseconds, which is what the handler's timer counts; use whole milliseconds (at least \"{min}\")",
+                                t.get_ref()
+                            ),
+                        ));
+                    }
+                    if d < MIN_HANDLER_TIMEOUT {
+                        return Err(at(
+                            t.span(),
+                            field,
+                            format!(
+                                "{:?} is under the minimum of \"{min}\": handler_timeout guards against a hung handler, and its clock includes starting one (a process for --exec, a connection for --http), so a shorter one cancels healthy handlers and sends their messages through the retry tiers; use at least \"{min}\"",
+                                t.get_ref()
+                            ),
                         ));
                     }
                     d
@@ -534,6 +556,16 @@ impl Topology {
                     message: format!(
                         "exchange {:?} is a headers exchange, which routes on binding arguments that warren does not declare: each binding matches every message, whatever its key",
                         g.exchange
+                    ),
+                });
+            }
+            if g.handler_timeout >= BROKER_CONSUMER_TIMEOUT {
+                out.push(Lint {
+                    group: g.name.clone(),
+                    message: format!(
+                        "handler_timeout {} is at or over RabbitMQ's default consumer_timeout ({}): the broker closes the channel of a delivery unacked that long, before warren's timeout fires, and redelivers the message; raise the broker's consumer_timeout (rabbitmq.conf, in milliseconds) above handler_timeout plus the time a delivery waits for a free handler, or lower handler_timeout",
+                        humantime::format_duration(g.handler_timeout),
+                        humantime::format_duration(BROKER_CONSUMER_TIMEOUT)
                     ),
                 });
             }
@@ -761,6 +793,31 @@ delivery_limit = 5
         assert_eq!(
             lints,
             ["group \"g\": exchange \"e\" is a headers exchange, which routes on binding arguments that warren does not declare: each binding matches every message, whatever its key"]
+        );
+    }
+
+    #[test]
+    fn a_handler_timeout_at_or_over_the_broker_consumer_timeout_is_linted() {
+        let file = |t: &str| {
+            format!("[[exchange]]\nname='e'\nkind='direct'\n[[group]]\nname='g'\nexchange='e'\nbindings=['k']\ndelivery_limit=3\nhandler_timeout='{t}'\n")
+        };
+        let lints = |t: &str| -> Vec<String> {
+            Topology::parse(&file(t), "f")
+                .unwrap()
+                .lints()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            lints("30m"),
+            ["group \"g\": handler_timeout 30m is at or over RabbitMQ's default consumer_timeout (30m): the broker closes the channel of a delivery unacked that long, before warren's timeout fires, and redelivers the message; raise the broker's consumer_timeout (rabbitmq.conf, in milliseconds) above handler_timeout plus the time a delivery waits for a free handler, or lower handler_timeout"]
+        );
+        assert_eq!(lints("2h").len(), 1);
+        assert!(
+            lints("29m 59s 999ms").is_empty(),
+            "{:?}",
+            lints("29m 59s 999ms")
         );
     }
 

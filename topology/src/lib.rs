@@ -29,7 +29,7 @@ mod properties;
 pub use config::{
     parse_duration, Exchange, ExchangeKind, Group, Lint, QueueType, Topology,
     BROKER_CONSUMER_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_HANDLER_TIMEOUT, DEFAULT_PREFETCH,
-    DEFAULT_RETRY, MAX_NAME_BYTES, MAX_TIERS,
+    DEFAULT_RETRY, MAX_NAME_BYTES, MAX_TIERS, MIN_HANDLER_TIMEOUT,
 };
 pub use connect::{
     close, connect, redact, AmqpUrl, Broker, ConnectOptions, DEFAULT_AMQP_URL, DEFAULT_FRAME_MAX,

@@ -198,10 +198,37 @@ fn too_many_tiers() {
 }
 
 #[test]
-fn handler_timeout_at_the_broker_consumer_timeout() {
+fn a_handler_timeout_that_is_not_whole_milliseconds() {
+    // The consumer's timer counts whole milliseconds, like a queue's TTL:
+    // "1ns" was accepted and cancelled every handler at once.
     assert_eq!(
-        err(&group("handler_timeout = \"30m\"\n")),
-        "warren.toml:9:19: group.handler_timeout: \"30m\" is at or over the broker's default consumer timeout of 30m, after which the broker closes the channel; use less than 30m"
+        err(&group("handler_timeout = \"1ns\"\n")),
+        "warren.toml:9:19: group.handler_timeout: \"1ns\" is not a whole number of milliseconds, which is what the handler's timer counts; use whole milliseconds (at least \"100ms\")"
+    );
+    assert!(err(&group("handler_timeout = \"1500us\"\n")).contains("whole number of milliseconds"));
+}
+
+#[test]
+fn a_handler_timeout_under_the_minimum() {
+    assert_eq!(
+        err(&group("handler_timeout = \"99ms\"\n")),
+        "warren.toml:9:19: group.handler_timeout: \"99ms\" is under the minimum of \"100ms\": handler_timeout guards against a hung handler, and its clock includes starting one (a process for --exec, a connection for --http), so a shorter one cancels healthy handlers and sends their messages through the retry tiers; use at least \"100ms\""
+    );
+    let t = Topology::parse(&group("handler_timeout = \"100ms\"\n"), "warren.toml").unwrap();
+    assert_eq!(
+        t.groups[0].handler_timeout,
+        std::time::Duration::from_millis(100)
+    );
+}
+
+/// At or over the broker's consumer_timeout is legal (the broker's may be
+/// raised, and AMQP cannot read it), so it is a lint, not an error.
+#[test]
+fn a_handler_timeout_at_the_broker_consumer_timeout_is_accepted() {
+    let t = Topology::parse(&group("handler_timeout = \"30m\"\n"), "warren.toml").unwrap();
+    assert_eq!(
+        t.groups[0].handler_timeout,
+        std::time::Duration::from_secs(1800)
     );
 }
 
