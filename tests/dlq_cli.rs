@@ -1878,3 +1878,51 @@ async fn the_audit_record_names_the_uid_when_user_and_logname_are_unset() {
     assert_eq!(user, this_user());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------
+// Another login than the publisher's; --audit-log -.
+
+/// The operator logs in as a user of its own (as services do): a dead
+/// letter its service published with `user_id=guest` is replayed without
+/// it (the broker refuses a `user_id` that is not the login), and `-v`
+/// says so once, without the password.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_as_another_user_than_the_publisher_moves_the_message_without_its_user_id() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "uid").await;
+    let h = warren_headers(&env, "permanent", "boom", "o.created");
+    let p = props("uid-1", h).with_user_id("guest".into());
+    dead_letter(&conn, &env, p, b"{}").await;
+    settle(&conn, &env.dead(), 1).await;
+    let user = warren_testkit::TempUser::create();
+    let url = user.url();
+    let out = warren()
+        .args(["-v", "--amqp-url", url.expose()])
+        .args(["dlq", "replay", "--group", &env.group, "--all"])
+        .output_within(CLI_LIMIT);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "{g}: 1 replayed to work queue {g:?}, 0 failed (left in the dead-letter queue)\n",
+            g = env.group
+        )
+    );
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("without their user_id"))
+        .collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+    assert!(said[0].contains("user_ids=guest"), "{stderr}");
+    let password = url.expose().rsplit_once('@').unwrap().0;
+    let password = password.rsplit_once(':').unwrap().1;
+    assert!(!stderr.contains(password), "{stderr}");
+    settle(&conn, &env.dead(), 0).await;
+    settle(&conn, &env.group, 1).await;
+    let got = warren_testkit::drain(&conn, &env.group).await;
+    let (body, p) = &got[0];
+    assert_eq!(body, b"{}");
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), "uid-1");
+    assert_eq!(p.user_id(), &None);
+}

@@ -3,7 +3,7 @@
 //! await, `mandatory` so that an unroutable message is an error.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
@@ -280,5 +280,67 @@ impl<T: Send + 'static> Confirmed<T> {
     /// Closes the channel (after every confirm was taken).
     pub(crate) async fn close(self) {
         let _ = tokio::time::timeout(self.timeout, self.channel.close(200, "done".into())).await;
+    }
+}
+
+/// The users whose `user_id` copies went without (the connection logs in as
+/// another user, and the broker refuses a `user_id` that is not its login):
+/// the first few named, for one log line per run rather than one per message.
+#[derive(Debug, Default)]
+pub(crate) struct DroppedUserIds {
+    named: BTreeSet<String>,
+    more: bool,
+}
+
+impl DroppedUserIds {
+    /// Users named, at most.
+    const NAMED: usize = 5;
+
+    /// Whether `copy` (of `original`) goes without the `user_id` `original`
+    /// carries; notes the user when it does.
+    pub(crate) fn note(&mut self, original: &BasicProperties, copy: &BasicProperties) -> bool {
+        let (Some(user), None) = (original.user_id(), copy.user_id()) else {
+            return false;
+        };
+        if !self.named.contains(user.as_str()) {
+            if self.named.len() < Self::NAMED {
+                self.named.insert(user.to_string());
+            } else {
+                self.more = true;
+            }
+        }
+        true
+    }
+}
+
+/// `svc-a,svc-b` (`,...` when more users than named).
+impl std::fmt::Display for DroppedUserIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.named.iter().map(String::as_str).collect();
+        f.write_str(&names.join(","))?;
+        if self.more {
+            f.write_str(",...")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_user_ids_are_noted_once_each_and_the_first_few_named() {
+        let mut d = DroppedUserIds::default();
+        let none = BasicProperties::default();
+        let of = |u: &str| BasicProperties::default().with_user_id(u.to_owned().into());
+        assert!(!d.note(&none, &none), "no user_id to drop");
+        assert!(!d.note(&of("a"), &of("a")), "kept");
+        for u in ["b", "a", "b", "c", "d", "e"] {
+            assert!(d.note(&of(u), &none));
+        }
+        assert_eq!(d.to_string(), "a,b,c,d,e");
+        assert!(d.note(&of("f"), &none));
+        assert_eq!(d.to_string(), "a,b,c,d,e,...");
     }
 }

@@ -10,6 +10,15 @@
 //! never a loss. Up to [`ReplayOptions::window`] copies await their confirm
 //! at once. Dead letters that are not selected, or whose publish failed, go
 //! back to the queue unchanged and in order when the scan ends.
+//!
+//! ## `user_id`
+//!
+//! The broker refuses (closing the channel) a publish whose `user_id` is not
+//! the user the connection logged in as. Services and operators log in as
+//! users of their own, so a copy keeps the dead letter's `user_id` only when
+//! it is [`ReplayOptions::login`] (as the consumer's own copies do, see
+//! [`warren_topology::copy_properties_for`]); otherwise it goes without one,
+//! and the replay says so once, at INFO, with how many and which users.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,13 +28,13 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use warren_topology::{headers, work_queue};
 
 use crate::error::{timed, OperatorError};
 use crate::message::DeadLetter;
 use crate::metrics::Metrics;
-use crate::publish::{Confirmed, DEFAULT_WINDOW};
+use crate::publish::{Confirmed, DroppedUserIds, DEFAULT_WINDOW};
 use crate::reader::{Coverage, ReadOptions, Scan};
 use crate::select::Selection;
 use crate::value::as_int;
@@ -56,6 +65,11 @@ pub struct ReplayOptions {
     pub window: usize,
     /// How the queue is read.
     pub read: ReadOptions,
+    /// The user the connection logs in as ([`warren_topology::AmqpUrl::login`]):
+    /// a dead letter's `user_id` is kept only when it is this user, since the
+    /// broker refuses any other. Default `None` (a user named by a client
+    /// certificate, or unknown): every `user_id` is dropped.
+    pub login: Option<String>,
 }
 
 impl Default for ReplayOptions {
@@ -66,6 +80,7 @@ impl Default for ReplayOptions {
             dry_run: false,
             window: DEFAULT_WINDOW,
             read: ReadOptions::default(),
+            login: None,
         }
     }
 }
@@ -100,6 +115,9 @@ pub struct ReplayReport {
     pub replayed: usize,
     /// Selected but not replayed (left in the dead-letter queue).
     pub failed: usize,
+    /// Replayed without the `user_id` their dead letter carried (another
+    /// user than [`ReplayOptions::login`]).
+    pub user_id_dropped: usize,
     /// Ids replayed (dry run: ids that would be).
     pub ids: Vec<String>,
     /// Why some failed (the first few).
@@ -119,10 +137,12 @@ impl ReplayReport {
     }
 }
 
-/// The copy that is published: attempts reset to 0, replays + 1, all else
-/// kept but `expiration` and `x-delivery-count` (dead letters written before
-/// warren stopped copying them may still carry them).
-pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
+/// The copy that is published by a connection logged in as `login`:
+/// attempts reset to 0, replays + 1, all else kept but `expiration`,
+/// `x-delivery-count` (dead letters written before warren stopped copying
+/// them may still carry them) and a `user_id` that is not `login` (see
+/// [`warren_topology::copy_properties_for`]).
+pub fn replay_properties(p: &BasicProperties, login: Option<&str>) -> BasicProperties {
     let mut h = p.headers().clone().unwrap_or_default();
     let replays = h
         .inner()
@@ -135,7 +155,7 @@ pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
         headers::REPLAYS.into(),
         AMQPValue::LongLongInt(replays.saturating_add(1)),
     );
-    warren_topology::copy_properties(p, h)
+    warren_topology::copy_properties_for(p, h, login)
 }
 
 fn destination(d: &DeadLetter, target: Target) -> Result<(String, String), String> {
@@ -212,7 +232,9 @@ async fn run(
 ) -> Result<(), OperatorError> {
     let now = SystemTime::now();
     let rpc = opts.read.rpc_timeout;
-    let mut publisher: Option<Confirmed<(u64, String)>> = None;
+    let mut publisher: Option<Confirmed<ReplayCopy>> = None;
+    // Who the dropped `user_id`s named, for the one log line at the end.
+    let mut dropped_users = DroppedUserIds::default();
     let mut exchanges: HashMap<String, bool> = HashMap::new();
     let mut p = Progress {
         to_scan,
@@ -302,14 +324,18 @@ async fn run(
             Some(c) => c,
             None => publisher.insert(Confirmed::open(conn, opts.window, rpc).await?),
         };
+        let properties = replay_properties(&d.properties, opts.login.as_deref());
+        let dropped_user = dropped_users.note(&d.properties, &properties);
+        if dropped_user {
+            debug!(group = %d.group, message_id = %d.info.id, user_id = ?d.properties.user_id(), "the copy goes without its user_id: the connection logs in as another user");
+        }
+        let copy = ReplayCopy {
+            tag,
+            id: d.info.id.clone(),
+            dropped_user,
+        };
         if let Err(e) = confirms
-            .publish(
-                &exchange,
-                &routing_key,
-                &d.body,
-                replay_properties(&d.properties),
-                (tag, d.info.id.clone()),
-            )
+            .publish(&exchange, &routing_key, &d.body, properties, copy)
             .await
         {
             warn!(error = %e, "publishing failed; stopping the replay");
@@ -330,7 +356,24 @@ async fn run(
         progress(p);
         confirms.close().await;
     }
+    if report.user_id_dropped > 0 {
+        info!(
+            group = %scan_group(scan),
+            copies = report.user_id_dropped,
+            user_ids = %dropped_users,
+            login = opts.login.as_deref().unwrap_or("unknown"),
+            "replayed without their user_id: the broker takes only the login's own user_id; every other property and header is kept"
+        );
+    }
     Ok(())
+}
+
+/// A copy in flight: the dead letter's delivery tag and id, and whether
+/// the copy went without the dead letter's `user_id`.
+struct ReplayCopy {
+    tag: u64,
+    id: String,
+    dropped_user: bool,
 }
 
 fn scan_group(scan: &Scan) -> &str {
@@ -342,7 +385,7 @@ fn scan_group(scan: &Scan) -> &str {
 /// in the queue (`kept`), one ack each for the others. A copy that was not
 /// confirmed leaves its dead letter in the queue.
 async fn settle(
-    confirms: &mut Confirmed<(u64, String)>,
+    confirms: &mut Confirmed<ReplayCopy>,
     scan: &Scan,
     report: &mut ReplayReport,
     replayed: &prometheus::IntCounter,
@@ -353,9 +396,15 @@ async fn settle(
     let mut up_to = None;
     let mut alone = Vec::new();
     let mut done = Vec::with_capacity(batch.len());
-    for ((tag, id), outcome) in batch {
+    for (copy, outcome) in batch {
+        let ReplayCopy {
+            tag,
+            id,
+            dropped_user,
+        } = copy;
         match outcome {
             Ok(()) => {
+                report.user_id_dropped += usize::from(dropped_user);
                 if kept.is_none_or(|k| tag < k) {
                     up_to = Some(tag);
                 } else {
@@ -431,7 +480,7 @@ mod tests {
             .with_message_id("m".into())
             .with_expiration("8000".into())
             .with_priority(3);
-        let r = replay_properties(&p);
+        let r = replay_properties(&p, None);
         let rh = r.headers().clone().unwrap();
         assert_eq!(
             rh.inner().get(headers::ATTEMPTS),
@@ -450,5 +499,17 @@ mod tests {
         // A replayed dead letter must not expire or claim old deliveries.
         assert_eq!(r.expiration(), &None);
         assert!(!rh.inner().contains_key(headers::DELIVERY_COUNT));
+    }
+
+    #[test]
+    fn replay_keeps_the_user_id_of_the_login_only() {
+        let p = BasicProperties::default().with_user_id("svc".into());
+        let kept = replay_properties(&p, Some("svc"));
+        assert_eq!(kept.user_id().as_ref().map(|u| u.as_str()), Some("svc"));
+        for login in [Some("ops"), None] {
+            let copy = replay_properties(&p, login);
+            assert_eq!(copy.user_id(), &None, "{login:?}");
+            assert_eq!(copy.with_user_id("svc".into()), kept, "{login:?}");
+        }
     }
 }

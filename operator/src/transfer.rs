@@ -25,12 +25,12 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tracing::info;
+use tracing::{debug, info};
 use warren_topology::{dead_queue, headers};
 
 use crate::error::OperatorError;
 use crate::message::DeadLetter;
-use crate::publish::{Confirmed, DEFAULT_WINDOW};
+use crate::publish::{Confirmed, DroppedUserIds, DEFAULT_WINDOW};
 use crate::reader::{Coverage, ReadOptions, Scan};
 use crate::value::{table_to_typed, typed_to_table};
 
@@ -384,6 +384,9 @@ pub struct ImportReport {
     pub imported: std::collections::BTreeMap<String, usize>,
     /// Total confirmed.
     pub total: usize,
+    /// Imported without the `user_id` they were exported with (another
+    /// user than the login).
+    pub user_id_dropped: usize,
 }
 
 /// Reads an export file and checks every line (nothing is published when a
@@ -427,11 +430,16 @@ pub fn read_export_from(
 /// checked first: a missing one fails the import before anything is sent.
 /// `expiration` and `x-delivery-count` are not restored (a dead letter must
 /// not expire in a queue without a dead-letter exchange; see
-/// [`warren_topology::copy_properties`]); everything else is, byte for byte.
+/// [`warren_topology::copy_properties`]), nor a `user_id` that is not
+/// `login`, the user `conn` logs in as ([`warren_topology::AmqpUrl::login`];
+/// `None`: every `user_id` is dropped), since the broker refuses any other
+/// (see [`warren_topology::copy_properties_for`]). Everything else is
+/// restored byte for byte.
 pub async fn import(
     conn: &Connection,
     messages: &[ExportedMessage],
     to_group: Option<&str>,
+    login: Option<&str>,
     opts: &ReadOptions,
 ) -> Result<ImportReport, OperatorError> {
     let groups: std::collections::BTreeSet<&str> = messages
@@ -441,10 +449,11 @@ pub async fn import(
     for g in groups {
         crate::reader::count(conn, g, opts.rpc_timeout).await?;
     }
-    let mut confirms: Confirmed<String> =
+    let mut confirms: Confirmed<(String, bool)> =
         Confirmed::open(conn, DEFAULT_WINDOW, opts.rpc_timeout).await?;
     let mut report = ImportReport::default();
     let mut first_error = None;
+    let mut dropped_users = DroppedUserIds::default();
     for m in messages {
         let queue = dead_queue(to_group.unwrap_or(&m.group));
         let body = m.body_bytes().map_err(|reason| OperatorError::Import {
@@ -464,15 +473,26 @@ pub async fn import(
             .headers()
             .as_ref()
             .is_some_and(|h| h.inner().contains_key(headers::DELIVERY_COUNT));
-        let props = if props.expiration().is_some() || counted {
-            warren_topology::copy_properties(&props, props.headers().clone().unwrap_or_default())
+        let foreign = props
+            .user_id()
+            .as_ref()
+            .is_some_and(|u| Some(u.as_str()) != login);
+        // Rebuilt only when something must go: a message without headers
+        // keeps having none.
+        let copy = if props.expiration().is_some() || counted || foreign {
+            let headers = props.headers().clone().unwrap_or_default();
+            warren_topology::copy_properties_for(&props, headers, login)
         } else {
-            props
+            props.clone()
         };
+        let dropped_user = dropped_users.note(&props, &copy);
+        if dropped_user {
+            debug!(queue = %queue, message_id = %m.id, user_id = ?props.user_id(), "imported without its user_id: the connection logs in as another user");
+        }
         // Straight to the queue through the default exchange: no binding
         // can send it anywhere else.
         confirms
-            .publish("", &queue, &body, props, queue.clone())
+            .publish("", &queue, &body, copy, (queue.clone(), dropped_user))
             .await?;
         while confirms.full() {
             take(&mut confirms, &mut report, &mut first_error).await;
@@ -482,6 +502,14 @@ pub async fn import(
         take(&mut confirms, &mut report, &mut first_error).await;
     }
     confirms.close().await;
+    if report.user_id_dropped > 0 {
+        info!(
+            messages = report.user_id_dropped,
+            user_ids = %dropped_users,
+            login = login.unwrap_or("unknown"),
+            "imported without their user_id: the broker takes only the login's own user_id; every other property and header is kept"
+        );
+    }
     match first_error {
         Some(e) => Err(e),
         None => Ok(report),
@@ -489,15 +517,16 @@ pub async fn import(
 }
 
 async fn take(
-    confirms: &mut Confirmed<String>,
+    confirms: &mut Confirmed<(String, bool)>,
     report: &mut ImportReport,
     first_error: &mut Option<OperatorError>,
 ) {
-    for (queue, outcome) in confirms.next_batch().await {
+    for ((queue, dropped_user), outcome) in confirms.next_batch().await {
         match outcome {
             Ok(()) => {
                 *report.imported.entry(queue).or_insert(0) += 1;
                 report.total += 1;
+                report.user_id_dropped += usize::from(dropped_user);
             }
             Err(e) => {
                 first_error.get_or_insert(e);

@@ -457,7 +457,7 @@ async fn export_purge_archive_import_restores_the_queue_byte_for_byte() {
     );
 
     let messages = op::read_export(&archive_file).unwrap();
-    let r = op::import(&env.conn, &messages, None, &quick())
+    let r = op::import(&env.conn, &messages, None, Some("guest"), &quick())
         .await
         .unwrap();
     assert_eq!(r.total, 4);
@@ -686,7 +686,7 @@ async fn an_import_naming_a_missing_group_sends_nothing() {
     let mut messages = op::read_export(&file).unwrap();
     assert_eq!(messages.len(), 3);
     messages[2].group = format!("{}nosuch", env.prefix);
-    match op::import(&env.conn, &messages, None, &quick()).await {
+    match op::import(&env.conn, &messages, None, Some("guest"), &quick()).await {
         Err(op::OperatorError::NoSuchQueue { queue }) => {
             assert_eq!(queue, dead_queue(&messages[2].group));
         }
@@ -694,5 +694,177 @@ async fn an_import_naming_a_missing_group_sends_nothing() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(count(&env.conn, &dq).await, 0, "nothing was imported");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A dead letter its service published with its own `user_id` (here
+/// `guest`), as it reached the dead-letter queue.
+async fn dead_letter_of_guest(env: &Env, id: &str) -> lapin::BasicProperties {
+    let p = props(
+        id,
+        warren_headers(
+            &env.billing,
+            "permanent",
+            "boom",
+            "order.created",
+            &env.orders,
+        ),
+    )
+    .with_user_id("guest".into());
+    publish(
+        &env.conn,
+        DEAD_LETTER_EXCHANGE,
+        &env.billing,
+        b"{}",
+        p.clone(),
+    )
+    .await;
+    p
+}
+
+/// The copy a replay should publish of `dead` (attempts 0, replays 1),
+/// with `user_id` set to `user_id`.
+fn replayed(dead: &lapin::BasicProperties, user_id: &str) -> lapin::BasicProperties {
+    let mut h = dead.headers().clone().unwrap_or_default();
+    h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(0));
+    h.insert(headers::REPLAYS.into(), AMQPValue::LongLongInt(1));
+    dead.clone().with_headers(h).with_user_id(user_id.into())
+}
+
+/// An operator logged in as another user than the service that published
+/// the dead letter: the broker refuses a `user_id` that is not the login
+/// (closing the channel), so the copy goes without it, to either target,
+/// and the dead letter leaves its queue.
+#[tokio::test]
+async fn a_replay_by_another_login_drops_the_user_id_and_removes_the_dead_letter() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let user = warren_testkit::TempUser::create();
+    let operator = connect_as(user.url()).await;
+    for (id, target, queues) in [
+        ("uid-work", op::Target::WorkQueue, vec![&env.billing]),
+        (
+            "uid-original",
+            op::Target::Original,
+            vec![&env.billing, &env.shipping],
+        ),
+    ] {
+        let dead = dead_letter_of_guest(&env, id).await;
+        wait_count(&env.conn, &dq, 1).await;
+        let r = op::replay(
+            &operator,
+            &env.billing,
+            &op::Selection {
+                ids: vec![id.into()],
+                ..Default::default()
+            },
+            &op::ReplayOptions {
+                target,
+                read: quick(),
+                login: user.url().login(),
+                ..Default::default()
+            },
+            &op::Metrics::unregistered(),
+            &no_progress,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (r.selected, r.replayed, r.failed, r.user_id_dropped),
+            (1, 1, 0, 1),
+            "{target:?}: {:?}",
+            r.errors
+        );
+        wait_count(&env.conn, &dq, 0).await;
+        for q in queues {
+            wait_count(&env.conn, q, 1).await;
+            let got = drain(&env.conn, q).await;
+            let (body, p) = &got[0];
+            assert_eq!(body, b"{}");
+            assert_eq!(p.user_id(), &None, "{target:?} into {q}");
+            // All else as a replay by guest would have it.
+            assert_eq!(
+                p.clone().with_user_id("guest".into()),
+                replayed(&dead, "guest"),
+                "{target:?} into {q}"
+            );
+        }
+    }
+}
+
+/// The login that published the dead letter replays it: its `user_id` is
+/// the login's own, so the copy keeps it.
+#[tokio::test]
+async fn a_replay_by_the_same_login_keeps_the_user_id() {
+    let env = setup().await;
+    let dead = dead_letter_of_guest(&env, "uid-same").await;
+    wait_count(&env.conn, &dead_queue(&env.billing), 1).await;
+    let r = op::replay(
+        &env.conn,
+        &env.billing,
+        &op::Selection {
+            all: true,
+            ..Default::default()
+        },
+        &op::ReplayOptions {
+            read: quick(),
+            login: Some("guest".into()),
+            ..Default::default()
+        },
+        &op::Metrics::unregistered(),
+        &no_progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.replayed, r.failed, r.user_id_dropped),
+        (1, 0, 0),
+        "{:?}",
+        r.errors
+    );
+    wait_count(&env.conn, &env.billing, 1).await;
+    let got = drain(&env.conn, &env.billing).await;
+    assert_eq!(got[0].1, replayed(&dead, "guest"));
+    assert_eq!(count(&env.conn, &dead_queue(&env.billing)).await, 0);
+}
+
+/// An export of a dead letter that carries its service's `user_id`,
+/// imported by another login: it goes back without the `user_id`, every
+/// other property and header as exported.
+#[tokio::test]
+async fn an_import_by_another_login_drops_the_user_id() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let dead = dead_letter_of_guest(&env, "uid-import").await;
+    wait_count(&env.conn, &dq, 1).await;
+    let dir = std::env::temp_dir().join(format!(
+        "warren-op-uid-{}",
+        env.prefix.trim_end_matches('.')
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("export.jsonl");
+    let _ = std::fs::remove_file(&file);
+    let mut w = op::ExportWriter::create_new(&file).unwrap();
+    op::export(&env.conn, &env.billing, &mut w, true, &quick())
+        .await
+        .unwrap();
+    drop(w);
+    wait_count(&env.conn, &dq, 0).await;
+    let messages = op::read_export(&file).unwrap();
+    assert_eq!(messages[0].properties.user_id.as_deref(), Some("guest"));
+
+    let user = warren_testkit::TempUser::create();
+    let operator = connect_as(user.url()).await;
+    let login = user.url().login();
+    let r = op::import(&operator, &messages, None, login.as_deref(), &quick())
+        .await
+        .unwrap();
+    assert_eq!((r.total, r.user_id_dropped), (1, 1));
+    wait_count(&env.conn, &dq, 1).await;
+    let got = drain(&env.conn, &dq).await;
+    assert_eq!(got[0].1.user_id(), &None);
+    assert_eq!(got[0].1.clone().with_user_id("guest".into()), dead);
     let _ = std::fs::remove_dir_all(&dir);
 }

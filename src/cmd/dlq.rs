@@ -797,6 +797,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
         rate: a.rate,
         dry_run: a.dry_run,
         read: read_opts(&a.read),
+        login: g.url()?.login(),
         ..Default::default()
     };
     let c = conn(g).await?;
@@ -1141,6 +1142,7 @@ async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
         &c,
         &messages,
         a.to_group.as_deref(),
+        g.url()?.login().as_deref(),
         &op::ReadOptions::default(),
     )
     .await?;

@@ -201,3 +201,11 @@ pub fn without(p: &BasicProperties, keys: &[&str]) -> BasicProperties {
     }
     p.clone().with_headers(h)
 }
+
+/// A connection logged in as `url`'s user (an operator who is not the
+/// service that published the dead letters).
+pub async fn connect_as(url: warren_topology::AmqpUrl) -> lapin::Connection {
+    warren_topology::connect(&warren_topology::ConnectOptions::new(url, "test").attempts(3))
+        .await
+        .expect("the test broker accepts the user")
+}
