@@ -69,6 +69,14 @@ pub enum OperatorError {
         /// What is wrong.
         reason: String,
     },
+    /// Dead letters would be deleted on the strength of a copy written to
+    /// standard output ([`crate::ExportWriter::stdout`]), which cannot be
+    /// known to be stored: a purge's archive, an export that removes.
+    #[error("{what} cannot go to standard output: dead letters are deleted only once their copy is on disk, and nothing tells whether what is written to standard output was stored; write it to a file")]
+    CopyNotStored {
+        /// What was to be written there.
+        what: &'static str,
+    },
     /// Reading or writing a file failed.
     #[error("{file}: {source}")]
     Io {

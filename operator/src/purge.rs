@@ -8,6 +8,11 @@
 //! [`PendingPurge::commit`] fsyncs the archive first, then acks (deletes).
 //! [`PendingPurge::abort`], or dropping the connection, puts everything back
 //! in order.
+//!
+//! An archive on standard output ([`ExportWriter::stdout`]) is refused by
+//! both steps ([`OperatorError::CopyNotStored`]): flushing a pipe says
+//! nothing about whether whoever reads it stored the lines, so nothing may
+//! be deleted on its strength.
 
 use std::time::SystemTime;
 
@@ -51,7 +56,9 @@ pub struct PurgeReport {
 }
 
 /// Reads `group`'s dead letters and holds those `selection` takes; writes
-/// them to `archive` as it goes. Nothing is deleted yet.
+/// them to `archive` as it goes. Nothing is deleted yet. An `archive` on
+/// standard output is refused before anything is read
+/// ([`OperatorError::CopyNotStored`]).
 pub async fn prepare_purge(
     conn: &Connection,
     group: &str,
@@ -60,6 +67,7 @@ pub async fn prepare_purge(
     mut archive: Option<&mut ExportWriter>,
 ) -> Result<PendingPurge, OperatorError> {
     selection.check()?;
+    refuse_stdout(archive.as_deref())?;
     let now = SystemTime::now();
     let mut scan = Scan::open(conn, group, opts).await?;
     let mut tags = Vec::new();
@@ -114,11 +122,17 @@ impl PendingPurge {
         self.scan.coverage()
     }
 
-    /// Deletes them: fsyncs `archive` first (if any), then acks.
+    /// Deletes them: fsyncs `archive` first (if any), then acks. An
+    /// `archive` on standard output deletes nothing: every message goes back
+    /// ([`OperatorError::CopyNotStored`]).
     pub async fn commit(
         self,
         archive: Option<&mut ExportWriter>,
     ) -> Result<PurgeReport, OperatorError> {
+        if let Err(e) = refuse_stdout(archive.as_deref()) {
+            let _ = self.scan.finish().await;
+            return Err(e);
+        }
         if let Some(a) = archive {
             if let Err(e) = a.sync() {
                 let _ = self.scan.finish().await;
@@ -148,5 +162,14 @@ impl PendingPurge {
     /// Deletes nothing: every message goes back in order.
     pub async fn abort(self) -> Result<(), OperatorError> {
         self.scan.finish().await.map(|_| ())
+    }
+}
+
+fn refuse_stdout(archive: Option<&ExportWriter>) -> Result<(), OperatorError> {
+    match archive {
+        Some(a) if a.is_stdout() => Err(OperatorError::CopyNotStored {
+            what: "the archive of a purge",
+        }),
+        _ => Ok(()),
     }
 }

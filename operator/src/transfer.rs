@@ -247,7 +247,11 @@ impl ExportWriter {
         Ok(Self::from_file(path, file))
     }
 
-    /// Writes to an already open file (stdout redirected, a temp file).
+    /// Writes to an already open file (a temp file). Nothing here can tell
+    /// what `file` is: hand it a duplicate of standard output and
+    /// [`ExportWriter::is_stdout`] says false, so a purge or an export with
+    /// `remove` would delete on the strength of lines that may not be stored
+    /// anywhere. Use [`ExportWriter::stdout`] for standard output.
     pub fn from_file(path: &Path, file: File) -> Self {
         ExportWriter {
             path: path.to_owned(),
@@ -259,7 +263,8 @@ impl ExportWriter {
     /// Writes to standard output (`warren dlq export -`); its path is `-`.
     /// [`ExportWriter::sync`] can only flush there: nothing tells whether
     /// whoever reads the lines stored them, so do not remove what was
-    /// exported this way ([`export`] refuses `remove` with it).
+    /// exported this way ([`export`] refuses `remove` with it, and
+    /// [`crate::prepare_purge`] refuses it as an archive).
     pub fn stdout() -> Self {
         ExportWriter {
             path: PathBuf::from(STDIO_NAME),
@@ -330,8 +335,9 @@ pub struct ExportReport {
 
 /// Writes a group's dead letters to `out`; with `remove`, acks them after
 /// the file is fsynced. Otherwise nothing changes in the queue. `remove`
-/// with [`ExportWriter::stdout`] is refused before anything is read: what
-/// went to a pipe cannot be known to be stored.
+/// with [`ExportWriter::stdout`] is refused before anything is read
+/// ([`OperatorError::CopyNotStored`]): what went to a pipe cannot be known
+/// to be stored.
 pub async fn export(
     conn: &Connection,
     group: &str,
@@ -340,13 +346,9 @@ pub async fn export(
     opts: &ReadOptions,
 ) -> Result<ExportReport, OperatorError> {
     if remove && out.is_stdout() {
-        return Err(io(
-            out.path(),
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "exported messages are removed only once they are on disk, and what is written to standard output cannot be known to be stored; export to a file to remove",
-            ),
-        ));
+        return Err(OperatorError::CopyNotStored {
+            what: "an export that removes what it exported",
+        });
     }
     let mut scan = Scan::open(conn, group, opts).await?;
     let mut tags = Vec::new();

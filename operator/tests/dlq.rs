@@ -868,3 +868,71 @@ async fn an_import_by_another_login_drops_the_user_id() {
     assert_eq!(got[0].1.clone().with_user_id("guest".into()), dead);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A purge archive on standard output is refused by the library itself
+/// (not only by the CLI): at prepare, before anything is read or written,
+/// and at commit, where it deletes nothing; so is an export that removes.
+/// The queue stays as it was.
+#[tokio::test]
+async fn a_purge_archive_or_a_removing_export_on_standard_output_is_refused_and_deletes_nothing() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let mut expected = Vec::new();
+    for i in 0..3 {
+        expected.push(
+            dead_letter(
+                &env.conn,
+                &env.billing,
+                &format!("s{i}"),
+                "permanent",
+                "boom",
+                b"{}",
+                &env.orders,
+            )
+            .await,
+        );
+    }
+    wait_count(&env.conn, &dq, 3).await;
+    let all = op::Selection {
+        all: true,
+        ..Default::default()
+    };
+    let refused = |e: op::OperatorError| match e {
+        op::OperatorError::CopyNotStored { .. } => assert_eq!(
+            e.to_string(),
+            "the archive of a purge cannot go to standard output: dead letters are deleted \
+             only once their copy is on disk, and nothing tells whether what is written to \
+             standard output was stored; write it to a file"
+        ),
+        other => panic!("expected CopyNotStored, got {other:?}"),
+    };
+
+    let mut stdout = op::ExportWriter::stdout();
+    match op::prepare_purge(&env.conn, &env.billing, &all, &quick(), Some(&mut stdout)).await {
+        Err(e) => refused(e),
+        Ok(p) => {
+            let n = p.count();
+            let _ = p.abort().await;
+            panic!("prepared a purge of {n} with its archive on standard output");
+        }
+    }
+    assert_eq!(stdout.written(), 0, "nothing was written");
+
+    let pending = op::prepare_purge(&env.conn, &env.billing, &all, &quick(), None)
+        .await
+        .unwrap();
+    assert_eq!(pending.count(), 3);
+    match pending.commit(Some(&mut stdout)).await {
+        Err(e) => refused(e),
+        Ok(r) => panic!("purged {} with its archive on standard output", r.purged),
+    }
+    // An export that would remove what it wrote there is refused the same way.
+    match op::export(&env.conn, &env.billing, &mut stdout, true, &quick()).await {
+        Err(op::OperatorError::CopyNotStored { what }) => {
+            assert_eq!(what, "an export that removes what it exported")
+        }
+        other => panic!("expected CopyNotStored, got {other:?}"),
+    }
+    wait_count(&env.conn, &dq, 3).await;
+    assert_eq!(peek_all(&env.conn, &dq).await, expected);
+}
