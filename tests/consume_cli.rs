@@ -981,3 +981,66 @@ fn a_consumer_error_names_the_group_once() {
     );
     assert_eq!(err.matches("consumer group").count(), 1, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_redirects_are_not_followed_and_the_error_names_the_location() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let topo = Topo::new("redirect", &[GROUP]);
+    topo.apply();
+    // POST /h answers a redirect to /moved; /moved takes anything with 200.
+    // reqwest's default policy turned a 302 into a GET without the body that
+    // /moved acked: the message was acked and its body never delivered.
+    let moved = Arc::new(AtomicUsize::new(0));
+    let m = moved.clone();
+    let app = Router::new()
+        .route(
+            "/h",
+            post(|body: axum::body::Bytes| async move {
+                let status = if body.starts_with(b"302") {
+                    StatusCode::FOUND
+                } else {
+                    StatusCode::TEMPORARY_REDIRECT
+                };
+                (status, [("location", "/moved")], "see /moved")
+            }),
+        )
+        .route(
+            "/moved",
+            axum::routing::any(move || {
+                m.fetch_add(1, Ordering::SeqCst);
+                async { "ok" }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/h", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let w = Worker::start(&topo, &topo.q("g"), &["--http", &url], &[]);
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "r-302", b"302").await;
+    publish(&conn, &topo.exchange(), "order.created", "r-307", b"307").await;
+    let dead_q = topo.q("g.dead");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(&conn, &dead_q).await == 2
+        })
+        .await,
+        "a redirect is not a success: {} dead letters, /moved called {} times; log:\n{}",
+        count(&conn, &dead_q).await,
+        moved.load(Ordering::SeqCst),
+        w.log_text()
+    );
+    assert_eq!(moved.load(Ordering::SeqCst), 0, "a redirect was followed");
+    let dead = dead_by_id(drain(&conn, &dead_q).await);
+    assert_eq!(
+        header_str(&dead["r-302"], "x-warren-error").as_deref(),
+        Some("HTTP 302 Found to /moved (redirects are not followed: give --http the final URL): see /moved")
+    );
+    assert_eq!(
+        header_str(&dead["r-307"], "x-warren-error").as_deref(),
+        Some("HTTP 307 Temporary Redirect to /moved (redirects are not followed: give --http the final URL): see /moved")
+    );
+    assert_eq!(
+        header_str(&dead["r-307"], "x-warren-error-kind").as_deref(),
+        Some("retryable")
+    );
+}

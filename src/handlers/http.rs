@@ -5,6 +5,12 @@
 //! | 2xx | success (ack) |
 //! | 4xx other than 408 and 429 | permanent (dead-lettered): status and the first 1 KiB of the body |
 //! | 5xx, 408, 429, a timeout, a refused connection | retryable |
+//! | 3xx | retryable; the error names the `Location` |
+//!
+//! Redirects are not followed: a client that follows a 301, 302 or 303
+//! turns the POST into a GET without the body, and a 200 to that GET would
+//! ack a message the service never received. A worker's URL is configured
+//! once: the error says to give `--http` the final URL.
 //!
 //! A password in the URL (`http://user:pw@host/hook`) is sent as basic
 //! auth and shown everywhere as `user:***@`: logs, errors, `x-warren-error`.
@@ -52,6 +58,7 @@ impl HttpHandler {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(pool)
+            .redirect(reqwest::redirect::Policy::none())
             .tcp_nodelay(true)
             .build()?;
         Ok(HttpHandler { client, url, shown })
@@ -97,14 +104,36 @@ impl HttpHandler {
     }
 }
 
-/// The outcome of an HTTP status, with the start of the response body.
-pub fn outcome_of_status(status: u16, body: &[u8]) -> HandlerResult {
+/// The most of a redirect's `Location` an error shows (bytes, escapes
+/// included), leaving room for the response body.
+const LOCATION_BYTES: usize = 512;
+
+/// The outcome of an HTTP status, with the start of the response body and,
+/// for a redirect, where it pointed.
+pub fn outcome_of_status(status: u16, location: Option<&[u8]>, body: &[u8]) -> HandlerResult {
     let text = || {
         let reason = reqwest::StatusCode::from_u16(status)
             .ok()
             .and_then(|s| s.canonical_reason())
             .unwrap_or("");
-        with_head(format!("HTTP {status} {reason}").trim_end(), body)
+        let mut prefix = format!("HTTP {status} {reason}").trim_end().to_owned();
+        if (300..=399).contains(&status) {
+            if let Some(location) = location {
+                prefix.push_str(" to ");
+                // A password in it is masked, as the --http URL's is.
+                let location = warren_topology::redact(String::from_utf8_lossy(location).trim());
+                let end = prefix.len() + LOCATION_BYTES;
+                for c in location.chars() {
+                    if prefix.len() >= end {
+                        prefix.push_str(super::CUT);
+                        break;
+                    }
+                    super::push_clean(&mut prefix, c);
+                }
+            }
+            prefix.push_str(" (redirects are not followed: give --http the final URL)");
+        }
+        with_head(&prefix, body)
     };
     match status {
         200..=299 => Ok(()),
@@ -143,6 +172,10 @@ impl Handler for HttpHandler {
         if response.status().is_success() {
             return Ok(());
         }
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|l| l.as_bytes().to_vec());
         // Only the start of an error body is kept; do not read a huge one whole.
         let mut body = Vec::new();
         let mut response = response;
@@ -152,7 +185,7 @@ impl Handler for HttpHandler {
                 _ => break,
             }
         }
-        outcome_of_status(status, &body)
+        outcome_of_status(status, location.as_deref(), &body)
     }
 }
 
@@ -176,35 +209,59 @@ mod tests {
 
     #[test]
     fn statuses_map_to_the_documented_outcomes() {
-        assert!(outcome_of_status(200, b"").is_ok());
-        assert!(outcome_of_status(204, b"").is_ok());
-        let e = outcome_of_status(400, b"bad order\n").unwrap_err();
+        assert!(outcome_of_status(200, None, b"").is_ok());
+        assert!(outcome_of_status(204, None, b"").is_ok());
+        let e = outcome_of_status(400, None, b"bad order\n").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Permanent);
         assert_eq!(e.message(), "HTTP 400 Bad Request: bad order");
         assert_eq!(
-            outcome_of_status(404, b"").unwrap_err().kind(),
+            outcome_of_status(404, None, b"").unwrap_err().kind(),
             ErrorKind::Permanent
         );
         assert_eq!(
-            outcome_of_status(408, b"").unwrap_err().kind(),
+            outcome_of_status(408, None, b"").unwrap_err().kind(),
             ErrorKind::Retryable
         );
         assert_eq!(
-            outcome_of_status(429, b"").unwrap_err().kind(),
+            outcome_of_status(429, None, b"").unwrap_err().kind(),
             ErrorKind::Retryable
         );
         assert_eq!(
-            outcome_of_status(503, b"").unwrap_err().kind(),
-            ErrorKind::Retryable
-        );
-        assert_eq!(
-            outcome_of_status(301, b"").unwrap_err().kind(),
+            outcome_of_status(503, None, b"").unwrap_err().kind(),
             ErrorKind::Retryable
         );
         let long = vec![b'x'; 5000];
-        assert!(outcome_of_status(500, &long).unwrap_err().message().len() <= ERROR_TEXT_BYTES);
+        let e = outcome_of_status(301, Some(b"https://x/h\x1b[2J\n"), b"").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Retryable);
         assert_eq!(
-            outcome_of_status(400, b"\x1b]0;owned\x07 no")
+            e.message(),
+            "HTTP 301 Moved Permanently to https://x/h\\u{1b}[2J \
+             (redirects are not followed: give --http the final URL)"
+        );
+        let e = outcome_of_status(302, Some(b"http://u:secretpw@h/x"), b"").unwrap_err();
+        assert!(
+            e.message().contains(" to http://u:***@h/x "),
+            "{}",
+            e.message()
+        );
+        assert!(!e.message().contains("secretpw"), "{}", e.message());
+        let far = format!("/{}", "\x07".repeat(5000));
+        let e = outcome_of_status(308, Some(far.as_bytes()), &long).unwrap_err();
+        assert!(e.message().len() <= ERROR_TEXT_BYTES, "{}", e.message());
+        assert!(
+            e.message().contains("\\u{7}… (redirects"),
+            "{}",
+            e.message()
+        );
+        assert!(
+            outcome_of_status(500, None, &long)
+                .unwrap_err()
+                .message()
+                .len()
+                <= ERROR_TEXT_BYTES
+        );
+        assert_eq!(
+            outcome_of_status(400, None, b"\x1b]0;owned\x07 no")
                 .unwrap_err()
                 .message(),
             "HTTP 400 Bad Request: \\u{1b}]0;owned\\u{7} no"
