@@ -1926,3 +1926,89 @@ async fn replay_as_another_user_than_the_publisher_moves_the_message_without_its
     assert_eq!(p.message_id().as_ref().unwrap().as_str(), "uid-1");
     assert_eq!(p.user_id(), &None);
 }
+
+/// `--audit-log -` would write a file named `-`; it is refused before
+/// anything moves (exit 2), saying what to do instead, and what it says
+/// holds: `./-` is a file named `-`, and RUST_LOG=warren::audit=info shows
+/// each record on standard error.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_log_dash_is_refused_before_anything_moves_and_the_advice_holds() {
+    const N: usize = 3;
+    let conn = connect().await;
+    let env = Env::new(&conn, "adash").await;
+    dead_letters(&conn, &env.group, "a", N).await;
+    let g = env.group.as_str();
+    // Run where a file named `-` would show.
+    let dir = std::env::temp_dir().join(format!("warren-adash-{g}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let in_dir = |args: &[&str]| {
+        warren()
+            .current_dir(&dir)
+            .args(["dlq"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output_within(CLI_LIMIT)
+    };
+    for (command, args) in [
+        (
+            "replay",
+            &["replay", "--group", g, "--all", "--audit-log", "-"][..],
+        ),
+        (
+            "replay",
+            &["replay", "--group", g, "--all", "--audit-log=-"],
+        ),
+        (
+            "purge",
+            &["purge", "--group", g, "--all", "--yes", "--audit-log", "-"],
+        ),
+        // Without --yes: the audit log is named, not only the missing --yes.
+        (
+            "purge",
+            &["purge", "--group", g, "--all", "--audit-log", "-"],
+        ),
+    ] {
+        let out = in_dir(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert_eq!(
+            text(&out.stderr),
+            format!(
+                "error: {command} --audit-log -: the audit log is a file each record is appended to, \
+                 and standard output carries the command's own output; \
+                 give --audit-log a file path (./- for a file named \"-\"), \
+                 or read the records on standard error, where each is logged at INFO \
+                 under target warren::audit (-v, or RUST_LOG=warren::audit=info)\n"
+            ),
+            "{args:?}"
+        );
+        assert_eq!(text(&out.stdout), "", "{args:?}");
+        assert!(
+            !dir.join("-").exists(),
+            "{args:?}: a file named '-' was written"
+        );
+        assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("a", 0..N));
+        assert_eq!(count(&conn, &env.group).await, 0);
+    }
+
+    // The advice: ./- is a file named `-`, and the record is on stderr.
+    let out = warren()
+        .current_dir(&dir)
+        .env("RUST_LOG", "warren::audit=info")
+        .args(["dlq", "replay", "--group", g, "--all", "--dry-run"])
+        .args(["--audit-log", "./-"])
+        .output_within(CLI_LIMIT);
+    assert!(out.status.success(), "{out:?}");
+    let lines = audit_lines(&dir.join("-"));
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["ids"], serde_json::json!(names("a", 0..N)));
+    let stderr = text(&out.stderr);
+    let logged: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("warren::audit"))
+        .collect();
+    assert_eq!(logged.len(), 1, "{stderr}");
+    assert!(logged[0].contains("action=replay"), "{stderr}");
+    assert!(logged[0].contains(&format!("group={g}")), "{stderr}");
+    assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("a", 0..N));
+    let _ = std::fs::remove_dir_all(&dir);
+}

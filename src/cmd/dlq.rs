@@ -137,7 +137,9 @@ pub struct ReplayArgs {
     /// Show what would be replayed; move nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Append an audit record (JSON Lines) to this file.
+    /// Append an audit record (JSON Lines) to this file. `-` is refused
+    /// (`./-` names a file called `-`); every record is also logged at INFO
+    /// under target `warren::audit`.
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
 }
@@ -157,7 +159,9 @@ pub struct PurgeArgs {
     /// cannot be known to be stored (`./-` names a file called `-`).
     #[arg(long)]
     pub archive: Option<PathBuf>,
-    /// Append an audit record (JSON Lines) to this file.
+    /// Append an audit record (JSON Lines) to this file. `-` is refused
+    /// (`./-` names a file called `-`); every record is also logged at INFO
+    /// under target `warren::audit`.
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
 }
@@ -706,6 +710,20 @@ fn audit(rec: &op::AuditRecord, file: Option<&PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses `--audit-log -` (before connecting): the audit log is a file
+/// that records are appended and fsynced to, standard output carries the
+/// command's own output (JSON with `--output json`), and the records are
+/// already logged on standard error under `warren::audit` (see [`audit`]).
+fn refuse_stdio_audit_log(command: &str, file: Option<&PathBuf>) -> anyhow::Result<()> {
+    if file.is_some_and(|f| is_stdio(f)) {
+        return Err(UsageError(format!(
+            "{command} --audit-log -: the audit log is a file each record is appended to, and standard output carries the command's own output; give --audit-log a file path (./- for a file named \"-\"), or read the records on standard error, where each is logged at INFO under target warren::audit (-v, or RUST_LOG=warren::audit=info)"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// Opens (creates) the audit log for appending before anything is touched:
 /// a record that cannot be written must stop the run, not follow it.
 fn check_audit_log(file: Option<&PathBuf>) -> anyhow::Result<()> {
@@ -780,6 +798,7 @@ fn with_not_found<T: serde::Serialize>(
 }
 
 async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
+    refuse_stdio_audit_log("replay", a.audit_log.as_ref())?;
     let selection = a.select.selection()?;
     check_rate(a.rate)?;
     let groups = groups(g, &a.read.groups)?;
@@ -925,6 +944,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
+    refuse_stdio_audit_log("purge", a.audit_log.as_ref())?;
     let selection = a.select.selection()?;
     let groups = groups(g, &a.read.groups)?;
     if !a.yes && !std::io::stdin().is_terminal() {
