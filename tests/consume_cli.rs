@@ -1044,3 +1044,103 @@ async fn http_redirects_are_not_followed_and_the_error_names_the_location() {
         Some("retryable")
     );
 }
+
+/// `warren consume` for group `g` of `topo` with `--exec cmd`, expected to
+/// refuse to start: returns its exit code and stderr.
+fn refused_exec(topo: &Topo, cmd: &str) -> (Option<i32>, String) {
+    let group = topo.q("g");
+    let o = warren()
+        .args([
+            "consume",
+            "-f",
+            topo.file(),
+            "--group",
+            &group,
+            "--exec",
+            cmd,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output_within(Duration::from_secs(20));
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_program_that_cannot_run_is_refused_before_consuming() {
+    use std::os::unix::fs::PermissionsExt;
+    let topo = Topo::new("noexec", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "keep-1", b"{}").await;
+    let dir = Scratch::new("noexecdir");
+    let script = dir.path("handler.sh");
+    std::fs::write(&script, "#!/bin/sh\ncat > /dev/null\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let missing = dir.path("missing.sh");
+    let cwd = std::env::current_dir().unwrap();
+    // Each of these used to consume: every message failed (126 or 127),
+    // went through the retry tiers and was dead-lettered.
+    for (cmd, said) in [
+        (
+            format!("{script} --verbose"),
+            format!(
+                "error: --exec \"{script} --verbose\": {script} is not executable: \
+                 run `chmod +x {script}`, or give --exec \"sh {script}\"\n"
+            ),
+        ),
+        (
+            missing.clone(),
+            format!(
+                "error: --exec \"{missing}\": {missing} does not exist \
+                 (a relative path starts from {}): give the handler's path\n",
+                cwd.display()
+            ),
+        ),
+        (
+            dir.0.display().to_string(),
+            format!(
+                "error: --exec \"{0}\": {0} is a directory, not a program\n",
+                dir.0.display()
+            ),
+        ),
+        (
+            "no-such-handler-xyz < /dev/null".to_owned(),
+            "error: --exec \"no-such-handler-xyz < /dev/null\": no command \"no-such-handler-xyz\" \
+             on PATH, nor a shell builtin: install it or give its path\n"
+                .to_owned(),
+        ),
+    ] {
+        let (code, err) = refused_exec(&topo, &cmd);
+        assert_eq!((code, err.as_str()), (Some(2), said.as_str()), "{cmd}");
+    }
+    assert_eq!(
+        count(&conn, &topo.q("g")).await,
+        1,
+        "the message is waiting"
+    );
+    assert_eq!(count(&conn, &topo.q("g.retry.1")).await, 0);
+    assert_eq!(count(&conn, &topo.q("g.dead")).await, 0);
+
+    // What the check cannot judge runs: a builtin first, quotes, a variable.
+    let done = dir.path("done");
+    let w = Worker::start(
+        &topo,
+        &topo.q("g"),
+        &[
+            "--exec",
+            &format!("read -r x; \"echo\" \"$WARREN_MESSAGE_ID\" >> {done}"),
+        ],
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            dir.lines("done") == ["keep-1"]
+        })
+        .await,
+        "log:\n{}",
+        w.log_text()
+    );
+}

@@ -5,7 +5,9 @@
 //! `/metrics`, `/healthz` and `/readyz`, and drains on SIGTERM/SIGINT within
 //! `--grace`, then exits 0. A second SIGTERM/SIGINT during the drain quits at
 //! once (exit 130) after killing the `--exec` commands still running: their
-//! deliveries, unacked, go back to the queue when the connection drops.
+//! deliveries, unacked, go back to the queue when the connection drops. An
+//! `--exec` program that cannot start (missing, not executable, no `sh`) is
+//! refused (exit 2) before anything is consumed.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -172,6 +174,8 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         (None, Some(cmd)) => {
             let shown = format!("sh -c {cmd:?}");
             let h = ExecHandler::new(cmd.clone());
+            // A program that cannot start would fail every message.
+            h.check().await.map_err(UsageError)?;
             let running = h.running();
             serve_group(url, group, h, &shown, Some(running), &args).await?
         }

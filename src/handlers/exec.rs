@@ -66,6 +66,90 @@ impl ExecHandler {
     pub fn running(&self) -> RunningGroups {
         self.running.clone()
     }
+
+    /// Checks, before any message is taken, that the command can start:
+    /// that `sh` runs, and that the command's first word, when it is plain
+    /// enough to judge ([`plain_first_word`]), is a program that exists and
+    /// may be executed, or a shell builtin. Otherwise every message would
+    /// fail (`sh` exits 126 or 127), go through the retry tiers and be
+    /// dead-lettered while the worker looks healthy. Returns what is wrong
+    /// and what to do.
+    ///
+    /// The check runs in the directory and with the `PATH` the commands
+    /// will have; it judges only the first word (`cd /app && ./run` is not
+    /// looked into further), and a check that does not answer within
+    /// [`CHECK_TIMEOUT`] is skipped.
+    pub async fn check(&self) -> Result<(), String> {
+        let word = plain_first_word(&self.command).unwrap_or("");
+        let mut check = Command::new("sh");
+        check
+            .args(["-c", CHECK_SCRIPT, "sh", word])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let shown = &self.command;
+        let status = match tokio::time::timeout(CHECK_TIMEOUT, check.status()).await {
+            Err(_) => return Ok(()),
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "--exec runs its command with `sh -c`, and sh cannot be started: {e}: run \
+                     warren where sh is on PATH (warren's distroless image has no shell; use \
+                     --http there)"
+                ))
+            }
+            Ok(Ok(status)) => status,
+        };
+        let here = || {
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| "the current directory".into())
+        };
+        match status.code() {
+            Some(10) if word.contains('/') => Err(format!(
+                "--exec {shown:?}: {word} does not exist (a relative path starts from {}): \
+                 give the handler's path",
+                here()
+            )),
+            Some(10) => Err(format!(
+                "--exec {shown:?}: no command {word:?} on PATH, nor a shell builtin: install it \
+                 or give its path"
+            )),
+            Some(11) => Err(format!(
+                "--exec {shown:?}: {word} is not executable: run `chmod +x {word}`, or give \
+                 --exec \"sh {word}\""
+            )),
+            Some(12) => Err(format!(
+                "--exec {shown:?}: {word} is a directory, not a program"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How long [`ExecHandler::check`] waits for its `sh`.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Run as `sh -c CHECK_SCRIPT sh WORD`: exit 10 when WORD does not exist
+/// (a path) or is neither a program on PATH nor a builtin (a name), 11 when
+/// it is a file that may not be executed, 12 when it is a directory. An
+/// empty WORD passes.
+const CHECK_SCRIPT: &str = r#"[ -z "$1" ] && exit 0
+case $1 in
+  */*) if [ -d "$1" ]; then exit 12; elif [ ! -e "$1" ]; then exit 10; elif [ ! -x "$1" ]; then exit 11; fi;;
+  *) command -v "$1" >/dev/null 2>&1 || exit 10;;
+esac
+exit 0"#;
+
+/// The first word of a command when the shell reads it as written: letters,
+/// digits and `/._-+,@%:` only. Quotes, variables, `~`, globs,
+/// redirections, assignments (`A=b cmd`) or a subshell make it something
+/// [`ExecHandler::check`] does not second-guess: `None`.
+fn plain_first_word(command: &str) -> Option<&str> {
+    let word = command.split_whitespace().next()?;
+    word.chars()
+        .all(|c| c.is_alphanumeric() || "/._-+,@%:".contains(c))
+        .then_some(word)
 }
 
 /// The process groups of the commands that run now, shared between the
@@ -328,6 +412,49 @@ mod tests {
             "warren is quitting: no command starts any more"
         );
         assert_eq!(running.kill_all(), 0);
+    }
+
+    #[test]
+    fn only_a_plain_first_word_is_judged() {
+        assert_eq!(plain_first_word("  ./run.sh --x"), Some("./run.sh"));
+        assert_eq!(plain_first_word("python3 -m app"), Some("python3"));
+        assert_eq!(
+            plain_first_word("/opt/app/bin/handle"),
+            Some("/opt/app/bin/handle")
+        );
+        for judged_by_the_shell in [
+            "",
+            "   ",
+            "A=1 handle",
+            "\"my handler\"",
+            "$HOME/bin/handle",
+            "~/bin/handle",
+            "(cd /app; ./run)",
+            "{ cat; }",
+            "!true",
+            "*.sh",
+            "<in handle",
+        ] {
+            assert_eq!(
+                plain_first_word(judged_by_the_shell),
+                None,
+                "{judged_by_the_shell}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn builtins_and_programs_pass_the_check() {
+        for ok in [
+            "true",
+            "exec sh -c true",
+            "cat > /dev/null",
+            "cd /tmp && ./x",
+            "/bin/sh -c :",
+            "if true; then :; fi",
+        ] {
+            assert_eq!(ExecHandler::new(ok).check().await, Ok(()), "{ok}");
+        }
     }
 
     #[test]
