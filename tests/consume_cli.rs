@@ -1144,3 +1144,33 @@ async fn an_exec_program_that_cannot_run_is_refused_before_consuming() {
         w.log_text()
     );
 }
+
+#[test]
+fn a_metrics_port_in_use_is_said_once() {
+    let topo = Topo::new("portused", &[GROUP]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let group = topo.q("g");
+    let o = warren()
+        .args([
+            "consume",
+            "-f",
+            topo.file(),
+            "--group",
+            &group,
+            "--exec",
+            "true",
+            "--metrics-addr",
+            &addr,
+        ])
+        .output_within(CLI_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "error: cannot listen on {addr} for /metrics: Address already in use (os error 98) \
+             (pick another with --metrics-addr)\n"
+        )
+    );
+}

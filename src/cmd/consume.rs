@@ -212,8 +212,9 @@ async fn serve_group<H: Handler>(
     let health = Health::default();
     let server_stop = tokio_util::sync::CancellationToken::new();
     // A name (`localhost:9464`) is served on every address it resolves to;
-    // an address that cannot be bound is an error only when none can.
-    let mut failed = None;
+    // an address that cannot be bound is an error only when none can (and
+    // then said once, as the error), a warning when another one serves.
+    let mut failed = Vec::new();
     let mut served = 0;
     for addr in metrics_addrs(&args.metrics_addr).await? {
         match serve::spawn(addr, registry.clone(), health.clone(), server_stop.clone()).await {
@@ -221,16 +222,15 @@ async fn serve_group<H: Handler>(
                 served += 1;
                 info!(%addr, "serving /metrics, /healthz, /readyz");
             }
-            Err(e) => {
-                warn!(%addr, error = %e, "cannot serve /metrics on this address");
-                failed = Some(e);
-            }
+            Err(e) => failed.push((addr, e)),
         }
     }
-    if served == 0 {
-        if let Some(e) = failed {
-            return Err(e);
-        }
+    if served == 0 && !failed.is_empty() {
+        let errors: Vec<String> = failed.iter().map(|(_, e)| e.to_string()).collect();
+        return Err(anyhow::anyhow!(errors.join("; ")));
+    }
+    for (addr, e) in failed {
+        warn!(%addr, error = %e, "cannot serve /metrics on this address");
     }
 
     let name = group.name.clone();
