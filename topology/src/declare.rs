@@ -259,19 +259,21 @@ pub struct Applied {
 /// objects were created is [`TopologyError::Incomplete`], which names them.
 pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, TopologyError> {
     let report = verify(conn, plan).await?;
-    let mut differing = report.differing().filter_map(|c| match &c.state {
+    let differing: Vec<Check> = report.differing().cloned().collect();
+    let mut details = differing.iter().filter_map(|c| match &c.state {
         ObjectState::Differs(detail) => Some((c, detail)),
         _ => None,
     });
-    if let Some((first, detail)) = differing.next() {
+    if let Some((first, detail)) = details.next() {
         let mut detail = detail.clone();
-        for (c, d) in differing {
+        for (c, d) in details {
             detail.push_str(&format!("; also {} {:?}: {d}", c.kind, c.name));
         }
         return Err(TopologyError::Mismatch {
             kind: first.kind,
             name: first.name.clone(),
             detail,
+            differing,
         });
     }
     let existed = |kind: &str, name: &str| {
@@ -300,6 +302,7 @@ pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, Topol
         } else {
             TopologyError::Incomplete {
                 declared,
+                applied: done.to_vec(),
                 source: Box::new(e),
             }
         }
@@ -310,11 +313,19 @@ pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, Topol
         |kind: &'static str, name: &str, object: String, source: lapin::Error| match soft_error(
             &source,
         ) {
-            Some((AMQPSoftError::PRECONDITIONFAILED, text)) => TopologyError::Mismatch {
-                kind,
-                name: name.to_owned(),
-                detail: explain_precondition(&text),
-            },
+            Some((AMQPSoftError::PRECONDITIONFAILED, text)) => {
+                let detail = explain_precondition(&text);
+                TopologyError::Mismatch {
+                    kind,
+                    name: name.to_owned(),
+                    detail: detail.clone(),
+                    differing: vec![Check {
+                        kind,
+                        name: name.to_owned(),
+                        state: ObjectState::Differs(detail),
+                    }],
+                }
+            }
             _ => TopologyError::Broker { object, source },
         };
     let ch = match conn.create_channel().await {

@@ -72,8 +72,11 @@ pub enum TopologyError {
         kind: &'static str,
         /// Its name.
         name: String,
-        /// What differs, as far as the broker says.
+        /// What differs, as far as the broker says (and, after `; also`,
+        /// the other objects that differ).
         detail: String,
+        /// Every object that differs, this one first.
+        differing: Vec<crate::declare::Check>,
     },
     /// `apply` failed after it had declared some objects (a binding to an
     /// exchange that is not there, a permission, an object another client
@@ -83,6 +86,9 @@ pub enum TopologyError {
         /// What `apply` had declared before the failure (`exchange "x"`,
         /// `queue "y"`, `N bindings`).
         declared: Vec<String>,
+        /// Everything `apply` did before the failure, objects it found
+        /// already there included.
+        applied: Vec<crate::declare::Applied>,
         /// The failure.
         source: Box<TopologyError>,
     },

@@ -166,12 +166,25 @@ async fn a_changed_tier_ttl_fails_naming_the_queue_and_deletes_nothing() {
     let changed_plan = Plan::new(&changed);
     let err = apply(&conn, &changed_plan).await.unwrap_err();
     match &err {
-        TopologyError::Mismatch { kind, name, detail } => {
+        TopologyError::Mismatch {
+            kind,
+            name,
+            detail,
+            differing,
+        } => {
             assert_eq!(*kind, "queue");
             assert_eq!(name, &format!("{p}billing.retry.2"));
             assert_eq!(
                 detail,
                 "x-message-ttl: the broker has 10000, the topology wants 20000"
+            );
+            assert_eq!(
+                differing,
+                &[warren_topology::Check {
+                    kind: "queue",
+                    name: format!("{p}billing.retry.2"),
+                    state: ObjectState::Differs(detail.clone()),
+                }]
             );
         }
         other => panic!("expected a mismatch, got {other:?}"),
@@ -281,7 +294,22 @@ async fn every_differing_object_is_named_with_what_differs() {
         .await
         .unwrap();
     }
-    let err = apply(&conn, &plan).await.unwrap_err().to_string();
+    let err = apply(&conn, &plan).await.unwrap_err();
+    let TopologyError::Mismatch { differing, .. } = &err else {
+        panic!("expected a mismatch, got {err:?}");
+    };
+    let named: Vec<(&str, &str)> = differing
+        .iter()
+        .map(|c| (c.kind, c.name.as_str()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("queue", format!("{p}shipping").as_str()),
+            ("queue", format!("{p}shipping.dead").as_str())
+        ]
+    );
+    let err = err.to_string();
     assert!(
         err.starts_with(&format!("queue \"{p}shipping\" exists on the broker with other settings: x-dead-letter-exchange: the broker has none, the topology wants warren.dlx; also queue \"{p}shipping.dead\": x-queue-version: the broker has none, the topology wants 2. warren deleted nothing")),
         "{err}"
@@ -304,7 +332,13 @@ async fn a_failure_partway_names_what_was_already_declared() {
     let _guard = Guard::new(&plan);
     let conn = connect().await;
     let err = apply(&conn, &plan).await.unwrap_err();
-    assert!(matches!(err, TopologyError::Incomplete { .. }), "{err:?}");
+    let TopologyError::Incomplete { applied, .. } = &err else {
+        panic!("expected an incomplete apply, got {err:?}");
+    };
+    // Every exchange and queue, then the five bindings of the file.
+    assert_eq!(applied.len(), 2 + 7 + 5, "{applied:?}");
+    assert!(applied[..9].iter().all(|a| a.action != Action::Bound));
+    assert!(applied[9..].iter().all(|a| a.action == Action::Bound));
     let text = err.to_string();
     assert!(
         text.contains(&format!("exchange \"{p}nowhere\"")) && text.contains("NOT_FOUND"),
