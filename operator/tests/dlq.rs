@@ -853,6 +853,7 @@ async fn an_import_by_another_login_drops_the_user_id() {
     drop(w);
     wait_count(&env.conn, &dq, 0).await;
     let messages = op::read_export(&file).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(messages[0].properties.user_id.as_deref(), Some("guest"));
 
     let user = warren_testkit::TempUser::create();
@@ -866,7 +867,6 @@ async fn an_import_by_another_login_drops_the_user_id() {
     let got = drain(&env.conn, &dq).await;
     assert_eq!(got[0].1.user_id(), &None);
     assert_eq!(got[0].1.clone().with_user_id("guest".into()), dead);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A purge archive on standard output is refused by the library itself
