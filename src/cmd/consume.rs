@@ -35,11 +35,14 @@ pub struct ConsumeArgs {
     #[arg(long)]
     pub group: String,
     /// POST each message to this URL: 2xx acks; 4xx (but 408, 429) dead-letters;
-    /// 5xx, 408, 429, timeouts and refused connections retry.
+    /// 5xx, 408, 429, timeouts and refused connections retry; redirects are
+    /// not followed (3xx retries, the error names the Location).
     #[arg(long, value_name = "URL")]
     pub http: Option<String>,
     /// Run this command (through `sh -c`) per message, body on stdin: exit 0
-    /// acks; exit 65 dead-letters; any other exit or a signal retries.
+    /// acks; exit 65 dead-letters; any other exit or a signal retries. A first
+    /// word that cannot run (no such program, not executable) is refused at
+    /// start.
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
     /// Handlers in flight in this process (overrides the topology file).
