@@ -84,6 +84,28 @@ fn soft_error(e: &lapin::Error) -> Option<(AMQPSoftError, String)> {
     }
 }
 
+/// What a check takes, for [`TopologyError::AccessRefused`].
+const CHECK_NEEDS: &str = "verify and apply check an existing exchange or queue by declaring it again with the planned arguments (AMQP 0-9-1 cannot read them back), which takes the configure permission on its name, even only to verify";
+/// What declaring takes.
+const DECLARE_NEEDS: &str =
+    "declaring an exchange or queue takes the configure permission on its name";
+/// What binding takes.
+const BIND_NEEDS: &str =
+    "a binding takes the write permission on the queue and the read permission on the exchange";
+
+/// A broker error about `object`: [`TopologyError::AccessRefused`] (saying
+/// it `needs`) when the broker refused a permission.
+fn broker_error(object: String, source: lapin::Error, needs: &'static str) -> TopologyError {
+    match soft_error(&source) {
+        Some((AMQPSoftError::ACCESSREFUSED, text)) => TopologyError::AccessRefused {
+            object,
+            text,
+            needs,
+        },
+        _ => TopologyError::Broker { object, source },
+    }
+}
+
 /// Turns RabbitMQ's "inequivalent arg 'x-message-ttl' for queue 'q' in vhost
 /// '/': received the value '2000' of type 'signedint' but current is the
 /// value '1000' of type 'signedint'" into "x-message-ttl: the broker has 1000,
@@ -118,10 +140,7 @@ async fn check_exchange(
     conn: &Connection,
     e: &PlannedExchange,
 ) -> Result<ObjectState, TopologyError> {
-    let broker = |source| TopologyError::Broker {
-        object: format!("exchange {:?}", e.name),
-        source,
-    };
+    let broker = |source| broker_error(format!("exchange {:?}", e.name), source, CHECK_NEEDS);
     let ch = conn.create_channel().await.map_err(broker)?;
     let passive = ExchangeDeclareOptions {
         passive: true,
@@ -168,10 +187,7 @@ async fn check_exchange(
 }
 
 async fn check_queue(conn: &Connection, q: &PlannedQueue) -> Result<ObjectState, TopologyError> {
-    let broker = |source| TopologyError::Broker {
-        object: format!("queue {:?}", q.name),
-        source,
-    };
+    let broker = |source| broker_error(format!("queue {:?}", q.name), source, CHECK_NEEDS);
     let ch = conn.create_channel().await.map_err(broker)?;
     let passive = QueueDeclareOptions {
         passive: true,
@@ -326,7 +342,7 @@ pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, Topol
                     }],
                 }
             }
-            _ => TopologyError::Broker { object, source },
+            _ => broker_error(object, source, DECLARE_NEEDS),
         };
     let ch = match conn.create_channel().await {
         Ok(ch) => ch,
@@ -402,13 +418,11 @@ pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, Topol
             )
             .await
         {
-            let err = TopologyError::Broker {
-                object: format!(
-                    "binding exchange {:?} -> queue {:?} (key {:?})",
-                    b.exchange, b.queue, b.key
-                ),
-                source,
-            };
+            let object = format!(
+                "binding exchange {:?} -> queue {:?} (key {:?})",
+                b.exchange, b.queue, b.key
+            );
+            let err = broker_error(object, source, BIND_NEEDS);
             return Err(failed(&done, err));
         }
         done.push(Applied {

@@ -92,6 +92,17 @@ pub enum TopologyError {
         /// The failure.
         source: Box<TopologyError>,
     },
+    /// The broker refused the login a permission on an object
+    /// (ACCESS_REFUSED).
+    #[error("the broker refused {object} ({text}): {needs}")]
+    AccessRefused {
+        /// What was being done (`exchange "x"`, `binding ...`).
+        object: String,
+        /// The broker's words (they name the user and the vhost).
+        text: String,
+        /// Which permission that takes.
+        needs: &'static str,
+    },
     /// Any other broker error while declaring.
     #[error("broker error on {object}: {source}")]
     Broker {

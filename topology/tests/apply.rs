@@ -353,3 +353,64 @@ async fn a_failure_partway_names_what_was_already_declared() {
     assert!(text.contains("5 bindings"), "{text}");
     assert_eq!(broker_queues(&p).len(), 7, "what the text says is there");
 }
+
+/// A login that may only read (a monitoring user) cannot verify: checking
+/// an object declares it again, which takes the configure permission. The
+/// error says which permission each step needs instead of only the broker's
+/// ACCESS_REFUSED.
+#[tokio::test]
+async fn a_refused_permission_says_which_permission_is_needed() {
+    use warren_testkit::{rabbitmqctl, TempUser};
+    let p = unique_prefix();
+    let t = topology(&p, FILE);
+    let plan = Plan::new(&t);
+    let _guard = Guard::new(&plan);
+    let conn = connect().await;
+    apply(&conn, &plan).await.unwrap();
+    let user = TempUser::create();
+    let login = |configure: &str, write: &str| {
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &user.name,
+            configure,
+            write,
+            ".*",
+        ]);
+        let opts = warren_topology::ConnectOptions::new(user.url(), "test").attempts(1);
+        async move { warren_topology::connect(&opts).await.unwrap() }
+    };
+    let reader = login("^$", "^$").await;
+    let err = verify(&reader, &plan).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("the broker refused exchange \"{p}orders\" (ACCESS_REFUSED - access to exchange '{p}orders' in vhost '/' refused for user '{}'): verify and apply check an existing exchange or queue by declaring it again with the planned arguments (AMQP 0-9-1 cannot read them back), which takes the configure permission on its name, even only to verify", user.name)
+    );
+    assert!(!err.is_transient());
+    let err = apply(&reader, &plan).await.unwrap_err();
+    assert!(
+        matches!(err, TopologyError::AccessRefused { .. }),
+        "{err:?}"
+    );
+
+    // May declare, may not write to the queues: every binding is refused
+    // (everything else exists already, so nothing was declared).
+    let binder = login(".*", "^$").await;
+    let err = apply(&binder, &plan).await.unwrap_err();
+    assert!(
+        matches!(err, TopologyError::AccessRefused { .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("the broker refused binding exchange \"{p}orders\" -> queue \"{p}billing\" (key \"order.created\") (ACCESS_REFUSED - ")),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("): a binding takes the write permission on the queue and the read permission on the exchange"),
+        "{text}"
+    );
+    reader.close(200, "done".into()).await.unwrap();
+    binder.close(200, "done".into()).await.unwrap();
+}
