@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use warren_topology::{AmqpUrl, Topology, TopologyError};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use warren_topology::{AmqpUrl, ObjectState, Topology, TopologyError};
 
 use crate::cmd;
 
@@ -55,6 +57,73 @@ pub struct Global {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Where `topology` came from (set by [`Cli::parse_args`]).
+    #[arg(skip)]
+    pub topology_from: Origin,
+}
+
+/// Where a flag's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// Its default: nobody asked for it.
+    #[default]
+    Default,
+    /// Its environment variable: set for every command (a shell profile, a
+    /// container), so not a request of this command in particular.
+    Env,
+    /// The command line.
+    CommandLine,
+}
+
+impl Cli {
+    /// Parses the command line (exiting on `--help`, `--version` and usage
+    /// errors, as clap does) and notes where `-f` came from. A usage error
+    /// with `--output json` also prints a JSON document on stdout.
+    pub fn parse_args() -> Cli {
+        use clap::{CommandFactory, FromArgMatches};
+        let parsed = Cli::command()
+            .try_get_matches()
+            .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)));
+        match parsed {
+            Ok((mut cli, matches)) => {
+                cli.global.topology_from = match source(&matches, "topology") {
+                    Some(ValueSource::CommandLine) => Origin::CommandLine,
+                    Some(ValueSource::EnvVariable) => Origin::Env,
+                    _ => Origin::Default,
+                };
+                cli
+            }
+            Err(e) => {
+                if e.use_stderr() && json_asked(std::env::args_os().skip(1)) {
+                    let rendered = e.render().to_string();
+                    let first = rendered.lines().next().unwrap_or_default();
+                    let message = first.strip_prefix("error: ").unwrap_or(first);
+                    let v =
+                        json!({ "error": { "kind": "usage", "message": mask_passwords(message) } });
+                    outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                }
+                e.exit()
+            }
+        }
+    }
+}
+
+/// Where the value of `id` came from, looking in the subcommand that was
+/// run first (a global flag may be given after it).
+fn source(m: &ArgMatches, id: &str) -> Option<ValueSource> {
+    let below = m.subcommand().and_then(|(_, sub)| source(sub, id));
+    match below {
+        Some(ValueSource::DefaultValue) | None => m.value_source(id).or(below),
+        given => given,
+    }
+}
+
+/// Whether the arguments ask for `--output json`.
+fn json_asked(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    let args: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+    args.iter().enumerate().any(|(i, a)| {
+        a == "--output=json" || (a == "--output" && args.get(i + 1).is_some_and(|v| v == "json"))
+    })
 }
 
 /// How results are printed.
@@ -108,6 +177,7 @@ impl std::fmt::Debug for Global {
             .field("output", &self.output)
             .field("verbose", &self.verbose)
             .field("log_format", &self.log_format)
+            .field("topology_from", &self.topology_from)
             .finish()
     }
 }
@@ -117,16 +187,21 @@ impl Global {
     /// for a URL too broken to say where its password is.
     pub fn url(&self) -> anyhow::Result<AmqpUrl> {
         self.amqp_url.parse::<AmqpUrl>().map_err(|e| {
-            let text = without_password(&e.to_string(), &self.amqp_url);
+            let mut text = without_password(&e.to_string(), &self.amqp_url);
+            if !text.contains("expected amqp://") {
+                text.push_str(&format!("; expected {EXAMPLE_URL} (vhost \"/\" is %2f)"));
+            }
             UsageError(format!("{text} (set --amqp-url or WARREN_AMQP_URL)")).into()
         })
     }
 
-    /// The topology file, validated; a bad file is a usage error (exit 2).
+    /// The topology file, validated; a bad file is a usage error (exit 2)
+    /// that still holds the [`TopologyError`] (for [`error_json`]).
     pub fn topology(&self) -> anyhow::Result<Topology> {
         Topology::from_file(&self.topology).map_err(|e| match e {
             TopologyError::Invalid(_) | TopologyError::Read { .. } => {
-                UsageError(e.to_string()).into()
+                let text = e.to_string();
+                anyhow::Error::new(e).context(UsageError(text))
             }
             other => other.into(),
         })
@@ -151,6 +226,60 @@ pub fn exit_code_of(e: &anyhow::Error) -> u8 {
 /// like `scheme://user:password@host` masked (see [`mask_passwords`]).
 pub fn render_error(e: &anyhow::Error) -> String {
     mask_passwords(&chain(e))
+}
+
+/// An error as JSON, for `--output json`: `kind` (`file`, `usage`,
+/// `connect`, `mismatch`, `access_refused`, `broker` or `error`), `message`
+/// (what [`render_error`] prints) and the facts of its kind: `file`,
+/// `line`, `column`, `field` of a bad topology file; `url` and `transient`
+/// of a failed connection; `differs` (`kind`, `name`, `detail` of each
+/// object) of a mismatch; the `object` a refusal or broker error was about.
+pub fn error_json(e: &anyhow::Error) -> serde_json::Value {
+    let message = render_error(e);
+    let topology = e
+        .downcast_ref::<TopologyError>()
+        .or_else(|| e.chain().find_map(|c| c.downcast_ref::<TopologyError>()));
+    // A partial apply: the failure itself (what was applied is the caller's).
+    let topology = match topology {
+        Some(TopologyError::Incomplete { source, .. }) => Some(&**source),
+        t => t,
+    };
+    let masked = |s: &str| mask_passwords(s);
+    match topology {
+        Some(TopologyError::Invalid(c)) => json!({
+            "kind": "file", "message": message, "file": c.file, "line": c.line,
+            "column": c.column, "field": c.field,
+        }),
+        Some(TopologyError::Read { file, .. }) => {
+            json!({ "kind": "file", "message": message, "file": file })
+        }
+        Some(TopologyError::Connect { url, transient, .. }) => json!({
+            "kind": "connect", "message": message, "url": masked(url), "transient": transient,
+        }),
+        Some(TopologyError::Mismatch { differing, .. }) => {
+            let differs: Vec<serde_json::Value> = differing
+                .iter()
+                .map(|c| {
+                    let detail = match &c.state {
+                        ObjectState::Differs(d) => d.as_str(),
+                        _ => "",
+                    };
+                    json!({ "kind": c.kind, "name": c.name, "detail": masked(detail) })
+                })
+                .collect();
+            json!({ "kind": "mismatch", "message": message, "differs": differs })
+        }
+        Some(TopologyError::AccessRefused { object, .. }) => {
+            json!({ "kind": "access_refused", "message": message, "object": masked(object) })
+        }
+        Some(TopologyError::Broker { object, .. }) => {
+            json!({ "kind": "broker", "message": message, "object": masked(object) })
+        }
+        _ if e.downcast_ref::<UsageError>().is_some() => {
+            json!({ "kind": "usage", "message": message })
+        }
+        _ => json!({ "kind": "error", "message": message }),
+    }
 }
 
 fn chain(e: &anyhow::Error) -> String {
@@ -186,11 +315,26 @@ fn without_password(text: &str, raw: &str) -> String {
 /// user info (after the first `//`, or the whole string without one) and the
 /// last `@`. `None` without one.
 fn password_of(raw: &str) -> Option<&str> {
+    if is_example(raw) {
+        return None;
+    }
     let at = raw.rfind('@')?;
     let start = raw[..at].find("//").map_or(0, |i| i + 2);
     let userinfo = &raw[start..at];
     let (_, password) = userinfo.split_once(':')?;
     Some(password).filter(|p| !p.is_empty() && *p != "***")
+}
+
+/// The URL that hints show as an example. Its port is not a number: it
+/// names no broker, and its password is nobody's.
+pub const EXAMPLE_URL: &str = "amqp://user:password@host:port/vhost";
+
+/// Whether a URL-like word is [`EXAMPLE_URL`] (any scheme, any path):
+/// masking its password would make the example unusable.
+fn is_example(word: &str) -> bool {
+    let rest = word.find("//").map_or(word, |i| &word[i + 2..]);
+    rest.strip_prefix("user:password@host:port")
+        .is_some_and(|r| r.is_empty() || r.starts_with('/'))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -309,8 +453,17 @@ mod tests {
             "url \"amqp://u:***@host/%2f\" is bad"
         );
         assert_eq!(mask_passwords("amqp:guest:pw@host"), "amqp:***@host");
-        // Nothing to mask: no password, or already masked.
+        // Only the example itself is left alone.
+        assert_eq!(
+            mask_passwords(
+                "amqp://user:password@host:5672/vhost amqp://guest:password@host:port/x"
+            ),
+            "amqp://user:***@host:5672/vhost amqp://guest:***@host:port/x"
+        );
+        // Nothing to mask: no password, or already masked, or the example
+        // of an error's hint (a port that is not a number connects nowhere).
         for s in [
+            "expected amqp://user:password@host:port/vhost (vhost \"/\" is %2f)",
             "amqp://guest@host/%2f",
             "amqp://guest:***@host/%2f",
             "write to ops@example.com: it failed",
@@ -336,6 +489,7 @@ mod tests {
                 output: Output::Table,
                 verbose: 0,
                 log_format: LogFormat::Text,
+                topology_from: Origin::Default,
             };
             let e = g.url().expect_err(raw);
             let text = render_error(&e);

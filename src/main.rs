@@ -14,10 +14,8 @@ mod signal;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_args();
     let quiet = matches!(cli.command, cli::Command::Demo(_));
     cli::init_tracing(&cli.global, quiet);
     // One worker thread unless TOKIO_WORKER_THREADS says otherwise: warren's

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use serde_json::json;
 use warren_topology::{ConnectOptions, ObjectState, Plan, Topology, TopologyError};
 
-use crate::cli::Global;
+use crate::cli::{error_json, Global};
 
 /// What to do with the topology file.
 #[derive(Debug, clap::Subcommand)]
@@ -18,9 +18,44 @@ pub enum TopologyCmd {
     Verify,
 }
 
-/// Runs `warren topology ...`.
+/// What `verify` cannot check: AMQP 0-9-1 reads neither back (only the
+/// management API does, and warren does not require it).
+const NOT_CHECKED: [&str; 2] = ["bindings", "policies"];
+
+/// Runs `warren topology ...`. With `--output json` it prints one JSON
+/// document in every outcome, failures included (`error` is `null` or says
+/// what failed; see [`crate::cli::error_json`]); the exit code is the same
+/// either way.
 pub async fn run(g: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> {
+    let mut report = match cmd {
+        TopologyCmd::Show => json!({ "plan": null, "lints": [], "error": null }),
+        TopologyCmd::Apply => json!({ "applied": [], "lints": [], "error": null }),
+        TopologyCmd::Verify => json!({
+            "matches": null, "checks": [], "not_checked": NOT_CHECKED, "lints": [], "error": null,
+        }),
+    };
+    let result = run_cmd(g, cmd, &mut report).await;
+    if g.json() {
+        if let Err(e) = &result {
+            // What a partial apply did stays on the broker: say so.
+            if let Some(TopologyError::Incomplete { applied, .. }) = e.downcast_ref() {
+                report["applied"] = json!(applied);
+            }
+            report["error"] = error_json(e);
+        }
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    result
+}
+
+/// The command itself: prints tables, and fills `report` for JSON.
+async fn run_cmd(
+    g: &Global,
+    cmd: TopologyCmd,
+    report: &mut serde_json::Value,
+) -> anyhow::Result<ExitCode> {
     let topology = g.topology()?;
+    report["lints"] = json!(topology.lints());
     if topology.exchanges.is_empty() && topology.groups.is_empty() {
         // Valid, but almost always the wrong file.
         eprintln!(
@@ -31,21 +66,15 @@ pub async fn run(g: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> {
     let plan = Plan::new(&topology);
     match cmd {
         TopologyCmd::Show => {
-            if g.json() {
-                outln!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &json!({ "plan": plan, "lints": topology.lints() })
-                    )?
-                );
-            } else {
+            report["plan"] = json!(plan);
+            if !g.json() {
                 out!("{plan}");
                 print_lints(&topology);
             }
             Ok(ExitCode::SUCCESS)
         }
-        TopologyCmd::Apply => apply(g, &topology, &plan).await,
-        TopologyCmd::Verify => verify(g, &topology, &plan).await,
+        TopologyCmd::Apply => apply(g, &topology, &plan, report).await,
+        TopologyCmd::Verify => verify(g, &topology, &plan, report).await,
     }
 }
 
@@ -65,7 +94,12 @@ async fn connect(g: &Global) -> anyhow::Result<warren_topology::lapin::Connectio
     Ok(warren_topology::connect(&opts).await?)
 }
 
-async fn apply(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode> {
+async fn apply(
+    g: &Global,
+    t: &Topology,
+    plan: &Plan,
+    report: &mut serde_json::Value,
+) -> anyhow::Result<ExitCode> {
     let conn = connect(g).await?;
     let result = warren_topology::apply(&conn, plan).await;
     warren_topology::close(&conn, "done").await;
@@ -80,12 +114,8 @@ async fn apply(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode
             )
         }
     };
-    if g.json() {
-        outln!(
-            "{}",
-            serde_json::to_string_pretty(&json!({ "applied": done, "lints": t.lints() }))?
-        );
-    } else {
+    report["applied"] = json!(done);
+    if !g.json() {
         for a in &done {
             let action = match a.action {
                 warren_topology::Action::Created => "created",
@@ -110,20 +140,20 @@ async fn apply(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-async fn verify(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCode> {
+async fn verify(
+    g: &Global,
+    t: &Topology,
+    plan: &Plan,
+    json: &mut serde_json::Value,
+) -> anyhow::Result<ExitCode> {
     let conn = connect(g).await?;
     let result = warren_topology::verify(&conn, plan).await;
     warren_topology::close(&conn, "done").await;
     let report = result?;
     let ok = report.matches();
-    if g.json() {
-        outln!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({ "matches": ok, "checks": report.checks, "lints": t.lints() })
-            )?
-        );
-    } else {
+    json["matches"] = json!(ok);
+    json["checks"] = json!(report.checks);
+    if !g.json() {
         for c in &report.checks {
             match &c.state {
                 ObjectState::Matches => outln!("ok        {:<9} {}", c.kind, c.name),
@@ -131,7 +161,7 @@ async fn verify(g: &Global, t: &Topology, plan: &Plan) -> anyhow::Result<ExitCod
                 ObjectState::Differs(d) => outln!("DIFFERS   {:<9} {}: {d}", c.kind, c.name),
             }
         }
-        outln!("bindings are declared by `apply` (idempotent); AMQP cannot list them, so verify does not check them");
+        outln!("not checked: bindings and policies, which AMQP 0-9-1 cannot read back (`rabbitmqctl list_bindings` and `rabbitmqctl list_policies` show them); `warren topology apply` declares the bindings again, and a policy that matches these queues (a max-length, message-ttl or expires) changes how they behave without changing their arguments");
         print_lints(t);
         if ok {
             outln!("the broker matches {}", g.topology.display());
