@@ -292,6 +292,38 @@ fn a_demo_that_does_not_settle_says_what_it_leaves_and_how_to_delete_it() {
             )),
         "{err}"
     );
+    // With --output json: the same facts, as JSON on stdout.
+    let o = warren()
+        .args(["demo", "--output", "json", "--orders", "200"])
+        .args(["--timeout", "1ms", "--prefix", &prefix])
+        .output_within(CLI_LIMIT);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "error", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the pipeline did not settle within 1ms: "),
+        "{v}"
+    );
+    assert_eq!(
+        (
+            &v["reconciled"],
+            &v["kept"],
+            &v["published"],
+            &v["expected"]
+        ),
+        (
+            &serde_json::json!(false),
+            &serde_json::json!(true),
+            &serde_json::json!(200),
+            &serde_json::json!(300)
+        ),
+        "{v}"
+    );
+    assert!(v["settled"].as_u64().unwrap() < 300, "{v}");
+    assert_eq!(v["next"], serde_json::json!([undo]));
     demo(&["--prefix", &prefix, "--orders", "0"]);
     let listed = std::process::Command::new("rabbitmqctl")
         .args(["list_queues", "-q", "name"])
@@ -299,4 +331,73 @@ fn a_demo_that_does_not_settle_says_what_it_leaves_and_how_to_delete_it() {
         .unwrap();
     let names = String::from_utf8_lossy(&listed.stdout);
     assert!(!names.contains(&prefix), "queues left behind: {names}");
+}
+
+/// The demo runs its own topology with a built-in handler, and purges and
+/// deletes its queues: it cannot run on the user's file, and says so rather
+/// than ignoring an explicit `-f` (before connecting: nothing answers here).
+#[test]
+fn an_explicit_topology_file_is_refused_with_what_to_run_instead() {
+    let w = env!("CARGO_BIN_EXE_warren");
+    let says = format!("error: warren demo does not read -f mine.toml: it runs its own topology (examples/demo.toml under --prefix, default \"demo.\") with a built-in handler, and purges and deletes its queues. To run warren on your topology: `{w} topology apply -f mine.toml`, then `{w} consume -f mine.toml --group G --http URL` (or `--exec CMD`)\n");
+    for flag in ["-f", "--topology"] {
+        let o = warren()
+            .args(["demo", flag, "mine.toml"])
+            .args(["--amqp-url", "amqp://guest:guest@127.0.0.1:1/%2f"])
+            .output_within(CLI_LIMIT);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag}: {err}");
+        assert_eq!(err, says, "{flag}");
+        assert!(o.stdout.is_empty(), "{flag}");
+    }
+    let o = warren()
+        .args(["demo", "--output", "json", "-f", "mine.toml"])
+        .output_within(CLI_LIMIT);
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "usage", "{v}");
+    assert_eq!(
+        format!("error: {}\n", v["error"]["message"].as_str().unwrap()),
+        says
+    );
+}
+
+/// `WARREN_TOPOLOGY` is set for every command in a shell profile or a
+/// container (the compose file does): the demo runs, and says it is not used.
+#[test]
+fn warren_topology_in_the_environment_is_noted_and_not_used() {
+    let prefix = format!("{}.", unique("demoenv"));
+    let o = warren()
+        .env("WARREN_TOPOLOGY", "/etc/warren/warren.toml")
+        .args(["demo", "--orders", "0", "--prefix", &prefix])
+        .output_within(CLI_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        err,
+        format!("note: WARREN_TOPOLOGY (/etc/warren/warren.toml) is not used: warren demo runs its own topology (examples/demo.toml under --prefix \"{prefix}\")\n")
+    );
+}
+
+/// With `--output json`, a demo that fails prints a JSON document too.
+#[test]
+fn a_failed_demo_prints_json() {
+    let o = warren()
+        .args(["demo", "--output", "json"])
+        .args(["--amqp-url", "amqp://guest:Sekr1tPw@127.0.0.1:1/%2f"])
+        .output_within(CLI_LIMIT);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("Sekr1tPw"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(v["error"]["kind"], "connect", "{v}");
+    assert_eq!(v["reconciled"], false, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("scripts/broker"),
+        "{v}"
+    );
 }

@@ -27,7 +27,7 @@ use warren_topology::lapin::options::{
 };
 use warren_topology::{Broker, ConnectOptions, Plan, Topology};
 
-use crate::cli::{Global, UsageError};
+use crate::cli::{error_json, Global, Origin, UsageError};
 
 /// The demo topology, built into the binary so `warren demo` runs anywhere.
 const DEMO_TOML: &str = include_str!("../../examples/demo.toml");
@@ -129,8 +129,62 @@ struct GroupSummary {
     reconciled: bool,
 }
 
-/// Runs `warren demo`.
+/// The pipeline did not settle within `--timeout`: the demo's objects stay.
+#[derive(Debug, thiserror::Error)]
+#[error("the pipeline did not settle within {}: {settled} of {expected} deliveries settled; the demo's exchange and queues stay on the broker as they are (`{undo}` deletes them)", humantime::format_duration(*.timeout))]
+struct NotSettled {
+    timeout: Duration,
+    published: u64,
+    settled: u64,
+    expected: u64,
+    /// The command that deletes what stays.
+    undo: String,
+}
+
+/// Runs `warren demo`. With `--output json` a failure prints a JSON
+/// document too: `error` (see [`crate::cli::error_json`]), `reconciled`
+/// false and, when the pipeline did not settle, the counts, `kept` and the
+/// command that deletes what stays in `next`.
 pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let result = run_demo(g, args).await;
+    if let (Err(e), true) = (&result, g.json()) {
+        let mut v = json!({ "error": error_json(e), "reconciled": false });
+        if let Some(n) = e.downcast_ref::<NotSettled>() {
+            v["published"] = json!(n.published);
+            v["settled"] = json!(n.settled);
+            v["expected"] = json!(n.expected);
+            v["kept"] = json!(true);
+            v["next"] = json!([n.undo]);
+        }
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    result
+}
+
+/// An explicit `-f` is refused (the demo cannot run on the user's file: it
+/// has its own handler, and it purges and deletes its queues);
+/// `WARREN_TOPOLOGY`, set for every command in a shell profile or a
+/// container, is only noted.
+fn refuse_topology_file(g: &Global, prefix: &str) -> anyhow::Result<()> {
+    let f = g.topology.display();
+    match g.topology_from {
+        Origin::CommandLine => {
+            let w = program();
+            Err(UsageError(format!(
+                "warren demo does not read -f {f}: it runs its own topology (examples/demo.toml under --prefix, default \"demo.\") with a built-in handler, and purges and deletes its queues. To run warren on your topology: `{w} topology apply -f {f}`, then `{w} consume -f {f} --group G --http URL` (or `--exec CMD`)"
+            ))
+            .into())
+        }
+        Origin::Env => {
+            eprintln!("note: WARREN_TOPOLOGY ({f}) is not used: warren demo runs its own topology (examples/demo.toml under --prefix {prefix:?})");
+            Ok(())
+        }
+        Origin::Default => Ok(()),
+    }
+}
+
+async fn run_demo(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    refuse_topology_file(g, &args.prefix)?;
     let url = g.url()?;
     let topology = demo_topology(&args.prefix)?;
     let plan = Plan::new(&topology);
@@ -143,9 +197,11 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         // A broker that answered and refused the user or vhost needs no
         // advice on starting one.
         if e.is_transient() {
-            anyhow::anyhow!(
+            // The advice leads; the error stays in the chain (for JSON).
+            let advice = format!(
                 "{e}\nno broker answers at {url}: start one with `scripts/broker` (or `rabbitmq-server -detached`, or `docker compose up -d rabbitmq`), or point --amqp-url at yours"
-            )
+            );
+            anyhow::Error::new(e).context(advice)
         } else {
             anyhow::Error::new(e)
         }
@@ -305,13 +361,14 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         if Instant::now() > deadline {
             bar.abandon();
-            anyhow::bail!(
-                "the pipeline did not settle within {}: {} of {} deliveries settled; the demo's exchange and queues stay on the broker as they are (`{}` deletes them)",
-                humantime::format_duration(args.timeout),
-                s,
-                total_expected(&expected),
-                undo_command(&args.prefix)
-            );
+            return Err(NotSettled {
+                timeout: args.timeout,
+                published,
+                settled: s,
+                expected: total_expected(&expected),
+                undo: undo_command(&args.prefix),
+            }
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -434,6 +491,7 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
                 "kept": args.keep,
                 "topology_file": if args.keep { Some(f.clone()) } else { None },
                 "next": next,
+                "error": null,
             }))?
         );
     } else {
