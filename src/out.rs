@@ -1,7 +1,7 @@
 //! What commands print on standard output.
 //!
 //! `warren dlq list | head` closes the pipe after ten lines. `println!`
-//! panics on the next write (with a backtrace); [`outln!`] instead ends the
+//! panics on the next write (with a backtrace); `outln!` instead ends the
 //! process quietly with exit code 141 (128 + SIGPIPE, what a shell shows for
 //! a tool that SIGPIPE ended). Nothing is lost by ending there: a scan's
 //! messages are held unacked on a connection that then closes, so the broker
