@@ -28,7 +28,7 @@ pub struct Cli {
 /// Options every command takes. `Debug` masks the password of the URL.
 #[derive(Clone, clap::Args)]
 pub struct Global {
-    /// The topology file.
+    /// The topology file (`warren demo` runs its own and refuses -f).
     #[arg(
         short = 'f',
         long = "topology",
@@ -37,7 +37,8 @@ pub struct Global {
         global = true
     )]
     pub topology: PathBuf,
-    /// The broker (the password is never printed).
+    /// The broker (default: the local one, as user guest, vhost /); its
+    /// password is never printed.
     // Help names the variable but never shows its value: it holds the password.
     #[arg(
         long,

@@ -401,3 +401,19 @@ fn a_failed_demo_prints_json() {
         "{v}"
     );
 }
+
+/// `-f` is a global flag, so `demo --help` lists it: the help says the demo
+/// does not take it, and what the broker defaults to.
+#[test]
+fn demo_help_says_it_runs_its_own_topology() {
+    let o = warren().args(["demo", "--help"]).output_within(CLI_LIMIT);
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.contains("The topology file (`warren demo` runs its own and refuses -f)"),
+        "{help}"
+    );
+    assert!(
+        help.contains("The broker (default: the local one, as user guest, vhost /); its password is never printed"),
+        "{help}"
+    );
+}
