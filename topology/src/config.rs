@@ -559,6 +559,34 @@ impl Topology {
                     ),
                 });
             }
+            let wild: Vec<String> = g
+                .bindings
+                .iter()
+                .filter(|k| k.contains(['*', '#']))
+                .map(|k| format!("{k:?}"))
+                .collect();
+            if kind == Some(ExchangeKind::Direct) && !wild.is_empty() {
+                out.push(Lint {
+                    group: g.name.clone(),
+                    message: format!(
+                        "binding keys {} on direct exchange {:?} match only messages whose routing key is exactly that text: * and # are wildcards on topic exchanges only; make {:?} a topic exchange, or bind exact keys",
+                        wild.join(", "),
+                        g.exchange,
+                        g.exchange
+                    ),
+                });
+            }
+            if kind == Some(ExchangeKind::Fanout)
+                && g.bindings.iter().any(|k| !k.is_empty() && k != "#")
+            {
+                out.push(Lint {
+                    group: g.name.clone(),
+                    message: format!(
+                        "exchange {:?} is a fanout exchange, which ignores binding keys: the work queue receives every message, whatever its key",
+                        g.exchange
+                    ),
+                });
+            }
             if g.handler_timeout >= BROKER_CONSUMER_TIMEOUT {
                 out.push(Lint {
                     group: g.name.clone(),
@@ -819,6 +847,31 @@ delivery_limit = 5
             "{:?}",
             lints("29m 59s 999ms")
         );
+    }
+
+    #[test]
+    fn wildcards_on_a_direct_exchange_and_keys_on_a_fanout_are_linted() {
+        let lints = |kind: &str, bindings: &str| -> Vec<String> {
+            let file = format!("[[exchange]]\nname='e'\nkind='{kind}'\n[[group]]\nname='g'\nexchange='e'\nbindings=[{bindings}]\ndelivery_limit=3\n");
+            Topology::parse(&file, "f")
+                .unwrap()
+                .lints()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            lints("direct", "'order.created', 'order.*', '#'"),
+            ["group \"g\": binding keys \"order.*\", \"#\" on direct exchange \"e\" match only messages whose routing key is exactly that text: * and # are wildcards on topic exchanges only; make \"e\" a topic exchange, or bind exact keys"]
+        );
+        assert_eq!(
+            lints("fanout", "'order.created'"),
+            ["group \"g\": exchange \"e\" is a fanout exchange, which ignores binding keys: the work queue receives every message, whatever its key"]
+        );
+        // What each kind is for: no lint.
+        assert!(lints("direct", "'order.created'").is_empty());
+        assert!(lints("topic", "'order.*', '#'").is_empty());
+        assert!(lints("fanout", "''").is_empty());
     }
 
     #[test]
