@@ -1174,3 +1174,133 @@ fn a_metrics_port_in_use_is_said_once() {
         )
     );
 }
+
+/// `warren consume` for group `g` of `topo` at the default verbosity (unless
+/// `args` says `-v`), logging in with `url`, which `--exec` commands inherit
+/// as `WARREN_AMQP_URL`; `/metrics` on a free port of 127.0.0.1. Returns once
+/// `/readyz` answers 200.
+async fn quiet_worker(topo: &Topo, url: &str, args: &[&str]) -> Worker {
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("{}-{port}.log", topo.p));
+    let (group, addr) = (topo.q("g"), format!("127.0.0.1:{port}"));
+    let mut all = vec![
+        "consume",
+        "-f",
+        topo.file(),
+        "--group",
+        &group,
+        "--metrics-addr",
+        &addr,
+    ];
+    all.extend_from_slice(args);
+    let child = warren()
+        .env("WARREN_AMQP_URL", url)
+        .args(&all)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut w = Worker { child, port, log };
+    let up = wait_until(Duration::from_secs(20), || async { ready(&w) }).await;
+    assert!(up, "worker not ready in 20s; log:\n{}", w.log_text());
+    assert!(w.child.try_wait().unwrap().is_none(), "{}", w.log_text());
+    w
+}
+
+/// The password of an AMQP URL (`amqp://user:password@host...`).
+fn password_of(url: &str) -> &str {
+    let rest = url.split_once("://").unwrap().1;
+    let userinfo = rest.rsplit_once('@').unwrap().0;
+    userinfo.split_once(':').unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_password_a_command_prints_is_masked_in_dead_letters_and_logs() {
+    let topo = Topo::new("execpw", &[GROUP]);
+    topo.apply();
+    let user = warren_testkit::TempUser::create();
+    let url = user.url().expose().to_owned();
+    let password = password_of(&url).to_owned();
+    assert!(password.len() >= 8, "{password}");
+    let masked_url = url.replace(&format!(":{password}@"), ":***@");
+    // What `set -x`, `env` or a crash dump shows: the URL a handler inherits
+    // (warren's own), and its password alone.
+    let cmd = "cat > /dev/null; echo \"connecting to $WARREN_AMQP_URL\" >&2; \
+               pw=${WARREN_AMQP_URL#*://*:}; echo \"password=${pw%%@*}\" >&2; \
+               env | grep '^WARREN_AMQP_URL=' >&2; exit 1";
+    let w = quiet_worker(&topo, &url, &["-v", "--exec", cmd]).await;
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "pw-1", b"{}").await;
+    let dead_q = topo.q("g.dead");
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            count(&conn, &dead_q).await == 1
+        })
+        .await,
+        "log:\n{}",
+        w.log_text()
+    );
+    let dead = dead_by_id(drain(&conn, &dead_q).await);
+    assert_eq!(
+        header_str(&dead["pw-1"], "x-warren-error").as_deref(),
+        Some(
+            format!(
+                "command exited with 1: connecting to {masked_url} password=*** \
+                 WARREN_AMQP_URL={masked_url}"
+            )
+            .as_str()
+        )
+    );
+    let log = w.log_text();
+    assert!(!log.contains(&password), "the password in the log:\n{log}");
+    assert!(log.contains("handler failed; retrying later"), "{log}");
+    assert!(
+        log.contains(&format!("connecting to {masked_url}")),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_password_an_http_service_echoes_is_masked_in_dead_letters_and_logs() {
+    let topo = Topo::new("httpecho", &[GROUP]);
+    topo.apply();
+    let user = warren_testkit::TempUser::create();
+    let url = user.url().expose().to_owned();
+    let password = password_of(&url).to_owned();
+    let masked_url = url.replace(&format!(":{password}@"), ":***@");
+    // A service that tells what it was configured with.
+    let said = format!("cannot log in with {url} (password {password})");
+    let app = Router::new().route(
+        "/h",
+        post(move || {
+            let said = said.clone();
+            async move { (StatusCode::BAD_REQUEST, said) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/h", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let w = quiet_worker(&topo, &url, &["-v", "--http", &endpoint]).await;
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "pw-2", b"{}").await;
+    let dead_q = topo.q("g.dead");
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            count(&conn, &dead_q).await == 1
+        })
+        .await,
+        "log:\n{}",
+        w.log_text()
+    );
+    let dead = dead_by_id(drain(&conn, &dead_q).await);
+    assert_eq!(
+        header_str(&dead["pw-2"], "x-warren-error").as_deref(),
+        Some(
+            format!("HTTP 400 Bad Request: cannot log in with {masked_url} (password ***)")
+                .as_str()
+        )
+    );
+    let log = w.log_text();
+    assert!(!log.contains(&password), "the password in the log:\n{log}");
+    assert!(log.contains("handler failed; dead-lettered"), "{log}");
+}

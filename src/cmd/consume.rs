@@ -7,7 +7,9 @@
 //! once (exit 130) after killing the `--exec` commands still running: their
 //! deliveries, unacked, go back to the queue when the connection drops. An
 //! `--exec` program that cannot start (missing, not executable, no `sh`) is
-//! refused (exit 2) before anything is consumed.
+//! refused (exit 2) before anything is consumed. Passwords are masked in
+//! what handlers return (see [`Mask`]): `--exec` commands inherit
+//! `WARREN_AMQP_URL`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -21,7 +23,7 @@ use warren_consumer::{ConsumerGroup, Handler};
 use warren_topology::{Broker, ConnectOptions, Group, DEFAULT_CONCURRENCY};
 
 use crate::cli::{Global, UsageError};
-use crate::handlers::{ExecHandler, HttpHandler, RunningGroups};
+use crate::handlers::{ExecHandler, HttpHandler, Mask, RunningGroups};
 use crate::serve::{self, Health};
 
 /// Default address of `/metrics`, `/healthz`, `/readyz`.
@@ -163,20 +165,24 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
+    // The password of the URL warren connects with, which the commands
+    // inherit, is masked in what handlers return.
+    let mask = Mask::new(&url);
     match (&args.http, &args.exec) {
         (Some(endpoint), None) => {
             let h = HttpHandler::new(
                 endpoint,
                 group.handler_timeout,
                 usize::from(group.concurrency),
-            )?;
+            )?
+            .mask(mask);
             let shown = format!("POST {}", h.shown_url());
             // In-flight requests die with the process: nothing to kill.
             serve_group(url, group, h, &shown, None, &args).await?;
         }
         (None, Some(cmd)) => {
-            let shown = format!("sh -c {cmd:?}");
-            let h = ExecHandler::new(cmd.clone());
+            let shown = format!("sh -c {:?}", mask.apply(cmd));
+            let h = ExecHandler::new(cmd.clone()).mask(mask);
             // A program that cannot start would fail every message.
             h.check().await.map_err(UsageError)?;
             let running = h.running();

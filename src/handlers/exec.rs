@@ -5,7 +5,9 @@
 //! and `WARREN_REDELIVERED` (`true`/`false`) in its environment; its stdout
 //! is warren's. Exit 0 is success; exit 65 (EX_DATAERR) is permanent; any
 //! other exit or a signal is retryable, with the end of stderr as the error
-//! text (as much of its last 1 KiB as fits in `x-warren-error`).
+//! text (as much of its last 1 KiB as fits in `x-warren-error`), passwords
+//! masked ([`Mask`]): the command inherits warren's environment,
+//! `WARREN_AMQP_URL` included.
 //!
 //! ## Process groups
 //!
@@ -36,7 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdin, Command};
 use warren_consumer::{Delivery, Handler, HandlerError, HandlerResult};
 
-use super::{with_tail, ERROR_TEXT_BYTES};
+use super::{with_tail, Mask, READ_BYTES};
 
 /// The exit code that means "this message is bad data": permanent.
 pub const EX_DATAERR: i32 = 65;
@@ -50,15 +52,26 @@ pub const STDERR_AFTER_EXIT: Duration = Duration::from_millis(100);
 pub struct ExecHandler {
     command: String,
     running: RunningGroups,
+    mask: Mask,
 }
 
 impl ExecHandler {
-    /// A handler running `command` through `sh -c`.
+    /// A handler running `command` through `sh -c`; its stderr is masked
+    /// with `Mask::default()` (every `user:password@`) unless
+    /// [`ExecHandler::mask`] says more.
     pub fn new(command: impl Into<String>) -> Self {
         ExecHandler {
             command: command.into(),
             running: RunningGroups::default(),
+            mask: Mask::default(),
         }
+    }
+
+    /// Masks the passwords `mask` knows in the command's stderr (give it
+    /// the broker URL the command inherits).
+    pub fn mask(mut self, mask: Mask) -> Self {
+        self.mask = mask;
+        self
     }
 
     /// The process groups of the commands running now, for an exit that
@@ -226,25 +239,34 @@ impl RunningGroups {
     }
 }
 
-/// The outcome of a finished command.
-pub fn outcome_of_exit(code: Option<i32>, signal: Option<i32>, stderr: &[u8]) -> HandlerResult {
+/// The outcome of a finished command, its stderr masked with `mask`.
+pub fn outcome_of_exit(
+    code: Option<i32>,
+    signal: Option<i32>,
+    stderr: &[u8],
+    mask: &Mask,
+) -> HandlerResult {
     match (code, signal) {
         (Some(0), _) => Ok(()),
         (Some(EX_DATAERR), _) => Err(HandlerError::permanent(with_tail(
             &format!("command exited with {EX_DATAERR} (EX_DATAERR)"),
             stderr,
+            mask,
         ))),
         (Some(c), _) => Err(HandlerError::retryable(with_tail(
             &format!("command exited with {c}"),
             stderr,
+            mask,
         ))),
         (None, Some(s)) => Err(HandlerError::retryable(with_tail(
             &format!("command killed by signal {s}"),
             stderr,
+            mask,
         ))),
         (None, None) => Err(HandlerError::retryable(with_tail(
             "command ended without an exit code",
             stderr,
+            mask,
         ))),
     }
 }
@@ -293,8 +315,8 @@ async fn write_body(stdin: Option<ChildStdin>, body: &[u8]) {
     }
 }
 
-/// Reads stderr to its end, keeping only the last bytes in `tail`: bounded
-/// memory whatever the command prints.
+/// Reads stderr to its end, keeping only the last bytes in `tail` (at least
+/// [`READ_BYTES`] of them): bounded memory whatever the command prints.
 async fn read_tail(stderr: Option<ChildStderr>, tail: &mut Vec<u8>) {
     let Some(mut err) = stderr else { return };
     let mut buf = [0u8; 4096];
@@ -303,8 +325,8 @@ async fn read_tail(stderr: Option<ChildStderr>, tail: &mut Vec<u8>) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 tail.extend_from_slice(&buf[..n]);
-                if tail.len() > 2 * ERROR_TEXT_BYTES {
-                    tail.drain(..tail.len() - ERROR_TEXT_BYTES);
+                if tail.len() > 2 * READ_BYTES {
+                    tail.drain(..tail.len() - READ_BYTES);
                 }
             }
         }
@@ -332,7 +354,8 @@ impl Handler for ExecHandler {
         #[cfg(unix)]
         command.process_group(0);
         let (child, group) = self.running.spawn(&mut command).map_err(|e| {
-            HandlerError::retryable(format!("cannot start `sh -c {}`: {e}", self.command))
+            let command = self.mask.apply(&self.command);
+            HandlerError::retryable(format!("cannot start `sh -c {command}`: {e}"))
         })?;
         // Bound one after the other (not by the pattern above), `group`
         // after `child`, so `group` is dropped first: the group is killed
@@ -372,7 +395,7 @@ impl Handler for ExecHandler {
         let signal = std::os::unix::process::ExitStatusExt::signal(&status);
         #[cfg(not(unix))]
         let signal = None;
-        outcome_of_exit(status.code(), signal, &tail)
+        outcome_of_exit(status.code(), signal, &tail, &self.mask)
     }
 }
 
@@ -459,18 +482,21 @@ mod tests {
 
     #[test]
     fn exit_codes_map_to_the_documented_outcomes() {
-        assert!(outcome_of_exit(Some(0), None, b"noise").is_ok());
-        let e = outcome_of_exit(Some(65), None, b"line 1\nbad field\n").unwrap_err();
+        assert!(outcome_of_exit(Some(0), None, b"noise", &Mask::default()).is_ok());
+        let e =
+            outcome_of_exit(Some(65), None, b"line 1\nbad field\n", &Mask::default()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Permanent);
         assert_eq!(
             e.message(),
             "command exited with 65 (EX_DATAERR): line 1 bad field"
         );
         assert_eq!(
-            outcome_of_exit(Some(1), None, b"").unwrap_err().kind(),
+            outcome_of_exit(Some(1), None, b"", &Mask::default())
+                .unwrap_err()
+                .kind(),
             ErrorKind::Retryable
         );
-        let e = outcome_of_exit(None, Some(9), b"").unwrap_err();
+        let e = outcome_of_exit(None, Some(9), b"", &Mask::default()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Retryable);
         assert_eq!(e.message(), "command killed by signal 9");
     }

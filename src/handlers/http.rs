@@ -14,14 +14,16 @@
 //!
 //! A password in the URL (`http://user:pw@host/hook`) is sent as basic
 //! auth and shown everywhere as `user:***@`: logs, errors, `x-warren-error`.
+//! A response body is masked too ([`Mask`]): a service may echo a URL, or
+//! the broker's password.
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION};
 use warren_consumer::{Delivery, ErrorKind, Handler, HandlerError, HandlerResult};
 use warren_topology::headers;
 
-use super::{with_head, ERROR_TEXT_BYTES};
+use super::{push_clean, with_head, Mask, CUT, READ_BYTES};
 
 /// Forwards deliveries to an HTTP endpoint over a keep-alive pool.
 #[derive(Clone)]
@@ -30,6 +32,7 @@ pub struct HttpHandler {
     url: reqwest::Url,
     /// The URL as shown: its password masked.
     shown: String,
+    mask: Mask,
 }
 
 impl std::fmt::Debug for HttpHandler {
@@ -61,7 +64,19 @@ impl HttpHandler {
             .redirect(reqwest::redirect::Policy::none())
             .tcp_nodelay(true)
             .build()?;
-        Ok(HttpHandler { client, url, shown })
+        Ok(HttpHandler {
+            client,
+            url,
+            shown,
+            mask: Mask::default(),
+        })
+    }
+
+    /// Masks the passwords `mask` knows in response bodies (every
+    /// `user:password@` without it).
+    pub fn mask(mut self, mask: Mask) -> Self {
+        self.mask = mask;
+        self
     }
 
     /// The URL as it may be shown: its password masked.
@@ -108,9 +123,28 @@ impl HttpHandler {
 /// included), leaving room for the response body.
 const LOCATION_BYTES: usize = 512;
 
-/// The outcome of an HTTP status, with the start of the response body and,
-/// for a redirect, where it pointed.
-pub fn outcome_of_status(status: u16, location: Option<&[u8]>, body: &[u8]) -> HandlerResult {
+/// Pushes `value` (a response header) onto `out`, masked and cleaned, at
+/// most `max` bytes of it.
+fn push_header(out: &mut String, value: &[u8], max: usize, mask: &Mask) {
+    let value = mask.apply(String::from_utf8_lossy(value).trim());
+    let end = out.len() + max;
+    for c in value.chars() {
+        if out.len() >= end {
+            out.push_str(CUT);
+            break;
+        }
+        push_clean(out, c);
+    }
+}
+
+/// The outcome of an HTTP status, with the start of the response body,
+/// masked with `mask`, and, for a redirect, where it pointed (`location`).
+pub fn outcome_of_status(
+    status: u16,
+    location: Option<&[u8]>,
+    body: &[u8],
+    mask: &Mask,
+) -> HandlerResult {
     let text = || {
         let reason = reqwest::StatusCode::from_u16(status)
             .ok()
@@ -122,18 +156,11 @@ pub fn outcome_of_status(status: u16, location: Option<&[u8]>, body: &[u8]) -> H
                 prefix.push_str(" to ");
                 // A password in it is masked, as the --http URL's is.
                 let location = warren_topology::redact(String::from_utf8_lossy(location).trim());
-                let end = prefix.len() + LOCATION_BYTES;
-                for c in location.chars() {
-                    if prefix.len() >= end {
-                        prefix.push_str(super::CUT);
-                        break;
-                    }
-                    super::push_clean(&mut prefix, c);
-                }
+                push_header(&mut prefix, location.as_bytes(), LOCATION_BYTES, mask);
             }
             prefix.push_str(" (redirects are not followed: give --http the final URL)");
         }
-        with_head(&prefix, body)
+        with_head(&prefix, body, mask)
     };
     match status {
         200..=299 => Ok(()),
@@ -174,18 +201,18 @@ impl Handler for HttpHandler {
         }
         let location = response
             .headers()
-            .get(reqwest::header::LOCATION)
+            .get(LOCATION)
             .map(|l| l.as_bytes().to_vec());
         // Only the start of an error body is kept; do not read a huge one whole.
         let mut body = Vec::new();
         let mut response = response;
-        while body.len() < ERROR_TEXT_BYTES {
+        while body.len() < READ_BYTES {
             match response.chunk().await {
                 Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                 _ => break,
             }
         }
-        outcome_of_status(status, location.as_deref(), &body)
+        outcome_of_status(status, location.as_deref(), &body, &self.mask)
     }
 }
 
@@ -206,39 +233,44 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handlers::ERROR_TEXT_BYTES;
+
+    fn outcome(status: u16, location: Option<&[u8]>, body: &[u8]) -> HandlerResult {
+        outcome_of_status(status, location, body, &Mask::default())
+    }
 
     #[test]
     fn statuses_map_to_the_documented_outcomes() {
-        assert!(outcome_of_status(200, None, b"").is_ok());
-        assert!(outcome_of_status(204, None, b"").is_ok());
-        let e = outcome_of_status(400, None, b"bad order\n").unwrap_err();
+        assert!(outcome(200, None, b"").is_ok());
+        assert!(outcome(204, None, b"").is_ok());
+        let e = outcome(400, None, b"bad order\n").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Permanent);
         assert_eq!(e.message(), "HTTP 400 Bad Request: bad order");
         assert_eq!(
-            outcome_of_status(404, None, b"").unwrap_err().kind(),
+            outcome(404, None, b"").unwrap_err().kind(),
             ErrorKind::Permanent
         );
         assert_eq!(
-            outcome_of_status(408, None, b"").unwrap_err().kind(),
+            outcome(408, None, b"").unwrap_err().kind(),
             ErrorKind::Retryable
         );
         assert_eq!(
-            outcome_of_status(429, None, b"").unwrap_err().kind(),
+            outcome(429, None, b"").unwrap_err().kind(),
             ErrorKind::Retryable
         );
         assert_eq!(
-            outcome_of_status(503, None, b"").unwrap_err().kind(),
+            outcome(503, None, b"").unwrap_err().kind(),
             ErrorKind::Retryable
         );
         let long = vec![b'x'; 5000];
-        let e = outcome_of_status(301, Some(b"https://x/h\x1b[2J\n"), b"").unwrap_err();
+        let e = outcome(301, Some(b"https://x/h\x1b[2J\n"), b"").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Retryable);
         assert_eq!(
             e.message(),
             "HTTP 301 Moved Permanently to https://x/h\\u{1b}[2J \
              (redirects are not followed: give --http the final URL)"
         );
-        let e = outcome_of_status(302, Some(b"http://u:secretpw@h/x"), b"").unwrap_err();
+        let e = outcome(302, Some(b"http://u:secretpw@h/x"), b"").unwrap_err();
         assert!(
             e.message().contains(" to http://u:***@h/x "),
             "{}",
@@ -246,22 +278,16 @@ mod tests {
         );
         assert!(!e.message().contains("secretpw"), "{}", e.message());
         let far = format!("/{}", "\x07".repeat(5000));
-        let e = outcome_of_status(308, Some(far.as_bytes()), &long).unwrap_err();
+        let e = outcome(308, Some(far.as_bytes()), &long).unwrap_err();
         assert!(e.message().len() <= ERROR_TEXT_BYTES, "{}", e.message());
         assert!(
             e.message().contains("\\u{7}… (redirects"),
             "{}",
             e.message()
         );
-        assert!(
-            outcome_of_status(500, None, &long)
-                .unwrap_err()
-                .message()
-                .len()
-                <= ERROR_TEXT_BYTES
-        );
+        assert!(outcome(500, None, &long).unwrap_err().message().len() <= ERROR_TEXT_BYTES);
         assert_eq!(
-            outcome_of_status(400, None, b"\x1b]0;owned\x07 no")
+            outcome(400, None, b"\x1b]0;owned\x07 no")
                 .unwrap_err()
                 .message(),
             "HTTP 400 Bad Request: \\u{1b}]0;owned\\u{7} no"
