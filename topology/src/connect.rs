@@ -256,79 +256,328 @@ async fn connect_once(opts: &ConnectOptions) -> Result<Connection, AttemptError>
     match tokio::time::timeout(opts.connect_timeout, Connection::connect_uri(uri, props)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(classify(&e, &opts.url)),
-        Err(_) => Err(AttemptError {
-            reason: timed_out(opts).await,
-            retry: true,
-        }),
+        Err(_) => Err(timed_out(&opts.url, opts.connect_timeout).await),
     }
 }
 
 /// Why a connection attempt timed out: a port that accepts connections but
 /// does not speak AMQP (a management UI, a wrong service) or nothing that
 /// answers at all.
-async fn timed_out(opts: &ConnectOptions) -> String {
-    let within = humantime::format_duration(opts.connect_timeout);
-    let Some((host, port)) = url::Url::parse(opts.url.expose()).ok().and_then(|u| {
+///
+/// An HTTP server reads a request line before it answers, and the AMQP
+/// protocol header has no line end: it waits as long as the client does. A
+/// second connection that sends a request line tells it apart, and an HTTP
+/// server there fails at once instead of being waited on again.
+async fn timed_out(url: &AmqpUrl, limit: Duration) -> AttemptError {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let within = humantime::format_duration(limit);
+    let at = endpoint(url);
+    let Some((host, port)) = url::Url::parse(url.expose()).ok().and_then(|u| {
         let port = u
             .port()
             .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
         Some((u.host_str()?.trim_matches(['[', ']']).to_owned(), port))
     }) else {
-        return format!("no answer within {within}");
+        return AttemptError {
+            reason: format!("no answer within {within}"),
+            retry: true,
+        };
     };
     let probe = tokio::net::TcpStream::connect((host.as_str(), port));
-    match tokio::time::timeout(Duration::from_secs(2), probe).await {
-        Ok(Ok(_)) => format!(
-            "{host}:{port} accepted the connection but did not answer the AMQP handshake within {within}: is it the broker's AMQP port? (RabbitMQ listens on 5672, 5671 for amqps; 15672 is its management UI)"
+    let Ok(Ok(mut socket)) = tokio::time::timeout(Duration::from_secs(2), probe).await else {
+        return AttemptError {
+            reason: format!(
+                "no answer from {at} within {within} (a firewall that drops the packets, or a host that is down?)"
+            ),
+            retry: true,
+        };
+    };
+    let answer = async {
+        socket.write_all(b"HEAD / HTTP/1.0\r\n\r\n").await?;
+        let mut first = [0u8; 5];
+        socket.read_exact(&mut first).await?;
+        Ok::<_, std::io::Error>(first)
+    };
+    if let Ok(Ok(first)) = tokio::time::timeout(Duration::from_secs(2), answer).await {
+        if first.starts_with(b"HTTP/") {
+            return AttemptError {
+                reason: format!(
+                    "{at} is an HTTP server, not an AMQP broker (it answered a request line in HTTP, and the AMQP handshake not within {within}): is it the broker's AMQP port? ({PORTS}; 15672 is its management UI)"
+                ),
+                retry: false,
+            };
+        }
+    }
+    AttemptError {
+        reason: format!(
+            "{at} accepted the connection but did not answer the AMQP handshake within {within}: is it the broker's AMQP port? ({PORTS}; 15672 is its management UI)"
         ),
-        _ => format!(
-            "no answer from {host}:{port} within {within} (a firewall that drops the packets, or a host that is down?)"
-        ),
+        retry: true,
     }
 }
 
+/// The ports RabbitMQ listens on, for messages about a wrong one.
+const PORTS: &str = "RabbitMQ listens on 5672 for amqp://, 5671 for amqps://";
+
+/// Why a connection attempt failed, and whether another attempt may do
+/// better. Failures that no wait changes (a refused login or vhost, a port
+/// that answers but not in AMQP 0-9-1, TLS against a port that does not
+/// speak it, a certificate that is not trusted) fail at once.
 fn classify(e: &lapin::Error, url: &AmqpUrl) -> AttemptError {
-    // lapin's messages do not carry the URL, but mask anything that looks like
-    // the password anyway.
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    let fail = |reason: String| AttemptError {
+        reason,
+        retry: false,
+    };
+    let at = endpoint(url);
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            let said = mask_secret(amqp.get_message().as_str(), url);
+            match amqp.kind() {
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                    return fail(login_refused(url, &said))
+                }
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                    return fail(vhost_refused(url, &said))
+                }
+                _ => {}
+            }
+        }
+        lapin::ErrorKind::ParsingError(_) => {
+            return fail(format!(
+                "{at} answered, but not in AMQP 0-9-1 (an HTTP server, or another service?): is it the broker's AMQP port? ({PORTS}; 15672 is its management UI)"
+            ))
+        }
+        lapin::ErrorKind::InvalidProtocolVersion(version) => {
+            return fail(format!(
+                "{at} speaks AMQP {version}, not AMQP 0-9-1: is it a RabbitMQ AMQP 0-9-1 port? ({PORTS})"
+            ))
+        }
+        lapin::ErrorKind::IOError(io) => {
+            if let Some(failure) = io_failure(io, url) {
+                return failure;
+            }
+        }
+        _ => {}
+    }
+    // Anything else, by the words of the error.
     let text = mask_secret(&e.to_string(), url);
     let upper = text.to_uppercase();
     if upper.contains("ACCESS_REFUSED")
         || upper.contains("ACCESS-REFUSED")
         || upper.contains("AUTHENTICATION")
     {
-        return AttemptError {
-            reason: format!(
-                "the broker refused user {:?} (wrong user or password, or no access to the vhost): {text}",
-                url.username()
-            ),
-            retry: false,
-        };
+        return fail(login_refused(url, &text));
     }
     if upper.contains("NOT_ALLOWED") || upper.contains("VHOST") {
-        return AttemptError {
-            reason: format!("the broker refused the vhost: {text}"),
-            retry: false,
-        };
+        return fail(format!("the broker refused the vhost: {text}"));
     }
-    let hint = if upper.contains("REFUSED") {
-        " (is the broker running? scripts/broker starts one)"
-    } else {
-        ""
-    };
     AttemptError {
-        reason: format!("{text}{hint}"),
+        reason: text,
         retry: true,
     }
 }
 
-fn mask_secret(text: &str, url: &AmqpUrl) -> String {
-    match url::Url::parse(url.expose())
-        .ok()
-        .and_then(|u| u.password().map(str::to_owned))
-    {
-        Some(p) if p.len() >= 3 => text.replace(&p, "***"),
-        _ => text.to_owned(),
+/// An I/O failure of a connection attempt, when there is more to say than
+/// the system's words.
+fn io_failure(io: &std::io::Error, url: &AmqpUrl) -> Option<AttemptError> {
+    use std::io::ErrorKind;
+    let detail = mask_secret(&io.to_string(), url);
+    let at = endpoint(url);
+    let parsed = url::Url::parse(url.expose()).ok()?;
+    let tls = parsed.scheme() == "amqps";
+    // rustls's words for a first answer that is no TLS record (RabbitMQ's
+    // plain port answers a TLS hello with its AMQP protocol header).
+    if tls && detail.contains("received corrupt message") {
+        let plain = masked_with(url, |u| {
+            let port = u.port().unwrap_or(5671);
+            let _ = u.set_scheme("amqp");
+            let _ = u.set_port(Some(port));
+        });
+        return Some(AttemptError {
+            reason: format!(
+                "{at} does not speak TLS ({detail}): use {plain} for this port, or amqps:// with the broker's TLS port (5671 by default)"
+            ),
+            retry: false,
+        });
     }
+    if tls && detail.contains("invalid peer certificate") {
+        return Some(AttemptError {
+            reason: format!(
+                "the TLS certificate of {at} is not accepted ({detail}): if a private CA signed it, set SSL_CERT_FILE to that CA's PEM file (or add the CA to the system's trust store); the URL's host must be a name the certificate holds"
+            ),
+            retry: false,
+        });
+    }
+    let reason = match io.kind() {
+        ErrorKind::ConnectionRefused => {
+            let port = at.rsplit_once(':').map_or("", |(_, p)| p);
+            let tls_note = if tls {
+                "; a broker without TLS configured takes amqp:// only"
+            } else {
+                ""
+            };
+            format!(
+                "nothing listens on {at} ({detail}): is the broker running, and is {port} its AMQP port? ({PORTS}{tls_note}; scripts/broker starts a local one)"
+            )
+        }
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => {
+            let advice = match asked_mechanism(&parsed) {
+                Some(asked) => format!(
+                    "the URL asks for auth_mechanism={asked}, which the broker refuses this way unless its auth_mechanisms setting offers it; leave it out to log in with the URL's user and password"
+                ),
+                None if tls => "a broker that is starting or stopping does this; is it the broker's TLS port?".to_owned(),
+                None => "a broker that is starting or stopping does this; a TLS port (5671) wants amqps://".to_owned(),
+            };
+            format!("{at} closed the connection during the handshake ({detail}): {advice}")
+        }
+        // std's words for a failed getaddrinfo, tcp-stream's for no address.
+        _ if detail.contains("lookup address") || detail.contains("resolve host") => format!(
+            "cannot resolve host {:?} ({detail}): check the host name in the URL",
+            parsed.host_str().unwrap_or_default()
+        ),
+        _ => return None,
+    };
+    Some(AttemptError {
+        reason,
+        retry: true,
+    })
+}
+
+/// The `auth_mechanism` the URL asks for, unless it is one that RabbitMQ
+/// offers out of the box (PLAIN, AMQPLAIN).
+fn asked_mechanism(parsed: &url::Url) -> Option<String> {
+    parsed
+        .query_pairs()
+        .find(|(k, _)| k == "auth_mechanism")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.eq_ignore_ascii_case("plain") && !v.eq_ignore_ascii_case("amqplain"))
+}
+
+/// A login the broker refused (ACCESS_REFUSED while logging in): a user that
+/// does not exist or a wrong password; RabbitMQ says which only in its log.
+fn login_refused(url: &AmqpUrl, said: &str) -> String {
+    let user = url.login().unwrap_or_else(|| url.username());
+    let mut reason = format!(
+        "the broker refused user {user:?} ({said}): check the user name and password in the URL"
+    );
+    if user == "guest" && !is_loopback(&url.host()) {
+        reason.push_str("; user \"guest\" may only log in from the broker's own host (its loopback_users setting): create a user of your own with rabbitmqctl add_user and set_permissions");
+    }
+    reason
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A vhost the broker refused to open (NOT_ALLOWED): one that does not
+/// exist, a user without permissions on it, or a connection limit.
+/// RabbitMQ's words tell them apart:
+/// `vhost NAME not found`, `access to vhost 'NAME' refused for user 'USER'`
+/// and the same followed by `: connection limit (N) is reached`, and
+/// `Connection refused for user 'USER': user connection limit (N) is reached`.
+fn vhost_refused(url: &AmqpUrl, said: &str) -> String {
+    let vhost = lapin::uri::AMQPUri::from_str(url.expose())
+        .map(|u| u.vhost)
+        .unwrap_or_default();
+    let user = url
+        .login()
+        .or_else(|| said_user(said))
+        .unwrap_or_else(|| url.username());
+    if said.contains("user connection limit") {
+        format!("user {user:?} has no connections left ({said}): close some, or raise its max-connections (rabbitmqctl list_user_limits, set_user_limits)")
+    } else if said.contains("connection limit") {
+        format!("vhost {vhost:?} takes no more connections ({said}): close some, or raise its max-connections (rabbitmqctl list_vhost_limits, set_vhost_limits)")
+    } else if said.contains("not found") && vhost.is_empty() {
+        let slash = masked_with(url, |u| u.set_path("/%2f"));
+        let bare = masked_with(url, |u| u.set_path(""));
+        format!("the URL names the vhost \"\" ({said}): a path of only \"/\" is the empty vhost; for the default vhost \"/\" end the URL in /%2f ({slash}) or leave the path out ({bare})")
+    } else if said.contains("not found") {
+        format!("vhost {vhost:?} does not exist ({said}): create it with rabbitmqctl add_vhost {}, or name an existing one (rabbitmqctl list_vhosts) in the URL's path, where the default vhost \"/\" is written %2f", shell_word(&vhost))
+    } else if said.contains("access to vhost") {
+        format!("user {user:?} has no access to vhost {vhost:?} ({said}): grant it with rabbitmqctl set_permissions -p {} {} \".*\" \".*\" \".*\", or log in as a user that has it", shell_word(&vhost), shell_word(&user))
+    } else {
+        format!("the broker refused vhost {vhost:?} ({said})")
+    }
+}
+
+/// The user RabbitMQ names in `... for user 'USER'` (with
+/// `auth_mechanism=external` the URL does not say).
+fn said_user(said: &str) -> Option<String> {
+    let (_, rest) = said.split_once("for user '")?;
+    let end = rest.rfind('\'')?;
+    Some(rest[..end].to_owned())
+}
+
+/// A word a POSIX shell reads back as `s`: as it is when it holds nothing
+/// the shell treats specially, else in single quotes.
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./@%+=:,".contains(c));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// `host:port` the URL connects to, the port filled in from the scheme;
+/// an IPv6 address in brackets.
+fn endpoint(url: &AmqpUrl) -> String {
+    match url::Url::parse(url.expose()) {
+        Ok(u) => {
+            let port = u
+                .port()
+                .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+            format!("{}:{port}", u.host_str().unwrap_or_default())
+        }
+        Err(_) => url.host(),
+    }
+}
+
+/// The URL, password masked, changed by `change`: the URL to use instead.
+fn masked_with(url: &AmqpUrl, change: impl FnOnce(&mut url::Url)) -> String {
+    match url::Url::parse(&url.redacted) {
+        Ok(mut u) => {
+            change(&mut u);
+            u.to_string()
+        }
+        Err(_) => url.redacted.clone(),
+    }
+}
+
+/// Masks the URL's password in `text`, as written in the URL and decoded.
+/// A password that is also the user name is left: the URL shows the user
+/// (`amqp://guest:***@`), and masking it would only hide who was refused.
+fn mask_secret(text: &str, url: &AmqpUrl) -> String {
+    let Ok(parsed) = url::Url::parse(url.expose()) else {
+        return text.to_owned();
+    };
+    let Some(written) = parsed.password() else {
+        return text.to_owned();
+    };
+    let decoded = lapin::uri::AMQPUri::from_str(url.expose())
+        .map(|u| u.authority.userinfo)
+        .ok();
+    if decoded.as_ref().is_some_and(|i| i.password == i.username) {
+        return text.to_owned();
+    }
+    let mut masked = text.to_owned();
+    for secret in [Some(written.to_owned()), decoded.map(|i| i.password)]
+        .into_iter()
+        .flatten()
+    {
+        if secret.len() >= 3 {
+            masked = masked.replace(&secret, "***");
+        }
+    }
+    masked
 }
 
 /// Connects, retrying with exponential backoff and jitter on transient
@@ -634,6 +883,106 @@ mod tests {
         assert!(!e.contains("hunter2"), "{e}");
         let e = "not a url".parse::<AmqpUrl>().unwrap_err().to_string();
         assert!(e.contains("expected amqp://"), "{e}");
+    }
+
+    #[test]
+    fn shell_words_read_back_as_the_name() {
+        assert_eq!(shell_word("/"), "/");
+        assert_eq!(shell_word("svc@team.prod"), "svc@team.prod");
+        assert_eq!(shell_word(""), "''");
+        assert_eq!(shell_word("a b"), "'a b'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word("$HOME;rm"), "'$HOME;rm'");
+    }
+
+    #[test]
+    fn the_password_is_masked_as_written_and_decoded_unless_it_is_the_user_name() {
+        let url: AmqpUrl = "amqp://bob:p%40ssw0rd@rabbit/%2f".parse().unwrap();
+        assert_eq!(
+            mask_secret("a p@ssw0rd and a p%40ssw0rd", &url),
+            "a *** and a ***"
+        );
+        let url: AmqpUrl = "amqp://guest:guest@rabbit/%2f".parse().unwrap();
+        assert_eq!(
+            mask_secret("refused for user 'guest'", &url),
+            "refused for user 'guest'"
+        );
+    }
+
+    fn amqp_error(kind: lapin::protocol::AMQPErrorKind, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(kind, text.into())).into()
+    }
+
+    #[test]
+    fn a_refused_guest_away_from_the_broker_is_told_about_loopback_users() {
+        use lapin::protocol::AMQPSoftError;
+        let said = "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile.";
+        let e = amqp_error(AMQPSoftError::ACCESSREFUSED.into(), said);
+        let remote: AmqpUrl = "amqp://guest:guest@rabbit.example.com/%2f".parse().unwrap();
+        let a = classify(&e, &remote);
+        assert!(!a.retry);
+        assert_eq!(a.reason, format!("the broker refused user \"guest\" ({said}): check the user name and password in the URL; user \"guest\" may only log in from the broker's own host (its loopback_users setting): create a user of your own with rabbitmqctl add_user and set_permissions"));
+        for local in [
+            "amqp://guest:x@localhost/%2f",
+            "amqp://guest:x@127.0.0.1/%2f",
+            "amqp://guest:x@[::1]/%2f",
+        ] {
+            let a = classify(&e, &local.parse().unwrap());
+            assert!(
+                !a.reason.contains("loopback_users"),
+                "{local}: {}",
+                a.reason
+            );
+        }
+    }
+
+    #[test]
+    fn refused_vhosts_are_told_apart_by_the_broker_words() {
+        use lapin::protocol::AMQPHardError;
+        let refused = |raw: &str, said: &str| {
+            let a = classify(
+                &amqp_error(AMQPHardError::NOTALLOWED.into(), said),
+                &raw.parse().unwrap(),
+            );
+            assert!(!a.retry, "{}", a.reason);
+            a.reason
+        };
+        let said =
+            "NOT_ALLOWED - Connection refused for user 'bob': user connection limit (2) is reached";
+        assert_eq!(
+            refused("amqp://bob:pw1@rabbit/%2f", said),
+            format!("user \"bob\" has no connections left ({said}): close some, or raise its max-connections (rabbitmqctl list_user_limits, set_user_limits)")
+        );
+        // With a client certificate the broker names the user.
+        let said = "NOT_ALLOWED - access to vhost 'prod' refused for user 'CN=svc,O=team'";
+        assert_eq!(
+            refused("amqps://rabbit/prod?auth_mechanism=external", said),
+            format!("user \"CN=svc,O=team\" has no access to vhost \"prod\" ({said}): grant it with rabbitmqctl set_permissions -p prod CN=svc,O=team \".*\" \".*\" \".*\", or log in as a user that has it")
+        );
+        let said = "NOT_ALLOWED - something new";
+        assert_eq!(
+            refused("amqp://bob:pw1@rabbit/a%2fb", said),
+            format!("the broker refused vhost \"a/b\" ({said})")
+        );
+    }
+
+    #[test]
+    fn certificate_and_name_failures_say_what_to_check() {
+        let io = |text: &str| -> lapin::Error {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, text.to_owned()).into()
+        };
+        let tls: AmqpUrl = "amqps://bob:pw1@rabbit.example.com/%2f".parse().unwrap();
+        let a = classify(&io("invalid peer certificate: NotValidForName"), &tls);
+        assert!(!a.retry);
+        assert_eq!(a.reason, "the TLS certificate of rabbit.example.com:5671 is not accepted (invalid peer certificate: NotValidForName): if a private CA signed it, set SSL_CERT_FILE to that CA's PEM file (or add the CA to the system's trust store); the URL's host must be a name the certificate holds");
+        let a = classify(
+            &io("failed to lookup address information: Temporary failure in name resolution"),
+            &"amqp://bob:pw1@[::1]:5673/%2f".parse().unwrap(),
+        );
+        assert!(a.retry, "a name server that is away may come back");
+        assert_eq!(a.reason, "cannot resolve host \"[::1]\" (failed to lookup address information: Temporary failure in name resolution): check the host name in the URL");
+        assert_eq!(endpoint(&tls), "rabbit.example.com:5671");
+        assert_eq!(endpoint(&"amqp://[::1]/%2f".parse().unwrap()), "[::1]:5672");
     }
 
     #[test]

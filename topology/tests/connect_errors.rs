@@ -27,6 +27,6 @@ async fn a_port_that_accepts_but_does_not_speak_amqp_is_named_as_such() {
     let err = connect(&opts).await.unwrap_err().to_string();
     assert_eq!(
         err,
-        format!("cannot connect to amqp://guest:***@127.0.0.1:{port}/%2f: 127.0.0.1:{port} accepted the connection but did not answer the AMQP handshake within 500ms: is it the broker's AMQP port? (RabbitMQ listens on 5672, 5671 for amqps; 15672 is its management UI)")
+        format!("cannot connect to amqp://guest:***@127.0.0.1:{port}/%2f: 127.0.0.1:{port} accepted the connection but did not answer the AMQP handshake within 500ms: is it the broker's AMQP port? (RabbitMQ listens on 5672 for amqp://, 5671 for amqps://; 15672 is its management UI)")
     );
 }
