@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::Router;
 use harness::*;
@@ -38,14 +39,19 @@ async fn test_server(seen: Seen) -> String {
                 if text.contains("hang") {
                     tokio::time::sleep(Duration::from_secs(30)).await;
                 }
+                let wait = [("retry-after", "120")];
                 if text.contains("bad") {
-                    (StatusCode::BAD_REQUEST, "unknown customer 42".to_owned())
+                    (StatusCode::BAD_REQUEST, "unknown customer 42").into_response()
                 } else if text.contains("busy") {
-                    (StatusCode::SERVICE_UNAVAILABLE, "try later".to_owned())
+                    (StatusCode::SERVICE_UNAVAILABLE, "try later").into_response()
+                } else if text.contains("later") {
+                    (StatusCode::SERVICE_UNAVAILABLE, wait, "try later").into_response()
                 } else if text.contains("slow-down") {
-                    (StatusCode::TOO_MANY_REQUESTS, String::new())
+                    StatusCode::TOO_MANY_REQUESTS.into_response()
+                } else if text.contains("wait") {
+                    (StatusCode::TOO_MANY_REQUESTS, wait).into_response()
                 } else {
-                    (StatusCode::OK, "ok".to_owned())
+                    (StatusCode::OK, "ok").into_response()
                 }
             }
         }),
@@ -78,6 +84,8 @@ async fn http_handler_outcomes_follow_the_table() {
         ("busy-1", "{\"busy\":1}"),
         ("hang-1", "{\"hang\":1}"),
         ("slow-1", "{\"slow-down\":1}"),
+        ("later-1", "{\"later\":1}"),
+        ("wait-1", "{\"wait\":1}"),
     ] {
         publish(
             &conn,
@@ -91,17 +99,17 @@ async fn http_handler_outcomes_follow_the_table() {
     let dead_q = topo.q("g.dead");
     assert!(
         wait_until(Duration::from_secs(20), || async {
-            count(&conn, &dead_q).await == 4
+            count(&conn, &dead_q).await == 6
         })
         .await,
-        "expected 4 dead letters, have {}",
+        "expected 6 dead letters, have {}",
         count(&conn, &dead_q).await
     );
     assert_eq!(count(&conn, &topo.q("g")).await, 0);
     let dead = dead_by_id(drain(&conn, &dead_q).await);
     assert_eq!(
         dead.keys().cloned().collect::<Vec<_>>(),
-        ["bad-1", "busy-1", "hang-1", "slow-1"]
+        ["bad-1", "busy-1", "hang-1", "later-1", "slow-1", "wait-1"]
     );
 
     let bad = &dead["bad-1"];
@@ -125,6 +133,22 @@ async fn http_handler_outcomes_follow_the_table() {
     assert_eq!(
         header_str(&dead["slow-1"], "x-warren-error").as_deref(),
         Some("HTTP 429 Too Many Requests")
+    );
+    // The service's Retry-After is shown, not waited for: the message came
+    // back after the group's retry tier (200ms), not after 120s.
+    assert_eq!(
+        header_str(&dead["later-1"], "x-warren-error").as_deref(),
+        Some(
+            "HTTP 503 Service Unavailable (Retry-After: 120, not waited for: the group's retry \
+             tiers set the wait; lengthen them if the service needs longer): try later"
+        )
+    );
+    assert_eq!(
+        header_str(&dead["wait-1"], "x-warren-error").as_deref(),
+        Some(
+            "HTTP 429 Too Many Requests (Retry-After: 120, not waited for: the group's retry \
+             tiers set the wait; lengthen them if the service needs longer)"
+        )
     );
     let hang = &dead["hang-1"];
     assert_eq!(

@@ -7,6 +7,12 @@
 //! | 5xx, 408, 429, a timeout, a refused connection | retryable |
 //! | 3xx | retryable; the error names the `Location` |
 //!
+//! A `Retry-After` of a 429 or a 503 is shown in the error, not waited
+//! for: the group's retry tiers (TTL queues) set when a message comes back,
+//! and a worker that held a delivery for the service's wait would hold a
+//! handler slot and a prefetched message with it. An operator who sees the
+//! service ask for longer than the tiers wait lengthens the tiers.
+//!
 //! Redirects are not followed: a client that follows a 301, 302 or 303
 //! turns the POST into a GET without the body, and a 200 to that GET would
 //! ack a message the service never received. A worker's URL is configured
@@ -19,7 +25,7 @@
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use warren_consumer::{Delivery, ErrorKind, Handler, HandlerError, HandlerResult};
 use warren_topology::headers;
 
@@ -123,6 +129,9 @@ impl HttpHandler {
 /// included), leaving room for the response body.
 const LOCATION_BYTES: usize = 512;
 
+/// The most of a `Retry-After` an error shows (seconds, or an HTTP date).
+const RETRY_AFTER_BYTES: usize = 64;
+
 /// Pushes `value` (a response header) onto `out`, masked and cleaned, at
 /// most `max` bytes of it.
 fn push_header(out: &mut String, value: &[u8], max: usize, mask: &Mask) {
@@ -138,10 +147,12 @@ fn push_header(out: &mut String, value: &[u8], max: usize, mask: &Mask) {
 }
 
 /// The outcome of an HTTP status, with the start of the response body,
-/// masked with `mask`, and, for a redirect, where it pointed (`location`).
+/// masked with `mask`, and, for a redirect, where it pointed (`location`);
+/// for a 429 or a 503, the wait the service asked for (`retry_after`).
 pub fn outcome_of_status(
     status: u16,
     location: Option<&[u8]>,
+    retry_after: Option<&[u8]>,
     body: &[u8],
     mask: &Mask,
 ) -> HandlerResult {
@@ -159,6 +170,14 @@ pub fn outcome_of_status(
                 push_header(&mut prefix, location.as_bytes(), LOCATION_BYTES, mask);
             }
             prefix.push_str(" (redirects are not followed: give --http the final URL)");
+        }
+        if let (429 | 503, Some(wait)) = (status, retry_after) {
+            prefix.push_str(" (Retry-After: ");
+            push_header(&mut prefix, wait, RETRY_AFTER_BYTES, mask);
+            prefix.push_str(
+                ", not waited for: the group's retry tiers set the wait; lengthen them if the \
+                 service needs longer)",
+            );
         }
         with_head(&prefix, body, mask)
     };
@@ -199,10 +218,8 @@ impl Handler for HttpHandler {
         if response.status().is_success() {
             return Ok(());
         }
-        let location = response
-            .headers()
-            .get(LOCATION)
-            .map(|l| l.as_bytes().to_vec());
+        let header = |name| response.headers().get(name).map(|v| v.as_bytes().to_vec());
+        let (location, retry_after) = (header(LOCATION), header(RETRY_AFTER));
         // Only the start of an error body is kept; do not read a huge one whole.
         let mut body = Vec::new();
         let mut response = response;
@@ -212,7 +229,13 @@ impl Handler for HttpHandler {
                 _ => break,
             }
         }
-        outcome_of_status(status, location.as_deref(), &body, &self.mask)
+        outcome_of_status(
+            status,
+            location.as_deref(),
+            retry_after.as_deref(),
+            &body,
+            &self.mask,
+        )
     }
 }
 
@@ -236,7 +259,7 @@ mod tests {
     use crate::handlers::ERROR_TEXT_BYTES;
 
     fn outcome(status: u16, location: Option<&[u8]>, body: &[u8]) -> HandlerResult {
-        outcome_of_status(status, location, body, &Mask::default())
+        outcome_of_status(status, location, None, body, &Mask::default())
     }
 
     #[test]
@@ -309,5 +332,39 @@ mod tests {
             .to_string();
         assert!(!e.contains("secretpw"), "{e}");
         assert!(e.contains("ftp://user:***@host/x"), "{e}");
+    }
+
+    #[test]
+    fn a_retry_after_is_shown_not_waited_for() {
+        let mask = Mask::default();
+        for status in [429, 503] {
+            let e = outcome_of_status(status, None, Some(b"120"), b"later", &mask).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Retryable);
+            assert!(
+                e.message().contains(
+                    " (Retry-After: 120, not waited for: the group's retry tiers set the wait; \
+                     lengthen them if the service needs longer): later"
+                ),
+                "{}",
+                e.message()
+            );
+        }
+        // An HTTP date, cut and cleaned; other statuses do not show it.
+        let date = format!("Wed, 21 Oct 2015 07:28:00 GMT\u{202e}{}", "9".repeat(100));
+        let e = outcome_of_status(503, None, Some(date.as_bytes()), b"", &mask).unwrap_err();
+        assert!(
+            e.message().starts_with(
+                "HTTP 503 Service Unavailable (Retry-After: Wed, 21 Oct 2015 07:28:00 GMT\\u{202e}99"
+            ),
+            "{}",
+            e.message()
+        );
+        assert!(
+            e.message().contains("99…, not waited for"),
+            "{}",
+            e.message()
+        );
+        let e = outcome_of_status(500, None, Some(b"120"), b"", &mask).unwrap_err();
+        assert_eq!(e.message(), "HTTP 500 Internal Server Error");
     }
 }
