@@ -253,6 +253,17 @@ async fn connect_once(opts: &ConnectOptions) -> Result<Connection, AttemptError>
     if uri.query.frame_max.is_none() {
         uri.query.frame_max = Some(DEFAULT_FRAME_MAX);
     }
+    // amq-protocol-uri takes the host from `Url::domain`, which is empty for
+    // an IPv6 address, and then connects to "localhost": `amqp://[::1]`
+    // would reach whatever listens on 127.0.0.1, `amqp://[2001:db8::1]`
+    // the local broker. The address itself goes in (unbracketed, as a
+    // socket address wants it).
+    if let Some(url::Host::Ipv6(ip)) = url::Url::parse(opts.url.expose())
+        .ok()
+        .and_then(|u| u.host().map(|h| h.to_owned()))
+    {
+        uri.authority.host = ip.to_string();
+    }
     match tokio::time::timeout(opts.connect_timeout, Connection::connect_uri(uri, props)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(classify(&e, &opts.url)),

@@ -304,6 +304,20 @@ async fn a_server_of_another_amqp_version_is_named_and_tried_once() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "tried once");
 }
 
+/// An IPv6 address in the URL is connected to, not replaced by "localhost"
+/// (amq-protocol-uri reads the host as a domain name, which an IP address is
+/// not).
+#[tokio::test]
+async fn an_ipv6_address_in_the_url_is_the_host_connected_to() {
+    let (port, accepted) = answering("[::1]:0", HTTP_400, false).await;
+    let err = fails_at_once(&format!("amqp://guest:Sekr1tPw@[::1]:{port}/%2f")).await;
+    assert_eq!(
+        err,
+        format!("cannot connect to amqp://guest:***@[::1]:{port}/%2f: [::1]:{port} {NOT_AMQP}")
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
 /// A port nothing listens on: retried (the broker may be starting), and the
 /// error names the address and the usual ports.
 #[tokio::test]
