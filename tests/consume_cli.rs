@@ -1328,3 +1328,88 @@ async fn the_broker_password_an_http_service_echoes_is_masked_in_dead_letters_an
     assert!(!log.contains(&password), "the password in the log:\n{log}");
     assert!(log.contains("handler failed; dead-lettered"), "{log}");
 }
+
+/// The lines of a log that are not WARN events.
+fn not_warnings(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| !l.contains(" WARN ")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_says_when_it_starts_and_stops_at_the_default_level() {
+    let topo = Topo::new("hello", &[GROUP]);
+    topo.apply();
+    let cmd = "cat > /dev/null; [ \"$WARREN_MESSAGE_ID\" = ok-1 ] || exit 65";
+    let mut w = quiet_worker(
+        &topo,
+        URL,
+        &["--exec", cmd, "--prefetch", "4", "--concurrency", "2"],
+    )
+    .await;
+    let group = topo.q("g");
+    let start = format!(
+        "consuming group \"{group}\": queue \"{group}\", prefetch 4, concurrency 2, \
+         handler sh -c \"cat > /dev/null; [ \\\"$WARREN_MESSAGE_ID\\\" = ok-1 ] || exit 65\"; \
+         metrics on http://127.0.0.1:{}/metrics",
+        w.port
+    );
+    assert_eq!(not_warnings(&w.log_text()), [start.as_str()]);
+
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "ok-1", b"{}").await;
+    publish(&conn, &topo.exchange(), "order.created", "bad-1", b"{}").await;
+    let handled = format!("warren_handled_total{{group=\"{group}\"");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            w.metrics()
+                .lines()
+                .filter(|l| l.starts_with(&handled))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+                == 2.0
+        })
+        .await,
+        "{}",
+        w.metrics()
+    );
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(15)), Some(0));
+    let stop = format!(
+        "stopped consuming group \"{group}\": 2 handled (1 acked, 0 retried, 1 dead-lettered)"
+    );
+    assert_eq!(not_warnings(&w.log_text()), [start.as_str(), stop.as_str()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_json_logs_the_start_and_stop_are_json_events() {
+    let topo = Topo::new("hellojson", &[GROUP]);
+    topo.apply();
+    let port = free_port();
+    let endpoint = format!("http://svc:hookpw-4711@127.0.0.1:{port}/h");
+    let mut w = quiet_worker(&topo, URL, &["--log-format", "json", "--http", &endpoint]).await;
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(15)), Some(0));
+    let log = w.log_text();
+    assert!(!log.contains("hookpw"), "{log}");
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let info: Vec<&serde_json::Value> = events.iter().filter(|e| e["level"] == "INFO").collect();
+    assert_eq!(info.len(), 2, "{log}");
+    let group = topo.q("g");
+    assert_eq!(
+        info[0]["fields"],
+        serde_json::json!({
+            "message": "consuming", "group": group, "queue": group, "prefetch": 32,
+            "concurrency": 16, "handler": format!("POST http://svc:***@127.0.0.1:{port}/h"),
+            "metrics": format!("http://127.0.0.1:{}/metrics", w.port),
+        })
+    );
+    assert_eq!(
+        info[1]["fields"],
+        serde_json::json!({
+            "message": "stopped consuming", "group": group, "handled": 0, "acked": 0,
+            "retried": 0, "dead_lettered": 0, "requeued": 0,
+        })
+    );
+}

@@ -7,12 +7,16 @@
 //! once (exit 130) after killing the `--exec` commands still running: their
 //! deliveries, unacked, go back to the queue when the connection drops. An
 //! `--exec` program that cannot start (missing, not executable, no `sh`) is
-//! refused (exit 2) before anything is consumed. Passwords are masked in
-//! what handlers return (see [`Mask`]): `--exec` commands inherit
-//! `WARREN_AMQP_URL`.
+//! refused (exit 2) before anything is consumed.
+//!
+//! At every verbosity it says when it starts consuming and when it stops
+//! (how many it handled): a line on stderr, or an INFO event with
+//! `--log-format json`. Passwords are masked in what handlers return (see
+//! [`Mask`]): `--exec` commands inherit `WARREN_AMQP_URL`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +26,7 @@ use tracing::{info, warn};
 use warren_consumer::{ConsumerGroup, Handler};
 use warren_topology::{Broker, ConnectOptions, Group, DEFAULT_CONCURRENCY};
 
-use crate::cli::{Global, UsageError};
+use crate::cli::{Global, LogFormat, UsageError};
 use crate::handlers::{ExecHandler, HttpHandler, Mask, RunningGroups};
 use crate::serve::{self, Health};
 
@@ -168,6 +172,7 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     // The password of the URL warren connects with, which the commands
     // inherit, is masked in what handlers return.
     let mask = Mask::new(&url);
+    let json = g.log_format == LogFormat::Json;
     match (&args.http, &args.exec) {
         (Some(endpoint), None) => {
             let h = HttpHandler::new(
@@ -178,7 +183,7 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
             .mask(mask);
             let shown = format!("POST {}", h.shown_url());
             // In-flight requests die with the process: nothing to kill.
-            serve_group(url, group, h, &shown, None, &args).await?;
+            serve_group(url, group, h, &shown, None, &args, json).await?;
         }
         (None, Some(cmd)) => {
             let shown = format!("sh -c {:?}", mask.apply(cmd));
@@ -186,7 +191,7 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
             // A program that cannot start would fail every message.
             h.check().await.map_err(UsageError)?;
             let running = h.running();
-            serve_group(url, group, h, &shown, Some(running), &args).await?
+            serve_group(url, group, h, &shown, Some(running), &args, json).await?
         }
         _ => return Err(UsageError("give exactly one of --http URL or --exec CMD".into()).into()),
     }
@@ -194,7 +199,8 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs the group until a signal; `commands` are the process groups a
-/// forced exit (a second signal) must kill first.
+/// forced exit (a second signal) must kill first. Says when it starts
+/// consuming and when it stops ([`Said`]), as JSON events when `json`.
 async fn serve_group<H: Handler>(
     url: warren_topology::AmqpUrl,
     group: Group,
@@ -202,6 +208,7 @@ async fn serve_group<H: Handler>(
     handler_text: &str,
     commands: Option<RunningGroups>,
     args: &ConsumeArgs,
+    json: bool,
 ) -> anyhow::Result<()> {
     let registry = Registry::new();
     let cancel = {
@@ -224,17 +231,17 @@ async fn serve_group<H: Handler>(
     // an address that cannot be bound is an error only when none can (and
     // then said once, as the error), a warning when another one serves.
     let mut failed = Vec::new();
-    let mut served = 0;
+    let mut served = Vec::new();
     for addr in metrics_addrs(&args.metrics_addr).await? {
         match serve::spawn(addr, registry.clone(), health.clone(), server_stop.clone()).await {
             Ok(addr) => {
-                served += 1;
+                served.push(format!("http://{addr}/metrics"));
                 info!(%addr, "serving /metrics, /healthz, /readyz");
             }
             Err(e) => failed.push((addr, e)),
         }
     }
-    if served == 0 && !failed.is_empty() {
+    if served.is_empty() && !failed.is_empty() {
         let errors: Vec<String> = failed.iter().map(|(_, e)| e.to_string()).collect();
         return Err(anyhow::anyhow!(errors.join("; ")));
     }
@@ -242,7 +249,14 @@ async fn serve_group<H: Handler>(
         warn!(%addr, error = %e, "cannot serve /metrics on this address");
     }
 
-    let name = group.name.clone();
+    let said = Said {
+        json,
+        group: group.name.clone(),
+        prefetch: group.prefetch,
+        concurrency: group.concurrency,
+        handler: handler_text.to_owned(),
+        metrics: served.join(", "),
+    };
     let consumer = ConsumerGroup::builder(group, handler)
         .shutdown_grace(args.grace)
         .registry(&registry)
@@ -250,13 +264,20 @@ async fn serve_group<H: Handler>(
         .build()
         .context("building the consumer group")?;
 
-    // /readyz follows the consumer: connected and consuming, false once shutdown starts.
+    // /readyz follows the consumer: connected and consuming, false once
+    // shutdown starts. The first time it is ready, the start is said.
     let mut ready = consumer.ready();
     let h = health.clone();
     let c = cancel.clone();
+    let started = Arc::new(AtomicBool::new(false));
+    let (s, said_start) = (started.clone(), said.clone());
     tokio::spawn(async move {
         loop {
-            h.set_ready(*ready.borrow() && !c.is_cancelled());
+            let now = *ready.borrow() && !c.is_cancelled();
+            if now && !s.swap(true, Ordering::SeqCst) {
+                said_start.started();
+            }
+            h.set_ready(now);
             tokio::select! {
                 changed = ready.changed() => if changed.is_err() { break },
                 _ = c.cancelled() => { h.set_ready(false); break }
@@ -265,29 +286,155 @@ async fn serve_group<H: Handler>(
     });
 
     let broker = Arc::new(Broker::new(ConnectOptions::new(url, "consumer")));
-    info!(group = %name, handler = %handler_text, "consuming");
     let result = consumer.run(&broker, cancel.clone()).await;
     health.set_ready(false);
     broker.close().await;
     server_stop.cancel();
+    if started.load(Ordering::SeqCst) {
+        said.stopped(&registry);
+    }
     // The consumer's errors name the group already.
     result?;
-    info!(group = %name, "drained and stopped");
     Ok(())
+}
+
+/// What `warren consume` says when it starts consuming and when it stops,
+/// at every verbosity: a worker that prints nothing cannot be told from one
+/// that hangs. A line on stderr; with `--log-format json`, an INFO event
+/// (through a JSON subscriber of its own when the log filter hides INFO:
+/// a bare line would break a log of JSON lines).
+#[derive(Debug, Clone)]
+struct Said {
+    json: bool,
+    group: String,
+    prefetch: u16,
+    concurrency: u16,
+    /// `POST URL` (its password masked) or `sh -c "CMD"`.
+    handler: String,
+    /// Where `/metrics` is served: `http://ADDR/metrics`, comma-separated.
+    metrics: String,
+}
+
+impl Said {
+    /// `consuming group "G": queue "G", prefetch P, concurrency C, handler
+    /// H; metrics on URL`, or the event `consuming` with these fields.
+    fn started(&self) {
+        let Said {
+            group,
+            prefetch,
+            concurrency,
+            handler,
+            metrics,
+            ..
+        } = self;
+        let queue = warren_topology::work_queue(group);
+        if self.json {
+            as_info_event(|| {
+                info!(
+                    group = %group,
+                    queue = %queue,
+                    prefetch,
+                    concurrency,
+                    handler = %handler,
+                    metrics = %metrics,
+                    "consuming"
+                )
+            });
+        } else {
+            eprintln!(
+                "consuming group {group:?}: queue {queue:?}, prefetch {prefetch}, concurrency \
+                 {concurrency}, handler {handler}; metrics on {metrics}"
+            );
+        }
+    }
+
+    /// `stopped consuming group "G": N handled (A acked, R retried, D
+    /// dead-lettered)` (and how many were requeued because their copy was
+    /// not confirmed, when any), or the event `stopped consuming` with them.
+    fn stopped(&self, registry: &Registry) {
+        let group = &self.group;
+        let count = |outcome| handled(registry, group, outcome);
+        let (acked, retried, dead_lettered, requeued) = (
+            count("ack"),
+            count("retry"),
+            count("dead_letter"),
+            count("requeue"),
+        );
+        let total = acked + retried + dead_lettered;
+        if self.json {
+            as_info_event(|| {
+                info!(
+                    group = %group,
+                    handled = total,
+                    acked,
+                    retried,
+                    dead_lettered,
+                    requeued,
+                    "stopped consuming"
+                )
+            });
+        } else {
+            let requeued = if requeued > 0 {
+                format!(", {requeued} requeued (their copy was not confirmed)")
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "stopped consuming group {group:?}: {total} handled ({acked} acked, {retried} \
+                 retried, {dead_lettered} dead-lettered){requeued}"
+            );
+        }
+    }
+}
+
+/// Runs `event` (an INFO event of this module) where it is written: to the
+/// process's subscriber when that shows INFO, else to a JSON subscriber
+/// writing to stderr, as `--log-format json` does.
+fn as_info_event(event: impl Fn()) {
+    if tracing::enabled!(tracing::Level::INFO) {
+        event();
+    } else {
+        let json = tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .finish();
+        tracing::subscriber::with_default(json, event);
+    }
 }
 
 /// `warren_in_flight{group}`: handlers running now.
 fn handlers_running(registry: &Registry, group: &str) -> u64 {
+    samples(registry, "warren_in_flight", group)
+        .iter()
+        .map(|m| m.get_gauge().get_value() as u64)
+        .sum()
+}
+
+/// `warren_handled_total{group,outcome}`: deliveries settled so.
+fn handled(registry: &Registry, group: &str, outcome: &str) -> u64 {
+    samples(registry, "warren_handled_total", group)
+        .iter()
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "outcome" && l.value() == outcome)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+/// The samples of the metric `name` for `group`.
+fn samples(registry: &Registry, name: &str, group: &str) -> Vec<prometheus::proto::Metric> {
     registry
         .gather()
         .iter()
-        .filter(|family| family.name() == "warren_in_flight")
+        .filter(|family| family.name() == name)
         .flat_map(|family| family.get_metric())
         .filter(|m| {
             m.get_label()
                 .iter()
                 .any(|l| l.name() == "group" && l.value() == group)
         })
-        .map(|m| m.get_gauge().get_value() as u64)
-        .sum()
+        .cloned()
+        .collect()
 }
