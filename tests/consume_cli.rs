@@ -1413,3 +1413,44 @@ async fn with_json_logs_the_start_and_stop_are_json_events() {
         })
     );
 }
+
+#[test]
+fn consume_warns_of_the_lints_of_its_group_at_start() {
+    let topo = Topo::new(
+        "lints",
+        &[
+            "name = \"{p}.g\"\nexchange = \"{p}.orders\"\nbindings = [\"order.*\"]\nhandler_timeout = \"30m\"\n",
+            "name = \"{p}.other\"\nexchange = \"{p}.orders\"\nqueue_type = \"classic\"\n",
+        ],
+    );
+    // Not applied: the lints come before the consumer fails to find its queue.
+    let group = topo.q("g");
+    let o = warren()
+        .args([
+            "consume",
+            "-f",
+            topo.file(),
+            "--group",
+            &group,
+            "--exec",
+            "true",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output_within(CLI_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.split_once(" WARN warren::cmd::consume: ").map(|(_, w)| w))
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            format!("topology lint: quorum work queue without delivery_limit: a message that crashes every consumer is redelivered forever (RabbitMQ 3.x) or dropped after 20 tries (4.x); set delivery_limit group={group}"),
+            format!("topology lint: handler_timeout 30m is at or over RabbitMQ's default consumer_timeout (30m): the broker closes the channel of a delivery unacked that long, before warren's timeout fires, and redelivers the message; raise the broker's consumer_timeout (rabbitmq.conf, in milliseconds) above handler_timeout plus the time a delivery waits for a free handler, or lower handler_timeout group={group}"),
+        ],
+        "{err}"
+    );
+    assert!(!err.contains("no bindings"), "another group's lint: {err}");
+}

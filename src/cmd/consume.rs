@@ -11,7 +11,8 @@
 //!
 //! At every verbosity it says when it starts consuming and when it stops
 //! (how many it handled): a line on stderr, or an INFO event with
-//! `--log-format json`. Passwords are masked in what handlers return (see
+//! `--log-format json`. The topology's lints about the group are logged at
+//! WARN at start. Passwords are masked in what handlers return (see
 //! [`Mask`]): `--exec` commands inherit `WARREN_AMQP_URL`.
 
 use std::net::SocketAddr;
@@ -182,6 +183,7 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
             )?
             .mask(mask);
             let shown = format!("POST {}", h.shown_url());
+            warn_of_lints(&topology, &group.name);
             // In-flight requests die with the process: nothing to kill.
             serve_group(url, group, h, &shown, None, &args, json).await?;
         }
@@ -190,12 +192,21 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
             let h = ExecHandler::new(cmd.clone()).mask(mask);
             // A program that cannot start would fail every message.
             h.check().await.map_err(UsageError)?;
+            warn_of_lints(&topology, &group.name);
             let running = h.running();
             serve_group(url, group, h, &shown, Some(running), &args, json).await?
         }
         _ => return Err(UsageError("give exactly one of --http URL or --exec CMD".into()).into()),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs at WARN the lints of the topology about `group` (what `topology
+/// show`, `apply` and `verify` print), before consuming.
+fn warn_of_lints(topology: &warren_topology::Topology, group: &str) {
+    for lint in topology.lints().iter().filter(|l| l.group == group) {
+        warn!(group = %lint.group, "topology lint: {}", lint.message);
+    }
 }
 
 /// Runs the group until a signal; `commands` are the process groups a
