@@ -103,17 +103,39 @@ impl FromStr for AmqpUrl {
             reason,
         };
         let parsed = url::Url::parse(raw).map_err(|e| {
+            // A '/', '?' or '#' in the password ends the host part early, and
+            // what follows its ':' is read as the port.
+            let encode = if e == url::ParseError::InvalidPort && cut_short(raw) {
+                " (a '/', '?' or '#' in the password ends the host part: write them as %2F, %3F, %23, and '@' as %40)"
+            } else {
+                ""
+            };
             bad(format!(
-                "{e}; expected amqp://user:password@host:port/vhost (vhost \"/\" is %2f)"
+                "{e}{encode}; expected amqp://user:password@host:port/vhost (vhost \"/\" is %2f)"
             ))
         })?;
         match parsed.scheme() {
             "amqp" | "amqps" => {}
+            "http" | "https" => {
+                return Err(bad(format!(
+                    "scheme {:?} is not amqp or amqps (an http:// URL is the management UI's, port 15672; AMQP listens on 5672); expected amqp://user:password@host:port/vhost (vhost \"/\" is %2f)",
+                    parsed.scheme()
+                )))
+            }
             other => return Err(bad(format!("scheme {other:?} is not amqp or amqps"))),
         }
         if parsed.host_str().is_none_or(str::is_empty) {
-            return Err(bad("no host".into()));
+            return Err(bad(
+                "no host; expected amqp://user:password@host:port/vhost (vhost \"/\" is %2f)"
+                    .into(),
+            ));
         }
+        if parsed.fragment().is_some() {
+            return Err(bad(
+                "the AMQP client drops what follows a '#' (a URL fragment): write a '#' in the vhost as %23".into(),
+            ));
+        }
+        check_query(&parsed).map_err(bad)?;
         // lapin's own parser must accept it too; its error text can hold the
         // whole URL, so only its verdict is used.
         if lapin::uri::AMQPUri::from_str(raw).is_err() {
@@ -126,6 +148,45 @@ impl FromStr for AmqpUrl {
             redacted,
         })
     }
+}
+
+/// Whether the host part of `raw` ends (at a '/', '?' or '#') before an
+/// '@' that it has none of: a password holding one of those characters.
+fn cut_short(raw: &str) -> bool {
+    let Some((_, rest)) = raw.split_once("://") else {
+        return false;
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    !rest[..end].contains('@') && rest[end..].contains('@')
+}
+
+/// The query parameters the AMQP client reads, checked with a message that
+/// names the parameter and what it takes (the client's own says only
+/// "invalid digit found in string").
+fn check_query(parsed: &url::Url) -> Result<(), String> {
+    for (key, value) in parsed.query_pairs() {
+        let (ok, takes) = match key.as_ref() {
+            "frame_max" => (
+                value.parse::<u32>().is_ok_and(|n| n >= 4096),
+                "bytes, from 4096 (the AMQP minimum) to 4294967295; without it, 128 KiB",
+            ),
+            "channel_max" => (value.parse::<u16>().is_ok(), "channels, from 0 to 65535"),
+            "heartbeat" => (
+                value.parse::<u16>().is_ok(),
+                "seconds, from 0 (none) to 65535",
+            ),
+            "connection_timeout" => (value.parse::<u64>().is_ok(), "milliseconds"),
+            "auth_mechanism" => (
+                value.parse::<lapin::uri::SASLMechanism>().is_ok(),
+                "plain, amqplain, external, anonymous or rabbit-cr-demo",
+            ),
+            _ => (true, ""),
+        };
+        if !ok {
+            return Err(format!("{key}={value}: {key} takes {takes}"));
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for AmqpUrl {
@@ -894,6 +955,89 @@ mod tests {
         assert!(!e.contains("hunter2"), "{e}");
         let e = "not a url".parse::<AmqpUrl>().unwrap_err().to_string();
         assert!(e.contains("expected amqp://"), "{e}");
+    }
+
+    #[test]
+    fn query_parameters_the_client_reads_are_checked_by_name() {
+        let reason = |raw: &str| match raw.parse::<AmqpUrl>() {
+            Err(TopologyError::Url { reason, .. }) => reason,
+            other => panic!("{raw}: {other:?}"),
+        };
+        let base = "amqp://bob:s3cret@rabbit/%2f";
+        assert_eq!(
+            reason(&format!("{base}?heartbeat=70000")),
+            "heartbeat=70000: heartbeat takes seconds, from 0 (none) to 65535"
+        );
+        for bad in ["10", "0", "4095", "4294967296", "abc"] {
+            assert_eq!(
+                reason(&format!("{base}?frame_max={bad}")),
+                format!("frame_max={bad}: frame_max takes bytes, from 4096 (the AMQP minimum) to 4294967295; without it, 128 KiB")
+            );
+        }
+        assert_eq!(
+            reason(&format!("{base}?channel_max=-1")),
+            "channel_max=-1: channel_max takes channels, from 0 to 65535"
+        );
+        assert_eq!(
+            reason(&format!("{base}?connection_timeout=soon")),
+            "connection_timeout=soon: connection_timeout takes milliseconds"
+        );
+        assert_eq!(
+            reason(&format!("{base}?auth_mechanism=kerberos")),
+            "auth_mechanism=kerberos: auth_mechanism takes plain, amqplain, external, anonymous or rabbit-cr-demo"
+        );
+        for good in [
+            "?frame_max=4096&heartbeat=0&channel_max=65535",
+            "?connection_timeout=18446744073709551615",
+            "?auth_mechanism=EXTERNAL",
+            "?something_else=1",
+        ] {
+            assert!(format!("{base}{good}").parse::<AmqpUrl>().is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_scheme_or_no_host_says_what_an_amqp_url_looks_like() {
+        let e = "http://guest:s3cret@localhost:15672/"
+            .parse::<AmqpUrl>()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "invalid AMQP URL http://guest:***@localhost:15672/: scheme \"http\" is not amqp or amqps (an http:// URL is the management UI's, port 15672; AMQP listens on 5672); expected amqp://user:password@host:port/vhost (vhost \"/\" is %2f)");
+        for raw in ["amqp://", "amqp:///%2f"] {
+            let e = raw.parse::<AmqpUrl>().unwrap_err().to_string();
+            assert_eq!(e, format!("invalid AMQP URL {raw}: no host; expected amqp://user:password@host:port/vhost (vhost \"/\" is %2f)"));
+        }
+    }
+
+    #[test]
+    fn a_fragment_is_refused_since_the_client_would_drop_it() {
+        let e = "amqp://bob:s3cret@rabbit/team#a"
+            .parse::<AmqpUrl>()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "invalid AMQP URL amqp://bob:***@rabbit/team#a: the AMQP client drops what follows a '#' (a URL fragment): write a '#' in the vhost as %23");
+        assert!("amqp://bob:s3cret@rabbit/team%23a"
+            .parse::<AmqpUrl>()
+            .is_ok());
+    }
+
+    #[test]
+    fn a_url_that_does_not_parse_says_how_to_encode_special_characters() {
+        // A '/' or '#' in the password ends the authority: "pa" becomes the
+        // port.
+        for (raw, shown) in [
+            ("amqp://bob:pa/ss@rabbit/%2f", "amqp://bob:***@rabbit/%2f"),
+            ("amqp://bob:pa#ss@rabbit/%2f", "amqp://bob:***@rabbit/%2f"),
+        ] {
+            let e = raw.parse::<AmqpUrl>().unwrap_err().to_string();
+            assert_eq!(e, format!("invalid AMQP URL {shown}: invalid port number (a '/', '?' or '#' in the password ends the host part: write them as %2F, %3F, %23, and '@' as %40); expected amqp://user:password@host:port/vhost (vhost \"/\" is %2f)"));
+        }
+        // A real port that is not a number gets no such advice.
+        let e = "amqp://bob:pw@rabbit:56x2/%2f"
+            .parse::<AmqpUrl>()
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("%2F"), "{e}");
     }
 
     #[test]
