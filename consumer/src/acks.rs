@@ -21,6 +21,9 @@ pub(crate) enum Settle {
     Ack,
     /// basic.nack with requeue.
     Requeue,
+    /// basic.nack without requeue: the broker dead-letters it through the
+    /// queue's own dead-letter exchange.
+    Reject,
 }
 
 /// One frame to send.
@@ -181,6 +184,32 @@ impl AckWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rejects_break_the_runs_of_acks() {
+        let mut w = window(100);
+        let now = Instant::now();
+        for t in 1..=4 {
+            w.received(t, now);
+        }
+        w.complete(1, Settle::Ack);
+        w.complete(2, Settle::Reject);
+        w.complete(3, Settle::Ack);
+        w.complete(4, Settle::Ack);
+        let op = |settle, tag, multiple| AckOp {
+            settle,
+            tag,
+            multiple,
+        };
+        assert_eq!(
+            flush(&mut w),
+            vec![
+                op(Settle::Ack, 1, false),
+                op(Settle::Reject, 2, false),
+                op(Settle::Ack, 4, true),
+            ]
+        );
+    }
 
     fn flush(w: &mut AckWindow) -> Vec<AckOp> {
         flush_at(w, Instant::now())

@@ -12,7 +12,8 @@ pub enum ConsumerError {
         /// The connect error (password masked).
         source: warren_topology::TopologyError,
     },
-    /// The work queue does not exist: apply the topology first.
+    /// A queue of the group (work, retry or dead-letter) does not exist:
+    /// apply the topology first.
     #[error("consumer group {group:?}: queue {queue:?} does not exist on the broker (run `warren topology apply` first): {detail}")]
     QueueMissing {
         /// The group.

@@ -19,7 +19,14 @@
 //! - A failed delivery's copy is published and confirmed *before* the
 //!   original is acked. A copy that is not confirmed within
 //!   `confirm_timeout` (nacked, unroutable, channel gone) leaves the original
-//!   nacked with requeue: a crash can duplicate, never lose.
+//!   nacked with requeue: a crash can duplicate, never lose. A copy that
+//!   can never be published, whatever the broker's state (its properties do
+//!   not fit in a frame once the failure headers are added; the broker
+//!   refused this very message), leaves the original rejected instead (a
+//!   nack without requeue): the work queue's own dead-letter exchange
+//!   (`warren.dlx`, key `{group}`) takes it unchanged into `{group}.dead`,
+//!   with the broker's `x-death`, rather than the handler running again
+//!   and again.
 //! - `handler_timeout` cancels the handler (kind `timeout`), which then goes
 //!   through the retry tiers like any retryable error.
 
@@ -407,27 +414,39 @@ impl<H: Handler> ConsumerGroup<H> {
         };
         let (consume, _) = broker.channel().await.map_err(connect)?;
         let queue = group.work_queue();
-        if let Err(e) = consume
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-        {
-            let text = e.to_string();
-            if text.contains("NOT_FOUND") || text.contains("NOT-FOUND") || text.contains("no queue")
+        // Every queue a delivery of this group can be sent to must exist
+        // before the first handler runs: a missing retry or dead-letter
+        // queue would make each failure's copy unroutable and its message
+        // loop (requeued, handled again) until an operator applies the
+        // topology. A passive declare creates nothing.
+        let targets = std::iter::once(queue.clone())
+            .chain((1..=group.retry.len()).map(|tier| group.retry_queue(tier)))
+            .chain(std::iter::once(group.dead_queue()));
+        for name in targets {
+            if let Err(e) = consume
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
             {
-                return Err(ConsumerError::QueueMissing {
-                    group: group.name.clone(),
-                    queue,
-                    detail: text,
-                });
+                let text = e.to_string();
+                if text.contains("NOT_FOUND")
+                    || text.contains("NOT-FOUND")
+                    || text.contains("no queue")
+                {
+                    return Err(ConsumerError::QueueMissing {
+                        group: group.name.clone(),
+                        queue: name,
+                        detail: text,
+                    });
+                }
+                return Err(err("checking the group's queues")(e));
             }
-            return Err(err("checking the work queue")(e));
         }
         consume
             .basic_qos(group.prefetch.max(1), BasicQosOptions { global: false })
@@ -867,12 +886,12 @@ async fn send_acks(
                 )
                 .await?
             }
-            Settle::Requeue => {
+            Settle::Requeue | Settle::Reject => {
                 ch.basic_nack(
                     op.tag,
                     BasicNackOptions {
                         multiple: op.multiple,
-                        requeue: true,
+                        requeue: op.settle == Settle::Requeue,
                     },
                 )
                 .await?
@@ -976,6 +995,15 @@ async fn process<H: Handler>(
             }
             Settle::Ack
         }
+        Err(why) if never_publishable(&why) => {
+            // Sending it again would be refused the same way, and requeueing
+            // would run the handler again and again. The work queue's own
+            // dead-letter exchange (warren.dlx, key {group}, as DESIGN
+            // declares every work queue) takes it whole into {group}.dead.
+            error!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %failure.message(), error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published; rejecting the delivery so that the broker dead-letters it unchanged into the group's dead-letter queue");
+            m.handled.with_label_values(&[group, "reject"]).inc();
+            Settle::Reject
+        }
         Err(why) => {
             error!(group, message_id = delivery.message_id().unwrap_or(""), error = %why, exchange = %exchange, routing_key = %key, "the copy was not confirmed; requeueing the delivery");
             m.handled.with_label_values(&[group, "requeue"]).inc();
@@ -983,6 +1011,18 @@ async fn process<H: Handler>(
             Settle::Requeue
         }
     }
+}
+
+/// Whether a copy failed because of what it is (its properties do not fit
+/// in a frame, the broker refused this very message), so that no later
+/// attempt can succeed; anything else (unroutable, nacked, a timeout, a
+/// lost connection) may pass once the operator or the broker recovers.
+fn never_publishable(e: &warren_producer::PublishError) -> bool {
+    use warren_producer::PublishError as E;
+    matches!(
+        e,
+        E::Invalid(_) | E::TooLarge { .. } | E::MessageRefused { .. }
+    )
 }
 
 /// Publishes a copy (mandatory; properties kept but `expiration`,

@@ -433,6 +433,151 @@ async fn a_message_with_large_headers_is_handled_and_dead_lettered_whole() {
     assert_eq!(ledger.count("small-1"), 1);
 }
 
+/// A retry tier in the file that the broker lacks (a tier added, `warren
+/// topology apply` not run): every failure's copy to it would be unroutable
+/// and its message requeued and handled again, forever on a classic queue.
+/// The group now checks every queue it may send to before the first
+/// delivery, and stops with `QueueMissing` naming it; nothing is consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_queue_missing_on_the_broker_stops_the_group_before_any_handler_runs() {
+    let f = Fixture::new(&classic("'200ms', '200ms'", "")).await;
+    let g = f.group(0);
+    f.ch.queue_delete(
+        g.retry_queue(2).as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    f.publish(&f.exchange(), "order.created", b"{}", props("m-1"))
+        .await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let group = warren_consumer::ConsumerGroup::builder(
+        g.clone(),
+        handler_fn(move |_d: Delivery| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::retryable("fails")) }
+        }),
+    )
+    .metrics(warren_consumer::Metrics::register(&prometheus::Registry::new()).unwrap())
+    .build()
+    .unwrap();
+    let broker = Arc::new(
+        warren_topology::Broker::connect(
+            warren_topology::ConnectOptions::new(url(), "consumer-test").attempts(3),
+        )
+        .await
+        .unwrap(),
+    );
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        group.run(&broker, tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("the group stops at once");
+    broker.close().await;
+    match result {
+        Err(e @ warren_consumer::ConsumerError::QueueMissing { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.starts_with(&format!(
+                    "consumer group \"{}\": queue \"{}\" does not exist on the broker (run `warren topology apply` first)",
+                    g.name,
+                    g.retry_queue(2)
+                )),
+                "{text}"
+            );
+        }
+        other => panic!("expected QueueMissing, got {other:?}"),
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "no handler ran");
+    assert_eq!(f.count(&g.work_queue()).await, 1, "the message waits");
+}
+
+/// A message whose copy can never be published (here: headers that fit in
+/// the consumer's frames by themselves, but not with the failure headers
+/// added) used to be requeued for ever, handled again every
+/// `requeue_delay`. It is now rejected, so the broker dead-letters it whole
+/// through the work queue's own dead-letter exchange into `{group}.dead`
+/// (kind `broker`, the reason from `x-death`), after one handling. The
+/// consumer runs with 16 KiB frames so that the test can read the dead
+/// letter, `x-death` and all, with the usual 128 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_copy_cannot_be_published_is_dead_lettered_by_the_broker() {
+    let f = Fixture::new(&classic("", "")).await;
+    let g = f.group(0);
+    let frame_max = 16_384;
+    let url: warren_topology::AmqpUrl =
+        format!("{}?frame_max={frame_max}", warren_testkit::url().expose())
+            .parse()
+            .unwrap();
+    // Fill the frame to within 64 bytes: the encoded properties without
+    // the blob, plus the entry's key (1 + 10), type (1) and length (4).
+    let base = props("huge-1");
+    let encoded = |p: &BasicProperties| {
+        let gen = lapin::protocol::basic::gen_properties(p);
+        gen(Vec::<u8>::new().into()).unwrap().position as usize
+    };
+    let room = frame_max - 20;
+    let blob = "z".repeat(room - encoded(&base) - (1 + 10 + 1 + 4) - 64);
+    let mut h = base.headers().clone().unwrap_or_default();
+    h.insert(
+        "trace-blob".into(),
+        AMQPValue::LongString(blob.clone().into()),
+    );
+    let big = base.with_headers(h);
+    assert!(encoded(&big) <= room && encoded(&big) + 64 >= room);
+    f.publish(&f.exchange(), "order.created", b"{}", big).await;
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start_as(
+        url,
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                l.note(&d);
+                Err(HandlerError::permanent("too big to bill"))
+            }
+        }),
+        "consumer-test",
+        |b| b.requeue_delay(Duration::from_millis(50)),
+    )
+    .await;
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        run.metric("warren_handled_total", &[("outcome", "reject")]),
+        1.0
+    );
+    run.stop().await;
+    assert_eq!(ledger.count("huge-1"), 1, "handled once, not looped");
+    assert_eq!(
+        header_str(&dead[0], "trace-blob").as_deref(),
+        Some(blob.as_str()),
+        "dead-lettered whole"
+    );
+    assert_eq!(header_str(&dead[0], headers::ERROR_KIND), None);
+    let reason = match dead[0]
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death").cloned())
+    {
+        Some(AMQPValue::FieldArray(a)) => match a.as_slice().first() {
+            Some(AMQPValue::FieldTable(t)) => t.inner().get("reason").cloned(),
+            _ => None,
+        },
+        _ => None,
+    };
+    assert_eq!(
+        reason,
+        Some(AMQPValue::LongString("rejected".into())),
+        "dead-lettered by the broker on a reject"
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+}
+
 /// A session that fails as soon as it opens (here: headers larger than the
 /// frame size the URL asks for) is reopened with a growing delay, not in a
 /// tight loop (before: about 300 reconnects a second), and the message
