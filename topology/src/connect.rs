@@ -223,7 +223,9 @@ pub struct ConnectOptions {
     pub min_delay: Duration,
     /// Longest backoff delay. Default [`ConnectOptions::DEFAULT_MAX_DELAY`].
     pub max_delay: Duration,
-    /// Time for one connection attempt (TCP + handshake). Default [`ConnectOptions::DEFAULT_CONNECT_TIMEOUT`].
+    /// Time for one connection attempt (TCP + handshake); the URL's
+    /// `?connection_timeout=MS` takes its place (lapin itself would ignore
+    /// it). Default [`ConnectOptions::DEFAULT_CONNECT_TIMEOUT`].
     pub connect_timeout: Duration,
 }
 
@@ -325,10 +327,14 @@ async fn connect_once(opts: &ConnectOptions) -> Result<Connection, AttemptError>
     {
         uri.authority.host = ip.to_string();
     }
-    match tokio::time::timeout(opts.connect_timeout, Connection::connect_uri(uri, props)).await {
+    let limit = uri
+        .query
+        .connection_timeout
+        .map_or(opts.connect_timeout, Duration::from_millis);
+    match tokio::time::timeout(limit, Connection::connect_uri(uri, props)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(classify(&e, &opts.url)),
-        Err(_) => Err(timed_out(&opts.url, opts.connect_timeout).await),
+        Err(_) => Err(timed_out(&opts.url, limit).await),
     }
 }
 
