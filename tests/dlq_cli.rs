@@ -2012,3 +2012,138 @@ async fn audit_log_dash_is_refused_before_anything_moves_and_the_advice_holds() 
     assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("a", 0..N));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------
+// The files dead letters are deleted on the strength of survive a power loss.
+
+/// `s` as strace's `-xx` prints a string: every byte `\xNN`.
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("\\x{b:02x}")).collect()
+}
+
+/// Runs `warren args` under strace and returns the system calls it made
+/// (files opened, fsyncs, network writes with their bytes), one per line,
+/// in order. Fails when strace is not installed.
+fn traced(dir: &std::path::Path, args: &[&str]) -> Vec<String> {
+    let trace = dir.join("trace.txt");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-xx", "-s", "4096", "-o"])
+        .arg(&trace)
+        .args([
+            "-e",
+            "trace=openat,fsync,fdatasync,write,writev,sendto,sendmsg",
+        ])
+        .arg(env!("CARGO_BIN_EXE_warren"))
+        .args(args)
+        .env_remove("WARREN_TOPOLOGY")
+        .env_remove("RUST_LOG")
+        .env("WARREN_AMQP_URL", URL)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("strace runs (Debian package strace)");
+    let out = wait_within(out, CLI_LIMIT);
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The order of what `trace` shows for a `file` created in `dir`: the
+/// line that creates it, the line that fsyncs `dir` after that (through a
+/// descriptor opened on it after the creation), the line that fsyncs the
+/// file itself, and the first basic.ack sent to the broker. Panics naming
+/// what is missing.
+fn durable_before_the_first_ack(trace: &[String], dir: &str, file: &str) {
+    // `pid openat(AT_FDCWD, "...", flags...) = fd`
+    let fd_of = |line: &str| -> String { line.rsplit(" = ").next().unwrap().trim().to_owned() };
+    let opens = |path: &str| format!("openat(AT_FDCWD, \"{}\"", hex(path));
+    let created = trace
+        .iter()
+        .position(|l| l.contains(&opens(file)) && l.contains("O_CREAT"))
+        .unwrap_or_else(|| panic!("{file} is never created:\n{}", trace.join("\n")));
+    let file_fd = fd_of(&trace[created]);
+    let dir_open = trace[created..]
+        .iter()
+        .position(|l| l.contains(&opens(dir)) && l.contains("O_RDONLY"))
+        .map(|i| i + created)
+        .unwrap_or_else(|| panic!("{dir} is not opened after {file} is created"));
+    let dir_fd = fd_of(&trace[dir_open]);
+    let fsync_of = |fd: &str, from: usize| {
+        trace[from..]
+            .iter()
+            .position(|l| l.contains(&format!(" fsync({fd}")))
+            .map(|i| i + from)
+    };
+    let dir_synced = fsync_of(&dir_fd, dir_open)
+        .unwrap_or_else(|| panic!("{dir} (fd {dir_fd}) is never fsynced after {file} is created"));
+    let file_synced = fsync_of(&file_fd, created)
+        .unwrap_or_else(|| panic!("{file} (fd {file_fd}) is never fsynced"));
+    // A basic.ack frame: size 13, class 60, method 80.
+    let ack = hex("\x00\x00\x00\x0d\x00\x3c\x00\x50");
+    let first_ack = trace
+        .iter()
+        .position(|l| l.contains(&ack))
+        .unwrap_or_else(|| panic!("no basic.ack was sent"));
+    assert!(
+        dir_synced < first_ack && file_synced < first_ack,
+        "{file}: created at line {created}, its directory fsynced at {dir_synced}, \
+         itself at {file_synced}, and the first ack sent at {first_ack}"
+    );
+}
+
+/// `purge --archive` and `export --remove` create a file and delete dead
+/// letters on the strength of it; `--audit-log` creates the file that
+/// records it. Each new file's directory is fsynced (not only the file)
+/// before the first dead letter is acked: otherwise a power loss can take
+/// the new file's name, and with it every line, while the deletions stand.
+/// Seen in the system calls warren makes (strace); what a real power loss
+/// does to a file system cannot be tested here.
+#[tokio::test(flavor = "multi_thread")]
+async fn new_archive_export_and_audit_files_have_their_directory_fsynced_before_the_first_ack() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "dirsync").await;
+    let dir = std::env::temp_dir().join(format!("warren-dirsync-{}", env.group));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    let (archive, audit, export) = (
+        format!("{d}/archive.jsonl"),
+        format!("{d}/audit.jsonl"),
+        format!("{d}/export.jsonl"),
+    );
+    let g = env.group.as_str();
+
+    dead_letters(&conn, g, "s", 3).await;
+    let trace = traced(
+        &dir,
+        &[
+            "dlq",
+            "purge",
+            "--group",
+            g,
+            "--all",
+            "--yes",
+            "--archive",
+            &archive,
+            "--audit-log",
+            &audit,
+        ],
+    );
+    durable_before_the_first_ack(&trace, d, &archive);
+    durable_before_the_first_ack(&trace, d, &audit);
+    settle(&conn, &env.dead(), 0).await;
+    assert_eq!(
+        std::fs::read_to_string(&archive).unwrap().lines().count(),
+        3
+    );
+
+    dead_letters(&conn, g, "e", 2).await;
+    let trace = traced(&dir, &["dlq", "export", &export, "--group", g, "--remove"]);
+    durable_before_the_first_ack(&trace, d, &export);
+    settle(&conn, &env.dead(), 0).await;
+    assert_eq!(std::fs::read_to_string(&export).unwrap().lines().count(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::error::OperatorError;
 use crate::select::Selection;
+use crate::transfer::sync_dir_of;
 
 /// One replay or purge, as the audit log keeps it.
 #[derive(Debug, Clone, Serialize)]
@@ -53,20 +54,50 @@ impl AuditRecord {
         }
     }
 
-    /// Appends the record as one JSON line to `path` and fsyncs.
+    /// Creates the audit log `path` if it is missing, with its directory
+    /// entry made durable (the directory is fsynced), and checks that it
+    /// can be appended to. Call it before anything moves: a record that
+    /// cannot be written must stop a run, not follow it.
+    pub fn prepare_log(path: &Path) -> Result<(), OperatorError> {
+        open_log(path).map(drop)
+    }
+
+    /// Appends the record as one JSON line to `path` and fsyncs it (and the
+    /// directory, when this creates the file).
     pub fn append_to(&self, path: &Path) -> Result<(), OperatorError> {
-        let err = |source| OperatorError::Io {
-            file: path.display().to_string(),
-            source,
-        };
+        let err = |source| io_error(path, source);
         let mut line = serde_json::to_string(self).map_err(|e| err(std::io::Error::other(e)))?;
         line.push('\n');
-        let mut f = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(err)?;
+        let mut f = open_log(path)?;
         f.write_all(line.as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)
+    }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> OperatorError {
+    OperatorError::Io {
+        file: path.display().to_string(),
+        source,
+    }
+}
+
+/// Opens `path` for appending; when this creates it, fsyncs its directory
+/// so that the file keeps its name after a power loss.
+fn open_log(path: &Path) -> Result<std::fs::File, OperatorError> {
+    let err = |source| io_error(path, source);
+    let created = std::fs::File::options()
+        .append(true)
+        .create_new(true)
+        .open(path);
+    match created {
+        Ok(f) => {
+            sync_dir_of(path).map_err(err)?;
+            Ok(f)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::File::options()
+            .append(true)
+            .open(path)
+            .map_err(err),
+        Err(e) => Err(err(e)),
     }
 }

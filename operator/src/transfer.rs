@@ -237,18 +237,29 @@ impl Write for Sink {
 const STDIO_NAME: &str = "-";
 
 impl ExportWriter {
-    /// Creates `path`; refuses to overwrite an existing file.
+    /// Creates `path`; refuses to overwrite an existing file. The new
+    /// directory entry is made durable (the directory is fsynced) before
+    /// this returns, so before anything can be deleted on the strength of
+    /// the file: fsyncing a new file alone does not keep its name across a
+    /// power loss.
     pub fn create_new(path: &Path) -> Result<Self, OperatorError> {
         let file = File::options()
             .write(true)
             .create_new(true)
             .open(path)
             .map_err(|source| io(path, source))?;
+        if let Err(source) = sync_dir_of(path) {
+            // Nothing was written: leave no empty file behind to refuse a retry.
+            let _ = std::fs::remove_file(path);
+            return Err(io(path, source));
+        }
         Ok(Self::from_file(path, file))
     }
 
-    /// Writes to an already open file (a temp file). Nothing here can tell
-    /// what `file` is: hand it a duplicate of standard output and
+    /// Writes to an already open file (a temp file). Its directory entry is
+    /// the caller's to make durable (see [`ExportWriter::create_new`]).
+    /// Nothing here can tell what `file` is: hand it a duplicate of
+    /// standard output and
     /// [`ExportWriter::is_stdout`] says false, so a purge or an export with
     /// `remove` would delete on the strength of lines that may not be stored
     /// anywhere. Use [`ExportWriter::stdout`] for standard output.
@@ -308,6 +319,26 @@ impl ExportWriter {
     /// The file (`-` for standard output).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Fsyncs the directory that holds `path` (the current directory for a
+/// bare file name), so that a file just created there keeps its name after
+/// a power loss: a file's own fsync makes its content durable, not its
+/// directory entry. A file system that cannot fsync a directory (EINVAL,
+/// as some network file systems answer) is taken as having nothing to
+/// sync, as PostgreSQL does.
+pub(crate) fn sync_dir_of(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match File::open(dir)?.sync_all() {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            debug!(dir = %dir.display(), error = %e, "the file system cannot fsync a directory");
+            Ok(())
+        }
+        r => r,
     }
 }
 
@@ -534,5 +565,57 @@ async fn take(
                 first_error.get_or_insert(e);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "warren-transfer-{tag}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_directory_of_a_new_file_is_opened_and_fsynced() {
+        let dir = temp_dir("sync");
+        let file = dir.join("archive.jsonl");
+        std::fs::write(&file, b"").unwrap();
+        sync_dir_of(&file).unwrap();
+        // A bare name is in the current directory.
+        sync_dir_of(Path::new("archive.jsonl")).unwrap();
+        // A directory that is not there is an error, not a silent success.
+        let gone = dir.join("no-such-dir").join("archive.jsonl");
+        let e = sync_dir_of(&gone).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn create_new_refuses_a_file_that_exists_and_leaves_none_where_the_directory_is_missing() {
+        let dir = temp_dir("create");
+        let file = dir.join("export.jsonl");
+        let w = ExportWriter::create_new(&file).unwrap();
+        assert_eq!(w.path(), file);
+        assert!(file.exists());
+        match ExportWriter::create_new(&file) {
+            Err(OperatorError::Io { source, .. }) => {
+                assert_eq!(source.kind(), std::io::ErrorKind::AlreadyExists)
+            }
+            other => panic!("expected AlreadyExists, got {other:?}"),
+        }
+        let nowhere = dir.join("missing").join("export.jsonl");
+        assert!(ExportWriter::create_new(&nowhere).is_err());
+        assert!(!nowhere.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

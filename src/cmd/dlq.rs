@@ -726,13 +726,17 @@ fn refuse_stdio_audit_log(command: &str, file: Option<&PathBuf>) -> anyhow::Resu
 
 /// Opens (creates) the audit log for appending before anything is touched:
 /// a record that cannot be written must stop the run, not follow it.
+/// A new audit log's directory is fsynced here, before anything moves, so
+/// that the file holding the records survives a power loss.
 fn check_audit_log(file: Option<&PathBuf>) -> anyhow::Result<()> {
     if let Some(f) = file {
-        std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(f)
-            .map_err(|e| UsageError(format!("--audit-log {}: {e}", f.display())))?;
+        op::AuditRecord::prepare_log(f).map_err(|e| {
+            let why = match e {
+                op::OperatorError::Io { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            UsageError(format!("--audit-log {}: {why}", f.display()))
+        })?;
     }
     Ok(())
 }
