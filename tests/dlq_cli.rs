@@ -2014,6 +2014,128 @@ async fn audit_log_dash_is_refused_before_anything_moves_and_the_advice_holds() 
 }
 
 // ---------------------------------------------------------------------------
+// Runs that stop partway say what they did.
+
+/// A dead-letter queue for group `{env.group}-capped` that the broker keeps
+/// to `max` messages and refuses (nacks) publishes beyond; deleted on drop.
+async fn capped(conn: &Connection, env: &Env, max: i64) -> (String, Cleanup) {
+    let group = format!("{}-capped", env.group);
+    let dead = format!("{group}.dead");
+    let cleanup = Cleanup::empty().queue(&dead).at(URL.parse().unwrap());
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        dead.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let _ = ch.close(200, "ok".into()).await;
+    (group, cleanup)
+}
+
+/// An import the broker nacks partway (the target queue takes 2 messages
+/// and refuses the rest) exits 1 and says which lines were imported and
+/// which were not, with each refused message's line and id, and the
+/// command that imports the rest; `--skip` does, without duplicating
+/// anything. With `--output json`, the same as one document. (Before: a
+/// bare `error: publish ... was nacked by the broker`, nothing about the 2
+/// imported, and no way to import the rest without duplicating them.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_nacked_partway_names_the_lines_imported_and_skip_imports_the_rest_once() {
+    use serde_json::json;
+    const N: usize = 6;
+    let conn = connect().await;
+    let env = Env::new(&conn, "impart").await;
+    dead_letters(&conn, &env.group, "c", N).await;
+    let (group, _cleanup) = capped(&conn, &env, 2).await;
+    let dead = format!("{group}.dead");
+    let dir = std::env::temp_dir().join(format!("warren-impart-{}", env.group));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("export.jsonl");
+    let _ = std::fs::remove_file(&file);
+    let f = file.to_str().unwrap();
+    ok(&["dlq", "export", f, "--group", &env.group, "--remove"]);
+    settle(&conn, &env.dead(), 0).await;
+    let nacked =
+        format!("publish to exchange \"\" with routing key {dead:?} was nacked by the broker");
+
+    // Table.
+    let out = run(&["dlq", "import", f, "--to-group", &group]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let mut want = format!(
+        "{dead}: 2 imported\nimported: lines 1-2 (2 messages)\n\
+         not imported: lines 3-6 (4 refused or not confirmed, 0 not sent)\n"
+    );
+    for i in 2..N {
+        want.push_str(&format!("  line {} (id c-{i}): {nacked}\n", i + 1));
+    }
+    assert_eq!(stdout, want);
+    assert_eq!(
+        stderr,
+        format!(
+            "error: the import stopped at line 3 (id c-2): {nacked}\n\
+             to import the rest without duplicating what was imported: \
+             warren dlq import {f} --to-group {group} --skip 2\n"
+        )
+    );
+    let mut got = take_ids(&conn, &dead, 2).await;
+
+    // JSON, resuming where it said.
+    let out = run(&[
+        "dlq",
+        "import",
+        f,
+        "--to-group",
+        &group,
+        "--skip",
+        "2",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let failure =
+        |i: usize| json!({"line": i + 1, "id": format!("c-{i}"), "queue": dead, "error": nacked});
+    assert_eq!(
+        json_of(&out, "import --skip 2"),
+        json!({
+            "imported": {dead.as_str(): 2}, "total": 2, "user_id_dropped": 0, "messages": 4,
+            "imported_lines": [{"first": 3, "last": 4}],
+            "not_imported_lines": [{"first": 5, "last": 6}],
+            "failed": 2, "not_sent": 0, "failures": [failure(4), failure(5)],
+            "resume_skip": 4, "error": nacked,
+            "resume": format!("warren dlq import {f} --to-group {group} --skip 4"),
+        })
+    );
+    got.extend(take_ids(&conn, &dead, 2).await);
+
+    let out = ok(&["dlq", "import", f, "--to-group", &group, "--skip", "4"]);
+    assert_eq!(out, format!("{dead}: 2 imported\n"));
+    got.extend(take_ids(&conn, &dead, 2).await);
+    assert_eq!(got, names("c", 0..N), "each imported once, in order");
+
+    // A --skip past the end is a usage error; nothing is sent.
+    let out = run(&["dlq", "import", f, "--to-group", &group, "--skip", "7"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!("error: --skip 7: {f} has 6 lines\n")
+    );
+    assert_eq!(count(&conn, &dead).await, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
 // The files dead letters are deleted on the strength of survive a power loss.
 
 /// `s` as strace's `-xx` prints a string: every byte `\xNN`.

@@ -86,6 +86,16 @@ pub enum OperatorError {
         #[source]
         source: std::io::Error,
     },
+    /// An import stopped partway: the broker confirmed some messages (they
+    /// are in their queues) and not the others. The report says which
+    /// lines are which, and how many to skip to import the rest.
+    #[error("{}", crate::transfer::import_incomplete(report, source))]
+    ImportIncomplete {
+        /// What was imported and what was not.
+        report: Box<crate::ImportReport>,
+        /// The first failure; it stopped the import.
+        source: Box<OperatorError>,
+    },
     /// Connecting failed.
     #[error(transparent)]
     Topology(#[from] warren_topology::TopologyError),
@@ -99,6 +109,7 @@ impl OperatorError {
             OperatorError::Amqp { source, .. } => source.can_be_recovered(),
             OperatorError::Timeout { .. } => true,
             OperatorError::Topology(e) => e.is_transient(),
+            OperatorError::ImportIncomplete { source, .. } => source.is_transient(),
             _ => false,
         }
     }

@@ -19,14 +19,16 @@
 //! - `replay`: [`replay`] with [`ReplayOptions`], [`Target`].
 //! - `purge`: [`prepare_purge`] → [`PendingPurge::commit`] or `abort`.
 //! - `transfer`: the export format ([`ExportedMessage`]), [`export`],
-//!   [`read_export`], [`read_export_from`], [`import`], [`ExportWriter`]
-//!   (to a file or standard output).
+//!   [`read_export`], [`read_export_from`] (an [`ExportFile`]: messages
+//!   and their lines), [`import`] ([`ImportReport`]: the lines imported
+//!   and not), [`ExportWriter`] (to a file or standard output).
 //! - `watch`: [`watch`], [`Alert`].
 //! - `audit`: [`AuditRecord`].
 //! - `publish`: the confirm-mode publisher replay and import share.
 //! - `value`: AMQP values as typed JSON and as plain JSON.
 //! - `metrics`: [`Metrics`].
-//! - `error`: [`OperatorError`].
+//! - `error`: [`OperatorError`]; an import that stops partway says what
+//!   it imported ([`OperatorError::ImportIncomplete`]).
 
 mod audit;
 mod error;
@@ -60,8 +62,8 @@ pub use regex::Regex;
 pub use replay::{replay, replay_properties, Progress, ReplayOptions, ReplayReport, Target};
 pub use select::Selection;
 pub use transfer::{
-    export, import, read_export, read_export_from, ExportReport, ExportWriter, ExportedMessage,
-    ExportedProperties, ImportReport,
+    export, import, read_export, read_export_from, ExportFile, ExportReport, ExportWriter,
+    ExportedMessage, ExportedProperties, ImportFailure, ImportReport, Lines, MAX_IMPORT_FAILURES,
 };
 pub use value::{table_to_plain, table_to_typed, typed_to_table, value_to_plain};
 pub use watch::{watch, Alert, WatchOptions, DEFAULT_INTERVAL, DEFAULT_READ_LIMIT};

@@ -133,7 +133,13 @@ impl<T: Send + 'static> Confirmed<T> {
         properties: BasicProperties,
         token: T,
     ) -> Result<(), OperatorError> {
-        let target = format!("{exchange:?}/{routing_key:?}");
+        // Errors quote it: the queue through the default exchange, else
+        // `exchange/routing key`.
+        let target = if exchange.is_empty() {
+            routing_key.to_owned()
+        } else {
+            format!("{exchange}/{routing_key}")
+        };
         let properties_id = properties.message_id().as_ref().map(|s| s.to_string());
         let confirm = timed(
             self.timeout,
@@ -270,7 +276,7 @@ impl<T: Send + 'static> Confirmed<T> {
             Ok(Confirmation::Ack(_)) => Ok(()),
             Ok(Confirmation::Nack(_)) => Err(publish_error("nacked")),
             Ok(Confirmation::NotRequested) => Err(publish_error(&format!(
-                "not confirmed (confirms are off on {})",
+                "not confirmed (confirms are off on {:?})",
                 f.target
             ))),
         };

@@ -410,7 +410,147 @@ pub async fn export(
     })
 }
 
-/// What `import` did.
+/// An export read back ([`read_export`], [`read_export_from`]): its
+/// messages in file order and the line each one is on, so that an import
+/// can say which lines it imported and which it did not.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExportFile {
+    name: String,
+    messages: Vec<ExportedMessage>,
+    lines: Vec<usize>,
+    line_count: usize,
+}
+
+impl ExportFile {
+    /// Messages that come from no file (`name` says what they are in
+    /// errors): the nth message is on line n.
+    pub fn from_messages(name: &str, messages: Vec<ExportedMessage>) -> Self {
+        let n = messages.len();
+        ExportFile {
+            name: name.to_owned(),
+            messages,
+            lines: (1..=n).collect(),
+            line_count: n,
+        }
+    }
+
+    /// The file's name (`standard input` for `warren dlq import -`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The messages, in file order.
+    pub fn messages(&self) -> &[ExportedMessage] {
+        &self.messages
+    }
+
+    /// The messages, to change before importing (another group, ...).
+    pub fn messages_mut(&mut self) -> &mut [ExportedMessage] {
+        &mut self.messages
+    }
+
+    /// The line each message is on (1-based; a blank line holds none).
+    pub fn lines(&self) -> &[usize] {
+        &self.lines
+    }
+
+    /// Lines read, blank ones included.
+    pub fn line_count(&self) -> usize {
+        self.line_count
+    }
+
+    /// How many messages.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Whether it holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Without the messages on lines 1 to `n`: what is left to import
+    /// after a run that imported those (`warren dlq import --skip n`; see
+    /// [`ImportReport::resume_skip`]).
+    pub fn skip_lines(mut self, n: usize) -> Self {
+        let skipped = self.lines.partition_point(|l| *l <= n);
+        self.messages.drain(..skipped);
+        self.lines.drain(..skipped);
+        self
+    }
+}
+
+/// Lines `first` to `last` of an export, both included (1-based).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Lines {
+    /// The first line.
+    pub first: usize,
+    /// The last line.
+    pub last: usize,
+}
+
+/// `4`, or `6-9`.
+impl std::fmt::Display for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+impl Lines {
+    /// `1-3, 6, 8-9` (`none` for no line).
+    pub fn list(ranges: &[Lines]) -> String {
+        if ranges.is_empty() {
+            return "none".to_owned();
+        }
+        let all: Vec<String> = ranges.iter().map(Lines::to_string).collect();
+        all.join(", ")
+    }
+}
+
+/// The lines of the messages `take` picks out, as ranges: messages next to
+/// each other in the file (blank lines between them aside) share one.
+fn line_ranges(lines: &[usize], take: impl Fn(usize) -> bool) -> Vec<Lines> {
+    let mut out: Vec<Lines> = Vec::new();
+    let mut open = false;
+    for (i, line) in lines.iter().enumerate() {
+        if !take(i) {
+            open = false;
+            continue;
+        }
+        match out.last_mut() {
+            Some(r) if open => r.last = *line,
+            _ => out.push(Lines {
+                first: *line,
+                last: *line,
+            }),
+        }
+        open = true;
+    }
+    out
+}
+
+/// A message an import did not get confirmed.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ImportFailure {
+    /// Its line in the export.
+    pub line: usize,
+    /// Its id.
+    pub id: String,
+    /// The queue it was sent to.
+    pub queue: String,
+    /// What the broker (or the wait for it) said.
+    pub error: String,
+}
+
+/// Failures an [`ImportReport`] names, at most (the rest are counted).
+pub const MAX_IMPORT_FAILURES: usize = 20;
+
+/// What `import` did: every message is either in [`ImportReport::imported_lines`]
+/// (confirmed: it is in its queue) or in [`ImportReport::not_imported_lines`].
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ImportReport {
     /// Messages published (confirmed), per dead-letter queue.
@@ -420,27 +560,98 @@ pub struct ImportReport {
     /// Imported without the `user_id` they were exported with (another
     /// user than the login).
     pub user_id_dropped: usize,
+    /// Messages to import: the export's, less the lines skipped.
+    pub messages: usize,
+    /// The lines whose message the broker confirmed.
+    pub imported_lines: Vec<Lines>,
+    /// The lines whose message was not imported (empty when every one
+    /// was): [`ImportReport::failed`] and [`ImportReport::not_sent`].
+    pub not_imported_lines: Vec<Lines>,
+    /// Sent and not confirmed: nacked or returned (the broker did not take
+    /// it), or no confirm came (a closed channel or connection, a timeout:
+    /// the broker may have taken it, so importing it again may duplicate it).
+    pub failed: usize,
+    /// Not sent: an import stops sending at its first failure.
+    pub not_sent: usize,
+    /// The first [`MAX_IMPORT_FAILURES`] failures, in line order.
+    pub failures: Vec<ImportFailure>,
+    /// Skip this many lines ([`ExportFile::skip_lines`], `warren dlq import
+    /// --skip`) to import what is left: every message up to this line was
+    /// imported. `None` when every message was.
+    pub resume_skip: Option<usize>,
+}
+
+impl ImportReport {
+    /// Whether every message was imported.
+    pub fn is_complete(&self) -> bool {
+        self.not_imported_lines.is_empty()
+    }
+
+    /// Lines imported after [`ImportReport::resume_skip`] (confirmed after
+    /// an earlier message failed): an import that skips only
+    /// `resume_skip` lines sends them again.
+    pub fn imported_after_resume(&self) -> Vec<Lines> {
+        match self.resume_skip {
+            Some(skip) => self
+                .imported_lines
+                .iter()
+                .filter(|r| r.first > skip)
+                .copied()
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// [`OperatorError::ImportIncomplete`]'s text: the failure, where it
+/// happened, and what was and was not imported.
+pub(crate) fn import_incomplete(report: &ImportReport, source: &OperatorError) -> String {
+    let at = match report.failures.first() {
+        Some(f) => format!(" at line {} (id {:?})", f.line, f.id),
+        None => String::new(),
+    };
+    let mut text = format!(
+        "import stopped{at}: {source}; {} of {} messages imported (lines {}), not imported: lines {}",
+        report.total,
+        report.messages,
+        Lines::list(&report.imported_lines),
+        Lines::list(&report.not_imported_lines),
+    );
+    if let Some(skip) = report.resume_skip {
+        text.push_str(&format!(
+            "; skip the first {skip} lines to import the rest (warren dlq import --skip {skip})"
+        ));
+        let again = report.imported_after_resume();
+        if !again.is_empty() {
+            text.push_str(&format!(
+                ", which imports lines {} again",
+                Lines::list(&again)
+            ));
+        }
+    }
+    text
 }
 
 /// Reads an export file and checks every line (nothing is published when a
 /// line is bad).
-pub fn read_export(path: &Path) -> Result<Vec<ExportedMessage>, OperatorError> {
+pub fn read_export(path: &Path) -> Result<ExportFile, OperatorError> {
     let file = File::open(path).map_err(|source| io(path, source))?;
     read_export_from(&path.display().to_string(), BufReader::new(file))
 }
 
 /// Reads export lines from `input` (standard input, for `warren dlq import
 /// -`) and checks every one; `name` is the file's name in errors.
-pub fn read_export_from(
-    name: &str,
-    input: impl BufRead,
-) -> Result<Vec<ExportedMessage>, OperatorError> {
-    let mut out = Vec::new();
+pub fn read_export_from(name: &str, input: impl BufRead) -> Result<ExportFile, OperatorError> {
+    let mut out = ExportFile {
+        name: name.to_owned(),
+        ..Default::default()
+    };
     for (i, line) in input.lines().enumerate() {
         let line = line.map_err(|source| OperatorError::Io {
             file: name.to_owned(),
             source,
         })?;
+        out.line_count = i + 1;
         if line.trim().is_empty() {
             continue;
         }
@@ -451,57 +662,94 @@ pub fn read_export_from(
         };
         let m: ExportedMessage =
             serde_json::from_str(&line).map_err(|e| bad(format!("not an export line: {e}")))?;
-        m.body_bytes().map_err(bad)?;
-        m.properties.to_properties().map_err(bad)?;
-        out.push(m);
+        parts(&m).map_err(bad)?;
+        out.messages.push(m);
+        out.lines.push(i + 1);
     }
     Ok(out)
 }
 
+/// A message's body and properties as they were exported.
+fn parts(m: &ExportedMessage) -> Result<(Vec<u8>, BasicProperties), String> {
+    Ok((m.body_bytes()?, m.properties.to_properties()?))
+}
+
 /// Puts exported messages back, each into its group's dead-letter queue
-/// (or `to_group`'s), in file order, with confirms. Every target queue is
-/// checked first: a missing one fails the import before anything is sent.
-/// `expiration` and `x-delivery-count` are not restored (a dead letter must
-/// not expire in a queue without a dead-letter exchange; see
+/// (or `to_group`'s), in file order, with confirms. Every message and
+/// every target queue is checked first: a bad message or a missing queue
+/// fails the import before anything is sent. `expiration` and
+/// `x-delivery-count` are not restored (a dead letter must not expire in a
+/// queue without a dead-letter exchange; see
 /// [`warren_topology::copy_properties`]), nor a `user_id` that is not
 /// `login`, the user `conn` logs in as ([`warren_topology::AmqpUrl::login`];
 /// `None`: every `user_id` is dropped), since the broker refuses any other
 /// (see [`warren_topology::copy_properties_for`]). Everything else is
 /// restored byte for byte.
+///
+/// ## A failure partway
+///
+/// The first message the broker does not confirm (nacked, returned, no
+/// confirm before the channel closed or the timeout) stops the import:
+/// nothing more is sent, the messages in flight are settled, and the
+/// result is [`OperatorError::ImportIncomplete`], whose report says which
+/// lines were imported (they are in their queues) and which were not.
+/// [`ImportReport::resume_skip`] lines can then be skipped
+/// ([`ExportFile::skip_lines`]) to import the rest without duplicating
+/// what is there. `Ok` means every message was imported.
 pub async fn import(
     conn: &Connection,
-    messages: &[ExportedMessage],
+    export: &ExportFile,
     to_group: Option<&str>,
     login: Option<&str>,
     opts: &ReadOptions,
 ) -> Result<ImportReport, OperatorError> {
-    let groups: std::collections::BTreeSet<&str> = messages
+    for (m, line) in export.messages.iter().zip(&export.lines) {
+        parts(m).map_err(|reason| OperatorError::Import {
+            file: export.name.clone(),
+            line: *line,
+            reason,
+        })?;
+    }
+    let groups: std::collections::BTreeSet<&str> = export
+        .messages
         .iter()
         .map(|m| to_group.unwrap_or(&m.group))
         .collect();
     for g in groups {
         crate::reader::count(conn, g, opts.rpc_timeout).await?;
     }
-    let mut confirms: Confirmed<(String, bool)> =
+    let mut confirms: Confirmed<Sent> =
         Confirmed::open(conn, DEFAULT_WINDOW, opts.rpc_timeout).await?;
-    let mut report = ImportReport::default();
-    let mut first_error = None;
+    let mut run = ImportRun {
+        export,
+        report: ImportReport {
+            messages: export.len(),
+            ..Default::default()
+        },
+        confirmed: vec![false; export.len()],
+        first_error: None,
+    };
     let mut dropped_users = DroppedUserIds::default();
-    for m in messages {
+    let mut sent = 0;
+    for (i, m) in export.messages.iter().enumerate() {
+        if run.first_error.is_some() {
+            break;
+        }
+        sent = i + 1;
         let queue = dead_queue(to_group.unwrap_or(&m.group));
-        let body = m.body_bytes().map_err(|reason| OperatorError::Import {
-            file: "<export>".into(),
-            line: 0,
-            reason,
-        })?;
-        let props = m
-            .properties
-            .to_properties()
-            .map_err(|reason| OperatorError::Import {
-                file: "<export>".into(),
-                line: 0,
-                reason,
-            })?;
+        let (body, props) = match parts(m) {
+            Ok(p) => p,
+            // Checked above; never reached.
+            Err(reason) => {
+                let e = OperatorError::Import {
+                    file: export.name.clone(),
+                    line: export.lines[i],
+                    reason,
+                };
+                run.fail(i, &queue, e);
+                break;
+            }
+        };
         let counted = props
             .headers()
             .as_ref()
@@ -524,17 +772,36 @@ pub async fn import(
         }
         // Straight to the queue through the default exchange: no binding
         // can send it anywhere else.
-        confirms
-            .publish("", &queue, &body, copy, (queue.clone(), dropped_user))
-            .await?;
+        let token = Sent {
+            index: i,
+            queue: queue.clone(),
+            dropped_user,
+        };
+        if let Err(e) = confirms.publish("", &queue, &body, copy, token).await {
+            run.fail(i, &queue, e);
+            break;
+        }
         while confirms.full() {
-            take(&mut confirms, &mut report, &mut first_error).await;
+            run.take(&mut confirms).await;
         }
     }
     while confirms.in_flight() > 0 {
-        take(&mut confirms, &mut report, &mut first_error).await;
+        run.take(&mut confirms).await;
     }
     confirms.close().await;
+    let ImportRun {
+        mut report,
+        confirmed,
+        first_error,
+        ..
+    } = run;
+    report.not_sent = export.len() - sent;
+    report.imported_lines = line_ranges(&export.lines, |i| confirmed[i]);
+    report.not_imported_lines = line_ranges(&export.lines, |i| !confirmed[i]);
+    report.resume_skip = confirmed
+        .iter()
+        .position(|c| !c)
+        .map(|i| export.lines[i] - 1);
     if report.user_id_dropped > 0 {
         info!(
             messages = report.user_id_dropped,
@@ -544,25 +811,69 @@ pub async fn import(
         );
     }
     match first_error {
-        Some(e) => Err(e),
+        Some(source) => {
+            info!(
+                file = %export.name,
+                imported = report.total,
+                failed = report.failed,
+                not_sent = report.not_sent,
+                resume_skip = ?report.resume_skip,
+                error = %source,
+                "import stopped partway"
+            );
+            Err(OperatorError::ImportIncomplete {
+                report: Box::new(report),
+                source: Box::new(source),
+            })
+        }
         None => Ok(report),
     }
 }
 
-async fn take(
-    confirms: &mut Confirmed<(String, bool)>,
-    report: &mut ImportReport,
-    first_error: &mut Option<OperatorError>,
-) {
-    for ((queue, dropped_user), outcome) in confirms.next_batch().await {
-        match outcome {
-            Ok(()) => {
-                *report.imported.entry(queue).or_insert(0) += 1;
-                report.total += 1;
-                report.user_id_dropped += usize::from(dropped_user);
-            }
-            Err(e) => {
-                first_error.get_or_insert(e);
+/// An import's publish in flight: the message's place in the export, its
+/// queue, and whether it went without its `user_id`.
+struct Sent {
+    index: usize,
+    queue: String,
+    dropped_user: bool,
+}
+
+/// An import under way: what it did so far.
+struct ImportRun<'a> {
+    export: &'a ExportFile,
+    report: ImportReport,
+    /// Whether each message was confirmed.
+    confirmed: Vec<bool>,
+    /// The first failure: it stops the import.
+    first_error: Option<OperatorError>,
+}
+
+impl ImportRun<'_> {
+    /// Message `index` was not imported.
+    fn fail(&mut self, index: usize, queue: &str, e: OperatorError) {
+        self.report.failed += 1;
+        if self.report.failures.len() < MAX_IMPORT_FAILURES {
+            self.report.failures.push(ImportFailure {
+                line: self.export.lines[index],
+                id: self.export.messages[index].id.clone(),
+                queue: queue.to_owned(),
+                error: e.to_string(),
+            });
+        }
+        self.first_error.get_or_insert(e);
+    }
+
+    /// Takes the confirms that have resolved, oldest first.
+    async fn take(&mut self, confirms: &mut Confirmed<Sent>) {
+        for (sent, outcome) in confirms.next_batch().await {
+            match outcome {
+                Ok(()) => {
+                    self.confirmed[sent.index] = true;
+                    *self.report.imported.entry(sent.queue).or_insert(0) += 1;
+                    self.report.total += 1;
+                    self.report.user_id_dropped += usize::from(sent.dropped_user);
+                }
+                Err(e) => self.fail(sent.index, &sent.queue, e),
             }
         }
     }
@@ -617,5 +928,84 @@ mod tests {
         assert!(ExportWriter::create_new(&nowhere).is_err());
         assert!(!nowhere.exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn line(id: &str) -> String {
+        format!(
+            r#"{{"group":"g","id":"{id}","body_encoding":"utf8","body":"{{}}","properties":{{}}}}"#
+        )
+    }
+
+    #[test]
+    fn an_export_read_back_knows_the_line_of_each_message_and_skips_lines() {
+        let text = format!(
+            "{}\n{}\n\n{}\n   \n{}\n\n",
+            line("a"),
+            line("b"),
+            line("c"),
+            line("d")
+        );
+        let f = read_export_from("x.jsonl", text.as_bytes()).unwrap();
+        let ids: Vec<&str> = f.messages().iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c", "d"]);
+        assert_eq!(f.lines(), [1, 2, 4, 6]);
+        assert_eq!(f.line_count(), 7);
+        assert_eq!(f.name(), "x.jsonl");
+        let rest = f.clone().skip_lines(3);
+        assert_eq!(rest.lines(), [4, 6]);
+        assert_eq!(rest.messages()[0].id, "c");
+        assert_eq!(f.clone().skip_lines(4).lines(), [6]);
+        assert!(f.clone().skip_lines(6).is_empty());
+        assert_eq!(f.clone().skip_lines(0), f);
+        let given = ExportFile::from_messages("given", f.messages().to_vec());
+        assert_eq!(given.lines(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn lines_are_merged_into_ranges_of_neighbouring_messages() {
+        let lines = [1, 2, 3, 5, 6, 9, 10];
+        assert_eq!(Lines::list(&line_ranges(&lines, |_| true)), "1-10");
+        assert_eq!(Lines::list(&line_ranges(&lines, |i| i < 3)), "1-3");
+        assert_eq!(Lines::list(&line_ranges(&lines, |i| i >= 3)), "5-10");
+        assert_eq!(
+            Lines::list(&line_ranges(&lines, |i| i != 1 && i != 4)),
+            "1, 3-5, 9-10"
+        );
+        assert_eq!(Lines::list(&line_ranges(&lines, |_| false)), "none");
+    }
+
+    #[test]
+    fn an_incomplete_import_says_where_it_stopped_and_how_to_resume() {
+        let report = ImportReport {
+            total: 3,
+            messages: 6,
+            imported_lines: vec![Lines { first: 1, last: 3 }, Lines { first: 6, last: 6 }],
+            not_imported_lines: vec![Lines { first: 4, last: 5 }],
+            failed: 2,
+            failures: vec![ImportFailure {
+                line: 4,
+                id: "m4".into(),
+                queue: "g.dead".into(),
+                error: "nacked".into(),
+            }],
+            resume_skip: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            report.imported_after_resume(),
+            [Lines { first: 6, last: 6 }]
+        );
+        let source = OperatorError::Publish {
+            exchange: String::new(),
+            routing_key: "g.dead".into(),
+            outcome: "nacked".into(),
+        };
+        assert_eq!(
+            import_incomplete(&report, &source),
+            "import stopped at line 4 (id \"m4\"): publish to exchange \"\" with routing key \
+             \"g.dead\" was nacked by the broker; 3 of 6 messages imported (lines 1-3, 6), not \
+             imported: lines 4-5; skip the first 3 lines to import the rest (warren dlq import \
+             --skip 3), which imports lines 6 again"
+        );
     }
 }

@@ -457,6 +457,7 @@ async fn export_purge_archive_import_restores_the_queue_byte_for_byte() {
     );
 
     let messages = op::read_export(&archive_file).unwrap();
+    assert_eq!(messages.lines(), [1, 2, 3, 4]);
     let r = op::import(&env.conn, &messages, None, Some("guest"), &quick())
         .await
         .unwrap();
@@ -685,10 +686,10 @@ async fn an_import_naming_a_missing_group_sends_nothing() {
     wait_count(&env.conn, &dq, 0).await;
     let mut messages = op::read_export(&file).unwrap();
     assert_eq!(messages.len(), 3);
-    messages[2].group = format!("{}nosuch", env.prefix);
+    messages.messages_mut()[2].group = format!("{}nosuch", env.prefix);
     match op::import(&env.conn, &messages, None, Some("guest"), &quick()).await {
         Err(op::OperatorError::NoSuchQueue { queue }) => {
-            assert_eq!(queue, dead_queue(&messages[2].group));
+            assert_eq!(queue, dead_queue(&messages.messages()[2].group));
         }
         other => panic!("expected NoSuchQueue, got {other:?}"),
     }
@@ -854,7 +855,10 @@ async fn an_import_by_another_login_drops_the_user_id() {
     wait_count(&env.conn, &dq, 0).await;
     let messages = op::read_export(&file).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(messages[0].properties.user_id.as_deref(), Some("guest"));
+    assert_eq!(
+        messages.messages()[0].properties.user_id.as_deref(),
+        Some("guest")
+    );
 
     let user = warren_testkit::TempUser::create();
     let operator = connect_as(user.url()).await;
@@ -935,4 +939,163 @@ async fn a_purge_archive_or_a_removing_export_on_standard_output_is_refused_and_
     }
     wait_count(&env.conn, &dq, 3).await;
     assert_eq!(peek_all(&env.conn, &dq).await, expected);
+}
+
+/// `n` dead letters `{tag}{i:02}` in billing's dead-letter queue, and
+/// their ids.
+async fn numbered_dead_letters(env: &Env, tag: &str, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("{tag}{i:02}")).collect();
+    for id in &ids {
+        dead_letter(
+            &env.conn,
+            &env.billing,
+            id,
+            "permanent",
+            "boom",
+            b"{}",
+            &env.orders,
+        )
+        .await;
+    }
+    wait_count(&env.conn, &dead_queue(&env.billing), n as u32).await;
+    ids
+}
+
+/// A dead-letter queue in a group's place that the broker keeps to 3
+/// messages and refuses (nacks) publishes beyond: the queue an import of
+/// more fills, deterministically, partway.
+async fn capped_dead_queue(env: &Env, max: i64) -> (String, Guard) {
+    let group = format!("{}capped", env.prefix);
+    let dq = dead_queue(&group);
+    let guard = Guard::empty().queue(&dq);
+    let ch = env.conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        dq.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let _ = ch.close(200, "ok".into()).await;
+    (group, guard)
+}
+
+/// An export of billing's dead letters (removed from the queue), written
+/// with a blank line after the `blank_after`th message, read back.
+async fn exported_with_a_blank_line(env: &Env, blank_after: usize) -> op::ExportFile {
+    let dir = std::env::temp_dir().join(format!(
+        "warren-op-resume-{}",
+        env.prefix.trim_end_matches('.')
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("export.jsonl");
+    let _ = std::fs::remove_file(&file);
+    let mut w = op::ExportWriter::create_new(&file).unwrap();
+    op::export(&env.conn, &env.billing, &mut w, true, &quick())
+        .await
+        .unwrap();
+    drop(w);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(blank_after, "");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let export = op::read_export(&file).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    export
+}
+
+/// An import the broker nacks after 3 messages (a length-limited queue
+/// that rejects publishes) stops, and says which lines were imported (in
+/// the queue) and which were not, with each refused message's line and id;
+/// skipping the lines it names imports the rest, and in the end every
+/// message was imported exactly once. (Before: `Err(Publish nacked)`, the
+/// 3 imported reported nowhere, and running it again duplicated them.)
+#[tokio::test]
+async fn an_import_nacked_partway_names_the_lines_imported_and_resumes_without_duplicates() {
+    let env = setup().await;
+    let ids = numbered_dead_letters(&env, "c", 8).await;
+    let (group, _guard) = capped_dead_queue(&env, 3).await;
+    let dq = dead_queue(&group);
+    // Lines 1-4, a blank line 5, lines 6-9.
+    let export = exported_with_a_blank_line(&env, 4).await;
+    assert_eq!(export.lines(), [1, 2, 3, 4, 6, 7, 8, 9]);
+
+    let nacked = |line: usize, id: &str| op::ImportFailure {
+        line,
+        id: id.to_owned(),
+        queue: dq.clone(),
+        error: format!("publish to exchange \"\" with routing key {dq:?} was nacked by the broker"),
+    };
+    let lines = |ranges: &[(usize, usize)]| -> Vec<op::Lines> {
+        ranges
+            .iter()
+            .map(|&(first, last)| op::Lines { first, last })
+            .collect()
+    };
+    let incomplete = |r: Result<op::ImportReport, op::OperatorError>| match r {
+        Err(op::OperatorError::ImportIncomplete { report, source }) => {
+            assert!(
+                matches!(*source, op::OperatorError::Publish { ref outcome, .. } if outcome == "nacked"),
+                "{source:?}"
+            );
+            *report
+        }
+        other => panic!("expected ImportIncomplete, got {other:?}"),
+    };
+
+    let r = incomplete(op::import(&env.conn, &export, Some(&group), Some("guest"), &quick()).await);
+    assert_eq!((r.messages, r.total, r.failed, r.not_sent), (8, 3, 5, 0));
+    assert_eq!(r.imported.get(&dq), Some(&3));
+    assert_eq!(r.imported_lines, lines(&[(1, 3)]));
+    assert_eq!(r.not_imported_lines, lines(&[(4, 9)]));
+    assert_eq!(
+        r.failures,
+        [
+            nacked(4, &ids[3]),
+            nacked(6, &ids[4]),
+            nacked(7, &ids[5]),
+            nacked(8, &ids[6]),
+            nacked(9, &ids[7]),
+        ]
+    );
+    assert_eq!(r.resume_skip, Some(3));
+    assert!(r.imported_after_resume().is_empty());
+    wait_count(&env.conn, &dq, 3).await;
+    let mut got = take_ids(&env.conn, &dq).await;
+    assert_eq!(got, ids[..3]);
+
+    // Resume: lines 4 to 9 left; the queue takes 3 more.
+    let rest = export.clone().skip_lines(3);
+    let r = incomplete(op::import(&env.conn, &rest, Some(&group), Some("guest"), &quick()).await);
+    assert_eq!((r.messages, r.total, r.failed), (5, 3, 2));
+    assert_eq!(r.imported_lines, lines(&[(4, 7)]));
+    assert_eq!(r.not_imported_lines, lines(&[(8, 9)]));
+    assert_eq!(r.resume_skip, Some(7));
+    wait_count(&env.conn, &dq, 3).await;
+    got.extend(take_ids(&env.conn, &dq).await);
+
+    let r = op::import(
+        &env.conn,
+        &export.clone().skip_lines(7),
+        Some(&group),
+        Some("guest"),
+        &quick(),
+    )
+    .await
+    .expect("the last two fit");
+    assert_eq!((r.messages, r.total, r.failed, r.not_sent), (2, 2, 0, 0));
+    assert_eq!(r.imported_lines, lines(&[(8, 9)]));
+    assert!(r.is_complete() && r.resume_skip.is_none() && r.failures.is_empty());
+    wait_count(&env.conn, &dq, 2).await;
+    got.extend(take_ids(&env.conn, &dq).await);
+    assert_eq!(got, ids, "every message imported once, in order");
 }

@@ -39,6 +39,10 @@ pub enum DlqCmd {
     /// Write dead letters to a JSON Lines file (non-destructive unless --remove).
     Export(ExportArgs),
     /// Put an export back into the dead-letter queues.
+    ///
+    /// It stops at the first message the broker does not confirm and exits
+    /// 1, naming the lines imported and not, and the --skip that imports
+    /// the rest without duplicating anything.
     Import(ImportArgs),
     /// Keep measuring the dead-letter queues: gauges, logs, webhook alerts.
     Watch(WatchArgs),
@@ -187,6 +191,10 @@ pub struct ImportArgs {
     /// Put every message into this group's dead-letter queue instead of its own.
     #[arg(long)]
     pub to_group: Option<String>,
+    /// Skip the first N lines of the file: they were imported by an
+    /// earlier run that stopped partway (it says which N).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub skip: usize,
 }
 
 /// `watch`.
@@ -1155,30 +1163,121 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
-    let messages = if is_stdio(&a.file) {
+    let export = if is_stdio(&a.file) {
         op::read_export_from("standard input", std::io::stdin().lock())
     } else {
         op::read_export(&a.file)
     }
     .map_err(|e| UsageError(e.to_string()))?;
+    if a.skip > export.line_count() {
+        return Err(UsageError(format!(
+            "--skip {}: {} has {} lines",
+            a.skip,
+            export.name(),
+            export.line_count()
+        ))
+        .into());
+    }
+    let export = export.skip_lines(a.skip);
     let c = conn(g).await?;
-    let r = op::import(
+    let result = op::import(
         &c,
-        &messages,
+        &export,
         a.to_group.as_deref(),
         g.url()?.login().as_deref(),
         &op::ReadOptions::default(),
     )
-    .await?;
+    .await;
     warren_topology::close(&c, "bye").await;
+    let (r, source) = match result {
+        Ok(r) => (r, None),
+        Err(op::OperatorError::ImportIncomplete { report, source }) => (*report, Some(source)),
+        Err(e) => return Err(e.into()),
+    };
+    // How to import the rest: this command again, with the lines imported skipped.
+    let resume = r.resume_skip.map(|skip| {
+        let mut cmd = format!(
+            "warren dlq import {}",
+            sh_quote(&a.file.display().to_string())
+        );
+        if let Some(to) = &a.to_group {
+            cmd.push_str(&format!(" --to-group {}", sh_quote(to)));
+        }
+        format!("{cmd} --skip {skip}")
+    });
     if g.json() {
-        outln!("{}", serde_json::to_string_pretty(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        v["error"] = serde_json::to_value(source.as_ref().map(|e| e.to_string()))?;
+        v["resume"] = serde_json::to_value(&resume)?;
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         for (q, n) in &r.imported {
             outln!("{q}: {n} imported");
         }
+        if !r.is_complete() {
+            outln!(
+                "imported: lines {} ({} messages)",
+                op::Lines::list(&r.imported_lines),
+                r.total
+            );
+            outln!(
+                "not imported: lines {} ({} refused or not confirmed, {} not sent)",
+                op::Lines::list(&r.not_imported_lines),
+                r.failed,
+                r.not_sent
+            );
+            for f in &r.failures {
+                outln!("  line {} (id {}): {}", f.line, esc(&f.id), esc(&f.error));
+            }
+            if r.failed > r.failures.len() {
+                outln!("  ... and {} more", r.failed - r.failures.len());
+            }
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    let Some(source) = source else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    match r.failures.first() {
+        Some(f) => eprintln!(
+            "error: the import stopped at line {} (id {}): {source}",
+            f.line,
+            esc(&f.id)
+        ),
+        None => eprintln!("error: the import stopped: {source}"),
+    }
+    if let Some(cmd) = &resume {
+        let again = r.imported_after_resume();
+        eprintln!(
+            "to import the rest without duplicating what was imported: {cmd}{}{}",
+            if is_stdio(&a.file) {
+                " (with the same input)"
+            } else {
+                ""
+            },
+            if again.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; lines {} were imported after the first failure and that imports them again (remove them from the file first to avoid duplicates)",
+                    op::Lines::list(&again)
+                )
+            }
+        );
+    }
+    Ok(ExitCode::from(1))
+}
+
+/// `s` as one shell word: as it is when it holds only characters a shell
+/// leaves alone, else in single quotes.
+fn sh_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 async fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<ExitCode> {
@@ -1281,6 +1380,15 @@ mod tests {
         );
         assert_eq!(ids_not_found(&asked, &taken, true), None);
         assert_eq!(ids_not_found(&taken, &taken, false), Some(vec![]));
+    }
+
+    #[test]
+    fn a_resume_command_quotes_what_a_shell_would_split() {
+        assert_eq!(sh_quote("/tmp/export-1.jsonl"), "/tmp/export-1.jsonl");
+        assert_eq!(sh_quote("my export.jsonl"), "'my export.jsonl'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        assert_eq!(sh_quote("$HOME"), "'$HOME'");
+        assert_eq!(sh_quote(""), "''");
     }
 
     #[test]

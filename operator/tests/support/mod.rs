@@ -209,3 +209,117 @@ pub async fn connect_as(url: warren_topology::AmqpUrl) -> lapin::Connection {
         .await
         .expect("the test broker accepts the user")
 }
+
+/// Closes every connection `user` has open (a test's own user: never
+/// another client's connection).
+pub fn close_connections_of(user: &str) {
+    let rows = warren_testkit::rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "user",
+        "-q",
+        "--no-table-headers",
+    ]);
+    let pids: Vec<&str> = rows
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, u)| *u == user)
+        .map(|(p, _)| p)
+        .collect();
+    assert!(!pids.is_empty(), "{user} has no connection: {rows}");
+    for pid in pids {
+        warren_testkit::rabbitmqctl(&["close_connection", pid, "test: closed mid-run"]);
+    }
+}
+
+/// Messages the broker holds in `queue`, ready and unacknowledged (a
+/// passive declare counts only the ready ones).
+pub fn held(queue: &str) -> u64 {
+    let rows = warren_testkit::rabbitmqctl(&[
+        "list_queues",
+        "-p",
+        "/",
+        "name",
+        "messages",
+        "-q",
+        "--no-table-headers",
+    ]);
+    rows.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{queue} is not listed: {rows}"))
+}
+
+/// Blocks until the broker holds `n` messages in `queue` (its acks are
+/// processed), for at most 20 seconds.
+pub fn wait_held(queue: &str, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = held(queue);
+        if now == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queue}: the broker holds {now}, expected {n}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Blocks until every channel of `user` has its publishes confirmed by the
+/// broker (the confirms are on the wire, ahead of anything sent later), for
+/// at most 20 seconds.
+pub fn wait_confirms_sent(user: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = warren_testkit::rabbitmqctl(&[
+            "list_channels",
+            "user",
+            "messages_unconfirmed",
+            "-q",
+            "--no-table-headers",
+        ]);
+        let waiting: u64 = rows
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(u, _)| *u == user)
+            .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+            .sum();
+        if waiting == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{user}: {waiting} publishes still unconfirmed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `conn` knows it was closed (the broker's close reached it).
+pub async fn wait_disconnected(conn: &lapin::Connection) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while conn.status().connected() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection still looks open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The message ids in `queue`, head first, taken out of it.
+pub async fn take_ids(conn: &lapin::Connection, queue: &str) -> Vec<String> {
+    drain(conn, queue)
+        .await
+        .into_iter()
+        .map(|(_, p)| {
+            p.message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        })
+        .collect()
+}
