@@ -17,6 +17,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse_args();
     let quiet = matches!(cli.command, cli::Command::Demo(_));
+    let json_logs = matches!(cli.global.log_format, cli::LogFormat::Json);
     cli::init_tracing(&cli.global, quiet);
     // One worker thread unless TOKIO_WORKER_THREADS says otherwise: warren's
     // own work is I/O (handlers run in services and processes of their own),
@@ -37,7 +38,13 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let code = cli::exit_code_of(&e);
-            eprintln!("error: {}", cli::render_error(&e));
+            let text = cli::render_error(&e);
+            // With JSON logs, stderr stays JSON lines to its last line.
+            if json_logs && tracing::enabled!(target: "warren", tracing::Level::ERROR) {
+                tracing::error!(target: "warren", exit_code = code, "{text}");
+            } else {
+                eprintln!("error: {text}");
+            }
             ExitCode::from(code)
         }
     }

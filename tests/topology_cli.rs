@@ -588,3 +588,28 @@ fn a_flag_that_does_not_parse_prints_json_when_json_is_asked() {
     let o = warren(&["topology", "apply", "--bogus"]);
     assert!(o.stdout.is_empty());
 }
+
+/// With `--log-format json`, stderr is JSON lines to its last line: the
+/// final error is a log event too (it was a plain `error: ...` line).
+#[test]
+fn with_json_logs_the_final_error_is_a_json_line() {
+    let o = warren(&[
+        "topology",
+        "verify",
+        "-f",
+        "/nonexistent/warren.toml",
+        "--log-format",
+        "json",
+    ]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let last = lines.last().expect("an error line");
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert_eq!(last["fields"]["exit_code"], 2, "{last}");
+    let message = last["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("/nonexistent/warren.toml"), "{last}");
+}
