@@ -489,6 +489,17 @@ fn ok(args: &[&str]) -> String {
 /// its stdin is a terminal: waits for `prompt`, types `answer` and Enter.
 /// Returns everything the terminal showed (echo included) and the exit code.
 fn on_a_terminal(args: &[&str], prompt: &str, answer: &str) -> (String, Option<i32>) {
+    on_a_terminal_then(args, prompt, &|| {}, answer)
+}
+
+/// [`on_a_terminal`], calling `meanwhile` once the prompt is shown and
+/// before the answer is typed.
+fn on_a_terminal_then(
+    args: &[&str],
+    prompt: &str,
+    meanwhile: &dyn Fn(),
+    answer: &str,
+) -> (String, Option<i32>) {
     use std::io::{Read, Write};
     use std::sync::mpsc::RecvTimeoutError;
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
@@ -530,6 +541,7 @@ fn on_a_terminal(args: &[&str], prompt: &str, answer: &str) -> (String, Option<i
             }
         }
     }
+    meanwhile();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(format!("{answer}\n").as_bytes()).unwrap();
     drop(stdin);
@@ -1605,6 +1617,7 @@ async fn with_output_json_stdout_is_json_only_even_when_there_is_nothing_to_do()
         json!([{
             "group": g, "purged": 0, "ids": [], "ids_not_found": ["nosuchid"],
             "coverage": {"scanned": 2, "total": 2, "scan_limit_reached": false},
+            "error": null,
         }])
     );
     // The field says it; stderr stays quiet.
@@ -2135,6 +2148,152 @@ async fn an_import_nacked_partway_names_the_lines_imported_and_skip_imports_the_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Closes every connection of `user` (the test's own: no other client's).
+fn close_connections_of(user: &str) {
+    let rows = warren_testkit::rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "user",
+        "-q",
+        "--no-table-headers",
+    ]);
+    let pids: Vec<&str> = rows
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, u)| *u == user)
+        .map(|(p, _)| p)
+        .collect();
+    assert!(!pids.is_empty(), "{user} has no connection: {rows}");
+    for pid in pids {
+        warren_testkit::rabbitmqctl(&["close_connection", pid, "test: closed mid-replay"]);
+    }
+}
+
+/// A replay whose connection is lost partway (closed on the broker while
+/// it runs at 5 messages a second) exits 1 with its summary and writes its
+/// audit record: both name what was replayed before, and the error. What
+/// they say holds on the broker: every id they name as replayed or copied
+/// has its copy in the work queue, every copy there is one they name, and
+/// nothing is lost (every dead letter is either copied or still there; at
+/// most the one in flight at the close is both). (Before: `error: closing
+/// the scan channel ...`, no summary and no audit record, while the copies
+/// made before stayed in the work queue.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_whose_connection_is_lost_partway_reports_and_audits_what_it_moved() {
+    use serde_json::json;
+    const N: usize = 40;
+    let conn = connect().await;
+    let env = Env::new(&conn, "replost").await;
+    dead_letters(&conn, &env.group, "l", N).await;
+    let user = warren_testkit::TempUser::create();
+    let dir = std::env::temp_dir().join(format!("warren-replost-{}", env.group));
+    std::fs::create_dir_all(&dir).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&audit);
+    let child = warren()
+        .env("USER", "auditor-lost")
+        .args(["--amqp-url", user.url().expose()])
+        .args([
+            "dlq", "replay", "--group", &env.group, "--all", "--rate", "5",
+        ])
+        .args(["--audit-log", audit.to_str().unwrap(), "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let g = env.group.clone();
+    assert!(
+        wait_for(Duration::from_secs(20), async || count(&conn, &g).await
+            >= 3)
+        .await,
+        "the replay did not start"
+    );
+    close_connections_of(&user.name);
+    let out = wait_within(child, CLI_LIMIT);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let v = json_of(&out, "replay");
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    let r = &v[0];
+    let error = r["error"].as_str().expect("the error that stopped it");
+    assert!(
+        error.starts_with("the connection to the broker was lost ("),
+        "{error}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "error: {g}: the replay stopped: {error}; what it replayed before"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(r["stopped_early"], true);
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let replayed = strings(&r["ids"]);
+    let not_removed = strings(&r["not_removed"]);
+    assert_eq!(r["replayed"], json!(replayed.len()));
+    assert!(replayed.len() >= 3, "copies seen before the close: {r}");
+    assert!(replayed.len() < N, "{r}");
+    let failed: Vec<String> = strings(&r["errors"])
+        .iter()
+        .map(|e| e.split_once(": ").unwrap().0.to_owned())
+        .collect();
+
+    // The audit record says the same.
+    let lines = audit_lines(&audit);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let rec = &lines[0];
+    assert_eq!(rec["action"], "replay");
+    assert_eq!(rec["user"], "auditor-lost");
+    assert_eq!(rec["group"], json!(g));
+    assert_eq!(rec["count"], json!(replayed.len()));
+    assert_eq!(rec["ids"], json!(replayed));
+    assert_eq!(rec["error"], json!(error));
+    match &rec.get("not_removed") {
+        Some(n) => assert_eq!(strings(n), not_removed),
+        None => assert!(not_removed.is_empty()),
+    }
+
+    // The broker agrees: the closed connection's unacked dead letters are
+    // back; nothing is lost.
+    let (w, d) = (env.group.clone(), env.dead());
+    assert!(
+        wait_for(
+            Duration::from_secs(10),
+            async || (count(&conn, &w).await + count(&conn, &d).await) as usize >= N
+        )
+        .await,
+        "messages missing"
+    );
+    let work = ids(&conn, &env.group).await;
+    let dead = ids(&conn, &env.dead()).await;
+    let copied: HashSet<&String> = replayed.iter().chain(&not_removed).collect();
+    let in_work: HashSet<&String> = work.iter().collect();
+    assert_eq!(work.len(), in_work.len(), "a copy twice: {work:?}");
+    assert!(
+        copied.is_subset(&in_work),
+        "named but not copied: {r}\n{work:?}"
+    );
+    for id in &work {
+        assert!(
+            copied.contains(id) || failed.contains(id),
+            "{id} was copied and the report does not say so: {r}"
+        );
+    }
+    let in_dead: HashSet<&String> = dead.iter().collect();
+    for id in names("l", 0..N) {
+        assert!(in_work.contains(&id) || in_dead.contains(&id), "{id} lost");
+    }
+    let both = in_work.intersection(&in_dead).count();
+    assert!(both <= 1 + not_removed.len(), "duplicates: {both}: {r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---------------------------------------------------------------------------
 // The files dead letters are deleted on the strength of survive a power loss.
 
@@ -2267,5 +2426,65 @@ async fn new_archive_export_and_audit_files_have_their_directory_fsynced_before_
     durable_before_the_first_ack(&trace, d, &export);
     settle(&conn, &env.dead(), 0).await;
     assert_eq!(std::fs::read_to_string(&export).unwrap().lines().count(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A purge whose connection is lost while it asks for confirmation: the
+/// `y` deletes nothing (every held dead letter goes back to the queue), the
+/// run exits 1 with its summary and the error, and the audit record says
+/// what it did (nothing) and why. (Before: a bare `error: acking ...`, no
+/// summary and no audit record.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_whose_connection_is_lost_before_the_yes_says_so_in_its_summary_and_audit_record() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "purgelost").await;
+    dead_letters(&conn, &env.group, "q", 3).await;
+    let user = warren_testkit::TempUser::create();
+    let url = user.url();
+    let dir = std::env::temp_dir().join(format!("warren-purgelost-{}", env.group));
+    std::fs::create_dir_all(&dir).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&audit);
+    let g = env.group.as_str();
+    let args = [
+        "--amqp-url",
+        url.expose(),
+        "dlq",
+        "purge",
+        "--group",
+        g,
+        "--all",
+        "--audit-log",
+        audit.to_str().unwrap(),
+    ];
+    let (shown, code) =
+        on_a_terminal_then(&args, "[y/N] ", &|| close_connections_of(&user.name), "y");
+    assert_eq!(code, Some(1), "{shown:?}");
+    assert!(shown.contains(&format!("{g}: 0 purged")), "{shown:?}");
+    let said = shown
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error: {shown:?}"))
+        .trim_end();
+    let error = format!("the connection to the broker was lost (acking on \"{g}.dead\": ");
+    assert!(
+        said.starts_with(&format!("error: {g}: the purge stopped: {error}")),
+        "{said}"
+    );
+    assert!(
+        said.ends_with(&format!(
+            "); the dead letters it did not delete are still in {g}.dead"
+        )),
+        "{said}"
+    );
+    let lines = audit_lines(&audit);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["action"], "purge");
+    assert_eq!(lines[0]["count"], 0);
+    assert_eq!(lines[0]["ids"], serde_json::json!([]));
+    let recorded = lines[0]["error"].as_str().expect("the error in the record");
+    assert!(recorded.starts_with(&error), "{recorded}");
+    assert!(said.contains(recorded), "{said}\n{recorded}");
+    assert_eq!(take_ids(&conn, &env.dead(), 3).await, names("q", 0..3));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -35,6 +35,15 @@ pub struct AuditRecord {
     pub count: usize,
     /// Their ids (a dry run: the ids it would have taken).
     pub ids: Vec<String>,
+    /// Replay: ids whose copy was confirmed but whose dead letter could
+    /// not be removed (see [`crate::ReplayReport::not_removed`]): copied,
+    /// and still dead letters. Absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_removed: Vec<String>,
+    /// The error that stopped the run partway; `count` and `ids` say what
+    /// it did before. Absent when the run ended without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl AuditRecord {
@@ -51,6 +60,8 @@ impl AuditRecord {
             dry_run: false,
             count: 0,
             ids: Vec::new(),
+            not_removed: Vec::new(),
+            error: None,
         }
     }
 

@@ -96,6 +96,17 @@ pub enum OperatorError {
         /// The first failure; it stopped the import.
         source: Box<OperatorError>,
     },
+    /// A purge stopped partway: the report's `purged` dead letters (its
+    /// `ids`) were deleted, the others the purge held stay in the queue.
+    #[error("{source}; {} of {selected} dead letters purged before it (the rest stay in {:?})", report.purged, warren_topology::dead_queue(&report.group))]
+    PurgeIncomplete {
+        /// What was purged.
+        report: Box<crate::PurgeReport>,
+        /// How many the purge was to delete.
+        selected: usize,
+        /// The failure.
+        source: Box<OperatorError>,
+    },
     /// Connecting failed.
     #[error(transparent)]
     Topology(#[from] warren_topology::TopologyError),
@@ -109,7 +120,8 @@ impl OperatorError {
             OperatorError::Amqp { source, .. } => source.can_be_recovered(),
             OperatorError::Timeout { .. } => true,
             OperatorError::Topology(e) => e.is_transient(),
-            OperatorError::ImportIncomplete { source, .. } => source.is_transient(),
+            OperatorError::ImportIncomplete { source, .. }
+            | OperatorError::PurgeIncomplete { source, .. } => source.is_transient(),
             _ => false,
         }
     }

@@ -27,8 +27,9 @@
 //! - `publish`: the confirm-mode publisher replay and import share.
 //! - `value`: AMQP values as typed JSON and as plain JSON.
 //! - `metrics`: [`Metrics`].
-//! - `error`: [`OperatorError`]; an import that stops partway says what
-//!   it imported ([`OperatorError::ImportIncomplete`]).
+//! - `error`: [`OperatorError`]; a run that stops partway after moving
+//!   messages says what it moved (a [`ReplayReport`] with its `error`,
+//!   [`OperatorError::ImportIncomplete`], [`OperatorError::PurgeIncomplete`]).
 
 mod audit;
 mod error;

@@ -207,6 +207,22 @@ impl<T: Send + 'static> Confirmed<T> {
         }
     }
 
+    /// Whether the oldest publish's confirm has resolved (polled, not
+    /// waited for): [`Confirmed::next_batch`] would return at once with at
+    /// least one outcome. False when nothing is in flight.
+    pub(crate) fn front_settled(&mut self) -> bool {
+        let Some(front) = self.pending.front_mut() else {
+            return false;
+        };
+        if let Slot::Waiting(w) = &mut front.slot {
+            match w.now_or_never() {
+                Some(r) => front.slot = Slot::Done(Box::new(r)),
+                None => return false,
+            }
+        }
+        true
+    }
+
     /// Waits until the oldest publish's confirm resolved.
     async fn await_front(&mut self) -> bool {
         let Some(front) = self.pending.front_mut() else {

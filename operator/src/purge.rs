@@ -53,6 +53,9 @@ pub struct PurgeReport {
     pub purged: usize,
     /// Their ids.
     pub ids: Vec<String>,
+    /// What stopped the purge before it deleted every message it held
+    /// (see [`OperatorError::PurgeIncomplete`]); `None` when it did not stop.
+    pub error: Option<String>,
 }
 
 /// Reads `group`'s dead letters and holds those `selection` takes; writes
@@ -125,6 +128,13 @@ impl PendingPurge {
     /// Deletes them: fsyncs `archive` first (if any), then acks. An
     /// `archive` on standard output deletes nothing: every message goes back
     /// ([`OperatorError::CopyNotStored`]).
+    ///
+    /// An ack that fails (a lost connection) stops the purge:
+    /// [`OperatorError::PurgeIncomplete`] holds the report of what was
+    /// deleted before it; the rest go back to the queue. An ack is not
+    /// answered by the broker: when the connection is lost, the last ones
+    /// sent may not have reached it, and those dead letters come back too
+    /// (they are in the archive as well: a duplicate, never a loss).
     pub async fn commit(
         self,
         archive: Option<&mut ExportWriter>,
@@ -139,24 +149,48 @@ impl PendingPurge {
                 return Err(e);
             }
         }
+        let PendingPurge {
+            group,
+            scan,
+            tags,
+            mut ids,
+        } = self;
         let mut purged = 0;
-        let mut result = Ok(());
-        for tag in &self.tags {
-            if let Err(e) = self.scan.ack(*tag).await {
-                result = Err(e);
+        let mut failure = None;
+        for tag in &tags {
+            if let Err(e) = scan.ack(*tag).await {
+                failure = Some(e);
                 break;
             }
             purged += 1;
         }
-        let coverage = self.scan.finish().await?;
-        result?;
-        info!(group = %self.group, purged, "purged");
-        Ok(PurgeReport {
-            group: self.group,
+        let coverage = scan.coverage();
+        if let Err(e) = scan.finish().await {
+            failure.get_or_insert(e);
+        }
+        ids.truncate(purged);
+        let mut report = PurgeReport {
+            group,
             coverage,
             purged,
-            ids: self.ids,
-        })
+            ids,
+            error: None,
+        };
+        match failure {
+            None => {
+                info!(group = %report.group, purged, "purged");
+                Ok(report)
+            }
+            Some(source) => {
+                info!(group = %report.group, purged, selected = tags.len(), error = %source, "purge stopped partway");
+                report.error = Some(source.to_string());
+                Err(OperatorError::PurgeIncomplete {
+                    report: Box::new(report),
+                    selected: tags.len(),
+                    source: Box::new(source),
+                })
+            }
+        }
     }
 
     /// Deletes nothing: every message goes back in order.

@@ -8,8 +8,18 @@
 //! confirm, then ack the dead letter. A crash between the two leaves the
 //! dead letter in its queue and the copy in the work queue: a duplicate,
 //! never a loss. Up to [`ReplayOptions::window`] copies await their confirm
-//! at once. Dead letters that are not selected, or whose publish failed, go
-//! back to the queue unchanged and in order when the scan ends.
+//! at once; with a [`ReplayOptions::rate`], the copies confirmed while the
+//! run waits for its next slot are acked then, not a window later. Dead
+//! letters that are not selected, or whose publish failed, go back to the
+//! queue unchanged and in order when the scan ends.
+//!
+//! ## A run that breaks
+//!
+//! An error partway (a lost connection, a read, publish or ack that fails)
+//! stops sending; the copies in flight are settled, and the result is
+//! still the report: what was replayed before, the copies confirmed whose
+//! dead letter could not be acked any more ([`ReplayReport::not_removed`]),
+//! and the error ([`ReplayReport::error`]).
 //!
 //! ## `user_id`
 //!
@@ -28,7 +38,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use warren_topology::{headers, work_queue};
 
 use crate::error::{timed, OperatorError};
@@ -120,10 +130,23 @@ pub struct ReplayReport {
     pub user_id_dropped: usize,
     /// Ids replayed (dry run: ids that would be).
     pub ids: Vec<String>,
-    /// Why some failed (the first few).
+    /// Why some failed (the first few), each `id: error`.
     pub errors: Vec<String>,
-    /// Stopped before the end (Ctrl-C or a broken channel).
+    /// Selected, copied (the copy was confirmed) but not removed from the
+    /// dead-letter queue: the run broke before their ack went out (a lost
+    /// connection). The copy is in the target and the dead letter is back
+    /// in its queue, so a second replay duplicates them.
+    pub not_removed: Vec<String>,
+    /// Stopped before the end (Ctrl-C, a broken channel or connection).
     pub stopped_early: bool,
+    /// The error that stopped the run before the end (a lost connection,
+    /// a read, publish or ack that failed); `None` when none did. What was
+    /// done before it is counted above: every selected dead letter is
+    /// replayed, failed or not removed. An ack gets no answer: when the
+    /// connection is lost, the last acks sent may not have reached the
+    /// broker, and those dead letters come back although counted as
+    /// replayed (a duplicate, never a loss).
+    pub error: Option<String>,
 }
 
 const MAX_ERRORS: usize = 20;
@@ -134,6 +157,12 @@ impl ReplayReport {
         if self.errors.len() < MAX_ERRORS {
             self.errors.push(e);
         }
+    }
+
+    /// The run stops on `e` (the first such error is kept).
+    fn stop(&mut self, e: String) {
+        self.stopped_early = true;
+        self.error.get_or_insert(e);
     }
 }
 
@@ -173,6 +202,13 @@ fn destination(d: &DeadLetter, target: Target) -> Result<(String, String), Strin
 
 /// Replays the selected dead letters of `group`. Stops after the current
 /// message when `cancel` fires; `progress` is called after every message.
+///
+/// `Err` means nothing was moved (a bad selection, a queue that cannot be
+/// read). Once the queue is read, the result is a report, also when an
+/// error stops the run partway (a lost connection, a read, publish or ack
+/// that fails): the copies in flight are settled first, and
+/// [`ReplayReport::error`] says what stopped it, next to what was
+/// replayed before.
 pub async fn replay(
     conn: &Connection,
     group: &str,
@@ -193,7 +229,7 @@ pub async fn replay(
     let to_scan = usize::try_from(scan.coverage().total)
         .unwrap_or(usize::MAX)
         .min(opts.read.scan_limit);
-    let result = run(
+    run(
         conn,
         &mut scan,
         selection,
@@ -205,17 +241,56 @@ pub async fn replay(
         &mut report,
     )
     .await;
-    report.coverage = Some(scan.finish().await?);
-    result?;
-    info!(
-        group,
-        selected = report.selected,
-        replayed = report.replayed,
-        failed = report.failed,
-        dry_run = report.dry_run,
-        "replay done"
-    );
+    report.coverage = Some(scan.coverage());
+    // Closing the channel puts back what was not acked; failing to close it
+    // (a lost connection) puts it back too, but the run did not end well.
+    if let Err(e) = scan.finish().await {
+        report.stop(e.to_string());
+    }
+    if let Some(error) = report.error.as_mut() {
+        if !conn.status().connected() {
+            *error = format!("the connection to the broker was lost ({error})");
+        }
+    }
+    match &report.error {
+        None => info!(
+            group,
+            selected = report.selected,
+            replayed = report.replayed,
+            failed = report.failed,
+            dry_run = report.dry_run,
+            "replay done"
+        ),
+        Some(error) => info!(
+            group,
+            selected = report.selected,
+            replayed = report.replayed,
+            failed = report.failed,
+            not_removed = report.not_removed.len(),
+            error = %error,
+            "replay stopped by an error; what it replayed before is reported"
+        ),
+    }
     Ok(report)
+}
+
+/// Which dead letters can be acked: those below the first that stays in
+/// the queue (with one `multiple` ack), and none once an ack failed.
+#[derive(Debug, Default)]
+struct Acks {
+    /// The first delivery tag that stays in the queue: every tag before it
+    /// is replayed, so confirmed copies below it are acked with one
+    /// `multiple` ack (settled in publish order, which is tag order).
+    kept: Option<u64>,
+    /// An ack failed: the channel is gone, and with it every unacked
+    /// delivery (the broker puts them back).
+    broken: bool,
+}
+
+impl Acks {
+    fn keep(&mut self, tag: u64) {
+        self.kept = Some(self.kept.map_or(tag, |k| k.min(tag)));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -229,7 +304,7 @@ async fn run(
     cancel: &CancellationToken,
     to_scan: usize,
     report: &mut ReplayReport,
-) -> Result<(), OperatorError> {
+) {
     let now = SystemTime::now();
     let rpc = opts.read.rpc_timeout;
     let mut publisher: Option<Confirmed<ReplayCopy>> = None;
@@ -243,115 +318,150 @@ async fn run(
     let started = Instant::now();
     let replayed = metrics.replayed.with_label_values(&[scan_group(scan)]);
     let limit = selection.limit.unwrap_or(usize::MAX);
-    // The first delivery tag that stays in the queue: every tag before it
-    // is replayed, so confirmed copies below it are acked with one
-    // `multiple` ack (settled in publish order, which is tag order).
-    let mut kept: Option<u64> = None;
-    let keep = |tag: u64, kept: &mut Option<u64>| {
-        *kept = Some(kept.map_or(tag, |k| k.min(tag)));
-    };
-    loop {
-        if cancel.is_cancelled() {
-            report.stopped_early = true;
-            break;
-        }
-        if report.selected >= limit {
-            break;
-        }
-        let Some((tag, d)) = scan.next().await? else {
-            break;
-        };
-        p.scanned += 1;
-        if !selection.matches(&d.info, now) {
-            keep(tag, &mut kept);
-            progress(p);
-            continue;
-        }
-        report.selected += 1;
-        p.selected += 1;
-        if opts.dry_run {
-            keep(tag, &mut kept);
-            report.ids.push(d.info.id.clone());
-            progress(p);
-            continue;
-        }
-        let (exchange, routing_key) = match destination(&d, opts.target) {
-            Ok(t) => t,
-            Err(e) => {
-                keep(tag, &mut kept);
-                report.fail(e);
+    let mut acks = Acks::default();
+    let result = async {
+        loop {
+            if cancel.is_cancelled() {
+                report.stopped_early = true;
+                break;
+            }
+            if report.selected >= limit {
+                break;
+            }
+            let Some((tag, d)) = scan.next().await? else {
+                break;
+            };
+            p.scanned += 1;
+            if !selection.matches(&d.info, now) {
+                acks.keep(tag);
                 progress(p);
                 continue;
             }
-        };
-        if !exchange.is_empty() {
-            let exists = match exchanges.get(&exchange) {
-                Some(e) => *e,
-                None => {
-                    let e = exchange_exists(conn, &exchange, rpc).await?;
-                    exchanges.insert(exchange.clone(), e);
-                    e
+            report.selected += 1;
+            p.selected += 1;
+            if opts.dry_run {
+                acks.keep(tag);
+                report.ids.push(d.info.id.clone());
+                progress(p);
+                continue;
+            }
+            // From here until it is published, an error that stops the run
+            // fails this message: it stays in the queue.
+            let failed = |e: &OperatorError, report: &mut ReplayReport, acks: &mut Acks| {
+                acks.keep(tag);
+                report.fail(format!("{}: {e}", d.info.id));
+            };
+            let (exchange, routing_key) = match destination(&d, opts.target) {
+                Ok(t) => t,
+                Err(e) => {
+                    acks.keep(tag);
+                    report.fail(e);
+                    progress(p);
+                    continue;
                 }
             };
-            if !exists {
-                keep(tag, &mut kept);
-                report.fail(format!(
-                    "{}: exchange {exchange:?} does not exist",
-                    d.info.id
-                ));
-                progress(p);
-                continue;
+            if !exchange.is_empty() {
+                let exists = match exchanges.get(&exchange) {
+                    Some(e) => *e,
+                    None => match exchange_exists(conn, &exchange, rpc).await {
+                        Ok(e) => {
+                            exchanges.insert(exchange.clone(), e);
+                            e
+                        }
+                        Err(e) => {
+                            failed(&e, report, &mut acks);
+                            return Err(e);
+                        }
+                    },
+                };
+                if !exists {
+                    acks.keep(tag);
+                    report.fail(format!(
+                        "{}: exchange {exchange:?} does not exist",
+                        d.info.id
+                    ));
+                    progress(p);
+                    continue;
+                }
             }
-        }
-        if let Some(rate) = opts.rate.filter(|r| *r > 0.0) {
-            let due =
-                started + Duration::from_secs_f64(report.selected.saturating_sub(1) as f64 / rate);
-            // A slow rate can wait for seconds: a stop must not wait with it,
-            // nor send this message afterwards. Not published, it is not
-            // taken: it goes back with the rest, in its place.
-            tokio::select! {
-                () = tokio::time::sleep_until(due.into()) => {}
-                () = cancel.cancelled() => {
-                    keep(tag, &mut kept);
+            if let Some(rate) = opts.rate.filter(|r| *r > 0.0) {
+                let due = started
+                    + Duration::from_secs_f64(report.selected.saturating_sub(1) as f64 / rate);
+                // A slow rate can wait for seconds: a stop must not wait with it,
+                // nor send this message afterwards. Not published, it is not
+                // taken: it goes back with the rest, in its place.
+                tokio::select! {
+                    () = tokio::time::sleep_until(due.into()) => {}
+                    () = cancel.cancelled() => {
+                        acks.keep(tag);
+                        report.selected -= 1;
+                        p.selected -= 1;
+                        report.stopped_early = true;
+                        break;
+                    }
+                }
+            }
+            let confirms = match &mut publisher {
+                Some(c) => c,
+                None => match Confirmed::open(conn, opts.window, rpc).await {
+                    Ok(c) => publisher.insert(c),
+                    Err(e) => {
+                        failed(&e, report, &mut acks);
+                        return Err(e);
+                    }
+                },
+            };
+            // Paced: what was confirmed while waiting for this slot is
+            // removed now, not a window later (a run that breaks then
+            // leaves fewer copies whose dead letter is still there).
+            if opts.rate.is_some() {
+                while confirms.front_settled() {
+                    settle(confirms, scan, report, &replayed, &mut p, &mut acks).await;
+                }
+                if acks.broken {
+                    // The run stops (the report holds why); this one was not
+                    // taken: it goes back with the rest.
+                    acks.keep(tag);
                     report.selected -= 1;
                     p.selected -= 1;
-                    report.stopped_early = true;
                     break;
                 }
             }
+            let properties = replay_properties(&d.properties, opts.login.as_deref());
+            let dropped_user = dropped_users.note(&d.properties, &properties);
+            if dropped_user {
+                debug!(group = %d.group, message_id = %d.info.id, user_id = ?d.properties.user_id(), "the copy goes without its user_id: the connection logs in as another user");
+            }
+            let copy = ReplayCopy {
+                tag,
+                id: d.info.id.clone(),
+                dropped_user,
+            };
+            if let Err(e) = confirms
+                .publish(&exchange, &routing_key, &d.body, properties, copy)
+                .await
+            {
+                failed(&e, report, &mut acks);
+                return Err(e);
+            }
+            while confirms.full() {
+                settle(confirms, scan, report, &replayed, &mut p, &mut acks).await;
+            }
+            progress(p);
+            if acks.broken {
+                break;
+            }
         }
-        let confirms = match &mut publisher {
-            Some(c) => c,
-            None => publisher.insert(Confirmed::open(conn, opts.window, rpc).await?),
-        };
-        let properties = replay_properties(&d.properties, opts.login.as_deref());
-        let dropped_user = dropped_users.note(&d.properties, &properties);
-        if dropped_user {
-            debug!(group = %d.group, message_id = %d.info.id, user_id = ?d.properties.user_id(), "the copy goes without its user_id: the connection logs in as another user");
-        }
-        let copy = ReplayCopy {
-            tag,
-            id: d.info.id.clone(),
-            dropped_user,
-        };
-        if let Err(e) = confirms
-            .publish(&exchange, &routing_key, &d.body, properties, copy)
-            .await
-        {
-            warn!(error = %e, "publishing failed; stopping the replay");
-            keep(tag, &mut kept);
-            report.fail(e.to_string());
-            report.stopped_early = true;
-            break;
-        }
-        while confirms.full() {
-            settle(confirms, scan, report, &replayed, &mut p, &mut kept).await?;
-        }
-        progress(p);
+        Ok::<(), OperatorError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        info!(group = %scan_group(scan), error = %e, "the replay stops; settling the copies in flight");
+        report.stop(e.to_string());
     }
     if let Some(mut confirms) = publisher {
         while confirms.in_flight() > 0 {
-            settle(&mut confirms, scan, report, &replayed, &mut p, &mut kept).await?;
+            settle(&mut confirms, scan, report, &replayed, &mut p, &mut acks).await;
         }
         progress(p);
         confirms.close().await;
@@ -365,7 +475,6 @@ async fn run(
             "replayed without their user_id: the broker takes only the login's own user_id; every other property and header is kept"
         );
     }
-    Ok(())
 }
 
 /// A copy in flight: the dead letter's delivery tag and id, and whether
@@ -382,53 +491,79 @@ fn scan_group(scan: &Scan) -> &str {
 
 /// Takes the confirms that have resolved, oldest first, and acks their dead
 /// letters: one `multiple` ack for those below the first message that stays
-/// in the queue (`kept`), one ack each for the others. A copy that was not
-/// confirmed leaves its dead letter in the queue.
+/// in the queue, one ack each for the others. A copy that was not
+/// confirmed leaves its dead letter in the queue. A confirmed copy whose
+/// ack fails (or comes after one that failed) is reported as not removed,
+/// and the failure stops the run.
 async fn settle(
     confirms: &mut Confirmed<ReplayCopy>,
     scan: &Scan,
     report: &mut ReplayReport,
     replayed: &prometheus::IntCounter,
     p: &mut Progress,
-    kept: &mut Option<u64>,
-) -> Result<(), OperatorError> {
+    acks: &mut Acks,
+) {
     let batch = confirms.next_batch().await;
-    let mut up_to = None;
+    let mut below = Vec::new();
     let mut alone = Vec::new();
-    let mut done = Vec::with_capacity(batch.len());
     for (copy, outcome) in batch {
-        let ReplayCopy {
-            tag,
-            id,
-            dropped_user,
-        } = copy;
         match outcome {
             Ok(()) => {
-                report.user_id_dropped += usize::from(dropped_user);
-                if kept.is_none_or(|k| tag < k) {
-                    up_to = Some(tag);
+                if acks.kept.is_none_or(|k| copy.tag < k) {
+                    below.push(copy);
                 } else {
-                    alone.push(tag);
+                    alone.push(copy);
                 }
-                done.push(id);
             }
             Err(e) => {
-                *kept = Some(kept.map_or(tag, |k| k.min(tag)));
-                report.fail(format!("{id}: {e}"));
+                acks.keep(copy.tag);
+                report.fail(format!("{}: {e}", copy.id));
             }
         }
     }
-    if let Some(tag) = up_to {
-        scan.ack_up_to(tag).await?;
+    if let Some(last) = below.last().map(|c| c.tag) {
+        let acked = !acks.broken && ack_or_stop(scan.ack_up_to(last).await, report, acks);
+        removed(below, acked, report, replayed, p);
     }
-    for tag in alone {
-        scan.ack(tag).await?;
+    for copy in alone {
+        let acked = !acks.broken && ack_or_stop(scan.ack(copy.tag).await, report, acks);
+        removed(vec![copy], acked, report, replayed, p);
     }
-    report.replayed += done.len();
-    p.replayed += done.len();
-    replayed.inc_by(done.len() as u64);
-    report.ids.extend(done);
-    Ok(())
+}
+
+/// Whether an ack went out; a failed one stops the run and every later ack.
+fn ack_or_stop(r: Result<(), OperatorError>, report: &mut ReplayReport, acks: &mut Acks) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(e) => {
+            info!(error = %e, "an ack failed: the dead letters not acked yet go back to their queue");
+            acks.broken = true;
+            report.stop(e.to_string());
+            false
+        }
+    }
+}
+
+/// Counts confirmed copies: replayed when their dead letters were acked,
+/// not removed otherwise.
+fn removed(
+    copies: Vec<ReplayCopy>,
+    acked: bool,
+    report: &mut ReplayReport,
+    replayed: &prometheus::IntCounter,
+    p: &mut Progress,
+) {
+    for copy in copies {
+        report.user_id_dropped += usize::from(copy.dropped_user);
+        if acked {
+            report.replayed += 1;
+            p.replayed += 1;
+            replayed.inc();
+            report.ids.push(copy.id);
+        } else {
+            report.not_removed.push(copy.id);
+        }
+    }
 }
 
 async fn exchange_exists(

@@ -961,6 +961,122 @@ async fn numbered_dead_letters(env: &Env, tag: &str, n: usize) -> Vec<String> {
     ids
 }
 
+/// A replay whose connection is closed after it moved `K` dead letters
+/// (one copy in flight at a time; the broker has processed their acks
+/// before the close): the result is its report, not a bare error, and it
+/// names exactly the `K` moved, with what stopped it. Nothing is lost:
+/// the copies are in the work queue, the rest are still dead letters, in
+/// order. (Before: `Err(closing the scan channel ...)`, the `K` moved
+/// reported nowhere.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_connection_is_closed_midway_reports_exactly_what_it_moved() {
+    const N: usize = 12;
+    const K: usize = 5;
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let ids = numbered_dead_letters(&env, "r", N).await;
+    // A user of its own: its connection is the only one closed.
+    let user = warren_testkit::TempUser::create();
+    let operator = connect_as(user.url()).await;
+    let closed = std::sync::atomic::AtomicBool::new(false);
+    let progress = |p: op::Progress| {
+        if p.replayed == K && !closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            wait_held(&dq, (N - K) as u64);
+            close_connections_of(&user.name);
+        }
+    };
+    let metrics = op::Metrics::unregistered();
+    let r = op::replay(
+        &operator,
+        &env.billing,
+        &op::Selection {
+            all: true,
+            ..Default::default()
+        },
+        &op::ReplayOptions {
+            read: quick(),
+            window: 1,
+            ..Default::default()
+        },
+        &metrics,
+        &progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("a run that stopped partway is a report");
+    assert_eq!(r.replayed, K, "{r:?}");
+    assert_eq!(r.ids, ids[..K]);
+    assert!(r.not_removed.is_empty(), "{r:?}");
+    assert_eq!(r.selected, r.replayed + r.failed, "{r:?}");
+    assert!(r.stopped_early);
+    let error = r.error.as_deref().expect("what stopped it");
+    assert!(
+        error.starts_with("the connection to the broker was lost ("),
+        "{error}"
+    );
+    assert_eq!(
+        metrics
+            .replayed
+            .with_label_values(&[env.billing.as_str()])
+            .get(),
+        K as u64
+    );
+    wait_count(&env.conn, &dq, (N - K) as u32).await;
+    assert_eq!(take_ids(&env.conn, &env.billing).await, ids[..K]);
+    assert_eq!(take_ids(&env.conn, &dq).await, ids[K..]);
+}
+
+/// The connection is closed once `K` copies are confirmed and before any
+/// of their dead letters is acked (a whole window in flight): the report
+/// names them as copied and not removed (a second replay duplicates
+/// them), none as replayed. The copies are in the work queue and every
+/// dead letter is back in its queue, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_confirmed_when_the_connection_is_lost_are_reported_as_not_removed() {
+    const N: usize = 10;
+    const K: usize = 4;
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let ids = numbered_dead_letters(&env, "w", N).await;
+    let user = warren_testkit::TempUser::create();
+    let operator = connect_as(user.url()).await;
+    let closed = std::sync::atomic::AtomicBool::new(false);
+    let progress = |p: op::Progress| {
+        if p.selected == K && !closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            assert_eq!(p.replayed, 0, "nothing is settled before the window fills");
+            wait_confirms_sent(&user.name);
+            close_connections_of(&user.name);
+        }
+    };
+    let r = op::replay(
+        &operator,
+        &env.billing,
+        &op::Selection {
+            all: true,
+            ..Default::default()
+        },
+        &op::ReplayOptions {
+            read: quick(),
+            window: N,
+            ..Default::default()
+        },
+        &op::Metrics::unregistered(),
+        &progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("a run that stopped partway is a report");
+    assert_eq!(r.replayed, 0, "{r:?}");
+    assert!(r.ids.is_empty());
+    assert_eq!(r.not_removed, ids[..K], "{r:?}");
+    assert_eq!(r.selected, K + r.failed, "{r:?}");
+    assert!(r.stopped_early);
+    assert!(r.error.is_some());
+    wait_count(&env.conn, &dq, N as u32).await;
+    assert_eq!(take_ids(&env.conn, &env.billing).await, ids[..K]);
+    assert_eq!(take_ids(&env.conn, &dq).await, ids);
+}
+
 /// A dead-letter queue in a group's place that the broker keeps to 3
 /// messages and refuses (nacks) publishes beyond: the queue an import of
 /// more fills, deterministically, partway.
@@ -1098,4 +1214,58 @@ async fn an_import_nacked_partway_names_the_lines_imported_and_resumes_without_d
     wait_count(&env.conn, &dq, 2).await;
     got.extend(take_ids(&env.conn, &dq).await);
     assert_eq!(got, ids, "every message imported once, in order");
+}
+
+/// A purge whose connection is lost between prepare and commit: commit's
+/// result holds the report (nothing purged) and the error, and every dead
+/// letter is back in its queue, in order. (Before: a bare `Err` from the
+/// ack.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_whose_connection_is_lost_reports_what_it_deleted_and_loses_nothing() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let ids = numbered_dead_letters(&env, "p", 4).await;
+    let user = warren_testkit::TempUser::create();
+    let operator = connect_as(user.url()).await;
+    let pending = op::prepare_purge(
+        &operator,
+        &env.billing,
+        &op::Selection {
+            all: true,
+            ..Default::default()
+        },
+        &quick(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(pending.count(), 4);
+    close_connections_of(&user.name);
+    wait_disconnected(&operator).await;
+    match pending.commit(None).await {
+        Err(op::OperatorError::PurgeIncomplete {
+            report,
+            selected,
+            source,
+        }) => {
+            assert_eq!((report.purged, selected), (0, 4));
+            assert!(report.ids.is_empty());
+            assert_eq!(report.error, Some(source.to_string()));
+            let text = op::OperatorError::PurgeIncomplete {
+                report: report.clone(),
+                selected,
+                source,
+            }
+            .to_string();
+            assert!(
+                text.ends_with(&format!(
+                    "; 0 of 4 dead letters purged before it (the rest stay in {dq:?})"
+                )),
+                "{text}"
+            );
+        }
+        other => panic!("expected PurgeIncomplete, got {other:?}"),
+    }
+    wait_count(&env.conn, &dq, 4).await;
+    assert_eq!(take_ids(&env.conn, &dq).await, ids);
 }

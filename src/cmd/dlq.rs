@@ -32,9 +32,13 @@ pub enum DlqCmd {
     /// Ctrl-C stops after the current message and exits 130 with the summary
     /// of what was replayed; a second Ctrl-C quits at once (at worst a
     /// duplicate, never a loss). Exit 1 when some selected message was not
-    /// replayed.
+    /// replayed, or an error (a lost connection) stopped a group partway:
+    /// its summary and audit record still say what it replayed before.
     Replay(ReplayArgs),
     /// Delete selected dead letters (asks first unless --yes).
+    ///
+    /// Exit 1 when an error stopped it partway: its summary and audit
+    /// record say what it deleted before.
     Purge(PurgeArgs),
     /// Write dead letters to a JSON Lines file (non-destructive unless --remove).
     Export(ExportArgs),
@@ -707,15 +711,27 @@ fn whoami() -> (String, String) {
     (user, host)
 }
 
-fn audit(rec: &op::AuditRecord, file: Option<&PathBuf>) -> anyhow::Result<()> {
+/// Logs the record and appends it to `file`; says whether it was written.
+/// A record the file cannot take is printed on standard error in full (it
+/// describes what already moved, so it must not be lost), and the run ends
+/// with exit 1 after its summary.
+fn audit(rec: &op::AuditRecord, file: Option<&PathBuf>) -> bool {
     info!(target: "warren::audit", action = %rec.action, user = %rec.user, host = %rec.host,
         group = %rec.group, count = rec.count, dry_run = rec.dry_run,
         selection = %serde_json::to_string(&rec.selection).unwrap_or_default(),
-        ids = %rec.ids.join(","), "audit");
-    if let Some(f) = file {
-        rec.append_to(f)?;
+        ids = %rec.ids.join(","), not_removed = %rec.not_removed.join(","),
+        error = rec.error.as_deref().unwrap_or(""), "audit");
+    let Some(f) = file else { return true };
+    match rec.append_to(f) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "error: --audit-log: the record of what was done could not be written ({e}); here it is: {}",
+                serde_json::to_string(rec).unwrap_or_default()
+            );
+            false
+        }
     }
-    Ok(())
 }
 
 /// Refuses `--audit-log -` (before connecting): the audit log is a file
@@ -860,18 +876,35 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
         )
         .await;
         pb.finish_and_clear();
-        let r = r?;
-        let mut rec = op::AuditRecord::now("replay", &user, &host, group, &selection);
-        rec.target = Some(if a.to_original {
-            "original".into()
-        } else {
-            "work-queue".into()
-        });
-        rec.dry_run = a.dry_run;
-        rec.count = if a.dry_run { 0 } else { r.replayed };
-        rec.ids = r.ids.clone();
-        audit(&rec, a.audit_log.as_ref())?;
-        failed |= r.failed > 0 || r.stopped_early;
+        let r = match r {
+            Ok(r) => {
+                // Also when an error stopped it partway: what moved before
+                // the error is recorded, and the error with it.
+                let mut rec = op::AuditRecord::now("replay", &user, &host, group, &selection);
+                rec.target = Some(if a.to_original {
+                    "original".into()
+                } else {
+                    "work-queue".into()
+                });
+                rec.dry_run = a.dry_run;
+                rec.count = if a.dry_run { 0 } else { r.replayed };
+                rec.ids = r.ids.clone();
+                rec.not_removed = r.not_removed.clone();
+                rec.error = r.error.clone();
+                failed |= !audit(&rec, a.audit_log.as_ref());
+                r
+            }
+            // Nothing moved (the queue could not be read): no record; the
+            // other groups still run.
+            Err(e) => op::ReplayReport {
+                group: group.clone(),
+                target: opts.target,
+                dry_run: a.dry_run,
+                error: Some(e.to_string()),
+                ..Default::default()
+            },
+        };
+        failed |= r.failed > 0 || r.stopped_early || r.error.is_some();
         reports.push(r);
     }
     warren_topology::close(&c, "bye").await;
@@ -884,6 +917,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
     let unsure = cancel.is_cancelled()
         || reports.iter().any(|r| {
             r.stopped_early
+                || r.error.is_some()
                 || r.failed > r.errors.len()
                 || selection.limit.is_some_and(|l| r.selected >= l)
         });
@@ -901,9 +935,11 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
     } else {
         warn_not_found(not_found.as_ref());
         for r in &reports {
-            if let Some(cov) = &r.coverage {
-                warn_partial(cov, &warren_topology::dead_queue(&r.group));
-            }
+            let Some(cov) = &r.coverage else {
+                // Never read: its error below is all there is to say.
+                continue;
+            };
+            warn_partial(cov, &warren_topology::dead_queue(&r.group));
             if r.dry_run {
                 outln!(
                     "{}: dry run: {} would be replayed ({} read); nothing moved",
@@ -934,7 +970,30 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
                 for e in &r.errors {
                     outln!("  error: {}", esc(e));
                 }
+                if !r.not_removed.is_empty() {
+                    outln!(
+                        "  {} copied but not removed (still dead letters: a second replay duplicates them): {}",
+                        r.not_removed.len(),
+                        r.not_removed.iter().map(|id| esc(id)).collect::<Vec<_>>().join(", ")
+                    );
+                }
             }
+        }
+    }
+    // On stderr too: the summary above says what moved before the error.
+    for r in &reports {
+        match (&r.error, r.coverage) {
+            (Some(e), None) => eprintln!("error: {}: {e}", r.group),
+            (Some(e), Some(_)) => eprintln!(
+                "error: {}: the replay stopped: {e}{}",
+                r.group,
+                if r.replayed + r.not_removed.len() > 0 {
+                    "; what it replayed before is in the summary and the audit record"
+                } else {
+                    ""
+                }
+            ),
+            (None, _) => {}
         }
     }
     Ok(if cancel.is_cancelled() {
@@ -1050,13 +1109,39 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
     }
     let (user, host) = whoami();
     let mut reports = Vec::new();
+    let mut failed = false;
     for p in pending {
-        let r = p.commit(archive.as_mut()).await?;
-        let mut rec = op::AuditRecord::now("purge", &user, &host, &r.group, &selection);
-        rec.count = r.purged;
-        rec.ids = r.ids.clone();
-        audit(&rec, a.audit_log.as_ref())?;
-        reports.push(r);
+        let (group, coverage) = (p.group().to_owned(), p.coverage());
+        let r = match p.commit(archive.as_mut()).await {
+            Ok(r) => Some(r),
+            // Stopped partway: what was deleted before is recorded.
+            Err(op::OperatorError::PurgeIncomplete { report, .. }) => Some(*report),
+            // Nothing deleted (the archive could not be synced, ...): every
+            // message went back; the other groups still run.
+            Err(e) => {
+                reports.push(op::PurgeReport {
+                    group,
+                    coverage,
+                    purged: 0,
+                    ids: Vec::new(),
+                    error: Some(e.to_string()),
+                });
+                None
+            }
+        };
+        if let Some(mut r) = r {
+            if let Some(e) = r.error.as_mut() {
+                if !c.status().connected() {
+                    *e = format!("the connection to the broker was lost ({e})");
+                }
+            }
+            let mut rec = op::AuditRecord::now("purge", &user, &host, &r.group, &selection);
+            rec.count = r.purged;
+            rec.ids = r.ids.clone();
+            rec.error = r.error.clone();
+            failed |= !audit(&rec, a.audit_log.as_ref());
+            reports.push(r);
+        }
     }
     warren_topology::close(&c, "bye").await;
     if g.json() {
@@ -1073,7 +1158,17 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(code)
+    for r in &reports {
+        if let Some(e) = &r.error {
+            failed = true;
+            eprintln!(
+                "error: {}: the purge stopped: {e}; the dead letters it did not delete are still in {}",
+                r.group,
+                warren_topology::dead_queue(&r.group)
+            );
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { code })
 }
 
 /// Puts every held message back (in order) and says, per group, that none
@@ -1086,6 +1181,7 @@ async fn abort_all(pending: Vec<op::PendingPurge>) -> anyhow::Result<Vec<op::Pur
             coverage: p.coverage(),
             purged: 0,
             ids: Vec::new(),
+            error: None,
         });
         p.abort().await?;
     }
