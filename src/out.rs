@@ -10,6 +10,18 @@
 
 use std::fmt;
 use std::io::{ErrorKind, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether anything was written on stdout yet.
+static WROTE: AtomicBool = AtomicBool::new(false);
+
+/// Whether a command wrote anything on stdout yet: a command that fails
+/// before its `--output json` document can still print one with the error,
+/// and one that fails after it (or in the middle of `export -`'s lines)
+/// must not print a second.
+pub fn wrote_anything() -> bool {
+    WROTE.load(Ordering::Relaxed)
+}
 
 /// Whether `c`, written to a terminal, could break a line, move the cursor,
 /// clear the screen or reorder what is shown: control characters (C0, DEL,
@@ -44,6 +56,7 @@ macro_rules! out {
 /// Writes to stdout (and a newline when `newline`), or ends the process
 /// when stdout is gone.
 pub fn text(args: fmt::Arguments<'_>, newline: bool) {
+    WROTE.store(true, Ordering::Relaxed);
     let mut out = std::io::stdout().lock();
     let written = out
         .write_fmt(args)

@@ -1521,7 +1521,13 @@ async fn purge_archive_dash_is_refused_before_anything_moves_and_dot_slash_dash_
              or look first with warren dlq export - (which removes nothing)\n",
             "{args:?}"
         );
-        assert_eq!(text(&out.stdout), "", "{args:?}");
+        if args.contains(&"json") {
+            // One JSON document on stdout on every path: the usage error.
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["error"]["kind"], "usage", "{args:?}: {v}");
+        } else {
+            assert_eq!(text(&out.stdout), "", "{args:?}");
+        }
         assert!(
             !dir.join("-").exists(),
             "{args:?}: a file named '-' was written"
@@ -2487,4 +2493,37 @@ async fn a_purge_whose_connection_is_lost_before_the_yes_says_so_in_its_summary_
     assert!(said.contains(recorded), "{said}\n{recorded}");
     assert_eq!(take_ids(&conn, &env.dead(), 3).await, names("q", 0..3));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--output json` is one JSON document on stdout on every path, also when
+/// the command fails before it has a report (here: a refused login); the
+/// exit code and stderr's error stay as they are.
+#[test]
+fn json_output_says_why_when_the_run_fails_before_its_report() {
+    for sub in ["stats", "list"] {
+        let o = run(&[
+            "dlq",
+            sub,
+            "--group",
+            "nobody",
+            "--output",
+            "json",
+            "--amqp-url",
+            "amqp://guest:not-the-password@127.0.0.1:5672/%2f",
+        ]);
+        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        assert_eq!(o.status.code(), Some(1), "{sub}: {err}");
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{sub}: {e}: {out:?}"));
+        assert_eq!(v["error"]["kind"], "connect", "{sub}: {v}");
+        assert_eq!(v["error"]["transient"], false, "{sub}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("refused user \"guest\"")),
+            "{sub}: {v}"
+        );
+        assert!(!out.contains("not-the-password"), "{sub}: {out}");
+        assert!(err.contains("error: "), "{sub}: {err}");
+    }
 }

@@ -276,7 +276,25 @@ fn check_rate(rate: Option<f64>) -> anyhow::Result<()> {
 }
 
 /// Runs `warren dlq ...`.
+/// Runs `warren dlq ...`. With `--output json`, a command that fails before
+/// it printed its document (a connection refused, a bad file, a usage
+/// error found on the broker) prints `{"error": ...}` (see
+/// [`crate::cli::error_json`]) so that stdout is one JSON document on every
+/// path; the exit code is the same either way.
 pub async fn run(g: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
+    let result = run_cmd(g, cmd).await;
+    if g.json() {
+        if let Err(e) = &result {
+            if !crate::out::wrote_anything() {
+                let doc = serde_json::json!({ "error": crate::cli::error_json(e) });
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
+            }
+        }
+    }
+    result
+}
+
+async fn run_cmd(g: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         DlqCmd::Stats(a) => stats(g, a).await,
         DlqCmd::List(a) => list(g, a).await,
