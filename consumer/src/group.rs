@@ -26,11 +26,17 @@
 //!   nack without requeue): the work queue's own dead-letter exchange
 //!   (`warren.dlx`, key `{group}`) takes it unchanged into `{group}.dead`,
 //!   with the broker's `x-death`, rather than the handler running again
-//!   and again.
+//!   and again. Only when the work queue is known to have that dead-letter
+//!   exchange: each session declares it again with the topology's exact
+//!   arguments, on a channel of its own. A queue declared by hand (or
+//!   differing in any argument), or a user without the configure
+//!   permission on it, leaves such a delivery requeued instead: a queue
+//!   without a dead-letter exchange drops what is rejected.
 //! - `handler_timeout` cancels the handler (kind `timeout`), which then goes
 //!   through the retry tiers like any retryable error.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -48,7 +54,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 use warren_producer::{Message, Publisher, PublisherConfig, PublisherMetrics};
-use warren_topology::{Broker, Group, QueueType, DEAD_LETTER_EXCHANGE};
+use warren_topology::{Broker, Group, Plan, QueueType, Role, Topology, DEAD_LETTER_EXCHANGE};
 
 use crate::acks::{AckOp, AckWindow, Settle, Stragglers};
 use crate::delivery::Delivery;
@@ -182,6 +188,7 @@ impl<H: Handler> ConsumerGroupBuilder<H> {
                 name,
                 settings: self.settings,
                 metrics,
+                queue_dead_letters: AtomicBool::new(false),
             }),
             handler: Arc::new(self.handler),
             ready,
@@ -193,6 +200,11 @@ struct Ctx {
     name: Arc<str>,
     settings: Settings,
     metrics: Metrics,
+    /// Whether the work queue was found to dead-letter to `warren.dlx`
+    /// with key `{group}` when the session opened: only then does a reject
+    /// put a message into `{group}.dead` (without a dead-letter exchange
+    /// the broker drops it).
+    queue_dead_letters: AtomicBool,
 }
 
 /// A consumer group runtime: a group of the topology plus a handler.
@@ -448,6 +460,10 @@ impl<H: Handler> ConsumerGroup<H> {
                 return Err(err("checking the group's queues")(e));
             }
         }
+        let dead_letters = self.work_queue_dead_letters(broker).await;
+        self.ctx
+            .queue_dead_letters
+            .store(dead_letters, Ordering::Relaxed);
         consume
             .basic_qos(group.prefetch.max(1), BasicQosOptions { global: false })
             .await
@@ -474,6 +490,62 @@ impl<H: Handler> ConsumerGroup<H> {
             .map_err(err("basic.consume"))?;
         info!(group = %group.name, queue = %queue, prefetch = group.prefetch, concurrency = group.concurrency, consumer_tag = %consumer.tag(), "consuming");
         Ok(Session { consume, consumer })
+    }
+
+    /// Whether the work queue dead-letters what is rejected into
+    /// `{group}.dead`: declared again, on a channel of its own, with exactly
+    /// the arguments the topology gives it (`x-dead-letter-exchange=
+    /// warren.dlx`, `x-dead-letter-routing-key={group}`, ...), which the
+    /// broker accepts only when they are the queue's own. A queue declared
+    /// by hand, one that differs in any argument, or a user without the
+    /// configure permission on it (the check cannot be made) give `false`:
+    /// a copy that can never be published then leaves its message requeued
+    /// rather than rejected, since a queue without a dead-letter exchange
+    /// drops what is rejected.
+    async fn work_queue_dead_letters(&self, broker: &Arc<Broker>) -> bool {
+        let group = &self.ctx.settings.group;
+        let topology = Topology {
+            exchanges: Vec::new(),
+            groups: vec![group.clone()],
+        };
+        let Some(planned) = Plan::new(&topology)
+            .queues
+            .into_iter()
+            .find(|q| q.role == Role::Work)
+        else {
+            return false;
+        };
+        let ch = match broker.channel().await {
+            Ok((ch, _)) => ch,
+            Err(e) => {
+                warn!(group = %group.name, error = %e, "cannot open a channel to check the work queue's dead-letter exchange");
+                return false;
+            }
+        };
+        let checked = with_timeout(
+            Duration::from_secs(5),
+            ch.queue_declare(
+                planned.name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                planned.field_table(),
+            ),
+        )
+        .await;
+        close_quietly(&ch, 200).await;
+        match checked {
+            Ok(_) => true,
+            Err(text) if text.contains("PRECONDITION") => {
+                let said = text
+                    .rsplit_once("PRECONDITION_FAILED - ")
+                    .map_or(text.as_str(), |(_, t)| t);
+                warn!(group = %group.name, queue = %planned.name, differs = %warren_topology::explain_precondition(said), "the work queue is not declared as the topology declares it (by hand, or before the file changed): a message whose retry or dead-letter copy can never be published will be requeued, not rejected into the dead-letter queue, since the queue may have no dead-letter exchange; run `warren topology verify`");
+                false
+            }
+            Err(text) => {
+                info!(group = %group.name, queue = %planned.name, error = %text, "cannot check the work queue's dead-letter exchange (it needs the configure permission on the queue): a message whose retry or dead-letter copy can never be published will be requeued, not rejected into the dead-letter queue");
+                false
+            }
+        }
     }
 
     /// The publisher of retry and dead-letter copies: a window as large as
@@ -995,7 +1067,7 @@ async fn process<H: Handler>(
             }
             Settle::Ack
         }
-        Err(why) if never_publishable(&why) => {
+        Err(why) if never_publishable(&why) && ctx.queue_dead_letters.load(Ordering::Relaxed) => {
             // Sending it again would be refused the same way, and requeueing
             // would run the handler again and again. The work queue's own
             // dead-letter exchange (warren.dlx, key {group}, as DESIGN
@@ -1003,6 +1075,12 @@ async fn process<H: Handler>(
             error!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %failure.message(), error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published; rejecting the delivery so that the broker dead-letters it unchanged into the group's dead-letter queue");
             m.handled.with_label_values(&[group, "reject"]).inc();
             Settle::Reject
+        }
+        Err(why) if never_publishable(&why) => {
+            error!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %failure.message(), error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published, and the work queue was not found to dead-letter to warren.dlx (a reject could drop the message); requeueing the delivery: run `warren topology verify`");
+            m.handled.with_label_values(&[group, "requeue"]).inc();
+            tokio::time::sleep(ctx.settings.requeue_delay).await;
+            Settle::Requeue
         }
         Err(why) => {
             error!(group, message_id = delivery.message_id().unwrap_or(""), error = %why, exchange = %exchange, routing_key = %key, "the copy was not confirmed; requeueing the delivery");

@@ -494,18 +494,11 @@ async fn a_retry_queue_missing_on_the_broker_stops_the_group_before_any_handler_
     assert_eq!(f.count(&g.work_queue()).await, 1, "the message waits");
 }
 
-/// A message whose copy can never be published (here: headers that fit in
-/// the consumer's frames by themselves, but not with the failure headers
-/// added) used to be requeued for ever, handled again every
-/// `requeue_delay`. It is now rejected, so the broker dead-letters it whole
-/// through the work queue's own dead-letter exchange into `{group}.dead`
-/// (kind `broker`, the reason from `x-death`), after one handling. The
-/// consumer runs with 16 KiB frames so that the test can read the dead
-/// letter, `x-death` and all, with the usual 128 KiB.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_whose_copy_cannot_be_published_is_dead_lettered_by_the_broker() {
-    let f = Fixture::new(&classic("", "")).await;
-    let g = f.group(0);
+/// Frames of 16 KiB: a URL that asks for them, and properties (message id
+/// `id`, a `trace-blob` header of `z`s, returned too) that fill such a frame
+/// to within 64 bytes, so that they fit alone but not with the failure
+/// headers of a copy added.
+fn filling_a_small_frame(id: &str) -> (warren_topology::AmqpUrl, BasicProperties, String) {
     let frame_max = 16_384;
     let url: warren_topology::AmqpUrl =
         format!("{}?frame_max={frame_max}", warren_testkit::url().expose())
@@ -513,7 +506,7 @@ async fn a_message_whose_copy_cannot_be_published_is_dead_lettered_by_the_broker
             .unwrap();
     // Fill the frame to within 64 bytes: the encoded properties without
     // the blob, plus the entry's key (1 + 10), type (1) and length (4).
-    let base = props("huge-1");
+    let base = props(id);
     let encoded = |p: &BasicProperties| {
         let gen = lapin::protocol::basic::gen_properties(p);
         gen(Vec::<u8>::new().into()).unwrap().position as usize
@@ -527,6 +520,22 @@ async fn a_message_whose_copy_cannot_be_published_is_dead_lettered_by_the_broker
     );
     let big = base.with_headers(h);
     assert!(encoded(&big) <= room && encoded(&big) + 64 >= room);
+    (url, big, blob)
+}
+
+/// A message whose copy can never be published (here: headers that fit in
+/// the consumer's frames by themselves, but not with the failure headers
+/// added) used to be requeued for ever, handled again every
+/// `requeue_delay`. It is now rejected, so the broker dead-letters it whole
+/// through the work queue's own dead-letter exchange into `{group}.dead`
+/// (kind `broker`, the reason from `x-death`), after one handling. The
+/// consumer runs with 16 KiB frames so that the test can read the dead
+/// letter, `x-death` and all, with the usual 128 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_copy_cannot_be_published_is_dead_lettered_by_the_broker() {
+    let f = Fixture::new(&classic("", "")).await;
+    let g = f.group(0);
+    let (url, big, blob) = filling_a_small_frame("huge-1");
     f.publish(&f.exchange(), "order.created", b"{}", big).await;
     let ledger = Ledger::default();
     let l = ledger.clone();
@@ -576,6 +585,66 @@ async fn a_message_whose_copy_cannot_be_published_is_dead_lettered_by_the_broker
         "dead-lettered by the broker on a reject"
     );
     assert_eq!(f.count(&g.work_queue()).await, 0);
+}
+
+/// The same message on a work queue declared by hand without warren's
+/// dead-letter exchange: a reject would make the broker drop it, so it is
+/// requeued instead (and handled again), never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_queue_without_the_dead_letter_exchange_never_drops_a_message_whose_copy_cannot_be_published(
+) {
+    let f = Fixture::new(&classic("", "")).await;
+    let g = f.group(0);
+    let queue = g.work_queue();
+    f.ch.queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    f.ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (url, big, blob) = filling_a_small_frame("huge-2");
+    f.publish("", &queue, b"{}", big).await;
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start_as(
+        url,
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                l.note(&d);
+                Err(HandlerError::permanent("too big to bill"))
+            }
+        }),
+        "consumer-test",
+        |b| b.requeue_delay(Duration::from_millis(50)),
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(10),
+        "handled again after a requeue",
+        || ledger.count("huge-2") >= 2,
+    )
+    .await;
+    assert!(ledger.of("huge-2")[1].redelivered);
+    assert_eq!(
+        run.metric("warren_handled_total", &[("outcome", "reject")]),
+        0.0
+    );
+    assert!(run.metric("warren_handled_total", &[("outcome", "requeue")]) >= 1.0);
+    run.stop().await;
+    let back = f.take(&queue, 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        header_str(&back[0], "trace-blob").as_deref(),
+        Some(blob.as_str()),
+        "still in the work queue, whole"
+    );
+    assert_eq!(f.count(&queue).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
 }
 
 /// A session that fails as soon as it opens (here: headers larger than the
