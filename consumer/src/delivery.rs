@@ -83,7 +83,7 @@ impl Delivery {
             .as_ref()
             .map(|s| s.as_str().to_owned())
             .unwrap_or_default();
-        let failed_attempts = headers::attempts(properties.headers().as_ref(), &id);
+        let failed_attempts = headers::attempts(properties.headers().as_ref(), group, &id);
         let (first_exchange, first_key) = first_published(&properties, exchange, routing_key);
         Delivery {
             inner: Arc::new(Inner {
@@ -107,7 +107,7 @@ impl Delivery {
             .as_ref()
             .map(|s| s.as_str().to_owned())
             .unwrap_or_default();
-        let failed_attempts = headers::attempts(d.properties.headers().as_ref(), &id);
+        let failed_attempts = headers::attempts(d.properties.headers().as_ref(), &group, &id);
         let (exchange, routing_key) =
             first_published(&d.properties, d.exchange.as_str(), d.routing_key.as_str());
         Delivery {

@@ -76,8 +76,9 @@ pub(crate) fn parse_attempts(v: &AMQPValue) -> Result<u32, Malformed> {
 }
 
 /// Failed attempts so far, from a message's headers: absent = 0; malformed
-/// = 0, logged (the next copy carries a valid count).
-pub(crate) fn attempts(headers: Option<&FieldTable>, message_id: &str) -> u32 {
+/// = 0, logged with the group and message id (the next copy carries a
+/// valid count).
+pub(crate) fn attempts(headers: Option<&FieldTable>, group: &str, message_id: &str) -> u32 {
     let Some(v) = headers.and_then(|h| h.inner().get(headers::ATTEMPTS)) else {
         return 0;
     };
@@ -87,6 +88,7 @@ pub(crate) fn attempts(headers: Option<&FieldTable>, message_id: &str) -> u32 {
             warn!(
                 header = headers::ATTEMPTS,
                 problem = %why,
+                group,
                 message_id,
                 "malformed header treated as absent; it is rewritten on the next hop"
             );
@@ -252,13 +254,64 @@ mod tests {
 
     #[test]
     fn malformed_attempts_count_as_absent() {
-        assert_eq!(attempts(None, "m"), 0);
+        assert_eq!(attempts(None, "g", "m"), 0);
         let t = table(headers::ATTEMPTS, AMQPValue::LongString("lots".into()));
-        assert_eq!(attempts(Some(&t), "m"), 0);
+        assert_eq!(attempts(Some(&t), "g", "m"), 0);
         let t = table(headers::ATTEMPTS, AMQPValue::LongLongInt(-5));
-        assert_eq!(attempts(Some(&t), "m"), 0);
+        assert_eq!(attempts(Some(&t), "g", "m"), 0);
         let t = table(headers::ATTEMPTS, AMQPValue::LongLongInt(2));
-        assert_eq!(attempts(Some(&t), "m"), 2);
+        assert_eq!(attempts(Some(&t), "g", "m"), 2);
+    }
+
+    /// The fields of every event logged while `f` runs.
+    fn logged(f: impl FnOnce()) -> Vec<BTreeMap<String, String>> {
+        use std::sync::{Arc, Mutex};
+        use tracing::field::{Field, Visit};
+        struct Fields<'a>(&'a mut BTreeMap<String, String>);
+        impl Visit for Fields<'_> {
+            fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
+                self.0.insert(f.name().to_owned(), format!("{v:?}"));
+            }
+            fn record_str(&mut self, f: &Field, v: &str) {
+                self.0.insert(f.name().to_owned(), v.to_owned());
+            }
+        }
+        struct Capture(Arc<Mutex<Vec<BTreeMap<String, String>>>>);
+        impl tracing::Subscriber for Capture {
+            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+                tracing::span::Id::from_u64(1)
+            }
+            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+            fn event(&self, e: &tracing::Event<'_>) {
+                let mut m = BTreeMap::new();
+                e.record(&mut Fields(&mut m));
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+            }
+            fn enter(&self, _: &tracing::span::Id) {}
+            fn exit(&self, _: &tracing::span::Id) {}
+        }
+        let events = Arc::new(Mutex::new(Vec::new()));
+        tracing::subscriber::with_default(Capture(events.clone()), f);
+        let v = events.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        v
+    }
+
+    #[test]
+    fn a_malformed_count_is_logged_with_its_group_and_message_id() {
+        let t = table(headers::ATTEMPTS, AMQPValue::LongLongInt(-5));
+        let events = logged(|| assert_eq!(attempts(Some(&t), "billing", "m-1"), 0));
+        assert_eq!(events.len(), 1, "{events:?}");
+        let e = &events[0];
+        assert_eq!(e.get("group").map(String::as_str), Some("billing"), "{e:?}");
+        assert_eq!(e.get("message_id").map(String::as_str), Some("m-1"));
+        assert_eq!(
+            e.get("problem").map(String::as_str),
+            Some("negative value -5")
+        );
     }
 
     #[test]
