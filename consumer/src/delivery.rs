@@ -204,6 +204,20 @@ impl Delivery {
         self.inner.failed_attempts
     }
 
+    /// Why the previous attempt failed (`x-warren-error`: one line, at
+    /// most 1 KiB), or `None` on a first attempt. A message an operator
+    /// replayed keeps it (with [`Delivery::attempt`] back at 1).
+    pub fn last_error(&self) -> Option<String> {
+        self.header_str(warren_topology::headers::ERROR)
+    }
+
+    /// The kind of the previous failure (`x-warren-error-kind`):
+    /// `retryable`, `timeout` or `panic` on a retry; on a replayed message
+    /// also `permanent`, `decode` or `broker`.
+    pub fn last_error_kind(&self) -> Option<String> {
+        self.header_str(warren_topology::headers::ERROR_KIND)
+    }
+
     /// The consumer group handling it.
     pub fn group(&self) -> &str {
         &self.inner.group
@@ -220,6 +234,43 @@ impl Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_says_why_the_previous_attempt_failed() {
+        let fresh = Delivery::new(
+            "billing",
+            vec![],
+            BasicProperties::default(),
+            "o",
+            "k",
+            false,
+        );
+        assert_eq!((fresh.last_error(), fresh.last_error_kind()), (None, None));
+        let mut h = FieldTable::default();
+        h.insert(
+            warren_topology::headers::ERROR.into(),
+            AMQPValue::LongString("upstream 503".into()),
+        );
+        h.insert(
+            warren_topology::headers::ERROR_KIND.into(),
+            AMQPValue::LongString("timeout".into()),
+        );
+        h.insert(
+            warren_topology::headers::ATTEMPTS.into(),
+            AMQPValue::LongLongInt(1),
+        );
+        let retry = Delivery::new(
+            "billing",
+            vec![],
+            BasicProperties::default().with_headers(h),
+            "",
+            "billing",
+            false,
+        );
+        assert_eq!(retry.attempt(), 2);
+        assert_eq!(retry.last_error().as_deref(), Some("upstream 503"));
+        assert_eq!(retry.last_error_kind().as_deref(), Some("timeout"));
+    }
 
     #[test]
     fn a_retry_reports_where_the_message_was_first_published() {

@@ -101,6 +101,12 @@ async fn retryable_goes_through_every_tier_then_dead_letters() {
     );
     assert_eq!(seen[0].kind, None);
     assert_eq!(seen[1].kind.as_deref(), Some("retryable"));
+    assert_eq!(seen[0].last_error, None);
+    assert_eq!(
+        seen[2].last_error.as_deref(),
+        Some("upstream down attempt 2"),
+        "the handler sees why the previous attempt failed"
+    );
     let gap1 = seen[1].at - seen[0].at;
     let gap2 = seen[2].at - seen[1].at;
     assert!(

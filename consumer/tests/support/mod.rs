@@ -282,6 +282,7 @@ pub struct Seen {
     pub attempt: u32,
     pub redelivered: bool,
     pub kind: Option<String>,
+    pub last_error: Option<String>,
     pub at: Instant,
 }
 
@@ -291,7 +292,8 @@ impl Ledger {
             id: d.message_id().unwrap_or("").to_owned(),
             attempt: d.attempt(),
             redelivered: d.redelivered(),
-            kind: d.header_str(warren_topology::headers::ERROR_KIND),
+            kind: d.last_error_kind(),
+            last_error: d.last_error(),
             at: Instant::now(),
         });
     }
