@@ -63,12 +63,17 @@ use crate::handler::{ErrorKind, Handler, HandlerError, HandlerResult};
 use crate::headers::{failure_headers, CopyTarget, Failure};
 use crate::metrics::Metrics;
 
-/// Default grace period for in-flight handlers at shutdown.
+/// Default grace period for in-flight handlers at shutdown: 30 s.
+///
+/// Kubernetes also gives a pod 30 s (`terminationGracePeriodSeconds`)
+/// before it kills it: set a shorter grace there
+/// ([`ConsumerGroupBuilder::shutdown_grace`]; `warren consume` uses 25 s).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Default time to wait for the broker to confirm a retry or dead-letter copy.
+/// Default time to wait for the broker to confirm a retry or dead-letter
+/// copy: 10 s.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default pause before requeueing a delivery whose copy was refused (so a
-/// missing retry queue does not turn into a hot redelivery loop).
+/// Default pause before requeueing a delivery whose copy was not confirmed
+/// (so a missing retry queue does not turn into a hot redelivery loop): 1 s.
 pub const DEFAULT_REQUEUE_DELAY: Duration = Duration::from_secs(1);
 
 /// What happens to a delivery, decided from the handler's result. The one
@@ -110,8 +115,11 @@ struct Settings {
 }
 
 /// Builds a [`ConsumerGroup`]. Defaults come from the topology's [`Group`]
-/// (`prefetch`, `concurrency`, `handler_timeout`) and the `DEFAULT_*`
-/// constants of this crate.
+/// (`prefetch`, `concurrency`, `handler_timeout`, whose own defaults are
+/// [`warren_topology::DEFAULT_PREFETCH`], [`warren_topology::DEFAULT_CONCURRENCY`]
+/// and [`warren_topology::DEFAULT_HANDLER_TIMEOUT`]) and the `DEFAULT_*`
+/// constants of this crate. Without [`Self::metrics`] or [`Self::registry`]
+/// the group's metrics are collected by nothing.
 #[derive(Debug)]
 pub struct ConsumerGroupBuilder<H> {
     settings: Settings,
@@ -121,61 +129,74 @@ pub struct ConsumerGroupBuilder<H> {
 
 impl<H: Handler> ConsumerGroupBuilder<H> {
     /// Handlers in flight at once in this process (at least 1). Default:
-    /// the group's `concurrency`.
+    /// the group's `concurrency` (when the file does not say: 16, or
+    /// `prefetch` when lower). More
+    /// than `prefetch` has no effect: the broker sends at most `prefetch`
+    /// unacked deliveries.
     pub fn concurrency(mut self, n: u16) -> Self {
         self.settings.group.concurrency = n.max(1);
         self
     }
 
     /// basic.qos prefetch of the consuming channel (at least 1). Default:
-    /// the group's `prefetch`.
+    /// the group's `prefetch` (32 unless the file says otherwise).
     pub fn prefetch(mut self, n: u16) -> Self {
         self.settings.group.prefetch = n.max(1);
         self
     }
 
-    /// How long a handler may run. Default: the group's `handler_timeout`.
+    /// How long a handler may run before it is cancelled (kind `timeout`,
+    /// retried). Default: the group's `handler_timeout` (30 s unless the
+    /// file says otherwise). Not checked here: the topology file refuses
+    /// less than [`warren_topology::MIN_HANDLER_TIMEOUT`] (100 ms), and
+    /// with zero every handler that awaits anything times out. It can only
+    /// cancel at an `.await`: see [`Handler`] on blocking.
     pub fn handler_timeout(mut self, d: Duration) -> Self {
         self.settings.group.handler_timeout = d;
         self
     }
 
     /// How long shutdown waits for in-flight handlers before requeueing what
-    /// did not finish. Default [`DEFAULT_SHUTDOWN_GRACE`].
+    /// did not finish. Default: 30 s ([`DEFAULT_SHUTDOWN_GRACE`]).
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.settings.grace = d;
         self
     }
 
-    /// How long to wait for the confirm of a retry or dead-letter copy.
-    /// Default [`DEFAULT_CONFIRM_TIMEOUT`].
+    /// How long to wait for the confirm of a retry or dead-letter copy
+    /// before requeueing the delivery. Default: 10 s
+    /// ([`DEFAULT_CONFIRM_TIMEOUT`]).
     pub fn confirm_timeout(mut self, d: Duration) -> Self {
         self.settings.confirm_timeout = d;
         self
     }
 
-    /// Pause before requeueing a delivery whose copy was refused. Default
-    /// [`DEFAULT_REQUEUE_DELAY`].
+    /// Pause before requeueing a delivery whose copy was not confirmed (its
+    /// handler slot stays taken meanwhile). Default: 1 s
+    /// ([`DEFAULT_REQUEUE_DELAY`]).
     pub fn requeue_delay(mut self, d: Duration) -> Self {
         self.settings.requeue_delay = d;
         self
     }
 
-    /// Metrics to update (register once per registry with
-    /// [`Metrics::register`], clone into each group).
+    /// Metrics to update: register once per registry with
+    /// [`Metrics::register`] and clone into each group of the process.
     pub fn metrics(mut self, m: Metrics) -> Self {
         self.metrics = Some(m);
         self
     }
 
-    /// Registers fresh metrics into `registry` (fails if a group already
-    /// registered them there: use [`Self::metrics`] to share).
+    /// Registers fresh metrics into `registry`: for a process with one
+    /// group. A second group registering in the same registry fails with
+    /// prometheus's `AlreadyReg` ("Duplicate metrics collector registration
+    /// attempted"): with several groups use [`Self::metrics`].
     pub fn registry(mut self, registry: &Registry) -> Result<Self, prometheus::Error> {
         self.metrics = Some(Metrics::register(registry)?);
         Ok(self)
     }
 
-    /// The group.
+    /// The group. Fails only when the metrics cannot be created (without
+    /// [`Self::metrics`] or [`Self::registry`]: never in practice).
     pub fn build(self) -> Result<ConsumerGroup<H>, prometheus::Error> {
         let metrics = match self.metrics {
             Some(m) => m,
@@ -207,7 +228,9 @@ struct Ctx {
     queue_dead_letters: AtomicBool,
 }
 
-/// A consumer group runtime: a group of the topology plus a handler.
+/// A consumer group runtime: a group of the topology plus a handler. For
+/// several groups in one process (one [`Broker`], one [`Metrics`]), see the
+/// crate's docs.
 ///
 /// ```no_run
 /// # async fn demo(group: warren_topology::Group, broker: std::sync::Arc<warren_topology::Broker>) -> Result<(), Box<dyn std::error::Error>> {
@@ -288,17 +311,38 @@ impl<H: Handler> ConsumerGroup<H> {
     }
 
     /// Consumes until `cancel` fires, reconnecting (with backoff) whenever the
-    /// channel or connection is lost. On cancel: basic.cancel, in-flight
-    /// handlers get the grace period, what did not finish is requeued, the
-    /// channels are closed. On a quorum queue the deliveries already
-    /// prefetched are handled within the grace too (each one only while
-    /// twice the mean handler time fits in what is left): the queue would
-    /// count each one returned toward `delivery_limit`. The connection
-    /// belongs to `broker` (it may be shared with a producer): call
-    /// [`Broker::close`] after this returns.
+    /// channel or connection is lost; a broker that does not answer at the
+    /// start is waited for the same way ([`Self::ready`] says when it
+    /// consumes). The connection belongs to `broker`, which the other groups
+    /// of the process may share: call [`Broker::close`] after this returns.
+    /// Publish through another [`Broker`] (`Publisher::connect` makes its
+    /// own): during a memory or disk alarm the broker stops reading from a
+    /// connection that publishes, acks included.
     ///
-    /// Returns an error only for what retrying cannot fix (the work queue
-    /// does not exist, the broker refuses the credentials).
+    /// # Shutdown
+    ///
+    /// On cancel: basic.cancel, in-flight handlers get the grace period
+    /// ([`ConsumerGroupBuilder::shutdown_grace`]), every finished delivery
+    /// is acked, the handlers still running at the end of the grace are
+    /// dropped and their deliveries requeued, the channels are closed. On a
+    /// quorum queue the deliveries already prefetched are handled within the
+    /// grace too (each one only while twice the mean handler time fits in
+    /// what is left): the queue would count each one returned toward
+    /// `delivery_limit`. A handler that blocks its thread cannot be dropped
+    /// and holds the return past the grace (see [`Handler`]).
+    ///
+    /// # Returns
+    ///
+    /// - `Ok(())` only once `cancel` has fired and the drain is done; at
+    ///   once, without connecting, when it had fired before the call. So a
+    ///   service tells a requested stop from a failure by the result.
+    /// - `Err` for what retrying cannot fix, after aborting the handlers
+    ///   still running (their deliveries go back to the queue): a queue of
+    ///   the group missing ([`ConsumerError::QueueMissing`]), the broker
+    ///   refusing the login or the vhost ([`ConsumerError::Connect`]) or a
+    ///   permission ([`ConsumerError::Broker`]). Transient failures are
+    ///   retried here, so a returned error is never
+    ///   [`ConsumerError::is_transient`].
     pub async fn run(
         &self,
         broker: &Arc<Broker>,

@@ -62,7 +62,16 @@ impl fmt::Display for ErrorKind {
 }
 
 /// A handler's failure: its kind and a message (stored, one line and at most
-/// 1 KiB, in `x-warren-error`).
+/// 1 KiB, in `x-warren-error`; the next attempt reads it with
+/// [`Delivery::last_error`]). The message goes to the broker and the log as
+/// it is: keep secrets out of it.
+///
+/// | constructor | `x-warren-error-kind` | what happens |
+/// |---|---|---|
+/// | [`HandlerError::retryable`] | `retryable` | a copy to `{group}.retry.{n}` while tiers are left, then to `warren.dlx` |
+/// | [`HandlerError::permanent`] | `permanent` | a copy to `warren.dlx` (key `{group}`) at once |
+/// | [`HandlerError::decode`] | `decode` | a copy to `warren.dlx` at once |
+/// | `new(kind, ..)` | that kind | as the kind's [`ErrorKind::is_retryable`] says |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError {
     kind: ErrorKind,
@@ -115,11 +124,32 @@ impl std::error::Error for HandlerError {}
 /// Processes one delivery.
 ///
 /// Implement it on a struct (an HTTP client, a command runner) or wrap a
-/// closure with [`handler_fn`]. The delivery is an owned, cheaply cloned
-/// handle: move it into spawned work freely. The future must be `Send`; it
-/// may be dropped (cancelled) at an `.await` when `handler_timeout` passes.
+/// closure with [`handler_fn`] or [`json_handler`]. The delivery is an
+/// owned, cheaply cloned handle: move it into spawned work freely. Up to
+/// the group's `concurrency` run at once, each in a `delivery` span with
+/// `group`, `message_id`, `attempt` and `redelivered`.
 ///
 /// For a handler chosen at run time, box it with [`BoxHandler::new`].
+///
+/// # Cancellation, blocking and panics
+///
+/// - The future must be `Send`. It is dropped (cancelled) at its current
+///   `.await` when `handler_timeout` passes (kind `timeout`, retried) and
+///   at the end of the shutdown grace (the delivery goes back to the
+///   queue). What it spawned (`tokio::spawn`, `spawn_blocking`) is not
+///   cancelled with it.
+/// - Never block the thread (`std::thread::sleep`, blocking I/O, long CPU
+///   work) in the future itself: it cannot be cancelled while it blocks, so
+///   `handler_timeout` does not fire (one that blocks past it and then
+///   returns `Ok` is acked), a shutdown waits for it past the grace, and it
+///   holds a worker thread of the runtime that the consuming loop, the acks
+///   and the other groups of the process need. Run such work with
+///   `tokio::task::spawn_blocking` and await it.
+/// - A panic is caught: a failure of kind `panic`, retried like a
+///   retryable one, whose message is the panic's text when its payload is a
+///   `&str` or a `String` (`std::panic::panic_any(42)` gives "handler
+///   panicked"). The group keeps running. The process's panic hook still
+///   runs first (by default it prints the panic to stderr).
 pub trait Handler: Send + Sync + 'static {
     /// Handles one delivery.
     fn handle(&self, delivery: Delivery) -> impl Future<Output = HandlerResult> + Send;

@@ -6,6 +6,100 @@
 //! mapped in one place to ack, a copy to `{group}.retry.{n}`, or a copy to
 //! `warren.dlx`; copies are confirmed before the original is acked.
 //!
+//! # Outcomes
+//!
+//! | the handler | the message | `x-warren-error-kind` |
+//! |---|---|---|
+//! | returns `Ok(())` | acked | |
+//! | returns [`HandlerError::retryable`], panics, or runs past `handler_timeout` | a copy to `{group}.retry.{n}` for failed attempt n while the group has tiers left, then to `warren.dlx` (key `{group}`, so `{group}.dead`) | `retryable`, `panic`, `timeout` |
+//! | returns [`HandlerError::permanent`] or [`HandlerError::decode`] ([`Delivery::json`] and [`json_handler`] on a body that does not decode) | a copy to `warren.dlx` at once | `permanent`, `decode` |
+//!
+//! A copy is published and confirmed, then the delivery acked. It keeps
+//! the body, the properties and the headers (`x-death` included), except
+//! `expiration`, a quorum queue's `x-delivery-count` and a `user_id` of
+//! another user than the consumer's, and sets `x-warren-attempts` (failed
+//! attempts, this one included), `x-warren-error`, `x-warren-error-kind`,
+//! `x-warren-group`, `x-warren-original-exchange` and
+//! `x-warren-original-routing-key` (on the first failure, then kept),
+//! `x-warren-first-failed-at` (likewise) and, on a dead letter,
+//! `x-warren-dead-lettered-at`. A copy that is not confirmed leaves the
+//! delivery requeued; see [`ConsumerGroup`] for the order of things. An
+//! `x-warren-attempts` that is not an integer from 0 to [`MAX_ATTEMPTS`]
+//! counts as absent (logged at WARN).
+//!
+//! # A service with two groups
+//!
+//! One [`warren_topology::Broker`] (one connection) for both groups, one
+//! [`Metrics`] registered once and cloned into each, one
+//! `CancellationToken` that the service's own signal handler cancels:
+//!
+//! ```no_run
+//! # async fn service(topology: warren_topology::Topology, url: warren_topology::AmqpUrl) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use tokio_util::sync::CancellationToken;
+//! use warren_consumer::{handler_fn, json_handler, ConsumerGroup, Delivery, HandlerError, Metrics};
+//! use warren_topology::{Broker, ConnectOptions};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Order {
+//!     amount_cents: i64,
+//! }
+//!
+//! let registry = prometheus::Registry::new(); // the service serves it on /metrics
+//! let metrics = Metrics::register(&registry)?;
+//! let billing = ConsumerGroup::builder(
+//!     topology.group("billing").cloned().ok_or("no billing group")?,
+//!     json_handler(|order: Order, d: Delivery| async move {
+//!         if order.amount_cents < 0 {
+//!             return Err(HandlerError::permanent("negative amount")); // billing.dead
+//!         }
+//!         tracing::info!(attempt = d.attempt(), last_error = ?d.last_error(), "billed");
+//!         Ok(())
+//!     }),
+//! )
+//! .metrics(metrics.clone())
+//! .shutdown_grace(Duration::from_secs(25))
+//! .build()?;
+//! let audit = ConsumerGroup::builder(
+//!     topology.group("audit").cloned().ok_or("no audit group")?,
+//!     handler_fn(|d: Delivery| async move {
+//!         if d.body().is_empty() {
+//!             return Err(HandlerError::retryable("empty body"));
+//!         }
+//!         Ok(())
+//!     }),
+//! )
+//! .metrics(metrics)
+//! .build()?;
+//!
+//! let broker = Arc::new(Broker::new(ConnectOptions::new(url, "billing-service")));
+//! let cancel = CancellationToken::new();
+//! let on_signal = cancel.clone();
+//! tokio::spawn(async move {
+//!     // SIGTERM under systemd or Kubernetes: tokio::signal::unix.
+//!     let _ = tokio::signal::ctrl_c().await;
+//!     on_signal.cancel();
+//! });
+//! // Whichever group stops first (an error) stops the other one too.
+//! let (billed, audited) = tokio::join!(
+//!     async {
+//!         let result = billing.run(&broker, cancel.clone()).await;
+//!         cancel.cancel();
+//!         result
+//!     },
+//!     async {
+//!         let result = audit.run(&broker, cancel.clone()).await;
+//!         cancel.cancel();
+//!         result
+//!     },
+//! );
+//! broker.close().await;
+//! billed?; // Ok: stopped by the token; Err: what no retry cures
+//! audited?;
+//! # Ok(()) }
+//! ```
+//!
 //! # Layout
 //!
 //! - `handler`: [`Handler`], [`HandlerResult`], [`HandlerError`],
