@@ -1041,17 +1041,24 @@ async fn process<H: Handler>(
     let limit = ctx.settings.group.handler_timeout;
     let in_flight = InFlight::new(m.in_flight.with_label_values(&[group]));
     let started = Instant::now();
-    let run = AssertUnwindSafe(handler.handle(delivery.clone())).catch_unwind();
-    let result: HandlerResult = match tokio::time::timeout(limit, run).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(p)) => Err(HandlerError::new(ErrorKind::Panic, panic_text(&*p))),
-        Err(_) => Err(HandlerError::new(
-            ErrorKind::Timeout,
-            format!(
-                "handler ran past handler_timeout ({}) and was cancelled",
-                humantime::format_duration(limit)
-            ),
-        )),
+    // `handle` runs the synchronous part of the handler (a closure's body up
+    // to its `async` block) before there is a future to catch a panic in.
+    let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        AssertUnwindSafe(handler.handle(delivery.clone())).catch_unwind()
+    }));
+    let result: HandlerResult = match handled {
+        Err(p) => Err(HandlerError::new(ErrorKind::Panic, panic_text(&*p))),
+        Ok(run) => match tokio::time::timeout(limit, run).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(p)) => Err(HandlerError::new(ErrorKind::Panic, panic_text(&*p))),
+            Err(_) => Err(HandlerError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "handler ran past handler_timeout ({}) and was cancelled",
+                    humantime::format_duration(limit)
+                ),
+            )),
+        },
     };
     drop(in_flight);
     m.handler_seconds

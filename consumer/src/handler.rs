@@ -145,11 +145,13 @@ impl std::error::Error for HandlerError {}
 ///   holds a worker thread of the runtime that the consuming loop, the acks
 ///   and the other groups of the process need. Run such work with
 ///   `tokio::task::spawn_blocking` and await it.
-/// - A panic is caught: a failure of kind `panic`, retried like a
-///   retryable one, whose message is the panic's text when its payload is a
-///   `&str` or a `String` (`std::panic::panic_any(42)` gives "handler
-///   panicked"). The group keeps running. The process's panic hook still
-///   runs first (by default it prints the panic to stderr).
+/// - A panic is caught, in the future or before it (in a closure's body
+///   before its `async` block, in `handle` itself): a failure of kind
+///   `panic`, retried like a retryable one, whose message is the panic's
+///   text when its payload is a `&str` or a `String`
+///   (`std::panic::panic_any(42)` gives "handler panicked"). The group
+///   keeps running. The process's panic hook still runs first (by default
+///   it prints the panic to stderr).
 pub trait Handler: Send + Sync + 'static {
     /// Handles one delivery.
     fn handle(&self, delivery: Delivery) -> impl Future<Output = HandlerResult> + Send;

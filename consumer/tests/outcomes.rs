@@ -728,6 +728,52 @@ async fn wait_for_count(f: &Fixture, queue: &str, n: u32) {
     }
 }
 
+/// A handler that panics before it returns its future (in the closure's
+/// synchronous part, or in `Handler::handle` itself) is a panic like any
+/// other: retried with kind `panic`. It used to escape the runtime's
+/// catch, leaving its delivery unsettled (neither acked nor requeued)
+/// until the channel closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_before_the_handlers_future_is_retried_too() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            l.note(&d);
+            if d.attempt() == 1 {
+                panic!("no future for {:?}", d.message_id());
+            }
+            async move { Ok(()) }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"x", props("early"))
+        .await;
+    wait_for(Duration::from_secs(10), "retried", || {
+        ledger.count("early") == 2
+    })
+    .await;
+    let seen = ledger.of("early");
+    assert_eq!(seen[1].kind.as_deref(), Some("panic"));
+    assert_eq!(
+        seen[1].last_error.as_deref(),
+        Some("handler panicked: no future for Some(\"early\")")
+    );
+    wait_for(Duration::from_secs(5), "acked", || {
+        unacked(&g.work_queue()) == 0
+    })
+    .await;
+    assert_eq!(run.metric("warren_in_flight", &[]), 0.0);
+    run.stop().await;
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panics_and_timeouts_are_retried_and_the_consumer_keeps_going() {
     let f = Fixture::new(&classic("'200ms'", "")).await;
