@@ -25,14 +25,6 @@ async fn an_unroutable_copy_never_acks_its_original() {
     )
     .await;
     let g = f.group(0);
-    // Someone deleted the retry tier: retry copies are now unroutable.
-    let ch = f.conn.create_channel().await.unwrap();
-    ch.queue_delete(
-        g.retry_queue(1).as_str().into(),
-        QueueDeleteOptions::default(),
-    )
-    .await
-    .unwrap();
 
     // Fresh messages want a retry copy (unroutable); messages on their last
     // attempt want a dead-letter copy (routable). Interleaved, so that both
@@ -51,13 +43,16 @@ async fn an_unroutable_copy_never_acks_its_original() {
         f.publish(&f.exchange(), "order.created", b"{}", last).await;
     }
 
+    // The handlers wait until the retry tier is gone, then all fail at once.
+    let (gate, opened) = tokio::sync::watch::channel(false);
     let ledger = Ledger::default();
     let l = ledger.clone();
     let run = Running::start(
         g.clone(),
         handler_fn(move |d: Delivery| {
-            let l = l.clone();
+            let (l, mut opened) = (l.clone(), opened.clone());
             async move {
+                let _ = opened.wait_for(|open| *open).await;
                 l.note(&d);
                 Err(HandlerError::retryable("always fails"))
             }
@@ -66,6 +61,16 @@ async fn an_unroutable_copy_never_acks_its_original() {
         |b| b.requeue_delay(Duration::from_millis(20)),
     )
     .await;
+    // Someone deletes the retry tier while the group runs (a group does not
+    // start without it): retry copies are now unroutable.
+    let ch = f.conn.create_channel().await.unwrap();
+    ch.queue_delete(
+        g.retry_queue(1).as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    gate.send_replace(true);
     // Every dead letter lands, and every fresh message is seen again (requeued).
     wait_for(
         Duration::from_secs(30),
