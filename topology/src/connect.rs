@@ -1,6 +1,7 @@
 //! Connecting to the broker: a URL that never shows its password, connection
-//! names that say who is connected, retries with backoff and jitter, and
-//! [`Broker`], the one supervised connection a process shares.
+//! names that say who is connected, retries with backoff and jitter, TLS with
+//! the URL's own CA and client certificate, and [`Broker`], the one
+//! supervised connection a process shares.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,7 +11,11 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures_util::StreamExt;
+use lapin::tcp::{AsyncTcpStream, RustlsConnector, RustlsConnectorConfig};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, Event};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -22,10 +27,19 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// An AMQP URL. `Debug` and `Display` print `amqp://user:***@host:port/vhost`;
 /// only [`AmqpUrl::expose`] gives the real thing, to hand to the client.
+///
+/// An `amqps://` URL may name TLS files with the query parameters of
+/// RabbitMQ's URI spec: `cacertfile` (PEM certificates of the CAs trusted to
+/// sign the broker's certificate, instead of the system's, as the Erlang,
+/// Java, Go and Python clients take it), and `certfile` with `keyfile` (a PEM
+/// client certificate, intermediates after it, and its unencrypted PEM
+/// private key), which `auth_mechanism=external` logs in with. They are
+/// paths, shown as they are; the files are read at each connection attempt.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AmqpUrl {
     raw: String,
     redacted: String,
+    tls: TlsFiles,
 }
 
 impl AmqpUrl {
@@ -136,6 +150,7 @@ impl FromStr for AmqpUrl {
             ));
         }
         check_query(&parsed).map_err(bad)?;
+        let tls = TlsFiles::of(&parsed).map_err(bad)?;
         // lapin's own parser must accept it too; its error text can hold the
         // whole URL, so only its verdict is used.
         if lapin::uri::AMQPUri::from_str(raw).is_err() {
@@ -146,6 +161,7 @@ impl FromStr for AmqpUrl {
         Ok(AmqpUrl {
             raw: raw.to_owned(),
             redacted,
+            tls,
         })
     }
 }
@@ -187,6 +203,145 @@ fn check_query(parsed: &url::Url) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The TLS files an `amqps://` URL names with the query parameters of
+/// RabbitMQ's URI spec. Paths only: the files are read at each connection
+/// attempt, so a renewed certificate is used from the next reconnect on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct TlsFiles {
+    /// `cacertfile`: the CAs trusted to sign the broker's certificate,
+    /// instead of the system's.
+    ca: Option<String>,
+    /// `certfile`: the client certificate, then any intermediates.
+    cert: Option<String>,
+    /// `keyfile`: the client certificate's private key.
+    key: Option<String>,
+}
+
+impl TlsFiles {
+    /// The TLS files of a URL: only on `amqps://`, each at most once and not
+    /// empty, `certfile` and `keyfile` together.
+    fn of(parsed: &url::Url) -> Result<TlsFiles, String> {
+        let mut files = TlsFiles::default();
+        for (key, value) in parsed.query_pairs() {
+            let slot = match key.as_ref() {
+                "cacertfile" => &mut files.ca,
+                "certfile" => &mut files.cert,
+                "keyfile" => &mut files.key,
+                _ => continue,
+            };
+            if parsed.scheme() != "amqps" {
+                return Err(format!(
+                    "{key}={value}: {key} is a TLS setting, and amqp:// has no TLS: use amqps:// with the broker's TLS port (5671 by default)"
+                ));
+            }
+            if value.is_empty() {
+                return Err(format!("{key} is empty: it takes the path of a PEM file"));
+            }
+            if let Some(first) = slot {
+                return Err(format!(
+                    "{key} is given twice ({key}={first} and {key}={value}): give it once"
+                ));
+            }
+            *slot = Some(value.into_owned());
+        }
+        match (&files.cert, &files.key) {
+            (Some(cert), None) => Err(format!(
+                "certfile={cert} without keyfile: a client certificate needs its private key; add &keyfile=/path/to/key.pem"
+            )),
+            (None, Some(key)) => Err(format!(
+                "keyfile={key} without certfile: a private key needs its client certificate; add &certfile=/path/to/cert.pem"
+            )),
+            _ => Ok(files),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.cert.is_none()
+    }
+
+    /// Reads the files and builds the TLS client: it trusts the CAs of
+    /// `cacertfile` (else the system's) and presents the certificate of
+    /// `certfile` and `keyfile`. Errors name the parameter and the path,
+    /// never what a key file holds.
+    fn connector(&self) -> Result<RustlsConnector, String> {
+        let roots = match &self.ca {
+            Some(path) => {
+                let certs = certificates("cacertfile", path)?;
+                let roots = RustlsConnectorConfig::default().with_parsable_certificates(certs);
+                // rustls skips the certificates it cannot take as a CA, and
+                // fails only when none is left.
+                roots
+                    .clone()
+                    .connector_with_no_client_auth()
+                    .map_err(|e| {
+                        format!("cacertfile={path}: none of its certificates can be a CA ({e})")
+                    })?;
+                roots
+            }
+            None => RustlsConnectorConfig::new_with_native_certs().map_err(|e| {
+                format!(
+                    "cannot load the system's CA certificates ({e}): name the CA that signed the broker's certificate with cacertfile=/path/to/ca.pem"
+                )
+            })?,
+        };
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
+            return roots
+                .connector_with_no_client_auth()
+                .map_err(|e| format!("cannot set up TLS ({e})"));
+        };
+        let chain = certificates("certfile", cert)?;
+        let private = private_key(key)?;
+        roots
+            .connector_with_single_cert(chain, private)
+            .map_err(|e| {
+                let e = e.to_string();
+                if e.contains("KeyMismatch") {
+                    format!("keyfile={key} is not the private key of the certificate in certfile={cert} (the first one in the file)")
+                } else if e.contains("failed to parse private key") {
+                    format!("keyfile={key} holds a private key that cannot be read ({e}): warren takes RSA, ECDSA (P-256, P-384) and Ed25519 keys")
+                } else {
+                    format!("keyfile={key} cannot be used with certfile={cert} ({e})")
+                }
+            })
+    }
+}
+
+/// The PEM certificates of a TLS file, in their order.
+fn certificates(param: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read_tls_file(param, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{param}={path} is not a valid PEM file ({e})"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{param}={path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    Ok(certs)
+}
+
+/// The private key of `keyfile`; what the file holds never goes into an
+/// error.
+fn private_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = read_tls_file("keyfile", path)?;
+    let holds = |label: &[u8]| pem.windows(label.len()).any(|w| w == label);
+    if holds(b"ENCRYPTED PRIVATE KEY") || holds(b"Proc-Type: 4,ENCRYPTED") {
+        return Err(format!(
+            "keyfile={path} is encrypted (it has a passphrase), which warren cannot use: write it unencrypted with openssl pkey -in ENCRYPTED.pem -out KEY.pem, readable only by warren's user"
+        ));
+    }
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => format!(
+            "keyfile={path} holds no PEM private key (-----BEGIN PRIVATE KEY-----, or RSA PRIVATE KEY, or EC PRIVATE KEY)"
+        ),
+        _ => format!("keyfile={path} is not a valid PEM file"),
+    })
+}
+
+fn read_tls_file(param: &str, path: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {param}={path} ({e})"))
 }
 
 impl fmt::Display for AmqpUrl {
@@ -331,11 +486,52 @@ async fn connect_once(opts: &ConnectOptions) -> Result<Connection, AttemptError>
         .query
         .connection_timeout
         .map_or(opts.connect_timeout, Duration::from_millis);
-    match tokio::time::timeout(limit, Connection::connect_uri(uri, props)).await {
+    // Files that cannot be read or do not fit fail before connecting, and
+    // no retry changes them.
+    let tls = if opts.url.tls.is_empty() {
+        None
+    } else {
+        let connector = opts.url.tls.connector().map_err(|reason| AttemptError {
+            reason,
+            retry: false,
+        })?;
+        Some(connector)
+    };
+    let connecting = async {
+        match tls {
+            None => Connection::connect_uri(uri, props).await,
+            Some(tls) => connect_tls(uri, props, tls).await,
+        }
+    };
+    match tokio::time::timeout(limit, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(classify(&e, &opts.url)),
         Err(_) => Err(timed_out(&opts.url, limit).await),
     }
+}
+
+/// Connects over TLS with the URL's own TLS client (its `cacertfile`,
+/// `certfile` and `keyfile`), the way lapin connects with its default one:
+/// lapin's TLS settings can only add CAs to the system's, and `cacertfile`
+/// takes their place.
+async fn connect_tls(
+    uri: AMQPUri,
+    props: ConnectionProperties,
+    tls: RustlsConnector,
+) -> lapin::Result<Connection> {
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let host = uri.authority.host;
+            let addrs = runtime.to_socket_addrs((host.clone(), uri.authority.port));
+            let plain = AsyncTcpStream::connect(&runtime, addrs).await?;
+            Ok(plain.into_rustls(&tls, &host).await?)
+        },
+        props,
+    )
+    .await
 }
 
 /// Why a connection attempt timed out: a port that accepts connections but
@@ -480,12 +676,26 @@ fn io_failure(io: &std::io::Error, url: &AmqpUrl) -> Option<AttemptError> {
         });
     }
     if tls && detail.contains("invalid peer certificate") {
+        let trust = match &url.tls.ca {
+            Some(ca) => format!(
+                "with cacertfile, only the CAs in {ca} are trusted: one of them must have signed it"
+            ),
+            None => "if a private CA signed it, set SSL_CERT_FILE to that CA's PEM file (or add the CA to the system's trust store)".to_owned(),
+        };
         return Some(AttemptError {
             reason: format!(
-                "the TLS certificate of {at} is not accepted ({detail}): if a private CA signed it, set SSL_CERT_FILE to that CA's PEM file (or add the CA to the system's trust store); the URL's host must be a name the certificate holds"
+                "the TLS certificate of {at} is not accepted ({detail}): {trust}; the URL's host must be a name the certificate holds"
             ),
             retry: false,
         });
+    }
+    if tls && detail.contains("received fatal alert") {
+        if let Some(reason) = refused_handshake(url, &at, &detail) {
+            return Some(AttemptError {
+                reason,
+                retry: false,
+            });
+        }
     }
     let reason = match io.kind() {
         ErrorKind::ConnectionRefused => {
@@ -520,6 +730,44 @@ fn io_failure(io: &std::io::Error, url: &AmqpUrl) -> Option<AttemptError> {
         reason,
         retry: true,
     })
+}
+
+/// A TLS handshake the server ended with an alert about the client's
+/// certificate: none where it requires one (TLS 1.3 says so; TLS 1.2 only
+/// says that the handshake failed), or one it does not accept.
+fn refused_handshake(url: &AmqpUrl, at: &str, detail: &str) -> Option<String> {
+    let alert = |names: &[&str]| {
+        names
+            .iter()
+            .any(|name| detail.ends_with(&format!("alert: {name}")))
+    };
+    let add = "name one in the URL with certfile=/path/to/cert.pem&keyfile=/path/to/key.pem (a certificate signed by a CA that the broker trusts, and its private key)";
+    match &url.tls.cert {
+        None if alert(&["CertificateRequired"]) => Some(format!(
+            "{at} requires a client certificate ({detail}): {add}"
+        )),
+        None if alert(&["HandshakeFailure"]) => Some(format!(
+            "{at} refused the TLS handshake ({detail}): a broker that requires a client certificate (ssl_options.fail_if_no_peer_cert) does this: {add}; else it shares no TLS version or cipher with warren"
+        )),
+        Some(cert)
+            if alert(&[
+                "BadCertificate",
+                "UnsupportedCertificate",
+                "CertificateRevoked",
+                "CertificateExpired",
+                "CertificateUnknown",
+                "UnknownCA",
+                "AccessDenied",
+                "DecryptError",
+                "HandshakeFailure",
+            ]) =>
+        {
+            Some(format!(
+                "{at} did not accept the client certificate in certfile={cert} ({detail}): it must be signed by a CA that the broker trusts (its ssl_options.cacertfile), be valid now and allow client authentication"
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// The `auth_mechanism` the URL asks for, unless it is one that RabbitMQ
@@ -947,6 +1195,72 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_are_for_amqps_only_and_certfile_goes_with_keyfile() {
+        let reason = |raw: &str| match raw.parse::<AmqpUrl>() {
+            Err(TopologyError::Url { reason, .. }) => reason,
+            other => panic!("{raw}: {other:?}"),
+        };
+        for key in ["cacertfile", "certfile", "keyfile"] {
+            assert_eq!(
+                reason(&format!("amqp://bob:s3cret@rabbit/%2f?{key}=/etc/x.pem")),
+                format!("{key}=/etc/x.pem: {key} is a TLS setting, and amqp:// has no TLS: use amqps:// with the broker's TLS port (5671 by default)")
+            );
+            assert_eq!(
+                reason(&format!("amqps://bob:s3cret@rabbit/%2f?{key}=")),
+                format!("{key} is empty: it takes the path of a PEM file")
+            );
+        }
+        let base = "amqps://bob:s3cret@rabbit/%2f";
+        assert_eq!(
+            reason(&format!("{base}?certfile=/etc/c.pem")),
+            "certfile=/etc/c.pem without keyfile: a client certificate needs its private key; add &keyfile=/path/to/key.pem"
+        );
+        assert_eq!(
+            reason(&format!("{base}?cacertfile=/etc/ca.pem&keyfile=/etc/k.pem")),
+            "keyfile=/etc/k.pem without certfile: a private key needs its client certificate; add &certfile=/path/to/cert.pem"
+        );
+        assert_eq!(
+            reason(&format!("{base}?cacertfile=/a.pem&cacertfile=/b.pem")),
+            "cacertfile is given twice (cacertfile=/a.pem and cacertfile=/b.pem): give it once"
+        );
+        let e = "amqp://bob:s3cret@rabbit/%2f?certfile=/c.pem&keyfile=/k.pem"
+            .parse::<AmqpUrl>()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "invalid AMQP URL amqp://bob:***@rabbit/%2f?certfile=/c.pem&keyfile=/k.pem: certfile=/c.pem: certfile is a TLS setting, and amqp:// has no TLS: use amqps:// with the broker's TLS port (5671 by default)");
+
+        let tls = |raw: &str| raw.parse::<AmqpUrl>().unwrap().tls;
+        assert_eq!(tls(base), TlsFiles::default());
+        assert_eq!(
+            tls(&format!("{base}?cacertfile=/etc/my%20ca.pem")),
+            TlsFiles {
+                ca: Some("/etc/my ca.pem".into()),
+                ..TlsFiles::default()
+            }
+        );
+        assert_eq!(
+            tls(&format!(
+                "{base}?certfile=c.pem&heartbeat=5&keyfile=k.pem&cacertfile=ca.pem"
+            )),
+            TlsFiles {
+                ca: Some("ca.pem".into()),
+                cert: Some("c.pem".into()),
+                key: Some("k.pem".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn the_tls_files_are_shown_and_the_password_is_not() {
+        let raw = "amqps://bob:s3cret@rabbit/%2f?cacertfile=/etc/warren/ca.pem&certfile=/etc/warren/client.pem&keyfile=/etc/warren/client.key&auth_mechanism=external";
+        let shown = "amqps://bob:***@rabbit/%2f?cacertfile=/etc/warren/ca.pem&certfile=/etc/warren/client.pem&keyfile=/etc/warren/client.key&auth_mechanism=external";
+        let u: AmqpUrl = raw.parse().unwrap();
+        assert_eq!(u.to_string(), shown);
+        assert_eq!(format!("{u:?}"), format!("AmqpUrl({shown})"));
+        assert_eq!(redact(raw), shown);
+    }
+
+    #[test]
     fn bad_urls_are_clear_and_masked() {
         let e = "http://bob:hunter2@host/"
             .parse::<AmqpUrl>()
@@ -1143,6 +1457,13 @@ mod tests {
         assert!(a.retry, "a name server that is away may come back");
         assert_eq!(a.reason, "cannot resolve host \"[::1]\" (failed to lookup address information: Temporary failure in name resolution): check the host name in the URL");
         assert_eq!(endpoint(&tls), "rabbit.example.com:5671");
+        // With cacertfile, its CAs are the only ones trusted.
+        let own: AmqpUrl = "amqps://bob:pw1@rabbit.example.com/%2f?cacertfile=/etc/ca.pem"
+            .parse()
+            .unwrap();
+        let a = classify(&io("invalid peer certificate: UnknownIssuer"), &own);
+        assert!(!a.retry);
+        assert_eq!(a.reason, "the TLS certificate of rabbit.example.com:5671 is not accepted (invalid peer certificate: UnknownIssuer): with cacertfile, only the CAs in /etc/ca.pem are trusted: one of them must have signed it; the URL's host must be a name the certificate holds");
         assert_eq!(endpoint(&"amqp://[::1]/%2f".parse().unwrap()), "[::1]:5672");
     }
 
