@@ -58,8 +58,10 @@ impl AmqpUrl {
 
     /// The user the connection logs in as, which is what RabbitMQ compares
     /// a message's `user_id` with: the URL's user, percent-decoded (`guest`
-    /// when none); `None` with `auth_mechanism=external`, where the client
-    /// certificate names the user.
+    /// when none); `None` with `auth_mechanism=external`, where the broker
+    /// takes the user from the client certificate (the URL's `certfile`: its
+    /// subject, or its common name with the broker's
+    /// `ssl_cert_login_from = common_name`), which the URL does not say.
     pub fn login(&self) -> Option<String> {
         use std::str::FromStr;
         let uri = lapin::uri::AMQPUri::from_str(&self.raw).ok()?;
@@ -711,6 +713,9 @@ fn io_failure(io: &std::io::Error, url: &AmqpUrl) -> Option<AttemptError> {
         }
         ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => {
             let advice = match asked_mechanism(&parsed) {
+                Some(asked) if tls && asked.eq_ignore_ascii_case("external") => format!(
+                    "the URL asks for auth_mechanism={asked}, which the broker refuses this way unless its auth_mechanisms setting offers EXTERNAL (rabbitmq-plugins enable rabbitmq_auth_mechanism_ssl, and EXTERNAL in auth_mechanisms in rabbitmq.conf); leave it out to log in with the URL's user and password"
+                ),
                 Some(asked) => format!(
                     "the URL asks for auth_mechanism={asked}, which the broker refuses this way unless its auth_mechanisms setting offers it; leave it out to log in with the URL's user and password"
                 ),
@@ -782,8 +787,21 @@ fn asked_mechanism(parsed: &url::Url) -> Option<String> {
 
 /// A login the broker refused (ACCESS_REFUSED while logging in): a user that
 /// does not exist or a wrong password; RabbitMQ says which only in its log.
+///
+/// With `auth_mechanism=external` the broker takes the user from the client
+/// certificate, and refuses a connection without one, or a user it does not
+/// have.
 fn login_refused(url: &AmqpUrl, said: &str) -> String {
-    let user = url.login().unwrap_or_else(|| url.username());
+    let Some(user) = url.login() else {
+        return match &url.tls.cert {
+            Some(cert) => format!(
+                "the broker refused the user of the client certificate in certfile={cert} ({said}): with auth_mechanism=external the user is the certificate's subject (its common name with the broker's ssl_cert_login_from = common_name), which must exist on the broker (rabbitmqctl add_user, then clear_password) with permissions on the vhost"
+            ),
+            None => format!(
+                "the broker refused the login ({said}): auth_mechanism=external logs in with a client certificate, and the URL names none: use amqps:// with certfile=/path/to/cert.pem&keyfile=/path/to/key.pem"
+            ),
+        };
+    };
     let mut reason = format!(
         "the broker refused user {user:?} ({said}): check the user name and password in the URL"
     );
@@ -1192,6 +1210,10 @@ mod tests {
         );
         assert_eq!(login("amqp://rabbit/%2f").as_deref(), Some("guest"));
         assert_eq!(login("amqps://rabbit/%2f?auth_mechanism=external"), None);
+        assert_eq!(
+            login("amqps://rabbit/%2f?auth_mechanism=external&certfile=/c.pem&keyfile=/k.pem"),
+            None
+        );
     }
 
     #[test]
@@ -1465,6 +1487,33 @@ mod tests {
         assert!(!a.retry);
         assert_eq!(a.reason, "the TLS certificate of rabbit.example.com:5671 is not accepted (invalid peer certificate: UnknownIssuer): with cacertfile, only the CAs in /etc/ca.pem are trusted: one of them must have signed it; the URL's host must be a name the certificate holds");
         assert_eq!(endpoint(&"amqp://[::1]/%2f".parse().unwrap()), "[::1]:5672");
+    }
+
+    #[test]
+    fn a_refused_external_login_is_about_the_client_certificate() {
+        use lapin::protocol::AMQPSoftError;
+        let said = "ACCESS_REFUSED - Login was refused using authentication mechanism EXTERNAL. For details see the broker logfile.";
+        let e = amqp_error(AMQPSoftError::ACCESSREFUSED.into(), said);
+        let with =
+            "amqps://rabbit/%2f?auth_mechanism=external&certfile=/etc/c.pem&keyfile=/etc/k.pem";
+        let a = classify(&e, &with.parse().unwrap());
+        assert!(!a.retry);
+        assert_eq!(a.reason, format!("the broker refused the user of the client certificate in certfile=/etc/c.pem ({said}): with auth_mechanism=external the user is the certificate's subject (its common name with the broker's ssl_cert_login_from = common_name), which must exist on the broker (rabbitmqctl add_user, then clear_password) with permissions on the vhost"));
+        for without in [
+            "amqps://rabbit/%2f?auth_mechanism=external",
+            "amqp://rabbit/%2f?auth_mechanism=EXTERNAL",
+        ] {
+            let a = classify(&e, &without.parse().unwrap());
+            assert_eq!(a.reason, format!("the broker refused the login ({said}): auth_mechanism=external logs in with a client certificate, and the URL names none: use amqps:// with certfile=/path/to/cert.pem&keyfile=/path/to/key.pem"), "{without}");
+        }
+        // A broker that does not offer EXTERNAL closes the connection.
+        let reset: lapin::Error = std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "Connection reset by peer",
+        )
+        .into();
+        let a = classify(&reset, &with.parse().unwrap());
+        assert_eq!(a.reason, "rabbit:5671 closed the connection during the handshake (Connection reset by peer): the URL asks for auth_mechanism=external, which the broker refuses this way unless its auth_mechanisms setting offers EXTERNAL (rabbitmq-plugins enable rabbitmq_auth_mechanism_ssl, and EXTERNAL in auth_mechanisms in rabbitmq.conf); leave it out to log in with the URL's user and password");
     }
 
     #[test]
