@@ -417,15 +417,13 @@ impl<H: Handler> ConsumerGroup<H> {
                 }
                 Ended::Lost => {
                     warn!(group = %self.ctx.name, "channel or connection lost; deliveries in flight will be redelivered by the broker");
-                    // Whether the connection is dead must be read before
-                    // closing the channel (a closed channel is not connected):
-                    // a channel-level loss must not take down a connection
-                    // shared with other components.
-                    let connection_dead = !session.consume.status().connected();
+                    // The connection is not dropped here: `Broker::channel`
+                    // opens a new one when it is closed or closing, and it
+                    // is shared with the process's other groups. Dropping
+                    // it on a lost channel (whose state does not tell a
+                    // channel error from a lost connection) could close
+                    // the connection another group had just opened.
                     close_quietly(&session.consume, 200).await;
-                    if connection_dead {
-                        broker.invalidate().await;
-                    }
                     // A session that fails soon after it opened (a message
                     // the connection cannot carry, a queue deleted under
                     // it) would otherwise be reopened in a tight loop.

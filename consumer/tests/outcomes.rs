@@ -1388,6 +1388,109 @@ async fn a_lost_copies_connection_is_reopened_and_counted() {
     assert_eq!(f.count(&g.dead_queue()).await, 0);
 }
 
+/// Three groups of one process share one `Broker` (one connection). When
+/// the broker closes it, it is opened again once: each group used to drop
+/// "the" connection when it noticed its session was lost, and a group that
+/// noticed late closed the new connection another group had just opened,
+/// so one close cost two or three reconnects of every group (and the
+/// deliveries they held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_sharing_a_connection_reopen_it_once_when_it_is_closed() {
+    let toml = "[[exchange]]\nname = 'orders'\nkind = 'topic'\n\
+        [[group]]\nname = 'a'\nexchange = 'orders'\nbindings = ['#']\nqueue_type = 'classic'\nretry = []\n\
+        [[group]]\nname = 'b'\nexchange = 'orders'\nbindings = ['#']\nqueue_type = 'classic'\nretry = []\n\
+        [[group]]\nname = 'c'\nexchange = 'orders'\nbindings = ['#']\nqueue_type = 'classic'\nretry = []\n";
+    let f = Fixture::new(toml).await;
+    let component = format!("ctest-{}", unique_prefix().trim_end_matches('.'));
+    let broker = Arc::new(
+        warren_topology::Broker::connect(
+            warren_topology::ConnectOptions::new(url(), component.as_str()).attempts(3),
+        )
+        .await
+        .unwrap(),
+    );
+    let registry = prometheus::Registry::new();
+    let metrics = warren_consumer::Metrics::register(&registry).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let ledger = Ledger::default();
+    let (mut tasks, mut readies) = (Vec::new(), Vec::new());
+    for i in 0..3 {
+        let l = ledger.clone();
+        let group = warren_consumer::ConsumerGroup::builder(
+            f.group(i),
+            handler_fn(move |d: Delivery| {
+                let l = l.clone();
+                async move {
+                    l.note(&d);
+                    Ok(())
+                }
+            }),
+        )
+        .metrics(metrics.clone())
+        .build()
+        .unwrap();
+        readies.push(group.ready());
+        let (b, c) = (broker.clone(), cancel.clone());
+        tasks.push(tokio::spawn(async move { group.run(&b, c).await }));
+    }
+    let all_ready = |readies: &mut Vec<tokio::sync::watch::Receiver<bool>>| {
+        let mut readies = readies.clone();
+        async move {
+            for r in &mut readies {
+                tokio::time::timeout(Duration::from_secs(20), r.wait_for(|r| *r))
+                    .await
+                    .expect("ready in time")
+                    .unwrap();
+            }
+        }
+    };
+    all_ready(&mut readies).await;
+    assert_eq!(broker.generation(), 1);
+    for round in 1..=3u64 {
+        // Sessions younger than 5 s reopen after a random backoff, which
+        // spreads the groups apart; older ones reopen at once, together.
+        tokio::time::sleep(Duration::from_millis(5500)).await;
+        let pids = connection_pids(&format!("warren-{component}@"));
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", &pids[0], "test: forced close"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while metric(&registry, "warren_reconnects_total", &[]) < (3 * round) as f64 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no reconnect seen"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        all_ready(&mut readies).await;
+        // Nothing more may happen: a group closing the new connection would
+        // show within a few hundred milliseconds.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            (
+                broker.generation(),
+                metric(&registry, "warren_reconnects_total", &[])
+            ),
+            (1 + round, (3 * round) as f64),
+            "round {round}: one new connection, each group consuming again once"
+        );
+    }
+    f.publish(&f.exchange(), "order.created", b"x", props("after"))
+        .await;
+    wait_for(Duration::from_secs(10), "each group handles it", || {
+        ledger.count("after") == 3
+    })
+    .await;
+    cancel.cancel();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    broker.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_connection_is_reopened_and_nothing_is_lost() {
     let f = Fixture::new(&classic("'200ms'", "")).await;
