@@ -29,7 +29,7 @@
 //! close says neither which message nor its delivery tag; the engine blames:
 //!
 //! 1. every unconfirmed message of the channel that the broker's words name:
-//!    its exchange (`'name'`), its `user_id`, a body over the size the text
+//!    its exchange (`'name'`; the default exchange is `'amq.default'`), its `user_id`, a body over the size the text
 //!    gives, its `expiration` ([`refused_for`]);
 //! 2. else, for a soft (channel) error, the only unconfirmed message of the
 //!    channel, if there is one: the broker handles a channel's publishes in
@@ -557,8 +557,10 @@ impl Engine {
         };
         let (code, text) = match &e {
             Some(e) => match e.kind() {
-                ErrorKind::ProtocolError(amqp) => (amqp.get_id(), amqp.get_message().to_string()),
-                _ => (0, e.to_string()),
+                ErrorKind::ProtocolError(amqp) => {
+                    (amqp.get_id(), one_line(amqp.get_message().as_str()))
+                }
+                _ => (0, one_line(&e.to_string())),
             },
             None => (0, "the channel is closed".to_owned()),
         };
@@ -580,7 +582,7 @@ impl Engine {
             let Some(job) = self.jobs.remove(&key) else {
                 continue;
             };
-            let named = soft && text.contains(&format!("'{}'", job.exchange));
+            let named = soft && text.contains(&format!("'{}'", broker_name(&job.exchange)));
             let err = if soft && refused_for(code, &text, &job) {
                 Some(self.message_refused(&job, code, &text))
             } else if named && code == 404 {
@@ -626,13 +628,23 @@ impl Engine {
                 "the broker closed the publishing channel without saying which message it refused; sending the unconfirmed messages one at a time to find it"
             );
         }
-        warn!(
-            error = %text,
-            code,
-            refused = blamed,
-            republishing = parked.len(),
-            "publishing channel closed; unconfirmed messages go again on a new channel"
-        );
+        if parked.is_empty() {
+            // Whatever it refused, its caller gets the error.
+            debug!(
+                error = %text,
+                code,
+                refused = blamed,
+                "publishing channel closed; no other message was waiting for a confirm"
+            );
+        } else {
+            warn!(
+                error = %text,
+                code,
+                refused = blamed,
+                republishing = parked.len(),
+                "publishing channel closed; the unconfirmed messages go again on a new channel"
+            );
+        }
         self.abandon_epoch();
         parked.extend(self.retry.drain(..));
         parked.sort_by_key(|j| j.order);
@@ -736,6 +748,28 @@ impl Engine {
         let _ = reply.send(result);
         drop(job.permit);
     }
+}
+
+/// The exchange's name as RabbitMQ writes it in its errors: the default
+/// exchange ("") is 'amq.default' there.
+fn broker_name(exchange: &str) -> &str {
+    if exchange.is_empty() {
+        "amq.default"
+    } else {
+        exchange
+    }
+}
+
+/// The broker's words on one line: Erlang prints a large term over several,
+/// each indented, and errors end up in logs and tables.
+fn one_line(text: &str) -> String {
+    let mut lines = text.lines();
+    let mut out = lines.next().unwrap_or_default().to_owned();
+    for line in lines {
+        out.push(' ');
+        out.push_str(line.trim_start());
+    }
+    out
 }
 
 /// Whether the error is the broker's own (a `channel.close` or
@@ -849,6 +883,17 @@ mod tests {
             epoch: 0,
             permit,
         }
+    }
+
+    #[test]
+    fn the_brokers_words_are_put_on_one_line() {
+        assert_eq!(
+            one_line("PRECONDITION_FAILED - invalid expiration '9': {value_too_large,\n      9}"),
+            "PRECONDITION_FAILED - invalid expiration '9': {value_too_large, 9}"
+        );
+        assert_eq!(one_line("  as is  "), "  as is  ");
+        assert_eq!(broker_name(""), "amq.default");
+        assert_eq!(broker_name("orders"), "orders");
     }
 
     #[tokio::test]

@@ -55,9 +55,12 @@ pub enum PublishError {
         /// The broker's reply text.
         reply_text: String,
     },
-    /// The broker refused to store the message (basic.nack), for example a
-    /// queue at its `x-max-length` with `x-overflow=reject-publish`.
-    #[error("the broker nacked the message to exchange {exchange:?} with routing key {routing_key:?} (a full queue with reject-publish, or a broker-side failure); it was not stored")]
+    /// The broker nacked the message (basic.nack): a queue it was routed to
+    /// refused it (at its `x-max-length` with `x-overflow=reject-publish`)
+    /// or failed to store it. RabbitMQ nacks a message when any of its
+    /// queues refuses it, so the other queues it was routed to may hold a
+    /// copy: publishing it again can duplicate it there.
+    #[error("the broker nacked the message to exchange {exchange:?} with routing key {routing_key:?}: a queue it was routed to refused it (a full queue with x-overflow=reject-publish) or failed to store it; queues that took it keep their copy, so publishing it again may duplicate it there")]
     Nacked {
         /// The exchange.
         exchange: String,
@@ -65,7 +68,10 @@ pub enum PublishError {
         routing_key: String,
     },
     /// The exchange does not exist (the broker closed the channel with 404).
-    #[error("exchange {exchange:?} does not exist on the broker ({reason}); declare it (warren topology apply)")]
+    #[error(
+        "exchange {exchange:?} does not exist on the broker ({reason}); {}",
+        missing_hint(exchange)
+    )]
     ExchangeNotFound {
         /// The exchange.
         exchange: String,
@@ -73,8 +79,12 @@ pub enum PublishError {
         reason: String,
     },
     /// The broker closed the channel because of this message for another
-    /// reason (for example no permission to publish to the exchange).
-    #[error("the broker refused the publish to exchange {exchange:?}: {reason}")]
+    /// reason (for example no permission to publish to the exchange: the
+    /// error then names the user, the exchange and the permission to grant).
+    #[error(
+        "the broker refused the publish to exchange {exchange:?}: {reason}{}",
+        access_hint(reason)
+    )]
     Refused {
         /// The exchange.
         exchange: String,
@@ -151,10 +161,42 @@ fn refusal_hint(reason: &str) -> &'static str {
     } else if reason.contains("message size") {
         "; the body is over the broker's max_message_size: set PublisherConfig::max_message_size to the broker's limit to refuse such messages before sending"
     } else if reason.contains("invalid expiration") {
-        "; expiration must be a whole number of milliseconds, such as \"60000\""
+        "; expiration must be a whole number of milliseconds from 0 to 315360000000 (ten years, RabbitMQ's limit), such as \"60000\""
     } else {
         ""
     }
+}
+
+/// What to do about an exchange the broker does not have.
+fn missing_hint(exchange: &str) -> &'static str {
+    if exchange == "amq.default" {
+        // The management UI shows the default exchange as "amq.default"; on
+        // the wire it is "", and RabbitMQ has no exchange by that name.
+        "the default exchange has no name: publish to exchange \"\" (the routing key is the queue's name)"
+    } else {
+        "declare it (warren topology apply)"
+    }
+}
+
+/// What to grant when the broker's words are RabbitMQ's refusal of a
+/// publish: `ACCESS_REFUSED - access to exchange 'X' in vhost 'V' refused
+/// for user 'U'` (the default exchange is named 'amq.default' there).
+fn access_hint(reason: &str) -> String {
+    let Some(rest) = reason.split_once("access to exchange '").map(|(_, r)| r) else {
+        return String::new();
+    };
+    let Some((exchange, rest)) = rest.split_once("' in vhost '") else {
+        return String::new();
+    };
+    let Some((vhost, rest)) = rest.split_once("' refused for user '") else {
+        return String::new();
+    };
+    let user = rest.strip_suffix('\'').unwrap_or(rest);
+    format!(
+        "; user {user:?} needs the write permission on exchange {exchange:?} in vhost {vhost:?}: \
+         the write pattern (the second of rabbitmqctl set_permissions -p {vhost} {user} CONFIGURE WRITE READ) \
+         must match the exchange's name; rabbitmqctl list_user_permissions {user} shows the current ones"
+    )
 }
 
 impl PublishError {
@@ -236,5 +278,30 @@ mod tests {
                     .into(),
         };
         assert!(size.to_string().contains("max_message_size"), "{size}");
+    }
+
+    #[test]
+    fn a_refused_permission_names_what_to_grant() {
+        let e = PublishError::Refused {
+            exchange: "".into(),
+            reason: "ACCESS_REFUSED - access to exchange 'amq.default' in vhost 'shop' refused for user 'svc'".into(),
+        };
+        assert!(
+            e.to_string().ends_with(
+                "; user \"svc\" needs the write permission on exchange \"amq.default\" in vhost \"shop\": \
+                 the write pattern (the second of rabbitmqctl set_permissions -p shop svc CONFIGURE WRITE READ) \
+                 must match the exchange's name; rabbitmqctl list_user_permissions svc shows the current ones"
+            ),
+            "{e}"
+        );
+        // Other refusals get no such advice.
+        let e = PublishError::Refused {
+            exchange: "orders".into(),
+            reason: "NOT_ALLOWED - something else".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "the broker refused the publish to exchange \"orders\": NOT_ALLOWED - something else"
+        );
     }
 }

@@ -62,6 +62,8 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 ///   ([`PublishError::Invalid`]): AMQP cannot split them, and the broker
 ///   would close the whole connection, failing or resending every message
 ///   in flight on it.
+/// - A nack ([`PublishError::Nacked`]) means a queue the message was routed
+///   to refused it; other queues it was routed to may keep a copy.
 /// - Memory is bounded by the window: a caller waits for a slot up to its
 ///   timeout. When the broker blocks publishers (`connection.blocked`: a
 ///   memory or disk alarm), the publisher holds new messages back instead of

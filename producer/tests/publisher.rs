@@ -243,6 +243,20 @@ async fn missing_exchange_fails_only_its_messages() {
     );
     assert!(err.to_string().contains("does not exist"), "{err}");
 
+    // "amq.default" is how the management UI shows the default exchange,
+    // but in AMQP 0-9-1 it has no name: say so, rather than "declare it".
+    let err = p.publish_json("amq.default", "k", &1).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, PublishError::ExchangeNotFound { .. }),
+        "{err:?}"
+    );
+    assert!(
+        text.contains("the default exchange has no name: publish to exchange \"\"")
+            && !text.contains("warren topology apply"),
+        "{text}"
+    );
+
     // In a full window: the broker closes the channel at the bad one; the
     // others are republished on a fresh channel, never reported sent
     // without a confirm.
@@ -783,5 +797,119 @@ async fn headers_that_fill_a_frame_exactly_are_sent() {
         common::counter(&registry, "warren_reconnects_total", &[]),
         0
     );
+    p.close().await;
+}
+
+/// A message routed to several queues is nacked when one of them refuses it
+/// (a full queue with `reject-publish`), while the others keep their copy.
+/// The error must not claim that nothing was stored: a caller who publishes
+/// it again puts a second copy in those queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_says_the_queues_that_took_the_message_keep_it() {
+    let mut fx = Fixture::new().await;
+    let (ex, full, open) = (unique("ex"), unique("full"), unique("open"));
+    fx.exchange(&ex).await;
+    fx.queue(&full, &ex, "k", reject_publish(0)).await;
+    fx.queue(&open, &ex, "k", FieldTable::default()).await;
+    let (p, registry, _) = publisher(PublisherConfig::default()).await;
+    let err = p
+        .publish(Message::bytes(&ex, "k", "both"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PublishError::Nacked { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(!text.contains("not stored"), "{text}");
+    assert!(
+        text.contains("queues that took it keep their copy")
+            && text.contains("publishing it again may duplicate it there"),
+        "{text}"
+    );
+    assert_eq!(fx.wait_count(&open, 1).await, 1, "the open queue took it");
+    assert_eq!(fx.count(&full).await, 0);
+    assert_eq!(published(&registry, &ex, "nacked"), 1);
+    p.close().await;
+}
+
+/// The broker's words can span lines (Erlang prints a large term over
+/// several); an error is one line, as logs and tables need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_words_are_one_line() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, _registry, _) = publisher(PublisherConfig::default()).await;
+    let huge = Message::bytes(&ex, "k", "x")
+        .properties(BasicProperties::default().with_expiration("99999999999999999999".into()));
+    let err = p.publish(huge).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, PublishError::MessageRefused { .. }),
+        "{err:?}"
+    );
+    assert!(
+        text.contains(
+            "invalid expiration '99999999999999999999': {value_too_large, 99999999999999999999}"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains('\n'), "{text}");
+    p.close().await;
+}
+
+/// A user without the write permission on an exchange: RabbitMQ closes the
+/// channel with 403 ACCESS_REFUSED naming the exchange, the default
+/// exchange as 'amq.default'. Every message fails at once with the
+/// permission to grant; none is sent again one at a time to find the
+/// culprit (the default exchange's messages were, a channel each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_write_permission_fails_at_once_and_says_what_to_grant() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let user = warren_testkit::TempUser::create();
+    warren_testkit::rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", "^$", ".*"]);
+    let component = unique("noperm");
+    let opts = ConnectOptions::new(user.url(), &component).attempts(3);
+    let conn_name = opts.connection_name();
+    let registry = prometheus::Registry::new();
+    let p = Publisher::connect(PublisherConfig::default(), opts, &registry)
+        .await
+        .unwrap();
+    for exchange in ["", ex.as_str()] {
+        let shown = if exchange.is_empty() {
+            "amq.default"
+        } else {
+            exchange
+        };
+        let results = p
+            .publish_batch((0..20).map(|i| Message::bytes(exchange, q.as_str(), format!("{i}"))))
+            .await;
+        for (i, r) in results.iter().enumerate() {
+            match r {
+                Err(e @ PublishError::Refused { .. }) => {
+                    let text = e.to_string();
+                    assert!(!e.is_transient(), "{text}");
+                    assert!(
+                        text.contains(&format!(
+                            "user \"{}\" needs the write permission on exchange \"{shown}\" in vhost \"/\"",
+                            user.name
+                        )) && text.contains(&format!("rabbitmqctl list_user_permissions {}", user.name)),
+                        "{text}"
+                    );
+                }
+                other => panic!("{exchange:?} message {i}: expected Refused, got {other:?}"),
+            }
+        }
+    }
+    let channels = tokio::task::spawn_blocking(move || common::channel_numbers(&conn_name))
+        .await
+        .unwrap();
+    assert!(
+        channels.iter().all(|n| *n <= 4),
+        "found without one channel per message: {channels:?}"
+    );
+    assert_eq!(fx.count(&q).await, 0);
     p.close().await;
 }
