@@ -71,7 +71,13 @@ impl Message {
         self
     }
 
-    /// Adds (or replaces) one header.
+    /// Adds (or replaces) one header. A string is an
+    /// `AMQPValue::LongString` (`AMQPValue::LongString("acme".into())`);
+    /// never an `AMQPValue::ShortString`, which RabbitMQ cannot read in a
+    /// header table (such a message fails with [`PublishError::Invalid`],
+    /// unsent). Integers are `AMQPValue::LongLongInt` for RabbitMQ's `long`,
+    /// the type its tools and a `headers` exchange binding declared with a
+    /// JSON number use.
     pub fn header(mut self, key: &str, value: impl Into<AMQPValue>) -> Self {
         let mut headers = self.properties.headers().clone().unwrap_or_default();
         headers.insert(ShortString::from(key), value.into());
@@ -121,8 +127,17 @@ impl Message {
         &self.properties
     }
 
-    /// Fills the defaults the message contract asks for and returns the
-    /// final properties and the message id.
+    /// Where the headers hold an `AMQPValue::ShortString` (`"name"`,
+    /// `"table.inner"`, `"list[2]"`), if they do. lapin writes it with a type
+    /// tag that RabbitMQ cannot read, and the broker then closes the whole
+    /// connection (541 INTERNAL_ERROR), so such a message is never sent.
+    pub(crate) fn short_string_header(&self) -> Option<String> {
+        self.properties
+            .headers()
+            .as_ref()
+            .and_then(|t| short_string_in_table(t, ""))
+    }
+
     /// The encoded size of the properties (headers included) when they do
     /// not fit in a content-header frame of `frame_max` bytes, else `None`.
     /// Cheap for the usual message: the encoding is only done when a
@@ -136,6 +151,8 @@ impl Message {
         (size > room).then_some(size)
     }
 
+    /// Fills the defaults the message contract asks for and returns the
+    /// message id.
     pub(crate) fn finish_properties(&mut self) -> String {
         let mut p = std::mem::take(&mut self.properties);
         let id = match p.message_id() {
@@ -170,6 +187,30 @@ impl Message {
         }
         self.properties = p;
         id
+    }
+}
+
+fn short_string_in_table(t: &FieldTable, path: &str) -> Option<String> {
+    t.inner().iter().find_map(|(k, v)| {
+        let here = if path.is_empty() {
+            k.as_str().to_owned()
+        } else {
+            format!("{path}.{}", k.as_str())
+        };
+        short_string_in_value(v, here)
+    })
+}
+
+fn short_string_in_value(v: &AMQPValue, path: String) -> Option<String> {
+    match v {
+        AMQPValue::ShortString(_) => Some(path),
+        AMQPValue::FieldTable(t) => short_string_in_table(t, &path),
+        AMQPValue::FieldArray(a) => a
+            .as_slice()
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| short_string_in_value(v, format!("{path}[{i}]"))),
+        _ => None,
     }
 }
 

@@ -59,9 +59,10 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 ///   nothing sent: a body over `max_message_size` ([`PublishError::TooLarge`]),
 ///   an exchange name or routing key over 255 bytes, and properties and
 ///   headers that do not fit in one frame of the connection's `frame_max`
-///   ([`PublishError::Invalid`]): AMQP cannot split them, and the broker
-///   would close the whole connection, failing or resending every message
-///   in flight on it.
+///   or that hold an `AMQPValue::ShortString` ([`PublishError::Invalid`]):
+///   AMQP cannot split the one, RabbitMQ cannot read the other, and the
+///   broker would close the whole connection, failing or resending every
+///   message in flight on it.
 /// - A nack ([`PublishError::Nacked`]) means a queue the message was routed
 ///   to refused it; other queues it was routed to may keep a copy.
 /// - Memory is bounded by the window: a caller waits for a slot up to its
@@ -278,6 +279,12 @@ impl Publisher {
                     v.len()
                 )));
             }
+        }
+        if let Some(name) = msg.short_string_header() {
+            self.inner.metrics.count(&msg.exchange, FAILED);
+            return Err(PublishError::Invalid(format!(
+                "header {name:?} is an AMQP short string, which RabbitMQ cannot read in a header table (it would close the connection); use AMQPValue::LongString for strings"
+            )));
         }
         let message_id = msg.finish_properties();
         let frame_max = self.inner.broker.frame_max();

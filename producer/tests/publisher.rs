@@ -830,6 +830,57 @@ async fn a_nack_says_the_queues_that_took_the_message_keep_it() {
     p.close().await;
 }
 
+/// lapin encodes an `AMQPValue::ShortString` in a header table with a type
+/// tag RabbitMQ cannot read: the broker closes the whole connection
+/// (541 INTERNAL_ERROR). Sent as is, every message in flight went again
+/// with it, the connection was reset ten times, and the good messages
+/// failed too. Such a header is refused before anything is sent, saying
+/// what to use instead; the others go through on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_string_header_fails_only_its_message_before_sending() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, registry, _) = publisher(PublisherConfig::default()).await;
+    let mut nested = FieldTable::default();
+    nested.insert("inner".into(), AMQPValue::ShortString("acme".into()));
+    let results = p
+        .publish_batch((0..4).map(|i| {
+            let m = Message::bytes(&ex, "k", format!("{i}"));
+            match i {
+                1 => m.header("tenant", AMQPValue::ShortString("acme".into())),
+                2 => m.header("nested", AMQPValue::FieldTable(nested.clone())),
+                _ => m.header("tenant", AMQPValue::LongString("acme".into())),
+            }
+        }))
+        .await;
+    assert!(results[0].is_ok() && results[3].is_ok(), "{results:?}");
+    for (i, name) in [(1, "\"tenant\""), (2, "\"nested.inner\"")] {
+        match &results[i] {
+            Err(e @ PublishError::Invalid(_)) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!("header {name} is an AMQP short string"))
+                        && text.contains("AMQPValue::LongString")
+                        && text.ends_with("nothing was sent"),
+                    "{text}"
+                );
+            }
+            other => panic!("message {i}: expected Invalid, got {other:?}"),
+        }
+    }
+    assert_eq!(fx.wait_count(&q, 2).await, 2);
+    assert_eq!(published(&registry, &ex, "confirmed"), 2);
+    assert_eq!(published(&registry, &ex, "failed"), 2);
+    assert_eq!(
+        common::counter(&registry, "warren_reconnects_total", &[]),
+        0,
+        "the connection was not lost"
+    );
+    p.close().await;
+}
+
 /// The broker's words can span lines (Erlang prints a large term over
 /// several); an error is one line, as logs and tables need.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
