@@ -553,3 +553,52 @@ async fn a_message_over_the_limit_says_how_to_raise_it_and_the_flag_does() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--max-message-size"), "{err}");
 }
+
+/// `--rate N` is a ceiling: after a stall (here the process stopped, as
+/// Ctrl-Z does; a full window or a reconnect stalls it the same way) the
+/// messages it could not send on time are not sent in a burst to catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_is_a_ceiling_even_after_a_stall() {
+    let topo = Topo::new("pubrate", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    let q = topo.q("g");
+    let child = warren()
+        .args(["publish", "-e", &topo.exchange(), "-k", "order.created"])
+        .args(["--body", "{\"n\":1}", "--count", "100", "--rate", "5", "-q"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(&conn, &q).await >= 2
+        })
+        .await,
+        "publishing started"
+    );
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    let at_stop = count(&conn, &q).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = count(&conn, &q).await;
+    signal("-INT");
+    let out = wait_within(child, CLI_LIMIT);
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    // 5 a second: at most 6 in the second after the stall (20 missed ones
+    // went out at once before).
+    assert!(
+        after - at_stop <= 7,
+        "{} sent within a second of the stall's end at --rate 5",
+        after - at_stop
+    );
+}

@@ -61,7 +61,9 @@ pub struct PublishArgs {
     /// Publish every message this many times (for load).
     #[arg(long, default_value_t = 1)]
     pub count: u64,
-    /// At most this many messages per second (default: as fast as confirms allow).
+    /// At most this many messages per second (default: as fast as confirms
+    /// allow); after a stall, the schedule starts again rather than catching
+    /// up in a burst.
     #[arg(long)]
     pub rate: Option<f64>,
     /// Unconfirmed messages in flight at most.
@@ -162,11 +164,7 @@ pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let bar = progress(total, args.quiet);
     let mut summary = Summary::default();
     let started = Instant::now();
-    let mut pacer = args.rate.map(|r| {
-        let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        i
-    });
+    let mut pacer = args.rate.map(Pacer::new);
     let cancel = crate::signal::interrupt_token(
         "stopping: nothing more is sent; waiting for the confirms of what was sent",
     );
@@ -229,6 +227,39 @@ pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Paces sends to at most a rate. A send that comes late (the process was
+/// stopped, the window was full, the connection was being restored) moves
+/// the schedule instead of being made up for: the ones missed are never sent
+/// in a burst. Lateness within [`Pacer::SLACK`] is made up for, so that
+/// rates above the timer's millisecond resolution are reached.
+struct Pacer {
+    period: Duration,
+    next: tokio::time::Instant,
+}
+
+impl Pacer {
+    const SLACK: Duration = Duration::from_millis(10);
+
+    fn new(rate: f64) -> Pacer {
+        Pacer {
+            period: Duration::from_secs_f64(1.0 / rate),
+            next: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits for the next send's turn.
+    async fn tick(&mut self) {
+        let now = tokio::time::Instant::now();
+        if now > self.next + Self::SLACK {
+            self.next = now;
+        }
+        if self.next > now {
+            tokio::time::sleep_until(self.next).await;
+        }
+        self.next += self.period;
+    }
 }
 
 fn record(
