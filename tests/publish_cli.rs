@@ -436,6 +436,14 @@ async fn what_the_broker_would_refuse_exits_2_before_anything_is_sent() {
             "--timeout must be more than 0s",
         ),
         (vec!["-k", "order.x", "--window", "0"], "--window must be at least 1"),
+        (
+            vec!["-k", "order.x", "--property", "expiration=315360000001"],
+            "--property expiration: 315360000001 is over RabbitMQ's limit of 315360000000 milliseconds (ten years)",
+        ),
+        (
+            vec!["-k", "order.x", "--property", "timestamp=yesterday"],
+            "--property timestamp: \"yesterday\" is neither seconds since 1970 (such as 1700000000) nor an RFC 3339 time (such as 2024-01-02T03:04:05Z)",
+        ),
     ];
     for (args, want) in &cases {
         let mut all = vec!["publish", "-e", &exchange, "--body", "{\"n\":1}"];
@@ -469,9 +477,17 @@ async fn what_the_broker_would_refuse_exits_2_before_anything_is_sent() {
             "delivery-mode=1",
         ])
         .args(["--header", &format!("{}=v", "h".repeat(255))])
+        .args(["--property", "timestamp=2024-01-02T03:04:05Z"])
+        .args(["--property", "expiration=315360000000"])
         .output_within(CLI_LIMIT);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(count(&conn, &topo.q("g")).await, 1);
+    let got = warren_testkit::drain(&conn, &topo.q("g")).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].1.timestamp(),
+        &Some(1_704_164_645),
+        "RFC 3339 as seconds"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,7 +505,9 @@ async fn invalid_utf8_and_lone_surrogates_refuse_the_whole_input() {
         let (code, err) = publish_stdin(&args, input);
         assert_eq!(code, Some(2), "{err}");
         assert!(
-            err.contains("stdin:2: not valid JSON") && err.contains("nothing was published"),
+            err.contains("stdin:2:")
+                && err.contains(": not valid JSON: ")
+                && err.contains("nothing was published"),
             "{err}"
         );
     }
@@ -601,4 +619,134 @@ async fn rate_is_a_ceiling_even_after_a_stall() {
         "{} sent within a second of the stall's end at --rate 5",
         after - at_stop
     );
+}
+
+/// A `headers` exchange matches on values and their types: a binding
+/// declared with a JSON number (as `rabbitmqadmin` and the management UI do)
+/// holds an integer, which the string "5" never matches. `K:=JSON` sends a
+/// typed value; `K=V` stays a string, as `amqp-publish -H` sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_headers_match_a_headers_exchange_binding() {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let p = unique("pubhdr");
+    let (ex, q) = (format!("{p}.hx"), format!("{p}.hq"));
+    let _cleanup = warren_testkit::Cleanup::empty()
+        .at(URL.parse().unwrap())
+        .queue(&q)
+        .exchange(&ex);
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        ex.as_str().into(),
+        lapin::ExchangeKind::Headers,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-match".into(), AMQPValue::LongString("all".into()));
+    args.insert("n".into(), AMQPValue::LongLongInt(5));
+    args.insert("ok".into(), AMQPValue::Boolean(true));
+    ch.queue_bind(
+        q.as_str().into(),
+        ex.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        args,
+    )
+    .await
+    .unwrap();
+
+    // Strings: no match, returned.
+    let out = warren()
+        .args(["publish", "-e", &ex, "--body", "{}"])
+        .args(["--header", "n=5", "--header", "ok=true"])
+        .output_within(CLI_LIMIT);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("returned 1"));
+
+    // Typed: routed, and every value lands with its type.
+    let out = warren()
+        .args(["publish", "-e", &ex, "--body", "{}"])
+        .args(["--header", "n:=5", "--header", "ok:=true"])
+        .args(["--header", "ratio:=1.5", "--header", "none:=null"])
+        .args(["--header", "s:=\"5\"", "--header", "tags:=[\"a\",2]"])
+        .args(["--header", "obj:={\"k\":-1}", "--header", "eq=a=b"])
+        .output_within(CLI_LIMIT);
+    assert!(out.status.success(), "{out:?}");
+    let got = drain(&conn, &q).await;
+    assert_eq!(got.len(), 1);
+    let h = got[0].2.inner();
+    assert_eq!(h.get("n"), Some(&AMQPValue::LongLongInt(5)));
+    assert_eq!(h.get("ok"), Some(&AMQPValue::Boolean(true)));
+    assert_eq!(h.get("ratio"), Some(&AMQPValue::Double(1.5)));
+    assert_eq!(h.get("none"), Some(&AMQPValue::Void));
+    assert_eq!(h.get("s"), Some(&AMQPValue::LongString("5".into())));
+    assert_eq!(
+        h.get("tags"),
+        Some(&AMQPValue::FieldArray(
+            vec![AMQPValue::LongString("a".into()), AMQPValue::LongLongInt(2)].into()
+        ))
+    );
+    let mut obj = FieldTable::default();
+    obj.insert("k".into(), AMQPValue::LongLongInt(-1));
+    assert_eq!(h.get("obj"), Some(&AMQPValue::FieldTable(obj)));
+    assert_eq!(h.get("eq"), Some(&AMQPValue::LongString("a=b".into())));
+
+    // Refused before connecting: not JSON, a header given twice.
+    for (args, want) in [
+        (
+            vec!["--header", "n:=five"],
+            "--header n:=five: not JSON (expected ident at column 2); write a number, true, false, null, \"a string\", [a list] or {\"an\": \"object\"}",
+        ),
+        (
+            vec!["--header", "n=1", "--header", "n:=2"],
+            "--header n: given twice; a header has one value (a list is n:=[...])",
+        ),
+        (
+            vec!["--header", "big:=9223372036854775808"],
+            "--header big:=9223372036854775808: over the largest integer a header holds (9223372036854775807)",
+        ),
+    ] {
+        let mut all = vec!["publish", "-e", &ex, "--body", "{}"];
+        all.extend(args);
+        let (code, err) = run(&all);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(want), "{err}");
+    }
+    assert_eq!(count(&conn, &q).await, 0);
+}
+
+/// A UTF-8 byte order mark (Windows editors and PowerShell write one) is not
+/// JSON, but RFC 8259 lets a parser ignore it: each line is published
+/// without it. An invalid line is named as file:line:column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_order_mark_is_skipped_and_errors_name_line_and_column() {
+    let topo = Topo::new("pubbom", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    let exchange = topo.exchange();
+    let args = ["-e", &exchange, "-k", "order.x", "--file", "-"];
+    let (code, err) = publish_stdin(&args, b"\xef\xbb\xbf{\"a\":1}\r\n\xef\xbb\xbf{\"a\":2}\r\n");
+    assert_eq!(code, Some(0), "{err}");
+    let got = drain(&conn, &topo.q("g")).await;
+    let bodies: Vec<&[u8]> = got.iter().map(|m| m.1.as_slice()).collect();
+    assert_eq!(bodies, [&b"{\"a\":1}"[..], b"{\"a\":2}"]);
+
+    let (code, err) = publish_stdin(&args, b"{\"a\":1}\n\n{bad}\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("stdin:3:2: not valid JSON: key must be a string; nothing was published"),
+        "{err}"
+    );
+    assert_eq!(count(&conn, &topo.q("g")).await, 0);
 }

@@ -46,14 +46,17 @@ pub struct PublishArgs {
     /// skipped). Without --body or --file, stdin is read.
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// A header, K=V (repeatable; the value is a string, the name at most
-    /// 255 bytes).
-    #[arg(long = "header", value_name = "K=V")]
+    /// A header (repeatable; the name at most 255 bytes): K=V sends the
+    /// string V; K:=JSON sends a typed value, as a headers exchange binding
+    /// or a consumer may need: 5 is an integer (64-bit), 1.5 a double, true
+    /// a boolean, null void, "5" a string, [..] an array, {..} a table.
+    #[arg(long = "header", value_name = "K=V|K:=JSON")]
     pub headers: Vec<String>,
     /// An AMQP property, K=V (repeatable): content-type, content-encoding,
     /// correlation-id, reply-to, expiration (milliseconds), message-id, type,
     /// user-id, app-id, priority (0-255), delivery-mode (1 transient, 2
-    /// persistent), timestamp (seconds). String values are at most 255
+    /// persistent), timestamp (seconds since 1970, or RFC 3339 such as
+    /// 2024-01-02T03:04:05Z). String values are at most 255
     /// bytes. RabbitMQ refuses a user-id other than the connection's user
     /// unless that user has the impersonator tag.
     #[arg(long = "property", value_name = "K=V")]
@@ -405,20 +408,33 @@ fn read_lines(args: &PublishArgs) -> anyhow::Result<Vec<Line>> {
         if body.last() == Some(&b'\r') {
             body.pop();
         }
+        // RFC 8259 lets a parser ignore a byte order mark before a JSON
+        // text; Windows tools write one.
+        if body.starts_with(UTF8_BOM) {
+            body.drain(..UTF8_BOM.len());
+        }
         if body.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         check_size(body.len(), limit)
             .map_err(|e| UsageError(format!("{name}:{number}: {e}; nothing was published")))?;
         check_json(&body).map_err(|e| {
+            // The line is one JSON text: its line is the file's, its column ours.
+            let text = e.to_string();
+            let at = format!(" at line {} column {}", e.line(), e.column());
+            let what = text.strip_suffix(&at).unwrap_or(&text);
             UsageError(format!(
-                "{name}:{number}: not valid JSON ({e}); nothing was published"
+                "{name}:{number}:{}: not valid JSON: {what}; nothing was published",
+                e.column()
             ))
         })?;
         lines.push(Line { number, body });
     }
     Ok(lines)
 }
+
+/// The UTF-8 byte order mark, U+FEFF.
+const UTF8_BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// Whether `body` is JSON as `serde_json::Value` parsing sees it: UTF-8,
 /// every string decoded (a lone surrogate such as `"\ud800"` is an error,
@@ -599,6 +615,11 @@ fn properties(
                         "--property {k}: {v:?} is not a whole number of milliseconds (for example expiration=60000)"
                     )));
                 }
+                if v.parse::<u64>().map_or(true, |ms| ms > MAX_EXPIRATION_MS) {
+                    return Err(UsageError(format!(
+                        "--property {k}: {v} is over RabbitMQ's limit of {MAX_EXPIRATION_MS} milliseconds (ten years)"
+                    )));
+                }
                 p.with_expiration(s()?)
             }
             "message-id" => p.with_message_id(s()?),
@@ -624,7 +645,7 @@ fn properties(
                     )))
                 }
             },
-            "timestamp" => p.with_timestamp(num(u64::MAX)?),
+            "timestamp" => p.with_timestamp(timestamp(k, v)?),
             other => {
                 return Err(UsageError(format!(
                     "--property {other}: unknown; use content-type, content-encoding, correlation-id, reply-to, expiration, message-id, type, user-id, app-id, priority, delivery-mode or timestamp"
@@ -639,12 +660,97 @@ fn properties(
         let mut table = FieldTable::default();
         for kv in headers {
             let (k, v) = split_kv("--header", kv)?;
+            let (k, value) = match k.strip_suffix(':') {
+                Some(name) if !name.is_empty() => (name, typed_header(name, v)?),
+                _ => (k, AMQPValue::LongString(v.into())),
+            };
             let name = short_string("--header", " name", k)?;
-            table.insert(name, AMQPValue::LongString(v.into()));
+            if table.inner().contains_key(&name) {
+                return Err(UsageError(format!(
+                    "--header {k}: given twice; a header has one value (a list is {k}:=[...])"
+                )));
+            }
+            table.insert(name, value);
         }
         p = p.with_headers(table);
     }
     Ok(p)
+}
+
+/// The largest `expiration` RabbitMQ accepts: ten years in milliseconds (a
+/// larger one closes the channel with `value_too_large`).
+const MAX_EXPIRATION_MS: u64 = 315_360_000_000;
+
+/// `--property timestamp`: seconds since 1970, or an RFC 3339 time.
+fn timestamp(k: &str, v: &str) -> Result<u64, UsageError> {
+    if let Ok(secs) = v.parse::<u64>() {
+        return Ok(secs);
+    }
+    humantime::parse_rfc3339_weak(v)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .ok_or_else(|| {
+            UsageError(format!(
+                "--property {k}: {v:?} is neither seconds since 1970 (such as 1700000000) nor an RFC 3339 time (such as 2024-01-02T03:04:05Z)"
+            ))
+        })
+}
+
+/// `--header K:=JSON`: the value with the AMQP type RabbitMQ's own tools
+/// give a JSON value (the management API, rabbitmqadmin): an integer is a
+/// `long`, a fraction a `double`, then boolean, void, string, array, table.
+fn typed_header(k: &str, v: &str) -> Result<AMQPValue, UsageError> {
+    let json: serde_json::Value = serde_json::from_str(v).map_err(|e| {
+        let text = e.to_string();
+        let at = format!(" at line {} column {}", e.line(), e.column());
+        let what = text.strip_suffix(&at).unwrap_or(&text);
+        UsageError(format!(
+            "--header {k}:={v}: not JSON ({what} at column {}); write a number, true, false, null, \"a string\", [a list] or {{\"an\": \"object\"}}",
+            e.column()
+        ))
+    })?;
+    amqp_value(&json).map_err(|e| UsageError(format!("--header {k}:={v}: {e}")))
+}
+
+fn amqp_value(json: &serde_json::Value) -> Result<AMQPValue, String> {
+    use serde_json::Value;
+    Ok(match json {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => AMQPValue::LongLongInt(i),
+            (None, _) if n.is_u64() => {
+                return Err(format!(
+                    "over the largest integer a header holds ({})",
+                    i64::MAX
+                ))
+            }
+            (None, Some(f)) => AMQPValue::Double(f),
+            (None, None) => return Err(format!("{n} is not a number a header can hold")),
+        },
+        Value::String(s) => AMQPValue::LongString(s.as_str().into()),
+        Value::Array(items) => AMQPValue::FieldArray(
+            items
+                .iter()
+                .map(amqp_value)
+                .collect::<Result<Vec<_>, _>>()?
+                .into(),
+        ),
+        Value::Object(map) => {
+            let mut t = FieldTable::default();
+            for (k, v) in map {
+                let key = ShortString::try_new(k.as_str()).map_err(|_| {
+                    format!(
+                        "a key is {} bytes; AMQP allows at most {SHORT_STRING_MAX} bytes",
+                        k.len()
+                    )
+                })?;
+                t.insert(key, amqp_value(v)?);
+            }
+            AMQPValue::FieldTable(t)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -772,6 +878,40 @@ mod tests {
         assert_eq!(ok.delivery_mode(), &Some(1));
         // With EXTERNAL authentication the login is unknown: user-id passes.
         assert!(properties(&["user-id=bob".into()], &[], None).is_ok());
+    }
+
+    #[test]
+    fn typed_headers_get_the_types_rabbitmqs_tools_give_json() {
+        let h = |v: &str| typed_header("h", v).map_err(|e| e.0);
+        assert_eq!(h("5"), Ok(AMQPValue::LongLongInt(5)));
+        assert_eq!(
+            h("-9223372036854775808"),
+            Ok(AMQPValue::LongLongInt(i64::MIN))
+        );
+        assert_eq!(h("2.5e0"), Ok(AMQPValue::Double(2.5)));
+        assert_eq!(h("false"), Ok(AMQPValue::Boolean(false)));
+        assert_eq!(h("null"), Ok(AMQPValue::Void));
+        assert_eq!(h("\"x\""), Ok(AMQPValue::LongString("x".into())));
+        assert!(h("18446744073709551615")
+            .unwrap_err()
+            .contains("over the largest integer"));
+        let long_key = format!("{{\"{}\":1}}", "k".repeat(256));
+        assert!(h(&long_key).unwrap_err().contains("a key is 256 bytes"));
+        assert!(h("").unwrap_err().starts_with("--header h:=: not JSON"));
+    }
+
+    #[test]
+    fn timestamps_are_seconds_or_rfc_3339() {
+        assert_eq!(
+            timestamp("timestamp", "1700000000").ok(),
+            Some(1_700_000_000)
+        );
+        assert_eq!(
+            timestamp("timestamp", "2024-01-02T03:04:05Z").ok(),
+            Some(1_704_164_645)
+        );
+        assert!(timestamp("timestamp", "1969-12-31T23:59:59Z").is_err());
+        assert!(timestamp("timestamp", "-1").is_err());
     }
 
     #[test]
