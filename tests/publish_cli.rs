@@ -750,3 +750,93 @@ async fn a_byte_order_mark_is_skipped_and_errors_name_line_and_column() {
     );
     assert_eq!(count(&conn, &topo.q("g")).await, 0);
 }
+
+/// The broker's pid of the AMQP connection the process `pid` has open to
+/// port 5672, found by its local port (every `warren publish` names its
+/// connection `warren-cli@host`, so the name cannot tell ours from others').
+fn connection_of(pid: u32) -> Option<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    let port = tcp.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, inode) = (f.get(1)?, f.get(2)?, f.get(9)?);
+        let remote_port = u16::from_str_radix(remote.rsplit(':').next()?, 16).ok()?;
+        (remote_port == 5672 && inodes.iter().any(|i| i == inode))
+            .then(|| u16::from_str_radix(local.rsplit(':').next()?, 16).ok())
+            .flatten()
+    })?;
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "peer_port"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (conn, peer) = l.split_once('\t')?;
+        (peer.trim() == port.to_string()).then(|| conn.trim().to_owned())
+    })
+}
+
+/// The broker closes the connection mid-run (as `rabbitmqctl
+/// close_connection` or a broker node going away does): the publisher
+/// reconnects and sends the unconfirmed messages again, and the queue may
+/// then hold copies of some. The summary says how many were sent again, so
+/// that its counts reconcile with the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_survived_and_the_resent_are_counted() {
+    let topo = Topo::new("publost", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    let q = topo.q("g");
+    const N: u64 = 60_000;
+    let child = warren()
+        .args(["publish", "-e", &topo.exchange(), "-k", "order.created"])
+        .args(["--body", "{\"n\":1}", "--count", &N.to_string()])
+        .args(["--output", "json", "-q"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            count(&conn, &q).await >= 3_000
+        })
+        .await,
+        "publishing started"
+    );
+    let ours = connection_of(pid).expect("the publisher's connection");
+    let closed = Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &ours, "closed by a warren test"])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+    let out = wait_within(child, CLI_LIMIT);
+    assert!(out.status.success(), "{out:?}");
+    let s = json(&out.stdout);
+    assert_eq!(s["confirmed"].as_u64(), Some(N), "{s}");
+    let resent = s["resent"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no resent count: {s}"));
+    assert!(resent > 0, "a full window was in flight: {s}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reconnect"), "{stderr}");
+    // Every confirmed message is there; at most the resent ones twice.
+    let stored = u64::from(count(&conn, &q).await);
+    assert!(
+        (N..=N + resent).contains(&stored),
+        "{stored} in the queue, {N} confirmed, {resent} resent"
+    );
+
+    // The table says it too.
+    let out = warren()
+        .args(["publish", "-e", &topo.exchange(), "-k", "order.created"])
+        .args(["--body", "{\"n\":1}"])
+        .output_within(CLI_LIMIT);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("resent"));
+}

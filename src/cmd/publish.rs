@@ -100,6 +100,10 @@ struct Summary {
     failed: u64,
     /// Never handed to the broker (Ctrl-C came first).
     not_sent: u64,
+    /// Confirmed after being sent more than once (the connection or channel
+    /// was lost before their confirm): the queue may hold two copies of
+    /// each (at-least-once).
+    resent: u64,
     /// Failed before they were handed to the publisher (in `failed`).
     #[serde(skip)]
     refused: u64,
@@ -274,8 +278,11 @@ fn record(
 ) {
     bar.inc(1);
     let e = match res {
-        Ok(_) => {
+        Ok(c) => {
             s.confirmed += 1;
+            if c.attempts > 1 {
+                s.resent += 1;
+            }
             return;
         }
         Err(e) => e,
@@ -317,6 +324,13 @@ fn print_summary(g: &Global, s: &Summary, repeated: bool) -> anyhow::Result<()> 
         s.elapsed_seconds,
         s.msgs_per_sec
     );
+    if s.resent > 0 {
+        outln!(
+            "resent {} after a lost connection: the queue may hold up to {} more than were confirmed (at-least-once)",
+            s.resent,
+            s.resent
+        );
+    }
     if let Some(at) = &s.interrupted_at {
         if repeated {
             outln!(
