@@ -840,3 +840,43 @@ async fn a_lost_connection_is_survived_and_the_resent_are_counted() {
         .output_within(CLI_LIMIT);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("resent"));
 }
+
+/// With `--output json`, standard output is one JSON document on every path,
+/// as for `topology` and `dlq`: a failure before the summary (a usage error,
+/// a broker that refuses the connection) is `{"error": {...}}`.
+#[test]
+fn json_output_is_a_document_even_when_publishing_cannot_start() {
+    let cases = [
+        (
+            vec!["publish", "-e", "x", "--body", "{}", "--count", "0"],
+            2,
+            "usage",
+            "--count must be at least 1",
+        ),
+        (
+            vec![
+                "--amqp-url",
+                "amqp://guest:guest@127.0.0.1:5672/warren-no-such-vhost",
+                "publish",
+                "-e",
+                "x",
+                "--body",
+                "{}",
+            ],
+            1,
+            "connect",
+            "vhost \"warren-no-such-vhost\" does not exist",
+        ),
+    ];
+    for (args, code, kind, message) in cases {
+        let out = warren()
+            .args(&args)
+            .args(["--output", "json"])
+            .output_within(CLI_LIMIT);
+        assert_eq!(out.status.code(), Some(code), "{out:?}");
+        let doc = json(&out.stdout);
+        assert_eq!(doc["error"]["kind"], kind, "{doc}");
+        let text = doc["error"]["message"].as_str().unwrap();
+        assert!(text.contains(message), "{doc}");
+    }
+}

@@ -135,8 +135,24 @@ struct Failure {
     error: String,
 }
 
-/// Runs `warren publish`.
+/// Runs `warren publish`. With `--output json`, a failure before the
+/// summary (a usage error, a refused connection) prints `{"error": ...}`
+/// (see [`crate::cli::error_json`]), so that stdout is one JSON document on
+/// every path; the exit code is the same either way.
 pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let result = publish(g, args).await;
+    if g.json() {
+        if let Err(e) = &result {
+            if !crate::out::wrote_anything() {
+                let doc = serde_json::json!({ "error": crate::cli::error_json(e) });
+                outln!("{}", serde_json::to_string(&doc)?);
+            }
+        }
+    }
+    result
+}
+
+async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let url = g.url()?;
     if args.count == 0 {
         return Err(UsageError("--count must be at least 1".into()).into());
@@ -165,7 +181,13 @@ pub async fn run(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
         .publish_timeout(args.timeout)
         .max_message_size(args.max_message_size);
     let registry = prometheus::Registry::new();
-    let publisher = Publisher::connect(config, ConnectOptions::new(url, "cli"), &registry).await?;
+    // A connection error is warren-topology's, with its kind and facts.
+    let publisher = Publisher::connect(config, ConnectOptions::new(url, "cli"), &registry)
+        .await
+        .map_err(|e| match e {
+            PublishError::Connect(e) => anyhow::Error::new(e),
+            e => anyhow::Error::new(e),
+        })?;
 
     let total = lines.len() as u64 * args.count;
     let bar = progress(total, args.quiet);
