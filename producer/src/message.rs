@@ -64,10 +64,16 @@ impl Message {
         Ok(m)
     }
 
-    /// Replaces the AMQP properties (headers included). Properties left
-    /// unset get the publisher's defaults.
+    /// Sets the AMQP properties. Headers set before (with
+    /// [`Message::header`] or [`Message::headers`]) are kept unless
+    /// `properties` holds headers of its own, which replace them. Properties
+    /// left unset get the publisher's defaults.
     pub fn properties(mut self, properties: BasicProperties) -> Self {
+        let headers = self.properties.headers().clone();
         self.properties = properties;
+        if let (None, Some(h)) = (self.properties.headers(), headers) {
+            self.properties = std::mem::take(&mut self.properties).with_headers(h);
+        }
         self
     }
 
@@ -329,6 +335,26 @@ mod tests {
             Some("text/plain")
         );
         assert!(m.properties.headers().is_some());
+    }
+
+    #[test]
+    fn properties_keep_earlier_headers_unless_they_bring_their_own() {
+        let h = |m: &Message, k: &str| {
+            m.props()
+                .headers()
+                .as_ref()
+                .and_then(|t| t.inner().get(k).cloned())
+        };
+        let m = Message::bytes("x", "k", b"".to_vec())
+            .header("a", AMQPValue::LongLongInt(1))
+            .properties(BasicProperties::default().with_priority(3));
+        assert_eq!(h(&m, "a"), Some(AMQPValue::LongLongInt(1)));
+        assert_eq!(m.props().priority(), &Some(3));
+        let mut own = FieldTable::default();
+        own.insert("b".into(), AMQPValue::Boolean(true));
+        let m = m.properties(BasicProperties::default().with_headers(own));
+        assert_eq!(h(&m, "a"), None);
+        assert_eq!(h(&m, "b"), Some(AMQPValue::Boolean(true)));
     }
 
     #[test]

@@ -964,3 +964,33 @@ async fn no_write_permission_fails_at_once_and_says_what_to_grant() {
     assert_eq!(fx.count(&q).await, 0);
     p.close().await;
 }
+
+/// Builder calls in any order: properties set after a header keep the
+/// header (they replaced every header before, silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_after_a_header_keep_the_header() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let (p, _registry, _) = publisher(PublisherConfig::default()).await;
+    let msg = Message::json(&ex, "k", &serde_json::json!({"id": 1}))
+        .unwrap()
+        .header("tenant", AMQPValue::LongString("acme".into()))
+        .properties(BasicProperties::default().with_priority(3));
+    p.publish(msg).await.unwrap();
+    fx.wait_count(&q, 1).await;
+    let got = fx.drain(&q).await;
+    assert_eq!(got.len(), 1);
+    let props = &got[0].1;
+    assert_eq!(props.priority(), &Some(3));
+    assert_eq!(
+        props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("tenant").cloned()),
+        Some(AMQPValue::LongString("acme".into())),
+        "{props:?}"
+    );
+    p.close().await;
+}
