@@ -292,6 +292,22 @@ fn a_demo_that_does_not_settle_says_what_it_leaves_and_how_to_delete_it() {
             )),
         "{err}"
     );
+    // The first run's consumers may still be registered on the broker for
+    // a moment after it exited (its connection close is asynchronous), and
+    // the demo refuses queues in use: wait until they are gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let listed = warren_testkit::rabbitmqctl(&["list_queues", "-q", "name", "consumers"]);
+        let in_use = listed.lines().any(|l| {
+            let mut cols = l.split_whitespace();
+            cols.next().is_some_and(|n| n.starts_with(&prefix))
+                && cols.next().is_some_and(|c| c != "0")
+        });
+        if !in_use || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // With --output json: the same facts, as JSON on stdout.
     let o = warren()
         .args(["demo", "--output", "json", "--orders", "200"])
