@@ -265,9 +265,22 @@ async fn the_demo_refuses_queues_that_have_consumers() {
     drop(topo);
 }
 
+/// Deletes a kept demo when dropped, so that a failing assertion does not
+/// leave its queues and exchange on the broker.
+struct DeleteDemo(String);
+
+impl Drop for DeleteDemo {
+    fn drop(&mut self) {
+        let _ = warren()
+            .args(["demo", "--prefix", &self.0, "--orders", "0"])
+            .output_within(CLI_LIMIT);
+    }
+}
+
 #[test]
 fn a_demo_that_does_not_settle_says_what_it_leaves_and_how_to_delete_it() {
     let prefix = format!("{}.", unique("demoslow"));
+    let _delete = DeleteDemo(prefix.clone());
     let o = warren()
         .args([
             "demo",
