@@ -133,28 +133,26 @@ impl Message {
         &self.properties
     }
 
-    /// Where the headers hold an `AMQPValue::ShortString` (`"name"`,
-    /// `"table.inner"`, `"list[2]"`), if they do. lapin writes it with a type
-    /// tag that RabbitMQ cannot read, and the broker then closes the whole
-    /// connection (541 INTERNAL_ERROR), so such a message is never sent.
-    pub(crate) fn short_string_header(&self) -> Option<String> {
-        self.properties
-            .headers()
-            .as_ref()
-            .and_then(|t| short_string_in_table(t, ""))
-    }
-
-    /// The encoded size of the properties (headers included) when they do
-    /// not fit in a content-header frame of `frame_max` bytes, else `None`.
-    /// Cheap for the usual message: the encoding is only done when a
-    /// generous estimate says it might not fit.
-    pub(crate) fn header_frame_overflow(&self, frame_max: u32) -> Option<usize> {
+    /// What would make the broker close the whole connection on this
+    /// message, found in one walk over its headers (no allocation unless
+    /// something is found): an `AMQPValue::ShortString` in the headers,
+    /// which lapin writes with a type tag RabbitMQ cannot read (541
+    /// INTERNAL_ERROR), or properties that do not fit in a content-header
+    /// frame of `frame_max` bytes. The exact encoding is only done when the
+    /// walk's upper bound says they might not fit.
+    pub(crate) fn header_problem(&self, frame_max: u32) -> Option<HeaderProblem> {
+        let headers = self.properties.headers().as_ref();
+        let scan = headers.map_or(Scan::default(), table_scan);
+        if scan.short_string {
+            let path = headers.and_then(|t| short_string_in_table(t, ""));
+            return Some(HeaderProblem::ShortString(path.unwrap_or_default()));
+        }
         let room = header_room(frame_max);
-        if estimate(&self.properties) <= room {
+        if SHORT_PROPERTIES + scan.bound <= room {
             return None;
         }
         let size = encoded_len(&self.properties);
-        (size > room).then_some(size)
+        (size > room).then_some(HeaderProblem::TooLarge(size))
     }
 
     /// Fills the defaults the message contract asks for and returns the
@@ -257,33 +255,87 @@ fn encoded_len(p: &BasicProperties) -> usize {
     }
 }
 
-/// An upper bound of [`encoded_len`] that costs a walk over the headers:
-/// every short property counted at its 255-byte maximum, every header at
-/// its encoded size or more.
-fn estimate(p: &BasicProperties) -> usize {
-    // Flags, ten short strings, the timestamp, delivery mode and priority.
-    const SHORT_PROPERTIES: usize = 2 + 10 * 256 + 8 + 2;
-    SHORT_PROPERTIES + p.headers().as_ref().map_or(0, table_bound)
+/// Why [`Message::header_problem`] refuses a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HeaderProblem {
+    /// A header value is an `AMQPValue::ShortString`, at this path
+    /// (`"name"`, `"table.inner"`, `"list[2]"`).
+    ShortString(String),
+    /// The properties are this many bytes encoded, over the frame's room.
+    TooLarge(usize),
 }
 
-fn table_bound(t: &FieldTable) -> usize {
-    4 + t
-        .inner()
-        .iter()
-        .map(|(k, v)| 1 + k.as_str().len() + value_bound(v))
-        .sum::<usize>()
+/// An upper bound of the encoded size of everything but the headers:
+/// flags, ten short strings at their 255-byte maximum, the timestamp,
+/// delivery mode and priority.
+const SHORT_PROPERTIES: usize = 2 + 10 * 256 + 8 + 2;
+
+/// One walk over a header table: an upper bound of its encoded size, and
+/// whether a value in it (at any depth) is an `AMQPValue::ShortString`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Scan {
+    bound: usize,
+    short_string: bool,
 }
 
-fn value_bound(v: &AMQPValue) -> usize {
-    1 + match v {
-        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
-        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
-        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
-        AMQPValue::FieldTable(t) => table_bound(t),
-        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_bound).sum::<usize>(),
-        // Numbers, booleans, decimals, timestamps, void: at most 9 bytes.
-        _ => 9,
+impl Scan {
+    fn add(self, other: Scan) -> Scan {
+        Scan {
+            bound: self.bound + other.bound,
+            short_string: self.short_string || other.short_string,
+        }
     }
+}
+
+fn table_scan(t: &FieldTable) -> Scan {
+    t.inner().iter().fold(
+        Scan {
+            bound: 4,
+            short_string: false,
+        },
+        |acc, (k, v)| {
+            acc.add(Scan {
+                bound: 1 + k.as_str().len(),
+                short_string: false,
+            })
+            .add(value_scan(v))
+        },
+    )
+}
+
+fn value_scan(v: &AMQPValue) -> Scan {
+    let inner = match v {
+        AMQPValue::LongString(s) => Scan {
+            bound: 4 + s.as_bytes().len(),
+            short_string: false,
+        },
+        AMQPValue::ShortString(s) => Scan {
+            bound: 1 + s.as_str().len(),
+            short_string: true,
+        },
+        AMQPValue::ByteArray(b) => Scan {
+            bound: 4 + b.as_slice().len(),
+            short_string: false,
+        },
+        AMQPValue::FieldTable(t) => table_scan(t),
+        AMQPValue::FieldArray(a) => a.as_slice().iter().fold(
+            Scan {
+                bound: 4,
+                short_string: false,
+            },
+            |acc, v| acc.add(value_scan(v)),
+        ),
+        // Numbers, booleans, decimals, timestamps, void: at most 9 bytes.
+        _ => Scan {
+            bound: 9,
+            short_string: false,
+        },
+    };
+    // The type tag.
+    inner.add(Scan {
+        bound: 1,
+        short_string: false,
+    })
 }
 
 #[cfg(test)]
@@ -393,7 +445,8 @@ mod tests {
             .with_priority(9)
             .with_headers(h);
         for p in [BasicProperties::default(), full] {
-            let (exact, bound) = (encoded_len(&p), estimate(&p));
+            let bound = SHORT_PROPERTIES + p.headers().as_ref().map_or(0, |h| table_scan(h).bound);
+            let (exact, bound) = (encoded_len(&p), bound);
             assert!(exact > 0 && bound >= exact, "{bound} < {exact}");
         }
     }

@@ -15,7 +15,7 @@ use warren_topology::{Broker, ConnectOptions};
 use crate::config::PublisherConfig;
 use crate::engine::{open_channel, Engine, Job};
 use crate::error::{PublishError, Stage};
-use crate::message::{Confirmed, Message};
+use crate::message::{Confirmed, HeaderProblem, Message};
 use crate::metrics::{PublisherMetrics, FAILED};
 
 /// Extra time a caller waits for the engine's answer past its deadline (the
@@ -280,20 +280,19 @@ impl Publisher {
                 )));
             }
         }
-        if let Some(name) = msg.short_string_header() {
-            self.inner.metrics.count(&msg.exchange, FAILED);
-            return Err(PublishError::Invalid(format!(
-                "header {name:?} is an AMQP short string, which RabbitMQ cannot read in a header table (it would close the connection); use AMQPValue::LongString for strings"
-            )));
-        }
         let message_id = msg.finish_properties();
         let frame_max = self.inner.broker.frame_max();
-        if let Some(size) = msg.header_frame_overflow(frame_max) {
+        if let Some(problem) = msg.header_problem(frame_max) {
             self.inner.metrics.count(&msg.exchange, FAILED);
-            return Err(PublishError::Invalid(format!(
-                "the message's properties and headers are {size} bytes encoded, over the {} bytes that fit in one frame on this connection (frame_max {frame_max}; properties cannot be split across frames, and the broker would close the connection)",
-                crate::message::header_room(frame_max)
-            )));
+            return Err(PublishError::Invalid(match problem {
+                HeaderProblem::ShortString(name) => format!(
+                    "header {name:?} is an AMQP short string, which RabbitMQ cannot read in a header table (it would close the connection); use AMQPValue::LongString for strings"
+                ),
+                HeaderProblem::TooLarge(size) => format!(
+                    "the message's properties and headers are {size} bytes encoded, over the {} bytes that fit in one frame on this connection (frame_max {frame_max}; properties cannot be split across frames, and the broker would close the connection)",
+                    crate::message::header_room(frame_max)
+                ),
+            }));
         }
         let span = info_span!(
             "publish",
