@@ -5,7 +5,6 @@ use std::fmt;
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
@@ -15,9 +14,8 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Serialize;
 use warren_producer::{Message, PublishError, Publisher, PublisherConfig};
 use warren_topology::lapin::types::{AMQPValue, FieldTable, ShortString};
-use warren_topology::lapin::uri::AMQPUri;
 use warren_topology::lapin::BasicProperties;
-use warren_topology::{AmqpUrl, ConnectOptions};
+use warren_topology::ConnectOptions;
 
 use crate::cli::{Global, UsageError};
 
@@ -170,7 +168,7 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     }
     short_string("--exchange", "", &args.exchange)?;
     short_string("--routing-key", "", &args.routing_key)?;
-    let properties = properties(&args.properties, &args.headers, login(&url).as_deref())?;
+    let properties = properties(&args.properties, &args.headers, url.login().as_deref())?;
     let lines = read_lines(&args)?;
     if lines.is_empty() {
         return Err(UsageError("nothing to publish: the input has no message".into()).into());
@@ -602,18 +600,6 @@ fn split_kv<'a>(flag: &str, kv: &'a str) -> Result<(&'a str, &'a str), UsageErro
     kv.split_once('=')
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| UsageError(format!("{flag} {kv:?}: expected K=V")))
-}
-
-/// The user the connection logs in as (what RabbitMQ compares a user-id
-/// with), as the AMQP client reads the URL; `None` with EXTERNAL
-/// authentication, where the certificate names the user.
-fn login(url: &AmqpUrl) -> Option<String> {
-    let uri = AMQPUri::from_str(url.expose()).ok()?;
-    let external = uri
-        .query
-        .auth_mechanism
-        .is_some_and(|m| m.name().eq_ignore_ascii_case("EXTERNAL"));
-    (!external).then_some(uri.authority.userinfo.username)
 }
 
 /// Properties from `--property` and `--header`; content-type defaults to
