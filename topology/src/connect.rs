@@ -1116,8 +1116,21 @@ impl Broker {
                     Ok(ch) => return Ok((ch, self.generation())),
                     Err(e) => {
                         warn!(error = %e, "opening a channel failed; reconnecting");
+                        // Take this very connection while still holding the
+                        // lock: after the lock is released another task may
+                        // already have replaced it, and closing that one would
+                        // drop a healthy connection.
+                        let mut current = current;
+                        let stale = current.take();
+                        self.unwatch();
                         drop(current);
-                        self.invalidate().await;
+                        if let Some(conn) = stale {
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(2),
+                                conn.close(320, "reconnecting".into()),
+                            )
+                            .await;
+                        }
                     }
                 }
             }
