@@ -25,6 +25,26 @@ pub enum OperatorError {
         /// What differs, as the broker says.
         detail: String,
     },
+    /// A scan's read ended before it read the messages it counted: the
+    /// broker cancelled its consumer (the queue was deleted, ...) or its
+    /// channel or connection closed. Nothing was removed from the queue
+    /// beyond what the command reports (a replay's report).
+    #[error("{}", crate::reader::cut_text(queue, *read, *expected, *channel_closed, *queue_deleted))]
+    ReadCut {
+        /// The queue.
+        queue: String,
+        /// Messages read before the end.
+        read: usize,
+        /// Messages the scan was to read (the queue's count, at most the
+        /// scan limit).
+        expected: usize,
+        /// Whether the scan's channel (or the connection) was closed;
+        /// otherwise the broker cancelled the consumer.
+        channel_closed: bool,
+        /// Whether the queue is gone, when that was checked (`None`: not
+        /// known).
+        queue_deleted: Option<bool>,
+    },
     /// An AMQP operation failed.
     #[error("{what} on {object:?}: {source}")]
     Amqp {
@@ -119,6 +139,13 @@ impl OperatorError {
         match self {
             OperatorError::Amqp { source, .. } => source.can_be_recovered(),
             OperatorError::Timeout { .. } => true,
+            // A closed channel is broker or network trouble; a cancelled
+            // read is, when the queue is known to be still there.
+            OperatorError::ReadCut {
+                channel_closed,
+                queue_deleted,
+                ..
+            } => *channel_closed || *queue_deleted == Some(false),
             OperatorError::Topology(e) => e.is_transient(),
             OperatorError::ImportIncomplete { source, .. }
             | OperatorError::PurgeIncomplete { source, .. } => source.is_transient(),

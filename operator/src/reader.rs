@@ -23,6 +23,11 @@
 //! - Every broker call has a timeout; a queue that yields fewer messages
 //!   than it counted (another reader holds some) ends the scan after
 //!   [`ReadOptions::idle_timeout`].
+//! - A read that the broker ends before the scan read what it counted (it
+//!   cancels the consumer when the queue is deleted; a closed channel or
+//!   connection ends it too) is an error, [`OperatorError::ReadCut`], never
+//!   the end of a complete scan: a command must not report a replay,
+//!   export or purge of the whole queue when it saw only part of it.
 
 use std::time::Duration;
 
@@ -233,9 +238,22 @@ impl Scan {
                 self.target = self.seen;
                 return Ok(None);
             }
+            // lapin ends the stream when the broker cancels the consumer
+            // (basic.cancel: the queue was deleted) or the channel closes.
             Ok(None) => {
+                let expected = self.target;
                 self.target = self.seen;
-                return Ok(None);
+                let channel_closed = !self.channel.status().connected();
+                // The error says it all, to whoever reports it.
+                debug!(queue = %self.queue, expected, read = self.seen, channel_closed,
+                    "the broker ended the read before the scan read what it counted");
+                return Err(OperatorError::ReadCut {
+                    queue: self.queue.clone(),
+                    read: self.seen,
+                    expected,
+                    channel_closed,
+                    queue_deleted: None,
+                });
             }
             Ok(Some(Err(e))) => {
                 return Err(OperatorError::Amqp {
@@ -321,6 +339,81 @@ impl Scan {
         )
         .await?;
         Ok(coverage)
+    }
+}
+
+/// [`OperatorError::ReadCut`]'s text: what ended the read, that nothing
+/// beyond what the command reports was removed, and what to do.
+pub(crate) fn cut_text(
+    queue: &str,
+    read: usize,
+    expected: usize,
+    channel_closed: bool,
+    queue_deleted: Option<bool>,
+) -> String {
+    let (what, todo) = if channel_closed {
+        (
+            "its channel or the connection to the broker was closed",
+            "the messages the read held are back in the queue: run the command again",
+        )
+    } else {
+        match queue_deleted {
+            Some(true) => (
+                "the queue was deleted (the dead letters it still held went with it)",
+                "`warren topology apply` declares it again",
+            ),
+            Some(false) => (
+                "the broker cancelled the read (the queue is still there)",
+                "run the command again",
+            ),
+            None => (
+                "the broker cancelled the read (the queue was deleted, or its consumer was cancelled)",
+                "check the queue with `warren dlq stats` and run the command again",
+            ),
+        }
+    };
+    format!(
+        "reading {queue:?} stopped after {read} of {expected} messages: {what}; nothing was removed from it beyond what this command reports; {todo}"
+    )
+}
+
+/// `e` with what a cancelled read means made sure of: for an
+/// [`OperatorError::ReadCut`] whose channel stayed open, whether the queue
+/// is still there (a passive declare on a channel of its own). Any other
+/// error is returned as it is.
+pub(crate) async fn explain_cut(
+    conn: &Connection,
+    e: OperatorError,
+    rpc: Duration,
+) -> OperatorError {
+    match e {
+        OperatorError::ReadCut {
+            queue,
+            read,
+            expected,
+            channel_closed: false,
+            queue_deleted: None,
+        } => {
+            let queue_deleted = match conn.create_channel().await {
+                Ok(ch) => match passive_count(&ch, &queue, rpc).await {
+                    Ok(_) => {
+                        let _ = tokio::time::timeout(rpc, ch.close(200, "checked".into())).await;
+                        Some(false)
+                    }
+                    Err(OperatorError::NoSuchQueue { .. }) => Some(true),
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            };
+            OperatorError::ReadCut {
+                queue,
+                read,
+                expected,
+                channel_closed: false,
+                queue_deleted,
+            }
+        }
+        other => other,
     }
 }
 

@@ -456,6 +456,7 @@ async fn run(
     }
     .await;
     if let Err(e) = result {
+        let e = crate::reader::explain_cut(conn, e, rpc).await;
         info!(group = %scan_group(scan), error = %e, "the replay stops; settling the copies in flight");
         report.stop(e.to_string());
     }

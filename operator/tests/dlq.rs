@@ -1269,3 +1269,131 @@ async fn a_purge_whose_connection_is_lost_reports_what_it_deleted_and_loses_noth
     wait_count(&env.conn, &dq, 4).await;
     assert_eq!(take_ids(&env.conn, &dq).await, ids);
 }
+
+/// `n` dead letters `{tag}{i:05}` in billing's dead-letter queue,
+/// published in one go (the confirms awaited at the end), and their ids.
+async fn many_dead_letters(env: &Env, tag: &str, n: usize) -> Vec<String> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let ids: Vec<String> = (0..n).map(|i| format!("{tag}{i:05}")).collect();
+    let ch = env.conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::with_capacity(n);
+    for id in &ids {
+        let h = warren_headers(
+            &env.billing,
+            "permanent",
+            "boom",
+            "order.created",
+            &env.orders,
+        );
+        confirms.push(
+            ch.basic_publish(
+                DEAD_LETTER_EXCHANGE.into(),
+                env.billing.as_str().into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                props(id, h),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack(), "nacked");
+    }
+    let _ = ch.close(200, "ok".into()).await;
+    wait_count(&env.conn, &dead_queue(&env.billing), n as u32).await;
+    ids
+}
+
+/// Deletes `queue` on a channel of `conn`'s, from a synchronous callback
+/// (a replay's progress) on a multi-thread runtime.
+fn delete_queue_now(conn: &lapin::Connection, queue: &str) {
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(async {
+            let ch = conn.create_channel().await.unwrap();
+            ch.queue_delete(queue.into(), Default::default())
+                .await
+                .unwrap();
+            let _ = ch.close(200, "ok".into()).await;
+        })
+    });
+}
+
+/// What a read cut by the deletion of `queue` says, after `read` of `n`.
+fn deleted_while_read(queue: &str, read: usize, n: usize) -> String {
+    format!(
+        "reading {queue:?} stopped after {read} of {n} messages: the queue was deleted (the dead \
+         letters it still held went with it); nothing was removed from it beyond what this \
+         command reports; `warren topology apply` declares it again"
+    )
+}
+
+/// The dead-letter queue is deleted (from another connection) as soon as
+/// a replay has read its first dead letter: the broker cancels the read
+/// with most of the 10 000 not delivered yet (it sends a consumer a few
+/// hundred at a time). The replay stops with an error that names the
+/// queue and says it was deleted, after how many of how many, and its
+/// report counts exactly the copies that are in the work queue. (Before:
+/// lapin's end of the stream was taken for the end of the queue, and the
+/// replay reported success, no error, for the few hundred it had read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_queue_is_deleted_midway_stops_with_an_error_and_counts_what_it_moved() {
+    const N: usize = 10_000;
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let ids = many_dead_letters(&env, "d", N).await;
+    let other = connect().await;
+    let deleted = std::sync::atomic::AtomicBool::new(false);
+    let progress = |p: op::Progress| {
+        if p.scanned == 1 && !deleted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            delete_queue_now(&other, &dq);
+        }
+    };
+    let r = op::replay(
+        &env.conn,
+        &env.billing,
+        &op::Selection {
+            all: true,
+            ..Default::default()
+        },
+        &op::ReplayOptions {
+            read: quick(),
+            ..Default::default()
+        },
+        &op::Metrics::unregistered(),
+        &progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("a run that stopped partway is a report");
+    let read = r.coverage.expect("the queue was read").scanned;
+    assert!(
+        read < N,
+        "the broker delivered all {N} before the deletion: nothing to show"
+    );
+    assert_eq!(
+        r.error.as_deref(),
+        Some(deleted_while_read(&dq, read, N).as_str())
+    );
+    assert!(r.stopped_early);
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+    assert_eq!(r.selected, read);
+    assert_eq!(
+        r.replayed + r.not_removed.len(),
+        read,
+        "replayed {}, not removed {}",
+        r.replayed,
+        r.not_removed.len()
+    );
+    // Every copy the report counts is in the work queue, and no other.
+    wait_count(&env.conn, &env.billing, read as u32).await;
+    let copies = take_ids(&env.conn, &env.billing).await;
+    assert_eq!(copies, ids[..read]);
+    let mut counted = r.ids.clone();
+    counted.extend(r.not_removed.iter().cloned());
+    counted.sort();
+    assert_eq!(counted, ids[..read]);
+}
