@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+
 /// An operator command failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -44,6 +46,19 @@ pub enum OperatorError {
         /// Whether the queue is gone, when that was checked (`None`: not
         /// known).
         queue_deleted: Option<bool>,
+    },
+    /// Checking that an exchange exists (a passive declare) got another
+    /// answer than "not found": a refusal, a closed channel or connection.
+    /// It cannot be told whether the exchange exists, so nothing more is
+    /// sent.
+    #[error("checking that exchange {exchange:?} exists failed: {source}; the replay stops (what it replayed before is reported; the rest stay in the dead-letter queue): fix what the broker says, then replay again")]
+    ExchangeCheck {
+        /// The exchange.
+        exchange: String,
+        /// lapin's error: the broker's reply, or what happened to the
+        /// channel or connection.
+        #[source]
+        source: lapin::Error,
     },
     /// An AMQP operation failed.
     #[error("{what} on {object:?}: {source}")]
@@ -146,6 +161,7 @@ impl OperatorError {
                 queue_deleted,
                 ..
             } => *channel_closed || *queue_deleted == Some(false),
+            OperatorError::ExchangeCheck { source, .. } => source.can_be_recovered(),
             OperatorError::Topology(e) => e.is_transient(),
             OperatorError::ImportIncomplete { source, .. }
             | OperatorError::PurgeIncomplete { source, .. } => source.is_transient(),
@@ -164,6 +180,13 @@ impl OperatorError {
             source,
         }
     }
+}
+
+/// Whether the broker answered with the channel error `code` (a soft
+/// error, which closes the channel): `NOTFOUND` for a passive declare of
+/// something missing, and so on.
+pub(crate) fn is_soft_error(e: &lapin::Error, code: AMQPSoftError) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if *p.kind() == AMQPErrorKind::Soft(code))
 }
 
 /// Awaits `fut` for at most `after`, naming what and where on timeout.

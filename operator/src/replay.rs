@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use lapin::options::ExchangeDeclareOptions;
+use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use serde::Serialize;
@@ -41,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use warren_topology::{headers, work_queue};
 
-use crate::error::{timed, OperatorError};
+use crate::error::{is_soft_error, timed, OperatorError};
 use crate::message::DeadLetter;
 use crate::metrics::Metrics;
 use crate::publish::{Confirmed, DroppedUserIds, DEFAULT_WINDOW};
@@ -567,6 +568,13 @@ fn removed(
     }
 }
 
+/// Whether exchange `name` exists: a passive declare on a channel of its
+/// own. Only the broker's NOT_FOUND (404, which closes that channel) means
+/// it does not; any other answer (ACCESS_REFUSED, a closed channel or
+/// connection) says nothing about the exchange and is an
+/// [`OperatorError::ExchangeCheck`], which stops the replay: read as "does
+/// not exist", it would fail every dead letter bound there with a wrong
+/// reason.
 async fn exchange_exists(
     conn: &Connection,
     name: &str,
@@ -587,15 +595,30 @@ async fn exchange_exists(
     )
     .await;
     match r {
-        Ok(Ok(())) => {
-            let _ = tokio::time::timeout(rpc, ch.close(200, "checked".into())).await;
-            Ok(true)
+        Ok(r) => {
+            let exists = exchange_check(name, r)?;
+            if exists {
+                let _ = tokio::time::timeout(rpc, ch.close(200, "checked".into())).await;
+            }
+            Ok(exists)
         }
-        Ok(Err(_)) => Ok(false),
         Err(_) => Err(OperatorError::Timeout {
             what: "checking that the exchange exists",
             object: name.to_owned(),
             after: rpc,
+        }),
+    }
+}
+
+/// What a passive declare of exchange `name` answered: it exists, it does
+/// not (NOT_FOUND), or the check failed.
+fn exchange_check(name: &str, r: Result<(), lapin::Error>) -> Result<bool, OperatorError> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if is_soft_error(&e, AMQPSoftError::NOTFOUND) => Ok(false),
+        Err(source) => Err(OperatorError::ExchangeCheck {
+            exchange: name.to_owned(),
+            source,
         }),
     }
 }
@@ -635,6 +658,62 @@ mod tests {
         // A replayed dead letter must not expire or claim old deliveries.
         assert_eq!(r.expiration(), &None);
         assert!(!rh.inner().contains_key(headers::DELIVERY_COUNT));
+    }
+
+    fn broker_said(kind: lapin::protocol::AMQPErrorKind, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(kind, text.into())).into()
+    }
+
+    /// Only NOT_FOUND means "no such exchange"; every other answer stops the
+    /// replay with an error that names the exchange and what the broker (or
+    /// the connection) said. The broker's own 403 and the 404 are checked on
+    /// the real broker too (tests/dlq.rs); a connection closed at the very
+    /// moment of the check cannot be arranged there, so it is checked here.
+    #[test]
+    fn only_not_found_means_the_exchange_is_missing() {
+        use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+        assert!(exchange_check("orders", Ok(())).unwrap());
+        let missing = broker_said(
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+            "NOT_FOUND - no exchange 'orders' in vhost '/'",
+        );
+        assert!(!exchange_check("orders", Err(missing)).unwrap());
+        let refused = broker_said(
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+            "ACCESS_REFUSED - access to exchange 'orders' in vhost '/' refused for user 'ops'",
+        );
+        let forced = broker_said(
+            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
+            "CONNECTION_FORCED - Closed via management plugin",
+        );
+        let closed: lapin::Error =
+            lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into();
+        let reset: lapin::Error = std::io::Error::from(std::io::ErrorKind::ConnectionReset).into();
+        for (e, said) in [
+            (
+                refused,
+                "ACCESS_REFUSED - access to exchange 'orders' in vhost '/' refused for user 'ops'",
+            ),
+            (forced, "CONNECTION_FORCED - Closed via management plugin"),
+            (closed, "invalid connection state: Closed"),
+            (reset, "connection reset"),
+        ] {
+            let err = exchange_check("orders", Err(e)).unwrap_err();
+            assert!(
+                matches!(&err, OperatorError::ExchangeCheck { exchange, .. } if exchange == "orders"),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.starts_with("checking that exchange \"orders\" exists failed: "),
+                "{text}"
+            );
+            assert!(text.contains(said), "{text}");
+            assert!(
+                text.ends_with("fix what the broker says, then replay again"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -1397,3 +1397,86 @@ async fn a_replay_whose_queue_is_deleted_midway_stops_with_an_error_and_counts_w
     counted.sort();
     assert_eq!(counted, ids[..read]);
 }
+
+/// Replays dead letters `a`, `b`, `c` to their original exchange, `b`'s
+/// being `original_of_b`, one copy in flight at a time.
+async fn replay_abc_to_original(env: &Env, original_of_b: &str) -> op::ReplayReport {
+    for (id, ex) in [
+        ("a", env.orders.as_str()),
+        ("b", original_of_b),
+        ("c", &env.orders),
+    ] {
+        dead_letter(&env.conn, &env.billing, id, "permanent", "boom", b"{}", ex).await;
+    }
+    wait_count(&env.conn, &dead_queue(&env.billing), 3).await;
+    op::replay(
+        &env.conn,
+        &env.billing,
+        &op::Selection {
+            all: true,
+            ..Default::default()
+        },
+        &op::ReplayOptions {
+            target: op::Target::Original,
+            read: quick(),
+            window: 1,
+            ..Default::default()
+        },
+        &op::Metrics::unregistered(),
+        &no_progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("a report")
+}
+
+/// A dead letter whose original exchange the broker refuses to check:
+/// a passive declare of "\n" (the broker strips CR and LF from names) is
+/// answered ACCESS_REFUSED ("operation not permitted on the default
+/// exchange"), which says nothing about whether an exchange exists. The
+/// replay stops there with an error that names the exchange and gives the
+/// broker's reply; what it replayed before is reported, the rest stay
+/// dead letters, in order. (Before: every error of the check read as "does
+/// not exist": `b` failed with that wrong reason and the replay went on as
+/// if nothing were wrong.)
+#[tokio::test]
+async fn a_replay_whose_exchange_check_is_refused_stops_with_the_brokers_reply() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let r = replay_abc_to_original(&env, "\n").await;
+    let refused = "checking that exchange \"\\n\" exists failed: protocol error: AMQP soft \
+                   error: ACCESS-REFUSED: ACCESS_REFUSED - operation not permitted on the \
+                   default exchange; the replay stops (what it replayed before is reported; \
+                   the rest stay in the dead-letter queue): fix what the broker says, then \
+                   replay again";
+    assert_eq!(r.error.as_deref(), Some(refused), "{r:?}");
+    assert!(r.stopped_early);
+    assert_eq!((r.selected, r.replayed, r.failed), (2, 1, 1), "{r:?}");
+    assert_eq!(r.ids, ["a"]);
+    assert_eq!(r.errors, [format!("b: {refused}")]);
+    wait_count(&env.conn, &dq, 2).await;
+    assert_eq!(take_ids(&env.conn, &dq).await, ["b", "c"]);
+    assert_eq!(take_ids(&env.conn, &env.billing).await, ["a"]);
+}
+
+/// An original exchange that does not exist (the broker's NOT_FOUND)
+/// fails only the dead letters bound there, with that reason; the replay
+/// goes on with the others.
+#[tokio::test]
+async fn a_replay_to_a_missing_original_exchange_fails_those_dead_letters_only() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let missing = format!("{}no-such-exchange", env.prefix);
+    let r = replay_abc_to_original(&env, &missing).await;
+    assert_eq!(r.error, None, "{r:?}");
+    assert!(!r.stopped_early);
+    assert_eq!((r.selected, r.replayed, r.failed), (3, 2, 1), "{r:?}");
+    assert_eq!(r.ids, ["a", "c"]);
+    assert_eq!(
+        r.errors,
+        [format!("b: exchange {missing:?} does not exist")]
+    );
+    wait_count(&env.conn, &dq, 1).await;
+    assert_eq!(take_ids(&env.conn, &dq).await, ["b"]);
+    assert_eq!(take_ids(&env.conn, &env.billing).await, ["a", "c"]);
+}
