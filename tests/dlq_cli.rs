@@ -2527,3 +2527,175 @@ fn json_output_says_why_when_the_run_fails_before_its_report() {
         assert!(err.contains("error: "), "{sub}: {err}");
     }
 }
+
+/// Groups `a` and `b` under a unique prefix, applied; deleted on drop
+/// with the topology file.
+struct TwoGroups {
+    a: String,
+    b: String,
+    file: TempFile,
+    _cleanup: Cleanup,
+}
+
+impl TwoGroups {
+    async fn new(conn: &Connection, tag: &str) -> TwoGroups {
+        let prefix = format!("{}.", harness::unique(&format!("dlqcli-{tag}-")));
+        let group = |g: &str| {
+            format!("[[group]]\nname = \"{g}\"\nexchange = \"orders\"\nbindings = [\"{g}\"]\nqueue_type = \"classic\"\nretry = [\"1s\"]\n")
+        };
+        let text = format!(
+            "[[exchange]]\nname = \"orders\"\nkind = \"topic\"\n\n{}\n{}",
+            group("a"),
+            group("b")
+        );
+        let t = Topology::parse(&text, "t.toml")
+            .unwrap()
+            .with_prefix(&prefix);
+        let plan = Plan::new(&t);
+        warren_topology::apply(conn, &plan).await.unwrap();
+        let path = std::env::temp_dir().join(format!("{prefix}toml"));
+        std::fs::write(&path, t.to_toml()).unwrap();
+        TwoGroups {
+            a: format!("{prefix}a"),
+            b: format!("{prefix}b"),
+            file: TempFile(path),
+            _cleanup: Cleanup::new(&plan).at(URL.parse().unwrap()),
+        }
+    }
+
+    /// Declares the groups' queues again (after one was deleted).
+    async fn apply(&self, conn: &Connection) {
+        let t = Topology::from_file(&self.file.0).unwrap();
+        warren_topology::apply(conn, &Plan::new(&t)).await.unwrap();
+    }
+}
+
+/// Lines in `path` (0 when it is not there yet).
+fn lines_in(path: &std::path::Path) -> usize {
+    std::fs::read(path).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
+}
+
+/// `warren dlq export FILE --remove` (every group of the topology: `a`
+/// with 3 dead letters, then `b` with 10 000) while `b`'s dead-letter
+/// queue is deleted as soon as its first lines reach the file: exit 1,
+/// and the summary says that `a`'s 3 were exported and removed, and how
+/// many of `b`'s were written to the file (its lines, named) and that none
+/// was removed; the error names the queue and says it was deleted. The
+/// file holds exactly those lines. With `--output json`, the same as one
+/// document. (Before: exit 0 and "b: K exported, K removed", as if the few
+/// hundred read had been the whole queue; and an export that failed
+/// partway printed only its error, nothing of what it had written and
+/// removed.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_that_stops_partway_says_what_each_group_wrote_and_removed() {
+    use serde_json::json;
+    const N: usize = 10_000;
+    let conn = connect().await;
+    let env = TwoGroups::new(&conn, "expcut").await;
+    let (a_dead, b_dead) = (format!("{}.dead", env.a), format!("{}.dead", env.b));
+    let dir = std::env::temp_dir().join(format!("warren-expcut-{}", env.a));
+    std::fs::create_dir_all(&dir).unwrap();
+    for output in ["table", "json"] {
+        dead_letters(&conn, &env.a, "a", 3).await;
+        dead_letters(&conn, &env.b, "b", N).await;
+        settle(&conn, &b_dead, N).await;
+        let file = dir.join(format!("export-{output}.jsonl"));
+        let _ = std::fs::remove_file(&file);
+        let f = file.to_str().unwrap();
+        let child = warren()
+            .args(["-f", env.file.path(), "--output", output])
+            .args(["dlq", "export", f, "--remove"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `a`'s 3 lines are fsynced before `b` is read; more is `b`'s.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while lines_in(&file) <= 3 {
+            assert!(Instant::now() < deadline, "{output}: b's lines never came");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_delete(b_dead.as_str().into(), Default::default())
+            .await
+            .unwrap();
+        let out = wait_within(child, CLI_LIMIT);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{output}: {stdout}\n{stderr}");
+        let written = op_ids(&file);
+        let k = written.len() - 3;
+        assert!(
+            k < N,
+            "{output}: all {N} read before the deletion: nothing to show"
+        );
+        let mut want: Vec<String> = (0..3).map(|i| format!("a-{i}")).collect();
+        want.extend((0..k).map(|i| format!("b-{i}")));
+        assert_eq!(written, want, "{output}: the file");
+        let cut = format!(
+            "reading {b_dead:?} stopped after {k} of {N} messages: the queue was deleted (the \
+             dead letters it still held went with it); nothing was removed from it beyond what \
+             this command reports; `warren topology apply` declares it again"
+        );
+        assert_eq!(
+            stderr,
+            format!(
+                "error: the export of {b_dead:?} stopped: {cut}; before it, {k} dead letters \
+                 were written to the export (lines 4-{}) and 0 removed from the queue; \
+                 {b_dead:?} is gone: the export holds the only copy of those {k}; the export \
+                 is {f}\n",
+                k + 3
+            ),
+            "{output}"
+        );
+        if output == "table" {
+            assert_eq!(
+                stdout,
+                format!(
+                    "{}: 3 exported, 3 removed\n{}: {k} exported, 0 removed (stopped by an \
+                     error)\nwrote {f}\n",
+                    env.a, env.b
+                )
+            );
+        } else {
+            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(
+                v,
+                json!([
+                    {
+                        "group": env.a,
+                        "coverage": {"scanned": 3, "total": 3, "scan_limit_reached": false},
+                        "exported": 3,
+                        "removed": 3,
+                        "lines": {"first": 1, "last": 3},
+                        "error": null,
+                    },
+                    {
+                        "group": env.b,
+                        "coverage": {"scanned": k, "total": N, "scan_limit_reached": false},
+                        "exported": k,
+                        "removed": 0,
+                        "lines": {"first": 4, "last": k + 3},
+                        "error": cut,
+                    },
+                ])
+            );
+        }
+        settle(&conn, &a_dead, 0).await;
+        env.apply(&conn).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The message ids of an export file, in order.
+fn op_ids(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}

@@ -30,7 +30,8 @@ pub enum OperatorError {
     /// A scan's read ended before it read the messages it counted: the
     /// broker cancelled its consumer (the queue was deleted, ...) or its
     /// channel or connection closed. Nothing was removed from the queue
-    /// beyond what the command reports (a replay's report).
+    /// beyond what the command reports (a replay's report, an
+    /// [`OperatorError::ExportIncomplete`]'s).
     #[error("{}", crate::reader::cut_text(queue, *read, *expected, *channel_closed, *queue_deleted))]
     ReadCut {
         /// The queue.
@@ -142,6 +143,17 @@ pub enum OperatorError {
         /// The failure.
         source: Box<OperatorError>,
     },
+    /// An export stopped partway: the report's `exported` dead letters
+    /// were written to the file (fsynced unless the error is the file's),
+    /// and its `removed` ones removed from the queue; the others are still
+    /// in the queue.
+    #[error("{}", crate::transfer::export_incomplete(report, source))]
+    ExportIncomplete {
+        /// What was exported and removed.
+        report: Box<crate::ExportReport>,
+        /// The failure.
+        source: Box<OperatorError>,
+    },
     /// Connecting failed.
     #[error(transparent)]
     Topology(#[from] warren_topology::TopologyError),
@@ -164,7 +176,8 @@ impl OperatorError {
             OperatorError::ExchangeCheck { source, .. } => source.can_be_recovered(),
             OperatorError::Topology(e) => e.is_transient(),
             OperatorError::ImportIncomplete { source, .. }
-            | OperatorError::PurgeIncomplete { source, .. } => source.is_transient(),
+            | OperatorError::PurgeIncomplete { source, .. }
+            | OperatorError::ExportIncomplete { source, .. } => source.is_transient(),
             _ => false,
         }
     }

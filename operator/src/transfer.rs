@@ -358,17 +358,38 @@ pub struct ExportReport {
     pub group: String,
     /// How much of the queue was read.
     pub coverage: Coverage,
-    /// Messages written.
+    /// Messages written to the export (fsynced, unless the error is the
+    /// file's).
     pub exported: usize,
-    /// Messages removed from the queue (`--remove`).
+    /// Messages removed from the queue (`--remove`): all those exported,
+    /// or none.
     pub removed: usize,
+    /// The lines of the export that hold them (1-based; the lines of the
+    /// groups exported before come first); `None` when none was written.
+    pub lines: Option<Lines>,
+    /// What stopped the export before the end (see
+    /// [`OperatorError::ExportIncomplete`]); `None` when nothing did.
+    pub error: Option<String>,
 }
 
-/// Writes a group's dead letters to `out`; with `remove`, acks them after
-/// the file is fsynced. Otherwise nothing changes in the queue. `remove`
-/// with [`ExportWriter::stdout`] is refused before anything is read
-/// ([`OperatorError::CopyNotStored`]): what went to a pipe cannot be known
-/// to be stored.
+/// Writes a group's dead letters to `out`; with `remove`, removes them
+/// (one ack for all) once the file is fsynced. Otherwise nothing changes
+/// in the queue. `remove` with [`ExportWriter::stdout`] is refused before
+/// anything is read ([`OperatorError::CopyNotStored`]): what went to a pipe
+/// cannot be known to be stored.
+///
+/// ## A failure partway
+///
+/// `Err` before the queue is read (it cannot be read) means nothing was
+/// written. After that, an error (a read the broker ends, a lost
+/// connection, a file that cannot be written) is
+/// [`OperatorError::ExportIncomplete`]: its report says how many were
+/// written (what was written is fsynced first, also then) and removed. A
+/// read that fails removes nothing: those exported are in the file and
+/// still in the queue. The ack that removes gets no answer: when the
+/// connection is lost right after it, the broker may not have taken it and
+/// those dead letters come back (a duplicate of the file's lines, never a
+/// loss).
 pub async fn export(
     conn: &Connection,
     group: &str,
@@ -382,32 +403,109 @@ pub async fn export(
         });
     }
     let mut scan = Scan::open(conn, group, opts).await?;
-    let mut tags = Vec::new();
-    let result = async {
-        while let Some((tag, d)) = scan.next().await? {
-            out.write(&d)?;
-            tags.push(tag);
-        }
-        out.sync()?;
-        let mut removed = 0;
-        if remove {
-            for tag in &tags {
-                scan.ack(*tag).await?;
-                removed += 1;
+    let before = out.written();
+    let mut last_tag = None;
+    let mut failure = None;
+    loop {
+        match scan.next().await {
+            Ok(Some((tag, d))) => {
+                if let Err(e) = out.write(&d) {
+                    failure = Some(e);
+                    break;
+                }
+                last_tag = Some(tag);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(crate::reader::explain_cut(conn, e, opts.rpc_timeout).await);
+                break;
             }
         }
-        Ok::<_, OperatorError>(removed)
     }
-    .await;
-    let coverage = scan.finish().await?;
-    let removed = result?;
-    info!(group, exported = tags.len(), removed, file = %out.path().display(), "exported");
-    Ok(ExportReport {
+    let exported = out.written() - before;
+    // What was written is on disk before anything is removed, and before
+    // the report says it is in the file, also after a failure.
+    if let Err(e) = out.sync() {
+        failure.get_or_insert(e);
+    }
+    let mut removed = 0;
+    if let (true, None, Some(tag)) = (remove, &failure, last_tag) {
+        // Every message read up to `tag` was written: one ack removes them.
+        match scan.ack_up_to(tag).await {
+            Ok(()) => removed = exported,
+            Err(e) => failure = Some(e),
+        }
+    }
+    let coverage = scan.coverage();
+    if let Err(e) = scan.finish().await {
+        failure.get_or_insert(e);
+    }
+    let mut report = ExportReport {
         group: group.to_owned(),
         coverage,
-        exported: tags.len(),
+        exported,
         removed,
-    })
+        lines: (exported > 0).then(|| Lines {
+            first: before + 1,
+            last: before + exported,
+        }),
+        error: None,
+    };
+    match failure {
+        None => {
+            info!(group, exported, removed, file = %out.path().display(), "exported");
+            Ok(report)
+        }
+        Some(source) => {
+            info!(group, exported, removed, file = %out.path().display(), error = %source,
+                "export stopped partway; what it exported and removed before is reported");
+            report.error = Some(source.to_string());
+            Err(OperatorError::ExportIncomplete {
+                report: Box::new(report),
+                source: Box::new(source),
+            })
+        }
+    }
+}
+
+/// [`OperatorError::ExportIncomplete`]'s text: the failure, then what was
+/// written and removed before it, and where the rest is.
+pub(crate) fn export_incomplete(report: &ExportReport, source: &OperatorError) -> String {
+    let queue = dead_queue(&report.group);
+    let lines = match report.lines {
+        Some(l) if l.first == l.last => format!(" (line {l})"),
+        Some(l) => format!(" (lines {l})"),
+        None => String::new(),
+    };
+    let mut text = format!(
+        "the export of {queue:?} stopped: {source}; before it, {} dead letters were written to the export{lines} and {} removed from the queue",
+        report.exported, report.removed
+    );
+    if matches!(source, OperatorError::Io { .. }) && report.exported > 0 {
+        text.push_str(" (the file may not hold them all: it could not be written)");
+    }
+    let kept = report.exported - report.removed;
+    let gone = matches!(
+        source,
+        OperatorError::ReadCut {
+            queue_deleted: Some(true),
+            ..
+        }
+    );
+    if kept > 0 && gone {
+        text.push_str(&format!(
+            "; {queue:?} is gone: the export holds the only copy of those {kept}"
+        ));
+    } else if kept > 0 {
+        text.push_str(&format!(
+            "; the {kept} exported and not removed are still in {queue:?}: exporting it again writes them again"
+        ));
+    } else if report.removed > 0 {
+        text.push_str(&format!(
+            "; the ack that removed them got no answer: if the connection was lost right after it, they are back in {queue:?} as well (a duplicate, never a loss)"
+        ));
+    }
+    text
 }
 
 /// An export read back ([`read_export`], [`read_export_from`]): its

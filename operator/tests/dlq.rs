@@ -1398,6 +1398,83 @@ async fn a_replay_whose_queue_is_deleted_midway_stops_with_an_error_and_counts_w
     assert_eq!(counted, ids[..read]);
 }
 
+/// `export --remove` of a queue deleted while it is read (as soon as the
+/// first lines reach the file): the result is
+/// [`op::OperatorError::ExportIncomplete`], whose report says how many
+/// were written (the file holds exactly those, in order) and that none
+/// was removed, and whose error names the queue and says it was deleted.
+/// (Before: `Ok`, "exported N, removed N" for the few hundred read, as if
+/// that were the whole queue.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_whose_queue_is_deleted_midway_says_what_it_wrote_and_removed() {
+    const N: usize = 10_000;
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let ids = many_dead_letters(&env, "x", N).await;
+    let dir = std::env::temp_dir().join(format!(
+        "warren-op-cut-{}",
+        env.prefix.trim_end_matches('.')
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("export.jsonl");
+    let mut w = op::ExportWriter::create_new(&file).unwrap();
+    let deleter = tokio::spawn({
+        let (file, dq) = (file.clone(), dq.clone());
+        async move {
+            let other = connect().await;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            while std::fs::metadata(&file).map_or(0, |m| m.len()) == 0 {
+                assert!(tokio::time::Instant::now() < deadline, "nothing written");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let ch = other.create_channel().await.unwrap();
+            ch.queue_delete(dq.as_str().into(), Default::default())
+                .await
+                .unwrap();
+        }
+    });
+    let r = op::export(&env.conn, &env.billing, &mut w, true, &quick()).await;
+    deleter.await.unwrap();
+    drop(w);
+    let written = op::read_export(&file).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (report, source) = match r {
+        Err(op::OperatorError::ExportIncomplete { report, source }) => (report, source),
+        other => panic!("expected ExportIncomplete, got {other:?}"),
+    };
+    let read = report.coverage.scanned;
+    assert!(
+        read < N,
+        "the broker delivered all {N} before the deletion: nothing to show"
+    );
+    assert_eq!((report.exported, report.removed), (read, 0));
+    assert_eq!(
+        report.lines,
+        Some(op::Lines {
+            first: 1,
+            last: read
+        })
+    );
+    assert_eq!(source.to_string(), deleted_while_read(&dq, read, N));
+    assert_eq!(report.error, Some(source.to_string()));
+    let text = op::OperatorError::ExportIncomplete {
+        report: report.clone(),
+        source,
+    }
+    .to_string();
+    assert_eq!(
+        text,
+        format!(
+            "the export of {dq:?} stopped: {}; before it, {read} dead letters were written to \
+             the export (lines 1-{read}) and 0 removed from the queue; {dq:?} is gone: the \
+             export holds the only copy of those {read}",
+            deleted_while_read(&dq, read, N)
+        )
+    );
+    let got: Vec<&str> = written.messages().iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(got, ids[..read]);
+}
+
 /// Replays dead letters `a`, `b`, `c` to their original exchange, `b`'s
 /// being `original_of_b`, one copy in flight at a time.
 async fn replay_abc_to_original(env: &Env, original_of_b: &str) -> op::ReplayReport {

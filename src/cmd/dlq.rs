@@ -41,6 +41,12 @@ pub enum DlqCmd {
     /// record say what it deleted before.
     Purge(PurgeArgs),
     /// Write dead letters to a JSON Lines file (non-destructive unless --remove).
+    ///
+    /// With --remove, a group's dead letters are removed (one ack) only
+    /// once the file is fsynced. Exit 1 when an error (a lost connection, a
+    /// queue deleted while it was read, a full disk) stopped it partway:
+    /// its summary says what each group wrote to the file and removed
+    /// before; the rest are still in their queues.
     Export(ExportArgs),
     /// Put an export back into the dead-letter queues.
     ///
@@ -1227,44 +1233,70 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
     } else {
         op::ExportWriter::create_new(&a.file)?
     };
-    let mut reports = Vec::new();
-    for group in &groups {
+    // Per group: its report as JSON (a group that could not be read has
+    // one with only its error).
+    let mut reports: Vec<serde_json::Value> = Vec::new();
+    let mut lines = Vec::new();
+    // The first failure stops the export (the file is one for all groups):
+    // what the groups before it exported and removed is reported, and what
+    // the failing group wrote and removed.
+    let mut stopped: Option<String> = None;
+    let file = if to_stdout {
+        "standard output".to_owned()
+    } else {
+        a.file.display().to_string()
+    };
+    for (done, group) in groups.iter().enumerate() {
         let r = match op::export(&c, group, &mut out, a.remove, &read_opts(&a.read)).await {
             Ok(r) => r,
-            // `warren dlq export - | head`: the reader went away. The scan
-            // put every message back; end as `outln!` does.
-            Err(op::OperatorError::Io { source, .. })
-                if to_stdout && source.kind() == std::io::ErrorKind::BrokenPipe =>
-            {
-                warren_topology::close(&c, "bye").await;
-                return Ok(ExitCode::from(crate::out::BROKEN_PIPE as u8));
+            Err(op::OperatorError::ExportIncomplete { report, source }) => {
+                // `warren dlq export - | head`: the reader went away. The
+                // scan put every message back; end as `outln!` does.
+                if let op::OperatorError::Io { source: io, .. } = &*source {
+                    if to_stdout && io.kind() == std::io::ErrorKind::BrokenPipe {
+                        warren_topology::close(&c, "bye").await;
+                        return Ok(ExitCode::from(crate::out::BROKEN_PIPE as u8));
+                    }
+                }
+                lines.push(export_line(&report, a.remove, true));
+                reports.push(serde_json::to_value(&*report)?);
+                let e = op::OperatorError::ExportIncomplete { report, source };
+                stopped = Some(format!("{e}; the export is {file}"));
+                break;
+            }
+            // Nothing read from this group; the groups before it are done.
+            Err(e) if done > 0 => {
+                reports.push(serde_json::json!({
+                    "group": group,
+                    "exported": 0,
+                    "removed": 0,
+                    "lines": null,
+                    "coverage": null,
+                    "error": e.to_string(),
+                }));
+                lines.push(format!("{group}: not exported (stopped by an error)"));
+                stopped = Some(format!("{group}: {e}; nothing of it was exported"));
+                break;
             }
             Err(e) => return Err(e.into()),
         };
         warn_partial(&r.coverage, &warren_topology::dead_queue(group));
-        reports.push(r);
+        lines.push(export_line(&r, a.remove, false));
+        reports.push(serde_json::to_value(&r)?);
     }
     warren_topology::close(&c, "bye").await;
+    if stopped.is_some() && reports.len() < groups.len() {
+        lines.push(format!(
+            "not exported (the export stopped before them): {}",
+            groups[reports.len()..].join(", ")
+        ));
+    }
+    if !to_stdout {
+        lines.push(format!("wrote {}", a.file.display()));
+    }
     // With `-`, standard output holds the export and nothing else.
-    let mut lines = Vec::new();
     if g.json() {
-        lines.push(serde_json::to_string_pretty(&reports)?);
-    } else {
-        for r in &reports {
-            lines.push(format!(
-                "{}: {} exported{}",
-                r.group,
-                r.exported,
-                if a.remove {
-                    format!(", {} removed", r.removed)
-                } else {
-                    String::new()
-                }
-            ));
-        }
-        if !to_stdout {
-            lines.push(format!("wrote {}", a.file.display()));
-        }
+        lines = vec![serde_json::to_string_pretty(&reports)?];
     }
     for line in lines {
         if to_stdout {
@@ -1273,7 +1305,32 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
             outln!("{line}");
         }
     }
-    Ok(ExitCode::SUCCESS)
+    match stopped {
+        Some(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `billing: 3 exported, 3 removed` (`removed` only with `--remove`).
+fn export_line(r: &op::ExportReport, remove: bool, stopped: bool) -> String {
+    format!(
+        "{}: {} exported{}{}",
+        r.group,
+        r.exported,
+        if remove {
+            format!(", {} removed", r.removed)
+        } else {
+            String::new()
+        },
+        if stopped {
+            " (stopped by an error)"
+        } else {
+            ""
+        }
+    )
 }
 
 async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
