@@ -673,6 +673,63 @@ async fn a_second_ctrl_c_quits_at_once_killing_the_commands_and_losing_nothing()
     requeued_untouched(&topo, "twice-1").await;
 }
 
+/// What `kill` twice (or a supervisor that signals again) does: the second
+/// SIGTERM quits at once like a second Ctrl-C, but exits 143 (128 +
+/// SIGTERM), as a shell reports a process SIGTERM ended, not Ctrl-C's 130.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_quits_at_once_with_143() {
+    let topo = Topo::new("twiceterm", &[SLOW_GROUP]);
+    topo.apply();
+    let dir = Scratch::new("twicetermdir");
+    let pids = dir.path("pids");
+    let cmd = format!("cat > /dev/null; echo $$ >> {pids}; exec sleep 59");
+    let mut w = Worker::start_at(
+        &topo,
+        &topo.q("g"),
+        &["--exec", &cmd],
+        &["--grace", "60s"],
+        "127.0.0.1",
+        true,
+    );
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "term-1", b"{}").await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            dir.lines("pids").len() == 1
+        })
+        .await,
+        "the command never started; log:\n{}",
+        w.log_text()
+    );
+    w.sigterm();
+    assert!(
+        wait_until(Duration::from_secs(5), || async { !ready(&w) }).await,
+        "the first SIGTERM did not start a drain; log:\n{}",
+        w.log_text()
+    );
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "the drain waits for the handler in flight; log:\n{}",
+        w.log_text()
+    );
+    w.sigterm();
+    let code = w.wait_exit(Duration::from_secs(3));
+    let log = w.log_text();
+    assert_eq!(
+        code,
+        Some(143),
+        "exit code after a second SIGTERM; log:\n{log}"
+    );
+    assert!(
+        log.contains("second SIGINT/SIGTERM: quitting now (exit 143)"),
+        "{log}"
+    );
+    assert!(log.contains("signal=\"SIGTERM\""), "{log}");
+    assert!(log.contains("commands_killed=1"), "{log}");
+    wait_gone(&dir, "pids", 1).await;
+    requeued_untouched(&topo, "term-1").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_ctrl_c_quits_at_once_with_an_http_handler_too() {
     let topo = Topo::new("twicehttp", &[SLOW_GROUP]);

@@ -305,6 +305,92 @@ async fn ctrl_c_stops_sending_waits_for_confirms_and_says_what_was_not_sent() {
     );
 }
 
+/// SIGTERM (what `kill`, systemd and Kubernetes send) stops like Ctrl-C:
+/// nothing more is sent, the confirms of what was sent are awaited and the
+/// summary says what was not sent. It exits 143 (128 + SIGTERM), what a
+/// shell reports for a command SIGTERM ended: 130 would tell a supervisor
+/// or a script that someone pressed Ctrl-C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_like_ctrl_c_and_exits_143() {
+    let topo = Topo::new("pubterm", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    let q = topo.q("g");
+    let started = |at_least: u64| {
+        let (conn, q) = (&conn, &q);
+        async move {
+            assert!(
+                wait_until(Duration::from_secs(20), || async {
+                    u64::from(count(conn, q).await) >= at_least
+                })
+                .await,
+                "publishing started"
+            );
+        }
+    };
+    let spawn = |output: &[&str]| {
+        warren()
+            .args(["publish", "-e", &topo.exchange(), "-k", "order.created"])
+            .args(["--body", "{\"n\":1}", "--count", "100000", "--rate", "400"])
+            .args(output)
+            .arg("--quiet")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let term = |child: &std::process::Child| {
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+
+    let child = spawn(&["--output", "json"]);
+    started(100).await;
+    term(&child);
+    let out = wait_within(child, CLI_LIMIT);
+    assert_eq!(out.status.code(), Some(143), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stopping"), "{err}");
+    assert!(
+        err.contains("SIGTERM"),
+        "says which signal stopped it: {err}"
+    );
+    let s = json(&out.stdout);
+    let published = s["published"].as_u64().unwrap();
+    assert!((100..100_000).contains(&published), "{s}");
+    assert_eq!(s["confirmed"].as_u64().unwrap(), published, "{s}");
+    assert_eq!(s["not_sent"].as_u64().unwrap(), 100_000 - published, "{s}");
+    assert_eq!(s["interrupted_at"]["line"], 1, "{s}");
+    assert_eq!(
+        s["interrupted_at"]["repeat"].as_u64().unwrap(),
+        published + 1,
+        "{s}"
+    );
+    // Exactly what was reported confirmed is in the queue.
+    assert_eq!(u64::from(count(&conn, &q).await), published);
+
+    // The table says the same, with the same exit code.
+    let child = spawn(&[]);
+    started(published + 50).await;
+    term(&child);
+    let out = wait_within(child, CLI_LIMIT);
+    assert_eq!(out.status.code(), Some(143), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" not sent, from line 1 of repeat "), "{text}");
+    let in_queue = u64::from(count(&conn, &q).await);
+    let (_, rest) = text.split_once("confirmed ").unwrap();
+    let confirmed: u64 = rest
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    assert_eq!(in_queue, published + confirmed, "{text}");
+}
+
 const SECRET_URL: &str = "amqp://guest:s3cretPW@127.0.0.1:5672/%2f";
 
 /// `warren` with `args`, its exit code and stderr.

@@ -4,8 +4,9 @@
 //! reconnects) with an HTTP endpoint or a command as its handler, serves
 //! `/metrics`, `/healthz` and `/readyz`, and drains on SIGTERM/SIGINT within
 //! `--grace`, then exits 0. A second SIGTERM/SIGINT during the drain quits at
-//! once (exit 130) after killing the `--exec` commands still running: their
-//! deliveries, unacked, go back to the queue when the connection drops. An
+//! once (exit 143 for SIGTERM, 130 for SIGINT) after killing the `--exec`
+//! commands still running: their deliveries, unacked, go back to the queue
+//! when the connection drops. An
 //! `--exec` program that cannot start (missing, not executable, no `sh`) is
 //! refused (exit 2) before anything is consumed.
 //!
@@ -224,15 +225,17 @@ async fn serve_group<H: Handler>(
     let registry = Registry::new();
     let cancel = {
         let (registry, name) = (registry.clone(), group.name.clone());
-        crate::signal::drain_token(args.grace, move || {
+        crate::signal::drain_token(args.grace, move |signal| {
             let running = handlers_running(&registry, &name);
             let killed = commands.map(|c| c.kill_all());
             warn!(
                 group = %name,
                 handlers_running = running,
                 commands_killed = killed,
-                "second SIGINT/SIGTERM: quitting now (exit 130) without waiting for the handlers; \
-                 the broker requeues every unacked delivery when the connection drops"
+                signal = signal.describe(),
+                "second SIGINT/SIGTERM: quitting now (exit {}) without waiting for the handlers; \
+                 the broker requeues every unacked delivery when the connection drops",
+                signal.exit_code(),
             );
         })
     };

@@ -28,7 +28,8 @@ use crate::cli::{Global, UsageError};
 /// are refused before connecting (exit 2). Exit 1 when any message was not
 /// confirmed (the summary names the lines). Ctrl-C stops sending, waits for
 /// the confirms of what was sent, prints the summary (with the first line not
-/// sent) and exits 130; a second Ctrl-C quits at once.
+/// sent) and exits 130; SIGTERM does the same and exits 143. A second
+/// signal quits at once.
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
     /// The exchange to publish to ("" is the default exchange; at most 255 bytes).
@@ -192,9 +193,10 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let mut summary = Summary::default();
     let started = Instant::now();
     let mut pacer = args.rate.map(Pacer::new);
-    let cancel = crate::signal::interrupt_token(
+    let interrupt = crate::signal::interrupt(
         "stopping: nothing more is sent; waiting for the confirms of what was sent",
     );
+    let cancel = interrupt.token();
     let mut pending = FuturesUnordered::new();
     'all: for repeat in 1..=args.count {
         for line in &lines {
@@ -247,12 +249,11 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     summary.failures.sort_by_key(|f| (f.line, f.repeat));
     summary.not_sent = total.saturating_sub(summary.published + summary.refused);
     print_summary(g, &summary, args.count > 1)?;
-    Ok(if summary.interrupted_at.is_some() {
-        ExitCode::from(130)
-    } else if summary.confirmed == total {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    // Stopped by a signal: 128 + its number, 130 for Ctrl-C, 143 for SIGTERM.
+    Ok(match interrupt.signal() {
+        Some(signal) if summary.interrupted_at.is_some() => ExitCode::from(signal.exit_code()),
+        _ if summary.confirmed == total => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
     })
 }
 
