@@ -152,6 +152,9 @@ pub struct ReplayReport {
 
 const MAX_ERRORS: usize = 20;
 
+/// The longest exchange name or routing key AMQP carries (a short string).
+const MAX_SHORT_STRING: usize = 255;
+
 impl ReplayReport {
     fn fail(&mut self, e: String) {
         self.failed += 1;
@@ -192,7 +195,19 @@ fn destination(d: &DeadLetter, target: Target) -> Result<(String, String), Strin
     match target {
         Target::WorkQueue => Ok((String::new(), work_queue(&d.group))),
         Target::Original => match (&d.info.original_exchange, &d.info.original_routing_key) {
-            (Some(e), Some(k)) => Ok((e.clone(), k.clone())),
+            (Some(e), Some(k)) => {
+                // AMQP names and keys are short strings; lapin panics on longer ones.
+                for (what, v) in [("exchange", e), ("routing key", k)] {
+                    if v.len() > MAX_SHORT_STRING {
+                        return Err(format!(
+                            "{}: its original {what} is {} bytes long, and AMQP allows at most {MAX_SHORT_STRING}; replay it to the work queue instead",
+                            d.info.id,
+                            v.len()
+                        ));
+                    }
+                }
+                Ok((e.clone(), k.clone()))
+            }
             _ => Err(format!(
                 "{}: no original exchange/routing key in its headers; replay it to the work queue instead",
                 d.info.id

@@ -1557,3 +1557,26 @@ async fn a_replay_to_a_missing_original_exchange_fails_those_dead_letters_only()
     assert_eq!(take_ids(&env.conn, &dq).await, ["b"]);
     assert_eq!(take_ids(&env.conn, &env.billing).await, ["a", "c"]);
 }
+
+/// A dead letter whose original exchange name is longer than the 255
+/// bytes AMQP carries fails with that reason, and the replay goes on.
+/// (Before: lapin panicked building the name, and the operator tool with
+/// it.)
+#[tokio::test]
+async fn a_replay_to_an_original_exchange_too_long_for_amqp_fails_that_dead_letter_only() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let r = replay_abc_to_original(&env, &"x".repeat(300)).await;
+    assert_eq!(r.error, None, "{r:?}");
+    assert_eq!((r.selected, r.replayed, r.failed), (3, 2, 1), "{r:?}");
+    assert_eq!(
+        r.errors,
+        [
+            "b: its original exchange is 300 bytes long, and AMQP allows at most 255; replay it \
+          to the work queue instead"
+        ]
+    );
+    wait_count(&env.conn, &dq, 1).await;
+    assert_eq!(take_ids(&env.conn, &dq).await, ["b"]);
+    assert_eq!(take_ids(&env.conn, &env.billing).await, ["a", "c"]);
+}
