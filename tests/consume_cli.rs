@@ -1436,6 +1436,55 @@ async fn consume_says_when_it_starts_and_stops_at_the_default_level() {
     assert_eq!(not_warnings(&w.log_text()), [start.as_str(), stop.as_str()]);
 }
 
+/// A message whose dead-letter copy can never be published (its headers
+/// fit the consumer's 4 KiB frames alone, not with the failure headers
+/// added) is rejected, and the broker dead-letters it. The stop line counts
+/// it: it used to say "1 handled (0 acked, 0 retried, 1 dead-lettered)"
+/// while two messages had been handled and both were in `{group}.dead`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_line_counts_messages_the_broker_dead_lettered_on_a_reject() {
+    use lapin::types::{AMQPValue, FieldTable};
+    let topo = Topo::new("rejectline", &[GROUP]);
+    topo.apply();
+    // A 1 KiB error: more than the frame has room for next to the blob.
+    let cmd = "cat > /dev/null; head -c 1500 /dev/zero | tr '\\0' x >&2; exit 65";
+    let mut w = quiet_worker(&topo, &format!("{URL}?frame_max=4096"), &["--exec", cmd]).await;
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "small-1", b"{}").await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "blob".into(),
+        AMQPValue::LongString("y".repeat(3500).into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_message_id("big-1".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    warren_testkit::publish(&conn, &topo.exchange(), "order.created", b"{}", props).await;
+    let dead = topo.q("g.dead");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            count(&conn, &dead).await == 2
+        })
+        .await,
+        "{} dead letters; log:\n{}",
+        count(&conn, &dead).await,
+        w.log_text()
+    );
+    let group = topo.q("g");
+    let rejected = format!("warren_handled_total{{group=\"{group}\",outcome=\"reject\"}}");
+    assert_eq!(w.metric(&rejected), 1.0, "{}", w.metrics());
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(15)), Some(0));
+    let stop = format!(
+        "stopped consuming group \"{group}\": 2 handled (0 acked, 0 retried, 1 dead-lettered, \
+         1 rejected: the broker dead-lettered them unchanged, as their copy could not be \
+         published)"
+    );
+    let log = w.log_text();
+    assert!(log.lines().any(|l| l == stop), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_json_logs_the_start_and_stop_are_json_events() {
     let topo = Topo::new("hellojson", &[GROUP]);
@@ -1466,7 +1515,7 @@ async fn with_json_logs_the_start_and_stop_are_json_events() {
         info[1]["fields"],
         serde_json::json!({
             "message": "stopped consuming", "group": group, "handled": 0, "acked": 0,
-            "retried": 0, "dead_lettered": 0, "requeued": 0,
+            "retried": 0, "dead_lettered": 0, "rejected": 0, "requeued": 0,
         })
     );
 }

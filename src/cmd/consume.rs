@@ -363,18 +363,21 @@ impl Said {
     }
 
     /// `stopped consuming group "G": N handled (A acked, R retried, D
-    /// dead-lettered)` (and how many were requeued because their copy was
-    /// not confirmed, when any), or the event `stopped consuming` with them.
+    /// dead-lettered)` (with how many were rejected, for the broker to
+    /// dead-letter, and how many were requeued because their copy was not
+    /// confirmed, when any), or the event `stopped consuming` with them.
     fn stopped(&self, registry: &Registry) {
         let group = &self.group;
         let count = |outcome| handled(registry, group, outcome);
-        let (acked, retried, dead_lettered, requeued) = (
+        let (acked, retried, dead_lettered, rejected, requeued) = (
             count("ack"),
             count("retry"),
             count("dead_letter"),
+            count("reject"),
             count("requeue"),
         );
-        let total = acked + retried + dead_lettered;
+        // A reject is handled too: the broker dead-letters it.
+        let total = acked + retried + dead_lettered + rejected;
         if self.json {
             as_info_event(|| {
                 info!(
@@ -383,11 +386,20 @@ impl Said {
                     acked,
                     retried,
                     dead_lettered,
+                    rejected,
                     requeued,
                     "stopped consuming"
                 )
             });
         } else {
+            let rejected = if rejected > 0 {
+                format!(
+                    ", {rejected} rejected: the broker dead-lettered them unchanged, as their \
+                     copy could not be published"
+                )
+            } else {
+                String::new()
+            };
             let requeued = if requeued > 0 {
                 format!(", {requeued} requeued (their copy was not confirmed)")
             } else {
@@ -395,7 +407,7 @@ impl Said {
             };
             eprintln!(
                 "stopped consuming group {group:?}: {total} handled ({acked} acked, {retried} \
-                 retried, {dead_lettered} dead-lettered){requeued}"
+                 retried, {dead_lettered} dead-lettered{rejected}){requeued}"
             );
         }
     }
