@@ -1,0 +1,1302 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Adversarial tests of the consumer's promise: never lose a message, never
+//! ack before a copy is confirmed, never ack on another channel, never loop
+//! forever, count every outcome. Each test breaks something on the real
+//! broker (connections closed by `rabbitmqctl`, a full retry queue, a
+//! shutdown in the middle of copies, odd prefetch/concurrency pairs,
+//! headers from elsewhere) and then accounts for every message it
+//! published: handled, or in `{group}.dead` with the right headers.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, QueueDeleteOptions, QueuePurgeOptions};
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
+use lapin::BasicProperties;
+use support::*;
+use warren_consumer::{handler_fn, Delivery, HandlerError};
+use warren_topology::headers;
+
+/// A one-group topology on a topic exchange `orders` (bindings `order.*`).
+fn topology(queue_type: &str, retry: &str, prefetch: u16, concurrency: u16, extra: &str) -> String {
+    format!(
+        "[[exchange]]\nname = 'orders'\nkind = 'topic'\n\
+         [[group]]\nname = 'billing'\nexchange = 'orders'\nbindings = ['order.*']\n\
+         queue_type = '{queue_type}'\nretry = [{retry}]\nprefetch = {prefetch}\n\
+         concurrency = {concurrency}\nhandler_timeout = '5s'\n{extra}"
+    )
+}
+
+/// What a handler saw and what it answered.
+#[derive(Clone, Debug)]
+struct Hit {
+    id: String,
+    attempt: u32,
+    redelivered: bool,
+    last_kind: Option<String>,
+    /// The handler's answer: `None` for success, else the error kind.
+    answer: Option<String>,
+}
+
+/// Every handling, in order.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<Hit>>>);
+
+impl Log {
+    fn note(&self, d: &Delivery, answer: &Result<(), HandlerError>) {
+        self.0.lock().unwrap().push(Hit {
+            id: d.message_id().unwrap_or("").to_owned(),
+            attempt: d.attempt(),
+            redelivered: d.redelivered(),
+            last_kind: d.last_error_kind(),
+            answer: answer.as_ref().err().map(|e| e.kind().to_string()),
+        });
+    }
+
+    fn all(&self) -> Vec<Hit> {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn of(&self, id: &str) -> Vec<Hit> {
+        self.all().into_iter().filter(|h| h.id == id).collect()
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// Whether `id` was handled successfully at least once.
+    fn succeeded(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|h| h.id == id && h.answer.is_none())
+    }
+}
+
+/// A handler that answers with `decide` and logs every handling.
+fn logged<F>(log: &Log, decide: F) -> impl warren_consumer::Handler
+where
+    F: Fn(&Delivery) -> Result<(), HandlerError> + Send + Sync + 'static,
+{
+    let log = log.clone();
+    let decide = Arc::new(decide);
+    handler_fn(move |d: Delivery| {
+        let (log, decide) = (log.clone(), decide.clone());
+        async move {
+            let answer = decide(&d);
+            log.note(&d, &answer);
+            answer
+        }
+    })
+}
+
+fn message_id(m: &lapin::message::BasicGetMessage) -> String {
+    m.delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
+/// Every settled outcome of `warren_handled_total`, summed.
+fn settled(reg: &prometheus::Registry) -> f64 {
+    metric(reg, "warren_handled_total", &[])
+}
+
+/// A unique connection component, so that `rabbitmqctl` finds this test's
+/// connections and no other's.
+fn component() -> String {
+    format!("adv-{}", unique_prefix().trim_end_matches('.'))
+}
+
+/// The broker's pids of the connections whose client properties contain
+/// `name` (a connection name, `warren-<component>@` or
+/// `warren-<component>-copies@`).
+fn connection_pids(name: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(name))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// Closes the one connection named `name`, as an operator or a load
+/// balancer would.
+/// Waits up to 10 s for it to be (re)opened.
+fn close_connection(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pids = connection_pids(name);
+    while pids.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        pids = connection_pids(name);
+    }
+    assert_eq!(pids.len(), 1, "one connection named {name}: {pids:?}");
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "close_connection",
+            &pids[0],
+            "adversarial test: forced close",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A policy on exactly one queue, cleared when dropped.
+struct Policy {
+    name: String,
+}
+
+impl Policy {
+    fn on_queue(queue: &str, definition: &str) -> Policy {
+        let name = format!("adv-{}", unique_prefix().trim_end_matches('.'));
+        let pattern = format!("^{}$", queue.replace('.', "\\."));
+        warren_testkit::rabbitmqctl(&[
+            "set_policy",
+            "-p",
+            "/",
+            "--apply-to",
+            "queues",
+            "--priority",
+            "100",
+            &name,
+            &pattern,
+            definition,
+        ]);
+        Policy { name }
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", "-p", "/", &self.name])
+            .output();
+    }
+}
+
+/// Publishes to `queue` through the default exchange and says whether the
+/// broker nacked it (a queue at its length limit that rejects publishes).
+async fn nacked(f: &Fixture, queue: &str, id: &str) -> bool {
+    let c =
+        f.ch.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"probe",
+            props(id),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    c.is_nack()
+}
+
+async fn wait_for_count(f: &Fixture, queue: &str, n: u32, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = f.count(queue).await;
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{queue} holds {now}, never {n} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first `x-death` entry's reason.
+fn first_death_reason(m: &lapin::message::BasicGetMessage) -> Option<String> {
+    let h = m.delivery.properties.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = h.inner().get(headers::X_DEATH)? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    match first.inner().get("reason")? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// The copies go out on a connection of their own. Closing it again and
+/// again while a stream of first attempts fails (each waiting for its
+/// retry copy's confirm) may cost duplicates (the publisher sends
+/// unconfirmed copies again) but never a message: each one is handled
+/// successfully on a later attempt, and nothing is left anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_copies_connection_mid_stream_loses_no_retry() {
+    let f = Fixture::new(&topology(
+        "quorum",
+        "'100ms'",
+        64,
+        32,
+        "delivery_limit = 20",
+    ))
+    .await;
+    let g = f.group(0);
+    let component = component();
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |d| {
+            if d.attempt() == 1 {
+                Err(HandlerError::retryable("first attempt fails"))
+            } else {
+                Ok(())
+            }
+        }),
+        &component,
+        |b| b.requeue_delay(Duration::from_millis(50)),
+    )
+    .await;
+    let reg = run.registry.clone();
+    // A stream of messages (about 200 a second) until the copies
+    // connection was closed three times under it.
+    let closes = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let publisher = {
+        let ch = f.conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let ex = f.exchange();
+        let closes = closes.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while ids.len() < 300 || closes.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+                assert!(ids.len() < 20_000, "the closes never happened");
+                let id = format!("cp{}", ids.len());
+                warren_testkit::publish_on(&ch, &ex, "order.created", b"x", props(&id)).await;
+                ids.push(id);
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+            ids
+        })
+    };
+    let copies = format!("warren-{component}-copies@");
+    while !publisher.is_finished() {
+        let pids = connection_pids(&copies);
+        if let [pid] = pids.as_slice() {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "adversarial test: forced close"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            closes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let closes = closes.load(std::sync::atomic::Ordering::SeqCst);
+    let mut ids = publisher.await.unwrap();
+    // One more failure after the last close: its copy reopens the
+    // connection too.
+    let last = format!("cp{}", ids.len());
+    f.publish(&f.exchange(), "order.created", b"x", props(&last))
+        .await;
+    ids.push(last);
+    wait_for(Duration::from_secs(30), "every message handled", || {
+        ids.iter().all(|id| log.succeeded(id))
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(
+        metric(
+            &reg,
+            "warren_reconnects_total",
+            &[("component", "consumer")]
+        ),
+        f64::from(closes),
+        "each close of the copies connection is one reconnect"
+    );
+    // A copy sent again after a close may have been stored twice: its
+    // message is then handled once more (at-least-once), never less.
+    assert!(log.len() >= 2 * ids.len());
+    assert!(metric(&reg, "warren_retries_total", &[]) >= ids.len() as f64);
+    for id in &ids {
+        let hits = log.of(id);
+        assert_eq!(hits[0].attempt, 1, "{id}: {hits:?}");
+        let ok: Vec<&Hit> = hits.iter().filter(|h| h.answer.is_none()).collect();
+        assert!(
+            ok.iter()
+                .all(|h| h.attempt >= 2 && h.last_kind.as_deref() == Some("retryable")),
+            "{id}: succeeded only on a retry: {hits:?}"
+        );
+    }
+    assert_eq!(
+        metric(&reg, "warren_deliveries_total", &[]),
+        settled(&reg),
+        "every delivery's outcome is counted"
+    );
+    assert_eq!(
+        metric(&reg, "warren_deliveries_total", &[]),
+        log.len() as f64
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.retry_queue(1)).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0, "nothing dead-lettered");
+}
+
+/// The broker closes only the consuming connection while 16 handlers are
+/// running (a third succeed, a third fail once, a third fail for good, all
+/// held until the close is done): their results come in after their
+/// channel is gone, and their deliveries are redelivered. Nothing is acked on the new channel
+/// for a delivery of the old one (that would close it with
+/// PRECONDITION_FAILED, a second reconnect, or ack another message), and
+/// every message ends where its outcome says, at least once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumers_connection_closed_under_running_handlers_loses_nothing() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 32, 16, "")).await;
+    let g = f.group(0);
+    let component = component();
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let log = Log::default();
+    let (l, st) = (log.clone(), started.clone());
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (l, st, mut opened) = (l.clone(), st.clone(), opened.clone());
+            async move {
+                // The first 16 are held until the connection is closed.
+                if st.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 16 {
+                    let _ = opened.wait_for(|o| *o).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let id = d.message_id().unwrap_or("").to_owned();
+                let answer = if id.starts_with("perm-") {
+                    Err(HandlerError::permanent("no such customer"))
+                } else if id.starts_with("flaky-") && d.attempt() == 1 {
+                    Err(HandlerError::retryable("upstream 503"))
+                } else {
+                    Ok(())
+                };
+                l.note(&d, &answer);
+                answer
+            }
+        }),
+        &component,
+        |b| b.handler_timeout(Duration::from_secs(60)),
+    )
+    .await;
+    let reg = run.registry.clone();
+    let mut ids = Vec::new();
+    for i in 0..16 {
+        for kind in ["ok", "flaky", "perm"] {
+            ids.push(format!("{kind}-{i}"));
+        }
+    }
+    for id in &ids {
+        f.publish(&f.exchange(), "order.created", b"{}", props(id))
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&reg, "warren_in_flight", &[]) < 16.0 {
+        assert!(Instant::now() < deadline, "16 handlers never ran at once");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    close_connection(&format!("warren-{component}@"));
+    assert_eq!(log.len(), 0, "the close came while the first 16 ran");
+    gate.send_replace(true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(
+        &reg,
+        "warren_reconnects_total",
+        &[("component", "consumer")],
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "no reconnect seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let perms = ids.iter().filter(|id| id.starts_with("perm-")).count() as u32;
+    wait_for(Duration::from_secs(30), "every message handled", || {
+        ids.iter()
+            .filter(|id| !id.starts_with("perm-"))
+            .all(|id| log.succeeded(id))
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.count(&g.dead_queue()).await < perms {
+        assert!(Instant::now() < deadline, "dead letters missing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let what the broker redelivered settle before stopping.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    run.stop().await;
+    assert_eq!(
+        metric(
+            &reg,
+            "warren_reconnects_total",
+            &[("component", "consumer")]
+        ),
+        1.0,
+        "one close, one reconnect: no ack went to the wrong channel"
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.retry_queue(1)).await, 0);
+    let dead = f
+        .take(
+            &g.dead_queue(),
+            f.count(&g.dead_queue()).await as usize,
+            Duration::from_secs(2),
+        )
+        .await;
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for m in &dead {
+        let id = message_id(m);
+        assert!(id.starts_with("perm-"), "only permanent failures: {id}");
+        assert_eq!(
+            header_str(m, headers::ERROR_KIND).as_deref(),
+            Some("permanent")
+        );
+        assert_eq!(
+            header_str(m, headers::ERROR).as_deref(),
+            Some("no such customer")
+        );
+        assert_eq!(header_int(m, headers::ATTEMPTS), Some(1));
+        assert_eq!(
+            header_str(m, headers::ORIGINAL_EXCHANGE).as_deref(),
+            Some(f.exchange().as_str())
+        );
+        assert_eq!(
+            header_str(m, headers::ORIGINAL_ROUTING_KEY).as_deref(),
+            Some("order.created")
+        );
+        *per_id.entry(id).or_default() += 1;
+    }
+    for id in ids.iter().filter(|id| id.starts_with("perm-")) {
+        let n = per_id.get(id).copied().unwrap_or(0);
+        // In flight at the close: dead-lettered by the old handler and
+        // again after the broker's redelivery (at-least-once).
+        assert!((1..=2).contains(&n), "{id}: {n} dead letters");
+    }
+    for id in ids.iter().filter(|id| id.starts_with("flaky-")) {
+        let hits = log.of(id);
+        assert!(
+            hits.iter()
+                .any(|h| h.answer.is_none() && h.attempt == 2 && !h.redelivered),
+            "{id} came back from its retry tier: {hits:?}"
+        );
+    }
+    assert!(
+        log.all().iter().filter(|h| h.redelivered).count() >= 16,
+        "the deliveries held at the close were redelivered"
+    );
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), settled(&reg));
+    assert_eq!(metric(&reg, "warren_in_flight", &[]), 0.0);
+}
+
+/// A retry tier that refuses publishes (an operator's `max-length` policy
+/// with `overflow=reject-publish`, here at 0): the broker nacks every
+/// retry copy. The original is never acked on a nack: it goes back to the
+/// work queue and is handled again (a classic queue has no delivery limit)
+/// until the tier takes copies again; then it goes through the tier and
+/// succeeds. Nothing reaches the dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_tier_that_refuses_copies_keeps_the_message_in_the_work_queue() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 8, 4, "")).await;
+    let g = f.group(0);
+    let tier = g.retry_queue(1);
+    let policy = Policy::on_queue(&tier, r#"{"max-length":0,"overflow":"reject-publish"}"#);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probes = 0;
+    while !nacked(&f, &tier, &format!("probe-{probes}")).await {
+        probes += 1;
+        assert!(Instant::now() < deadline, "the policy never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f.ch.queue_purge(tier.as_str().into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |d| {
+            if d.attempt() == 1 {
+                Err(HandlerError::retryable("not yet"))
+            } else {
+                Ok(())
+            }
+        }),
+        "adv-full-tier",
+        |b| b.requeue_delay(Duration::from_millis(100)),
+    )
+    .await;
+    let reg = run.registry.clone();
+    f.publish(&f.exchange(), "order.created", b"{}", props("full-1"))
+        .await;
+    wait_for(Duration::from_secs(10), "handled three times", || {
+        log.of("full-1").len() >= 3
+    })
+    .await;
+    let before = log.of("full-1");
+    assert!(
+        before.iter().all(|h| h.attempt == 1),
+        "never counted as retried while the tier refuses: {before:?}"
+    );
+    assert!(before[1].redelivered && before[2].redelivered);
+    assert_eq!(metric(&reg, "warren_retries_total", &[]), 0.0);
+    assert!(metric(&reg, "warren_handled_total", &[("outcome", "requeue")]) >= 2.0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+    drop(policy);
+    wait_for(
+        Duration::from_secs(15),
+        "through the tier once it takes copies",
+        || log.succeeded("full-1"),
+    )
+    .await;
+    run.stop().await;
+    let hits = log.of("full-1");
+    let last = hits.last().unwrap();
+    assert_eq!(
+        (
+            last.attempt,
+            last.last_kind.as_deref(),
+            last.answer.as_deref()
+        ),
+        (2, Some("retryable"), None),
+        "{hits:?}"
+    );
+    assert_eq!(hits.iter().filter(|h| h.answer.is_none()).count(), 1);
+    assert_eq!(metric(&reg, "warren_retries_total", &[("tier", "1")]), 1.0);
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), settled(&reg));
+    assert_eq!(
+        metric(&reg, "warren_deliveries_total", &[]),
+        hits.len() as f64
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&tier).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// The same in front of a quorum work queue, whose retry tiers are
+/// declared with `x-overflow=reject-publish`: a `max-length` policy of 1
+/// and a message already in the tier (a long one: 1 h) make it refuse
+/// every copy. Every requeue counts toward `delivery_limit`, so the
+/// message does not loop forever: after the limit the broker dead-letters
+/// it, whole and unchanged, into `{group}.dead` (no warren failure headers;
+/// `x-death` says why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_tier_on_a_quorum_group_ends_in_the_dead_letters_after_the_delivery_limit() {
+    let f = Fixture::new(&topology("quorum", "'1h'", 8, 4, "delivery_limit = 3")).await;
+    let g = f.group(0);
+    let tier = g.retry_queue(1);
+    let _policy = Policy::on_queue(&tier, r#"{"max-length":1}"#);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probes = 0;
+    while !nacked(&f, &tier, &format!("probe-{probes}")).await {
+        probes += 1;
+        assert!(Instant::now() < deadline, "the policy never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(f.count(&tier).await >= 1, "the probes fill the tier");
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |_d| Err(HandlerError::retryable("never works"))),
+        "adv-full-quorum",
+        |b| b.requeue_delay(Duration::from_millis(50)),
+    )
+    .await;
+    let reg = run.registry.clone();
+    f.publish(&f.exchange(), "order.created", b"whole", props("qfull-1"))
+        .await;
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(15)).await;
+    run.stop().await;
+    let hits = log.of("qfull-1");
+    assert_eq!(
+        hits.len(),
+        4,
+        "delivered once plus delivery_limit: {hits:?}"
+    );
+    assert!(hits.iter().all(|h| h.attempt == 1));
+    let m = &dead[0];
+    assert_eq!(m.delivery.data, b"whole");
+    assert_eq!(message_id(m), "qfull-1");
+    assert_eq!(
+        header_str(m, headers::ERROR_KIND),
+        None,
+        "the broker's doing"
+    );
+    assert_eq!(header_str(m, "x-custom").as_deref(), Some("kept"));
+    assert_eq!(first_death_reason(m).as_deref(), Some("delivery_limit"));
+    assert_eq!(metric(&reg, "warren_retries_total", &[]), 0.0);
+    assert_eq!(
+        metric(&reg, "warren_handled_total", &[("outcome", "requeue")]),
+        4.0
+    );
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), settled(&reg));
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    let n = f.count(&tier).await as usize;
+    let left = f.take(&tier, n, Duration::from_secs(2)).await;
+    assert!(
+        left.iter().all(|m| message_id(m).starts_with("probe-")),
+        "only probes in the tier"
+    );
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// Shutdown arrives while every handler is about to fail: the retry copies
+/// are published after the consumer was cancelled, and each original is
+/// acked only once its copy is confirmed, within the grace. Afterwards
+/// exactly one message per id is left: its copy, back from the tier with
+/// one failed attempt. No original was requeued next to its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_copies_acks_each_original_once_its_copy_is_confirmed() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 32, 20, "")).await;
+    let g = f.group(0);
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let log = Log::default();
+    let l = log.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (l, mut opened) = (l.clone(), opened.clone());
+            async move {
+                let _ = opened.wait_for(|o| *o).await;
+                let answer = Err(HandlerError::retryable("failing at shutdown"));
+                l.note(&d, &answer);
+                answer
+            }
+        }),
+        "adv-shutdown-copies",
+        |b| b.shutdown_grace(Duration::from_secs(10)),
+    )
+    .await;
+    let reg = run.registry.clone();
+    f.publish_numbered("order.created", b"x", "sd", 20).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&reg, "warren_in_flight", &[]) < 20.0 {
+        assert!(Instant::now() < deadline, "20 handlers never ran at once");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    run.cancel.cancel();
+    gate.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(20), run.task)
+        .await
+        .expect("stops within the grace")
+        .unwrap()
+        .unwrap();
+    assert_eq!(log.len(), 20);
+    assert_eq!(metric(&reg, "warren_retries_total", &[]), 20.0);
+    assert_eq!(
+        metric(&reg, "warren_deliveries_total", &[]),
+        metric(&reg, "warren_handled_total", &[])
+    );
+    // The copies come back from the 200 ms tier; no consumer runs now.
+    wait_for_count(&f, &g.work_queue(), 20, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(f.count(&g.work_queue()).await, 20, "no original requeued");
+    let back = f.take(&g.work_queue(), 20, Duration::from_secs(2)).await;
+    let mut ids: Vec<String> = back.iter().map(message_id).collect();
+    ids.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("sd{i}")).collect();
+    want.sort();
+    assert_eq!(ids, want, "each id exactly once");
+    for m in &back {
+        assert_eq!(header_int(m, headers::ATTEMPTS), Some(1));
+        assert_eq!(
+            header_str(m, headers::ERROR).as_deref(),
+            Some("failing at shutdown")
+        );
+        assert!(!m.delivery.redelivered, "the copy, not the original");
+    }
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// The same with no grace at all: handlers are cut off as their copies go
+/// out. Whatever was not acked goes back to the work queue; a copy that
+/// the publisher had already taken may land too (at-least-once). Every id
+/// is still there, at most twice, and the original is never missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_without_grace_during_copies_keeps_every_original() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 32, 20, "")).await;
+    let g = f.group(0);
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let l = Log::default();
+    let log = l.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (l, mut opened) = (l.clone(), opened.clone());
+            async move {
+                let _ = opened.wait_for(|o| *o).await;
+                let answer = Err(HandlerError::retryable("cut off"));
+                l.note(&d, &answer);
+                answer
+            }
+        }),
+        "adv-shutdown-nograce",
+        |b| b.shutdown_grace(Duration::ZERO),
+    )
+    .await;
+    let reg = run.registry.clone();
+    f.publish_numbered("order.created", b"x", "ng", 20).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&reg, "warren_in_flight", &[]) < 20.0 {
+        assert!(Instant::now() < deadline, "20 handlers never ran at once");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gate.send_replace(true);
+    run.stop().await;
+    assert!(log.len() <= 20);
+    // Wait for copies (if any) to come back from the tier.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let n = f.count(&g.work_queue()).await as usize;
+    let back = f.take(&g.work_queue(), n, Duration::from_secs(2)).await;
+    let mut per_id: HashMap<String, Vec<Option<i64>>> = HashMap::new();
+    for m in &back {
+        per_id
+            .entry(message_id(m))
+            .or_default()
+            .push(header_int(m, headers::ATTEMPTS));
+    }
+    for i in 0..20 {
+        let id = format!("ng{i}");
+        let got = per_id.get(&id).cloned().unwrap_or_default();
+        assert!((1..=2).contains(&got.len()), "{id}: {got:?}");
+        // An original acked (its copy confirmed) leaves only the copy.
+        assert!(
+            got.contains(&None) || got == [Some(1)],
+            "{id}: neither the original nor a confirmed copy: {got:?}"
+        );
+    }
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// Mixed outcomes (success, one retry, permanent, retries exhausted) under
+/// prefetch and concurrency that do not match: a window smaller than the
+/// handlers, a single handler behind a larger window, and both at 1. The
+/// ack window must settle each delivery exactly once: no redelivery, no
+/// delivery left unacked, every outcome counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mismatched_prefetch_and_concurrency_settle_every_outcome_once() {
+    for (prefetch, concurrency) in [(1u16, 8u16), (7, 1), (1, 1), (3, 16)] {
+        mixed_outcomes(prefetch, concurrency).await;
+    }
+}
+
+async fn mixed_outcomes(prefetch: u16, concurrency: u16) {
+    // The file refuses concurrency above prefetch; the builder allows it.
+    let f = Fixture::new(&topology("classic", "'100ms'", 16, 16, "")).await;
+    let g = f.group(0);
+    let log = Log::default();
+    let l = log.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                let id = d.message_id().unwrap_or("").to_owned();
+                let n: u64 = id.trim_start_matches("mx").parse().unwrap_or(0);
+                // Uneven handler times, so that completions overtake.
+                tokio::time::sleep(Duration::from_millis((n * 7) % 13)).await;
+                let answer = match n % 4 {
+                    0 => Ok(()),
+                    1 if d.attempt() == 1 => Err(HandlerError::retryable("once")),
+                    1 => Ok(()),
+                    2 => Err(HandlerError::permanent("never")),
+                    _ => Err(HandlerError::retryable("always")),
+                };
+                l.note(&d, &answer);
+                answer
+            }
+        }),
+        "adv-mismatch",
+        |b| b.prefetch(prefetch).concurrency(concurrency),
+    )
+    .await;
+    let reg = run.registry.clone();
+    let n = 40;
+    f.publish_numbered("order.created", b"{}", "mx", n).await;
+    let dead_want = (n / 2) as u32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log.len() < n + n / 2 || f.count(&g.dead_queue()).await < dead_want {
+        assert!(
+            Instant::now() < deadline,
+            "p{prefetch}/c{concurrency}: {} handlings, {} dead",
+            log.len(),
+            f.count(&g.dead_queue()).await
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while settled(&reg) < (n + n / 2) as f64 {
+        assert!(Instant::now() < deadline, "outcomes not counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    run.stop().await;
+    let ctx = format!("prefetch {prefetch}, concurrency {concurrency}");
+    assert_eq!(log.len(), n + n / 2, "{ctx}: handled exactly as planned");
+    for i in 0..n {
+        let hits = log.of(&format!("mx{i}"));
+        let attempts: Vec<u32> = hits.iter().map(|h| h.attempt).collect();
+        let want: &[u32] = if i % 2 == 1 { &[1, 2] } else { &[1] };
+        assert_eq!(attempts, want, "{ctx}: mx{i}");
+        assert!(
+            hits.iter().all(|h| !h.redelivered),
+            "{ctx}: mx{i} redelivered"
+        );
+    }
+    let dead = f
+        .take(&g.dead_queue(), dead_want as usize, Duration::from_secs(2))
+        .await;
+    for m in &dead {
+        let id = message_id(m);
+        let i: usize = id.trim_start_matches("mx").parse().unwrap();
+        let want = if i % 4 == 2 {
+            ("permanent", 1)
+        } else {
+            ("retryable", 2)
+        };
+        assert_eq!(
+            (
+                header_str(m, headers::ERROR_KIND).as_deref(),
+                header_int(m, headers::ATTEMPTS)
+            ),
+            (Some(want.0), Some(want.1)),
+            "{ctx}: {id}"
+        );
+    }
+    let q = n as f64 / 4.0;
+    for (outcome, want) in [
+        ("ack", 2.0 * q),
+        ("retry", 2.0 * q),
+        ("dead_letter", 2.0 * q),
+    ] {
+        assert_eq!(
+            metric(&reg, "warren_handled_total", &[("outcome", outcome)]),
+            want,
+            "{ctx}: {outcome}"
+        );
+    }
+    assert_eq!(settled(&reg), (n + n / 2) as f64, "{ctx}");
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), settled(&reg));
+    assert_eq!(f.count(&g.work_queue()).await, 0, "{ctx}");
+    assert_eq!(f.count(&g.retry_queue(1)).await, 0, "{ctx}");
+    assert_eq!(f.count(&g.dead_queue()).await, 0, "{ctx}");
+}
+
+/// A handler that runs past `handler_timeout` on every attempt is cancelled
+/// each time (what it would have done after its `.await` never happens),
+/// goes through the tier, and ends in `{group}.dead` with kind `timeout`.
+/// One that blocks its thread past the timeout cannot be cancelled: its
+/// own answer counts (documented on `Handler`), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_past_its_timeout_is_cut_off_and_its_late_result_never_counts() {
+    let f = Fixture::new(&topology("classic", "'100ms'", 8, 4, "")).await;
+    let g = f.group(0);
+    let log = Log::default();
+    let late = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (l, lt) = (log.clone(), late.clone());
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (l, lt) = (l.clone(), lt.clone());
+            async move {
+                if d.message_id() == Some("blocks") {
+                    std::thread::sleep(Duration::from_millis(400));
+                    let answer = Ok(());
+                    l.note(&d, &answer);
+                    return answer;
+                }
+                l.note(&d, &Err(HandlerError::retryable("started")));
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                lt.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
+        }),
+        "adv-timeout",
+        |b| b.handler_timeout(Duration::from_millis(200)),
+    )
+    .await;
+    let reg = run.registry.clone();
+    f.publish(&f.exchange(), "order.created", b"s", props("sleeps"))
+        .await;
+    f.publish(&f.exchange(), "order.created", b"b", props("blocks"))
+        .await;
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(10)).await;
+    wait_for(Duration::from_secs(5), "the blocking one", || {
+        log.succeeded("blocks")
+    })
+    .await;
+    // Longer than the handler would have slept: a late result would show.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    run.stop().await;
+    assert_eq!(late.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let m = &dead[0];
+    assert_eq!(message_id(m), "sleeps");
+    assert_eq!(
+        header_str(m, headers::ERROR_KIND).as_deref(),
+        Some("timeout")
+    );
+    assert_eq!(header_int(m, headers::ATTEMPTS), Some(2));
+    assert_eq!(
+        header_str(m, headers::ERROR).as_deref(),
+        Some("handler ran past handler_timeout (200ms) and was cancelled")
+    );
+    let attempts: Vec<u32> = log.of("sleeps").iter().map(|h| h.attempt).collect();
+    assert_eq!(attempts, [1, 2]);
+    assert_eq!(log.of("sleeps")[1].last_kind.as_deref(), Some("timeout"));
+    assert_eq!(log.of("blocks").len(), 1, "acked once, not retried");
+    assert_eq!(
+        metric(&reg, "warren_handled_total", &[("outcome", "ack")]),
+        1.0
+    );
+    assert_eq!(metric(&reg, "warren_retries_total", &[]), 1.0);
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), settled(&reg));
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// Messages put straight into the work queue (a hand replay, another tool)
+/// with `x-warren-attempts` at or past the group's last tier: a failure
+/// dead-letters them at once, whatever the count (up to `MAX_ATTEMPTS`,
+/// which is still taken at face value), with the count plus one; a count
+/// past `MAX_ATTEMPTS` is malformed and starts over; success acks them.
+/// None loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_past_the_last_tier_dead_letter_at_once_and_never_loop() {
+    let f = Fixture::new(&topology("classic", "'100ms', '100ms'", 8, 4, "")).await;
+    let g = f.group(0);
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |d| {
+            if d.message_id() == Some("ok-7") {
+                Ok(())
+            } else {
+                Err(HandlerError::retryable("still failing"))
+            }
+        }),
+        "adv-attempts",
+        |b| b,
+    )
+    .await;
+    let reg = run.registry.clone();
+    let max = i64::from(warren_consumer::MAX_ATTEMPTS);
+    let cases: [(&str, i64); 5] = [
+        ("at-2", 2),
+        ("past-5", 5),
+        ("max", max),
+        ("over-max", max + 1),
+        ("ok-7", 7),
+    ];
+    for (id, attempts) in cases {
+        let mut h = FieldTable::default();
+        h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(attempts));
+        h.insert(
+            headers::ORIGINAL_EXCHANGE.into(),
+            AMQPValue::LongString("orders-of-old".into()),
+        );
+        h.insert(
+            headers::ORIGINAL_ROUTING_KEY.into(),
+            AMQPValue::LongString("order.replayed".into()),
+        );
+        let p = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(h);
+        // Straight into the work queue, as a hand replay does.
+        f.publish("", &g.work_queue(), b"{}", p).await;
+    }
+    let mut dead = f.take(&g.dead_queue(), 4, Duration::from_secs(10)).await;
+    wait_for(Duration::from_secs(5), "ok-7 handled", || {
+        log.succeeded("ok-7")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    run.stop().await;
+    dead.sort_by_key(message_id);
+    let got: Vec<(String, Option<i64>)> = dead
+        .iter()
+        .map(|m| (message_id(m), header_int(m, headers::ATTEMPTS)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("at-2".to_owned(), Some(3)),
+            ("max".to_owned(), Some(max + 1)),
+            ("over-max".to_owned(), Some(3)),
+            ("past-5".to_owned(), Some(6)),
+        ]
+    );
+    for m in &dead {
+        assert_eq!(
+            header_str(m, headers::ORIGINAL_EXCHANGE).as_deref(),
+            Some("orders-of-old"),
+            "the first route is kept"
+        );
+        assert_eq!(
+            header_str(m, headers::ORIGINAL_ROUTING_KEY).as_deref(),
+            Some("order.replayed")
+        );
+        assert_eq!(
+            header_str(m, headers::ERROR_KIND).as_deref(),
+            Some("retryable")
+        );
+        assert!(header_str(m, headers::DEAD_LETTERED_AT).is_some());
+    }
+    for (id, n) in [
+        ("at-2", 1),
+        ("past-5", 1),
+        ("max", 1),
+        ("over-max", 3),
+        ("ok-7", 1),
+    ] {
+        assert_eq!(log.of(id).len(), n, "{id}: {:?}", log.of(id));
+    }
+    assert_eq!(log.of("ok-7")[0].attempt, 8);
+    assert_eq!(
+        metric(&reg, "warren_retries_total", &[]),
+        2.0,
+        "only over-max"
+    );
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), settled(&reg));
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// A delivery with a large `x-death` from elsewhere (300 entries, as a
+/// message shuffled between queues for years might carry) and 2,000 other
+/// headers goes through a retry tier and into the dead letters without a
+/// reconnect. The broker rewrites `x-death` on the way back from the tier
+/// (its own entry first; RabbitMQ 3.10 also regroups the others, which
+/// reverses them); warren keeps it untouched: the dead letter carries
+/// exactly the `x-death` the last attempt received, every entry of the
+/// client's still there, and every other header intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_x_death_and_thousands_of_headers_survive_retry_and_dead_letter() {
+    let f = Fixture::new(&topology("classic", "'100ms'", 8, 4, "")).await;
+    let g = f.group(0);
+    let mut h = FieldTable::default();
+    for i in 0..2000 {
+        h.insert(
+            format!("h-{i:04}").as_str().into(),
+            AMQPValue::LongString(format!("value {i}").into()),
+        );
+    }
+    let mut deaths = FieldArray::default();
+    for i in 0..300 {
+        let mut t = FieldTable::default();
+        t.insert("count".into(), AMQPValue::LongLongInt(i + 1));
+        t.insert("reason".into(), AMQPValue::LongString("expired".into()));
+        t.insert(
+            "queue".into(),
+            AMQPValue::LongString(format!("elsewhere.{i}").into()),
+        );
+        t.insert("exchange".into(), AMQPValue::LongString("".into()));
+        t.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
+                format!("elsewhere.{i}").into(),
+            )])),
+        );
+        deaths.push(AMQPValue::FieldTable(t));
+    }
+    let sent = AMQPValue::FieldArray(deaths);
+    h.insert(headers::X_DEATH.into(), sent.clone());
+    let p = BasicProperties::default()
+        .with_message_id("xd-1".into())
+        .with_headers(h);
+    f.publish(&f.exchange(), "order.created", b"{}", p).await;
+    let received: Arc<Mutex<Vec<Option<AMQPValue>>>> = Arc::default();
+    let r = received.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            r.lock().unwrap().push(d.header(headers::X_DEATH).cloned());
+            async { Err(HandlerError::retryable("no")) }
+        }),
+        "adv-xdeath",
+        |b| b,
+    )
+    .await;
+    let reg = run.registry.clone();
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(10)).await;
+    assert_eq!(metric(&reg, "warren_reconnects_total", &[]), 0.0);
+    run.stop().await;
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2, "two attempts");
+    assert_eq!(received[0].as_ref(), Some(&sent), "the first, as published");
+    let m = &dead[0];
+    assert_eq!(header_int(m, headers::ATTEMPTS), Some(2));
+    for i in [0, 999, 1999] {
+        assert_eq!(
+            header_str(m, &format!("h-{i:04}")).as_deref(),
+            Some(format!("value {i}").as_str())
+        );
+    }
+    let h = m.delivery.properties.headers().as_ref().unwrap();
+    let kept = h.inner().get(headers::X_DEATH);
+    assert_eq!(
+        kept,
+        received[1].as_ref(),
+        "x-death exactly as the last attempt received it"
+    );
+    let Some(AMQPValue::FieldArray(deaths)) = kept else {
+        panic!("x-death lost");
+    };
+    let mut queues: Vec<String> = deaths
+        .as_slice()
+        .iter()
+        .filter_map(|d| match d {
+            AMQPValue::FieldTable(t) => match t.inner().get("queue") {
+                Some(AMQPValue::LongString(s)) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queues[0], g.retry_queue(1), "the broker's entry, first");
+    queues.remove(0);
+    queues.sort();
+    let mut want: Vec<String> = (0..300).map(|i| format!("elsewhere.{i}")).collect();
+    want.sort();
+    assert_eq!(queues, want, "every entry of the client's");
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// Two groups of one process on one `Broker`: an operator deletes the
+/// first group's work queue under it. That group stops with
+/// `QueueMissing`; the other keeps consuming on the shared connection
+/// without a reconnect, and handles every message published meanwhile
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_group_losing_its_queue_does_not_disturb_the_other_on_the_same_broker() {
+    let toml = "[[exchange]]\nname = 'orders'\nkind = 'topic'\n\
+        [[group]]\nname = 'a'\nexchange = 'orders'\nbindings = ['#']\nqueue_type = 'classic'\nretry = ['100ms']\n\
+        [[group]]\nname = 'b'\nexchange = 'orders'\nbindings = ['#']\nqueue_type = 'classic'\nretry = ['100ms']\nprefetch = 16\nconcurrency = 8\n";
+    let f = Fixture::new(toml).await;
+    let broker = Arc::new(
+        warren_topology::Broker::connect(
+            warren_topology::ConnectOptions::new(url(), component().as_str()).attempts(3),
+        )
+        .await
+        .unwrap(),
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (reg_a, reg_b) = (prometheus::Registry::new(), prometheus::Registry::new());
+    let (log_a, log_b) = (Log::default(), Log::default());
+    let slow_ok = |log: &Log| {
+        let log = log.clone();
+        handler_fn(move |d: Delivery| {
+            let log = log.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Every fifth fails once: copies in flight too.
+                let n: u32 = d
+                    .message_id()
+                    .unwrap_or("")
+                    .trim_start_matches("tg")
+                    .parse()
+                    .unwrap_or(0);
+                let answer = if n.is_multiple_of(5) && d.attempt() == 1 {
+                    Err(HandlerError::retryable("once"))
+                } else {
+                    Ok(())
+                };
+                log.note(&d, &answer);
+                answer
+            }
+        })
+    };
+    let a = warren_consumer::ConsumerGroup::builder(f.group(0), slow_ok(&log_a))
+        .metrics(warren_consumer::Metrics::register(&reg_a).unwrap())
+        .build()
+        .unwrap();
+    let b = warren_consumer::ConsumerGroup::builder(f.group(1), slow_ok(&log_b))
+        .metrics(warren_consumer::Metrics::register(&reg_b).unwrap())
+        .build()
+        .unwrap();
+    let (mut ready_a, mut ready_b) = (a.ready(), b.ready());
+    let (br, c) = (broker.clone(), cancel.clone());
+    let task_a = tokio::spawn(async move { a.run(&br, c).await });
+    let (br, c) = (broker.clone(), cancel.clone());
+    let task_b = tokio::spawn(async move { b.run(&br, c).await });
+    for r in [&mut ready_a, &mut ready_b] {
+        tokio::time::timeout(Duration::from_secs(10), r.wait_for(|r| *r))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let n = 200;
+    let ids: Vec<String> = (0..n).map(|i| format!("tg{i}")).collect();
+    let publisher = {
+        let ch = f.conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let (ids, ex) = (ids.clone(), f.exchange());
+        tokio::spawn(async move {
+            for id in ids {
+                warren_testkit::publish_on(&ch, &ex, "order.created", b"x", props(&id)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    wait_for(Duration::from_secs(10), "both flowing", || {
+        log_a.len() >= 20 && log_b.len() >= 20
+    })
+    .await;
+    let ch = f.conn.create_channel().await.unwrap();
+    ch.queue_delete(
+        f.group(0).work_queue().as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), task_a)
+        .await
+        .expect("group a stops")
+        .unwrap();
+    assert!(
+        matches!(stopped, Err(warren_consumer::ConsumerError::QueueMissing { ref queue, .. }) if *queue == f.group(0).work_queue()),
+        "{stopped:?}"
+    );
+    publisher.await.unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "group b handles everything",
+        || ids.iter().all(|id| log_b.succeeded(id)),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel();
+    task_b.await.unwrap().unwrap();
+    broker.close().await;
+    assert_eq!(metric(&reg_b, "warren_reconnects_total", &[]), 0.0);
+    for (i, id) in ids.iter().enumerate() {
+        let hits = log_b.of(id);
+        let want = if i.is_multiple_of(5) { 2 } else { 1 };
+        assert_eq!(hits.len(), want, "{id}: {hits:?}");
+        assert!(hits.iter().all(|h| !h.redelivered), "{id}: {hits:?}");
+    }
+    assert_eq!(
+        metric(&reg_b, "warren_deliveries_total", &[]),
+        metric(&reg_b, "warren_handled_total", &[])
+    );
+    let gb = f.group(1);
+    assert_eq!(f.count(&gb.work_queue()).await, 0);
+    assert_eq!(f.count(&gb.retry_queue(1)).await, 0);
+    assert_eq!(f.count(&gb.dead_queue()).await, 0);
+}
