@@ -1005,6 +1005,35 @@ fn consume_usage_error(topo: &Topo, args: &[&str]) -> String {
     err
 }
 
+/// `--http localhost:8080` (no scheme, as one writes an address) used to
+/// be refused with "only http:// is supported", and `--http
+/// 127.0.0.1:8080` with "relative URL without a base": neither says what to
+/// write.
+#[test]
+fn an_http_url_without_its_scheme_is_refused_with_the_url_to_give() {
+    let topo = Topo::new("usagehttp", &[GROUP]);
+    for (given, want) in [
+        ("localhost:8080", "http://localhost:8080"),
+        ("127.0.0.1:8080/orders", "http://127.0.0.1:8080/orders"),
+        ("svc:8080", "http://svc:8080"),
+    ] {
+        let err = consume_usage_error(&topo, &["--http", given]);
+        assert_eq!(
+            err,
+            format!(
+                "error: --http {given:?} has no http:// in front: give the whole URL the \
+                 service takes the POSTs on, such as {want}\n"
+            )
+        );
+    }
+    let err = consume_usage_error(&topo, &["--http", "https://svc/orders"]);
+    assert_eq!(
+        err,
+        "error: --http https://svc/orders: only http:// is supported (put TLS in front of the \
+         worker's local service)\n"
+    );
+}
+
 #[test]
 fn bad_handler_and_limit_flags_are_usage_errors_that_say_what_to_do() {
     let topo = Topo::new(

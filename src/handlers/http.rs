@@ -54,6 +54,15 @@ impl HttpHandler {
     /// group's `handler_timeout`).
     pub fn new(url: &str, timeout: Duration, pool: usize) -> anyhow::Result<Self> {
         let shown = warren_topology::redact(url);
+        // `localhost:8080` parses as the scheme "localhost", `127.0.0.1:8080`
+        // not at all: neither error would say what to write.
+        if !url.contains("://") {
+            return Err(crate::cli::UsageError(format!(
+                "--http {shown:?} has no http:// in front: give the whole URL the service takes \
+                 the POSTs on, such as http://{shown}"
+            ))
+            .into());
+        }
         let url = reqwest::Url::parse(url)
             .map_err(|e| crate::cli::UsageError(format!("--http {shown:?} is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http") {
