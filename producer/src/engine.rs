@@ -3,14 +3,15 @@
 //! returned messages to their owners, fails what passes its deadline, and
 //! reopens the channel after a failure.
 //!
-//! ## Why returned messages are matched by `message_id`
+//! ## Why returned messages are matched by `message_id` and route
 //!
 //! lapin hands a `basic.return` to whichever confirm it resolves next, and
 //! resolves a multiple-ack in hash-map order. With many publishes in flight,
 //! `Confirmation::Ack(Some(returned))` may therefore belong to another
 //! message, and the unroutable one may see `Ack(None)`. The engine collects
-//! every returned message's `message_id` and decides a message's outcome
-//! only when its return, if any, must have been seen:
+//! every returned message's `message_id`, exchange and routing key, and
+//! decides a message's outcome only when its return, if any, must have been
+//! seen:
 //!
 //! - an `Ack(None)` means lapin's queue of returns was empty when it was
 //!   resolved, so a return for this message went to a confirm resolved
@@ -18,6 +19,14 @@
 //!   seen it;
 //! - a message that got someone else's return waits until a later round shows
 //!   an empty queue again (an `Ack(None)`), or until nothing is in flight.
+//!
+//! Two messages may share a `message_id` (a business key, or the copies of
+//! two redeliveries of one message). So that a return is never counted
+//! against the wrong one, at most one message per (`message_id`, exchange,
+//! routing key) is in flight on a channel: a second is held back until the
+//! first is decided. Without that, a routable copy could take an
+//! unroutable one's return, and the unroutable one would be reported as
+//! confirmed: a consumer would then ack an original whose copy went nowhere.
 //!
 //! ## Which message made the broker close the channel
 //!
@@ -47,6 +56,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::hash::BuildHasher as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,8 +105,14 @@ pub(crate) struct Job {
     pub attempts: u32,
     pub order: u64,
     pub epoch: u64,
+    /// A hash of (`message_id`, exchange, routing key), set when sent: at
+    /// most one message per route is in flight on a channel.
+    pub route: u64,
     pub permit: OwnedSemaphorePermit,
 }
+
+/// Who a returned message is: its `message_id`, exchange and routing key.
+type ReturnKey = (String, String, String);
 
 type Output = (u64, u64, Result<Confirmation, lapin::Error>);
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -117,8 +133,15 @@ pub(crate) struct Engine {
     jobs: HashMap<u64, Job>,
     in_flight: FuturesUnordered<BoxFut<Output>>,
     retry: VecDeque<Job>,
-    /// message_id → how many returns not yet matched, on the current channel.
-    returned: HashMap<String, (usize, u16, String)>,
+    /// (message_id, exchange, routing key) → how many returns not yet
+    /// matched, on the current channel, with the last reply code and text.
+    returned: HashMap<ReturnKey, (usize, u16, String)>,
+    /// Route hash → the key of the one message of that route in flight.
+    sending: HashMap<u64, u64>,
+    /// Messages whose route has another message in flight: sent once that
+    /// one is decided (see the module docs).
+    held: VecDeque<Job>,
+    routes: std::collections::hash_map::RandomState,
     /// Keys acked with someone else's return, and the round they came in.
     undecided: Vec<(u64, u64)>,
     round: u64,
@@ -165,6 +188,9 @@ impl Engine {
             in_flight: FuturesUnordered::new(),
             retry: VecDeque::new(),
             returned: HashMap::new(),
+            sending: HashMap::new(),
+            held: VecDeque::new(),
+            routes: std::collections::hash_map::RandomState::new(),
             undecided: Vec::new(),
             round: 0,
             outstanding: 0,
@@ -183,12 +209,19 @@ impl Engine {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut accepting = true;
         loop {
-            if !accepting && self.jobs.is_empty() && self.retry.is_empty() {
+            if !self.held.is_empty() {
+                self.release_held();
+            }
+            if !accepting && self.jobs.is_empty() && self.retry.is_empty() && self.held.is_empty() {
                 break;
             }
             self.maybe_connect();
             self.note_blocked();
-            if !self.suspects.is_empty() && self.jobs.is_empty() && self.retry.is_empty() {
+            if !self.suspects.is_empty()
+                && self.jobs.is_empty()
+                && self.retry.is_empty()
+                && self.held.is_empty()
+            {
                 self.suspects.clear(); // every suspect was answered
             }
             while self.may_send() {
@@ -343,8 +376,23 @@ impl Engine {
                 return;
             }
         };
+        let route = self
+            .routes
+            .hash_one((&job.message_id, &job.exchange, &job.routing_key));
+        job.route = route;
+        if self
+            .sending
+            .get(&route)
+            .is_some_and(|k| self.jobs.contains_key(k))
+        {
+            // Another message of this route is in flight: a return could
+            // not be told apart from its.
+            self.held.push_back(job);
+            return;
+        }
         let key = self.next_key;
         self.next_key += 1;
+        self.sending.insert(route, key);
         let epoch = self.epoch;
         job.epoch = epoch;
         job.attempts += 1;
@@ -400,14 +448,10 @@ impl Engine {
             self.outstanding = self.outstanding.saturating_sub(1);
             match res {
                 Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => {
-                    let id = r
-                        .delivery
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|s| s.to_string())
-                        .unwrap_or_default();
-                    let entry = self.returned.entry(id).or_insert((0, 0, String::new()));
+                    let entry = self
+                        .returned
+                        .entry(return_key(r))
+                        .or_insert((0, 0, String::new()));
                     entry.0 += 1;
                     entry.1 = r.reply_code;
                     entry.2 = r.reply_text.to_string();
@@ -428,27 +472,20 @@ impl Engine {
             }
             match res {
                 Ok(Confirmation::Ack(r)) => {
-                    let own = r.as_ref().is_some_and(|r| {
-                        r.delivery
-                            .properties
-                            .message_id()
-                            .as_ref()
-                            .map(|s| s.as_str())
-                            == Some(job.message_id.as_str())
-                    });
+                    let own = r.as_ref().is_some_and(|r| is_return_of(r, job));
                     if own || r.is_none() {
                         self.decide(key);
                     } else {
                         self.undecided.push((key, round));
                         // Settled now if its own return was already seen.
-                        if self.returned.get(&job.message_id).is_some_and(|e| e.0 > 0) {
+                        if self.returned.get(&job_key(job)).is_some_and(|e| e.0 > 0) {
                             self.undecided.pop();
                             self.decide(key);
                         }
                     }
                 }
                 Ok(Confirmation::Nack(_)) => {
-                    if let Some(job) = self.jobs.remove(&key) {
+                    if let Some(job) = self.take_job(key) {
                         let err = PublishError::Nacked {
                             exchange: job.exchange.clone(),
                             routing_key: job.routing_key.clone(),
@@ -457,7 +494,7 @@ impl Engine {
                     }
                 }
                 Ok(Confirmation::NotRequested) => {
-                    if let Some(job) = self.jobs.remove(&key) {
+                    if let Some(job) = self.take_job(key) {
                         let err = PublishError::Channel("confirms are not enabled".into());
                         self.finish(job, Err(err));
                     }
@@ -516,10 +553,15 @@ impl Engine {
 
     /// Confirmed, or returned if a return with its id was seen.
     fn decide(&mut self, key: u64) {
-        let Some(job) = self.jobs.remove(&key) else {
+        let Some(job) = self.take_job(key) else {
             return;
         };
-        let returned = match self.returned.get_mut(&job.message_id) {
+        let found = if self.returned.is_empty() {
+            None
+        } else {
+            self.returned.get_mut(&job_key(&job))
+        };
+        let returned = match found {
             Some(entry) if entry.0 > 0 => {
                 entry.0 -= 1;
                 Some((entry.1, entry.2.clone()))
@@ -579,7 +621,7 @@ impl Engine {
         let mut blamed = 0;
         let mut parked = Vec::new();
         for key in dead {
-            let Some(job) = self.jobs.remove(&key) else {
+            let Some(job) = self.take_job(key) else {
                 continue;
             };
             let named = soft && text.contains(&format!("'{}'", broker_name(&job.exchange)));
@@ -661,6 +703,36 @@ impl Engine {
         }
     }
 
+    /// Removes a sent message from the books, freeing its route.
+    fn take_job(&mut self, key: u64) -> Option<Job> {
+        let job = self.jobs.remove(&key)?;
+        if self.sending.get(&job.route) == Some(&key) {
+            self.sending.remove(&job.route);
+        }
+        Some(job)
+    }
+
+    /// Moves held messages whose route is free back to the send queue, in
+    /// their original order.
+    fn release_held(&mut self) {
+        let mut released = false;
+        for job in std::mem::take(&mut self.held) {
+            let busy = self
+                .sending
+                .get(&job.route)
+                .is_some_and(|k| self.jobs.contains_key(k));
+            if busy {
+                self.held.push_back(job);
+            } else {
+                self.retry.push_back(job);
+                released = true;
+            }
+        }
+        if released {
+            self.retry.make_contiguous().sort_by_key(|j| j.order);
+        }
+    }
+
     fn abandon_epoch(&mut self) {
         self.returned.clear();
         self.undecided.clear();
@@ -698,9 +770,15 @@ impl Engine {
                 last_error: self.last_error.clone(),
             }));
         }
-        let (late, keep): (Vec<Job>, Vec<Job>) =
+        let (mut late, keep): (Vec<Job>, Vec<Job>) =
             self.retry.drain(..).partition(|j| j.deadline <= now);
         self.retry.extend(keep);
+        if !self.held.is_empty() {
+            let (held_late, keep): (Vec<Job>, Vec<Job>) =
+                self.held.drain(..).partition(|j| j.deadline <= now);
+            self.held.extend(keep);
+            late.extend(held_late);
+        }
         for job in late {
             let (stage, last_error) = match &self.blocked {
                 Some(reason) => (
@@ -752,6 +830,35 @@ impl Engine {
 
 /// The exchange's name as RabbitMQ writes it in its errors: the default
 /// exchange ("") is 'amq.default' there.
+/// The key a returned message is counted under.
+fn return_key(r: &lapin::message::BasicReturnMessage) -> ReturnKey {
+    let d = &r.delivery;
+    let id = d.properties.message_id().as_ref().map(|s| s.to_string());
+    (
+        id.unwrap_or_default(),
+        d.exchange.to_string(),
+        d.routing_key.to_string(),
+    )
+}
+
+/// The key a message's return would be counted under.
+fn job_key(job: &Job) -> ReturnKey {
+    (
+        job.message_id.clone(),
+        job.exchange.clone(),
+        job.routing_key.clone(),
+    )
+}
+
+/// Whether a returned message is this message (same `message_id`, exchange
+/// and routing key: at most one such message is in flight).
+fn is_return_of(r: &lapin::message::BasicReturnMessage, job: &Job) -> bool {
+    let d = &r.delivery;
+    d.properties.message_id().as_ref().map(|s| s.as_str()) == Some(job.message_id.as_str())
+        && d.exchange.as_str() == job.exchange
+        && d.routing_key.as_str() == job.routing_key
+}
+
 fn broker_name(exchange: &str) -> &str {
     if exchange.is_empty() {
         "amq.default"
@@ -881,6 +988,7 @@ mod tests {
             attempts: 1,
             order: 0,
             epoch: 0,
+            route: 0,
             permit,
         }
     }

@@ -362,6 +362,7 @@ impl Publisher {
             attempts: 0,
             order: u64::MAX,
             epoch: 0,
+            route: 0,
             permit,
         };
         // The queue holds at most `window` jobs and each holds a slot, so

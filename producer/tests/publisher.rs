@@ -174,6 +174,60 @@ async fn unroutable_is_an_error_even_mixed_in_a_full_window() {
     p.close().await;
 }
 
+/// Messages that share a `message_id` (a business key) are still told
+/// apart: returns used to be matched by `message_id` alone, so a routable
+/// message could take an unroutable one's return and the unroutable one was
+/// reported confirmed. Half go where no queue is bound, half where one is;
+/// every message of the same id and route is also sent while another of
+/// them is in flight, which the publisher now holds back until the first
+/// is decided (so this also shows that holding back never stalls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_message_id_is_never_confirmed_for_an_unroutable_message() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "in", FieldTable::default()).await;
+    let (p, registry, _) = publisher(PublisherConfig::default().window(256)).await;
+
+    const N: usize = 1200;
+    let unroutable = |i: usize| i % 2 == 1;
+    let msgs = (0..N).map(|i| {
+        let key = if unroutable(i) { "nowhere" } else { "in" };
+        // Three ids in all, each on both routes many times over.
+        let id = format!("order-{}", i % 3);
+        Message::bytes(&ex, key, format!("{i}"))
+            .properties(BasicProperties::default().with_message_id(id.as_str().into()))
+    });
+    let results = tokio::time::timeout(Duration::from_secs(60), p.publish_batch(msgs))
+        .await
+        .expect("the batch finishes: held messages are sent once their route is free");
+    let mut ok = 0;
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            Ok(_) => {
+                assert!(
+                    !unroutable(i),
+                    "message {i} was unroutable but reported confirmed"
+                );
+                ok += 1;
+            }
+            Err(PublishError::Unroutable { routing_key, .. }) => {
+                assert!(
+                    unroutable(i),
+                    "message {i} was routable but reported unroutable"
+                );
+                assert_eq!(routing_key, "nowhere");
+            }
+            Err(e) => panic!("message {i}: {e}"),
+        }
+    }
+    assert_eq!(ok, (N / 2) as u32);
+    assert_eq!(fx.wait_count(&q, ok).await, ok);
+    assert_eq!(published(&registry, &ex, "returned"), (N / 2) as u64);
+    assert_eq!(published(&registry, &ex, "confirmed"), u64::from(ok));
+    p.close().await;
+}
+
 /// An exchange name or routing key over AMQP's 255 bytes is an error for
 /// that message (before: a panic in the publisher's task, and every later
 /// publish failed with "the publisher is closed").
