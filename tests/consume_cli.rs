@@ -967,6 +967,57 @@ async fn the_password_of_the_http_url_is_masked_in_headers_and_logs() {
     assert!(!log.contains("secretpw"), "{log}");
 }
 
+/// A service that is down (or an `--http` with the wrong port): every
+/// message fails and is retried, which the consumer logs at INFO. At the
+/// default level the worker used to say nothing until the messages had used
+/// up their retry tiers. It now warns, once a minute at most, and the error
+/// each message carries asks whether the service runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_service_that_cannot_be_reached_is_warned_of_at_the_default_level() {
+    let topo = Topo::new(
+        "httpdown",
+        &["name = \"{p}.g\"\nexchange = \"{p}.orders\"\nbindings = [\"order.*\"]\nqueue_type = \"classic\"\nretry = [\"1m\"]\n"],
+    );
+    topo.apply();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/orders");
+    let mut w = quiet_worker(&topo, URL, &["--http", &url]).await;
+    let conn = connect().await;
+    for id in ["down-1", "down-2", "down-3"] {
+        publish(&conn, &topo.exchange(), "order.created", id, b"{}").await;
+    }
+    let retry_q = topo.q("g.retry.1");
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            count(&conn, &retry_q).await == 3
+        })
+        .await,
+        "log:\n{}",
+        w.log_text()
+    );
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(15)), Some(0));
+    let log = w.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("cannot connect to the --http service"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "once, not per message:\n{log}");
+    assert!(
+        warnings[0].contains("start the service or fix --http"),
+        "{log}"
+    );
+    assert!(warnings[0].contains(&url), "{log}");
+    for (id, _, h) in drain(&conn, &retry_q).await {
+        let error = header_str(&h, "x-warren-error").unwrap();
+        assert!(
+            error.starts_with(&format!("POST {url} failed: "))
+                && error.ends_with("; is the service running and listening there?"),
+            "{id}: {error}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_addr_takes_a_host_name_and_a_default_concurrency_follows_prefetch() {
     let topo = Topo::new("mhost", &[GROUP]);
