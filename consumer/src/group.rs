@@ -638,6 +638,10 @@ impl<H: Handler> ConsumerGroup<H> {
         // When the window is next flushed without a new event: a batch's
         // delay, or stragglers falling due.
         let mut flush_at: Option<tokio::time::Instant> = None;
+        // The stream's end is seen only when a handler slot is free: while
+        // every slot is busy, a lost channel is noticed by its status.
+        let mut health = tokio::time::interval(HEALTH_CHECK);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = async {
                 let permit = sem.clone().acquire_owned().await;
@@ -690,6 +694,12 @@ impl<H: Handler> ConsumerGroup<H> {
                         return Ended::Lost;
                     }
                     (Err(_), Some(Ok(_))) => return Ended::Lost,
+                },
+                _ = health.tick() => {
+                    if !s.consume.status().connected() {
+                        warn!(group = %self.ctx.name, "the consuming channel is closed");
+                        return Ended::Lost;
+                    }
                 }
             }
         }
@@ -882,6 +892,10 @@ fn straggler_threshold(prefetch: usize) -> usize {
 /// `multiple` ack cover them (151 single acks) and made the retry path
 /// 10-20% faster. A slow handler still frees the window after 100 ms.
 const STRAGGLER_AFTER: Duration = Duration::from_millis(100);
+
+/// How often the consume loop checks that its channel is still open (the
+/// end of the consumer's stream is seen only when a handler slot is free).
+const HEALTH_CHECK: Duration = Duration::from_secs(1);
 
 /// How long a settled delivery may wait for others to share its ack frame.
 const ACK_DELAY: Duration = Duration::from_millis(1);

@@ -1413,3 +1413,58 @@ async fn shared_message_ids_round() {
          last messages whose routable dead letter was taken for the unroutable one (dead-lettered twice): {twice:?}"
     );
 }
+
+/// The consuming connection is closed while every handler slot is taken
+/// by a slow handler (an HTTP call that takes its time, well within
+/// `handler_timeout`). The group must notice at once: report not ready
+/// and consume again on a new connection. The loop waits for a free
+/// handler slot before it polls the consumer, so it saw the end of the
+/// stream only when a handler finished: until then `ready()` said true on
+/// a dead connection and nothing was consumed. It now also checks the
+/// channel's status every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_noticed_while_every_handler_is_busy() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 4, 2, "")).await;
+    let g = f.group(0);
+    let component = component();
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let log = Log::default();
+    let l = log.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (l, mut opened) = (l.clone(), opened.clone());
+            async move {
+                let _ = opened.wait_for(|o| *o).await;
+                l.note(&d, &Ok(()));
+                Ok(())
+            }
+        }),
+        &component,
+        |b| b.handler_timeout(Duration::from_secs(60)),
+    )
+    .await;
+    let reg = run.registry.clone();
+    f.publish_numbered("order.created", b"x", "busy", 2).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&reg, "warren_in_flight", &[]) < 2.0 {
+        assert!(Instant::now() < deadline, "2 handlers never ran at once");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    close_connection(&format!("warren-{component}@"));
+    let mut ready = run.ready.clone();
+    let noticed = tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| !*r))
+        .await
+        .is_ok()
+        || metric(&reg, "warren_reconnects_total", &[]) > 0.0;
+    gate.send_replace(true);
+    wait_for(Duration::from_secs(10), "both handled", || {
+        log.succeeded("busy0") && log.succeeded("busy1")
+    })
+    .await;
+    run.stop().await;
+    assert!(
+        noticed,
+        "10 s after its connection was closed, the group still said it was ready and had not reconnected"
+    );
+}
