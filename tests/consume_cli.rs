@@ -1085,6 +1085,35 @@ fn an_http_url_without_its_scheme_is_refused_with_the_url_to_give() {
     );
 }
 
+/// `warren consume --help` is where someone writing a handler looks: it
+/// names what an `--exec` command and an `--http` service receive, and the
+/// exit codes a supervisor sees. It used to say neither.
+#[test]
+fn consume_help_says_what_a_handler_gets_and_the_exit_codes() {
+    let out = warren()
+        .args(["consume", "--help"])
+        .output_within(CLI_LIMIT);
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for text in [
+        "WARREN_MESSAGE_ID",
+        "WARREN_ATTEMPT",
+        "WARREN_ROUTING_KEY",
+        "WARREN_GROUP",
+        "WARREN_REDELIVERED",
+        "X-Warren-Message-Id",
+        "X-Warren-Attempt",
+        "X-Warren-Routing-Key",
+        "X-Warren-Redelivered",
+        "traceparent",
+        "Exit codes: 0 ",
+        "130 (SIGINT)",
+        "143 (SIGTERM)",
+    ] {
+        assert!(help.contains(text), "{text:?} not in:\n{help}");
+    }
+}
+
 #[test]
 fn bad_handler_and_limit_flags_are_usage_errors_that_say_what_to_do() {
     let topo = Topo::new(

@@ -391,6 +391,27 @@ async fn sigterm_stops_like_ctrl_c_and_exits_143() {
     assert_eq!(in_queue, published + confirmed, "{text}");
 }
 
+/// A script that runs `warren publish` reads its exit code: `--help` says
+/// what each one means (it used to name none).
+#[test]
+fn publish_help_says_what_each_exit_code_means() {
+    let out = warren()
+        .args(["publish", "--help"])
+        .output_within(CLI_LIMIT);
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for text in [
+        "Exit codes: 0 every message confirmed",
+        "1 ",
+        "2 ",
+        "130 (Ctrl-C)",
+        "143 (SIGTERM)",
+        "a second signal quits at once",
+    ] {
+        assert!(help.contains(text), "{text:?} not in:\n{help}");
+    }
+}
+
 const SECRET_URL: &str = "amqp://guest:s3cretPW@127.0.0.1:5672/%2f";
 
 /// `warren` with `args`, its exit code and stderr.

@@ -35,9 +35,29 @@ use crate::serve::{self, Health};
 /// Default address of `/metrics`, `/healthz`, `/readyz`.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
+/// The end of `warren consume --help`: what a handler gets, and the exit
+/// codes a supervisor sees.
+const CONSUME_AFTER_HELP: &str = "\
+An --exec command gets the body on stdin and, besides warren's environment, \
+WARREN_MESSAGE_ID, WARREN_ATTEMPT (1 on the first try), WARREN_ROUTING_KEY (the \
+original one), WARREN_GROUP and WARREN_REDELIVERED (true/false); its stdout goes \
+to warren's stdout, the end of its stderr into the error of a failed message. \
+An --http service gets a POST of the body with the message's Content-Type and \
+X-Warren-Message-Id, X-Warren-Attempt, X-Warren-Routing-Key, X-Warren-Redelivered \
+and traceparent.
+
+Before the first delivery the group's queues are checked: a missing one exits 1 \
+(run `warren topology apply`).
+
+Exit codes: 0 stopped by SIGTERM/SIGINT after the drain; 1 a failure (a missing \
+queue, a metrics port in use); 2 bad usage (an unknown group, a command that \
+cannot run, a bad --http URL); a second signal during the drain quits at once \
+with 130 (SIGINT) or 143 (SIGTERM), and the broker requeues what was not acked.";
+
 /// Arguments of `warren consume`.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("handler").required(true).args(["http", "exec"])))]
+#[command(after_long_help = CONSUME_AFTER_HELP)]
 pub struct ConsumeArgs {
     /// The consumer group (a `[[group]]` of the topology file).
     #[arg(long)]

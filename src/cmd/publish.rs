@@ -19,6 +19,15 @@ use warren_topology::ConnectOptions;
 
 use crate::cli::{Global, UsageError};
 
+/// The end of `warren publish --help`: what a script reads in the exit code.
+const PUBLISH_AFTER_HELP: &str = "\
+Exit codes: 0 every message confirmed; 1 a message not confirmed (returned: \
+unroutable; nacked; failed: the summary names its line) or a failure (such as \
+the broker not answering); 2 bad usage or input, nothing sent (invalid JSON, a \
+flag the broker would refuse); 130 (Ctrl-C) or 143 (SIGTERM): nothing more was \
+sent, the confirms of what was sent were awaited and the summary says what was \
+not sent (a second signal quits at once).";
+
 /// Arguments of `warren publish`.
 ///
 /// Every body must be valid JSON (UTF-8, no lone surrogates) and at most
@@ -31,6 +40,7 @@ use crate::cli::{Global, UsageError};
 /// sent) and exits 130; SIGTERM does the same and exits 143. A second
 /// signal quits at once.
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = PUBLISH_AFTER_HELP)]
 pub struct PublishArgs {
     /// The exchange to publish to ("" is the default exchange; at most 255 bytes).
     #[arg(long, short = 'e')]
