@@ -858,6 +858,42 @@ async fn a_byte_order_mark_is_skipped_and_errors_name_line_and_column() {
     assert_eq!(count(&conn, &topo.q("g")).await, 0);
 }
 
+/// `warren publish` sends JSON: `--body hello` (text, as `amqp-publish`
+/// or `rabbitmqadmin` take it) used to be refused with serde's "expected
+/// value at line 1 column 1", which does not say what to write. A body that
+/// is not even the start of a JSON value says how to send it as a JSON
+/// string; one that is (a broken object) keeps the parser's words alone.
+#[test]
+fn text_that_is_not_json_is_refused_with_how_to_send_it_as_a_string() {
+    let (code, err) = run(&["publish", "-e", "x", "--body", "hello"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err,
+        "error: --body is not valid JSON: expected value at line 1 column 1; warren publish \
+         sends JSON bodies: send text as a JSON string, in quotes: --body '\"hello\"'\n"
+    );
+    let (code, err) = run(&["publish", "-e", "x", "--body", "it's 5"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.ends_with("send text as a JSON string, in quotes: --body '\"some text\"'\n"),
+        "{err}"
+    );
+    let (code, err) = publish_stdin(&["-e", "x", "--file", "-"], b"{\"a\":1}\norder 5 paid\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err,
+        "error: stdin:2:1: not valid JSON: expected value; nothing was published (every line is \
+         one JSON value: send text as a JSON string, in quotes: \"order 5 paid\")\n"
+    );
+    // A broken object keeps the parser's words alone.
+    let (code, err) = run(&["publish", "-e", "x", "--body", "{bad"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err,
+        "error: --body is not valid JSON: key must be a string at line 1 column 2\n"
+    );
+}
+
 /// The broker's pid of the AMQP connection the process `pid` has open to
 /// port 5672, found by its local port (every `warren publish` names its
 /// connection `warren-cli@host`, so the name cannot tell ours from others').

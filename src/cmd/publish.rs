@@ -427,8 +427,18 @@ fn read_lines(args: &PublishArgs) -> anyhow::Result<Vec<Line>> {
     let limit = args.max_message_size;
     if let Some(body) = &args.body {
         check_size(body.len(), limit).map_err(|e| UsageError(format!("--body: {e}")))?;
-        check_json(body.as_bytes())
-            .map_err(|e| UsageError(format!("--body is not valid JSON: {e}")))?;
+        check_json(body.as_bytes()).map_err(|e| {
+            let hint = plain_text(body.as_bytes()).map_or(String::new(), |quoted| {
+                let quoted = quoted
+                    .filter(|q| !q.contains('\''))
+                    .unwrap_or_else(|| "\"some text\"".into());
+                format!(
+                    "; warren publish sends JSON bodies: send text as a JSON string, in quotes: \
+                     --body '{quoted}'"
+                )
+            });
+            UsageError(format!("--body is not valid JSON: {e}{hint}"))
+        })?;
         return Ok(vec![Line {
             number: 1,
             body: body.as_bytes().to_vec(),
@@ -468,14 +478,45 @@ fn read_lines(args: &PublishArgs) -> anyhow::Result<Vec<Line>> {
             let text = e.to_string();
             let at = format!(" at line {} column {}", e.line(), e.column());
             let what = text.strip_suffix(&at).unwrap_or(&text);
+            let hint = plain_text(&body).map_or(String::new(), |quoted| {
+                let quoted = quoted.unwrap_or_else(|| "\"some text\"".into());
+                format!(
+                    " (every line is one JSON value: send text as a JSON string, in quotes: \
+                     {quoted})"
+                )
+            });
             UsageError(format!(
-                "{name}:{number}:{}: not valid JSON: {what}; nothing was published",
+                "{name}:{number}:{}: not valid JSON: {what}; nothing was published{hint}",
                 e.column()
             ))
         })?;
         lines.push(Line { number, body });
     }
     Ok(lines)
+}
+
+/// When `body` (not valid JSON) is not even the start of a JSON value,
+/// such as `hello` or `order 5 paid`, it is text someone meant to send:
+/// `Some` of that text as a JSON string when it is short enough to show
+/// (60 bytes, UTF-8), else `Some(None)`. `None` for what starts as JSON
+/// does (`{bad`, `[1,`, `"open`, `5 apples`, `true x`): the parser's
+/// words say what is wrong there.
+fn plain_text(body: &[u8]) -> Option<Option<String>> {
+    const SHOWN: usize = 60;
+    let text = body.trim_ascii();
+    let json_start = |b: &u8| b"{[\"-0123456789".contains(b);
+    let literal = [&b"true"[..], b"false", b"null"]
+        .iter()
+        .any(|l| text.starts_with(l));
+    if text.first().is_none_or(json_start) || literal {
+        return None;
+    }
+    Some(
+        std::str::from_utf8(text)
+            .ok()
+            .filter(|t| t.len() <= SHOWN)
+            .and_then(|t| serde_json::to_string(t).ok()),
+    )
 }
 
 /// The UTF-8 byte order mark, U+FEFF.
@@ -789,6 +830,22 @@ fn amqp_value(json: &serde_json::Value) -> Result<AMQPValue, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_is_not_the_start_of_json_is_called_text() {
+        for json_like in [
+            "{bad", "[1,", "\"open", "5 apples", "-x", "true x", "null,", "  ",
+        ] {
+            assert_eq!(plain_text(json_like.as_bytes()), None, "{json_like:?}");
+        }
+        assert_eq!(plain_text(b" hello\t"), Some(Some("\"hello\"".to_owned())));
+        assert_eq!(
+            plain_text(b"say \"hi\""),
+            Some(Some("\"say \\\"hi\\\"\"".to_owned()))
+        );
+        assert_eq!(plain_text(&[b'x'; 61]), Some(None), "too long to show");
+        assert_eq!(plain_text(b"caf\xe9"), Some(None), "not UTF-8");
+    }
 
     #[test]
     fn json_check_refuses_invalid_utf8_and_lone_surrogates() {
