@@ -1079,7 +1079,7 @@ async fn process<H: Handler>(
 
     let tiers = ctx.settings.group.retry.len();
     let decided = disposition(&result, delivery.failed_attempts(), tiers);
-    let (target, exchange, key, tier) = match decided {
+    let (target, mut exchange, mut key, mut tier) = match decided {
         Disposition::Ack => {
             m.handled.with_label_values(&[group, "ack"]).inc();
             return Settle::Ack;
@@ -1100,20 +1100,40 @@ async fn process<H: Handler>(
     let Err(failure) = result else {
         return Settle::Ack;
     };
-    let headers = failure_headers(
-        delivery.headers(),
-        &Failure {
-            kind: failure.kind(),
-            error: failure.message(),
-            group,
-            attempts: delivery.failed_attempts().saturating_add(1),
-            exchange: delivery.exchange(),
-            routing_key: delivery.routing_key(),
-            now: SystemTime::now(),
-            target,
-        },
-    );
-    match publish_copy(copies, &exchange, &key, &delivery, headers).await {
+    let failure_copy = |target: CopyTarget, error: &str, exchange: &str, key: &str| {
+        let headers = failure_headers(
+            delivery.headers(),
+            &Failure {
+                kind: failure.kind(),
+                error,
+                group,
+                attempts: delivery.failed_attempts().saturating_add(1),
+                exchange: delivery.exchange(),
+                routing_key: delivery.routing_key(),
+                now: SystemTime::now(),
+                target,
+            },
+        );
+        copy_message(copies, exchange, key, &delivery, headers)
+    };
+    let mut copy = failure_copy(target, failure.message(), &exchange, &key);
+    if tier.is_some() {
+        // The broker adds `x-death` when the tier's TTL sends the copy back:
+        // a copy that only just fits a frame would come back too large to
+        // deliver, and the connection would fail on every redelivery.
+        let frame_max = copies.publisher.broker().frame_max();
+        let room = frame_max.saturating_sub(x_death_reserve(&key));
+        if !copy.fits_in_frame(room) {
+            let error = format!(
+                "{}; not retried: its properties leave no room in a frame (frame_max {frame_max}) for the x-death header the broker adds on the way back from {key}",
+                failure.message()
+            );
+            warn!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), queue = %key, frame_max, "the retry copy's properties would not fit a frame once the broker adds x-death; dead-lettering instead");
+            (exchange, key, tier) = (DEAD_LETTER_EXCHANGE.to_owned(), group.to_owned(), None);
+            copy = failure_copy(CopyTarget::DeadLetter, &error, &exchange, &key);
+        }
+    }
+    match copies.publisher.publish(copy).await.map(|_| ()) {
         Ok(()) => {
             match tier {
                 Some(tier) => {
@@ -1166,27 +1186,37 @@ fn never_publishable(e: &warren_producer::PublishError) -> bool {
     )
 }
 
-/// Publishes a copy (mandatory; properties kept but `expiration`,
+/// A copy of a delivery (properties kept but `expiration`,
 /// `x-delivery-count` and a `user_id` of another user than the copies'
-/// connection, see [`warren_topology::copy_properties_for`]) and waits
-/// for its confirm; unroutable, nacked or unconfirmed within
-/// `confirm_timeout` is an error.
-async fn publish_copy(
+/// connection, see [`warren_topology::copy_properties_for`]). The copies'
+/// publisher sends it mandatory and waits for its confirm; unroutable,
+/// nacked or unconfirmed within `confirm_timeout` is an error.
+fn copy_message(
     copies: &Copies,
     exchange: &str,
     key: &str,
     delivery: &Delivery,
     headers: FieldTable,
-) -> Result<(), warren_producer::PublishError> {
+) -> Message {
     let props = warren_topology::copy_properties_for(
         delivery.properties(),
         headers,
         copies.login.as_deref(),
     );
-    let copy = Message::bytes(exchange, key, delivery.body().to_vec())
+    Message::bytes(exchange, key, delivery.body().to_vec())
         .properties(props)
-        .as_is();
-    copies.publisher.publish(copy).await.map(|_| ())
+        .as_is()
+}
+
+/// Bytes of a frame kept free in a retry copy's properties for what the
+/// broker adds when the tier's TTL dead-letters it back to the work queue:
+/// an `x-death` entry (count, reason, queue, time, exchange, routing keys),
+/// `x-first-death-*` and, from RabbitMQ 3.13, `x-last-death-*` headers, each
+/// naming the tier's queue, and a quorum queue's `x-delivery-count`. About
+/// 300 bytes plus four times the queue's name; twice that is kept.
+fn x_death_reserve(queue: &str) -> u32 {
+    let bytes = 2 * (300 + 4 * queue.len());
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -1468,3 +1468,113 @@ async fn a_lost_connection_is_noticed_while_every_handler_is_busy() {
         "10 s after its connection was closed, the group still said it was ready and had not reconnected"
     );
 }
+
+/// The encoded size of properties, as lapin sends them.
+fn encoded(p: &BasicProperties) -> usize {
+    let gen = lapin::protocol::basic::gen_properties(p);
+    gen(Vec::<u8>::new().into()).unwrap().position as usize
+}
+
+/// A retry copy that fits in a frame, to which the broker then adds its
+/// own dead-lettering headers (`x-death`, `x-first-death-*`) on the way
+/// back from the tier: the message must not come back larger than the
+/// consumer's frames, or no session can ever receive it again (lapin
+/// closes the connection on a frame over `frame_max`), the group
+/// reconnects for ever and everything prefetched with it is redelivered
+/// again and again (the old code reconnected 5 times in 15 s). The
+/// consumer now keeps room for `x-death` in a retry copy; one that would
+/// not leave it goes to `{group}.dead` at once: as a dead-letter copy with
+/// the reason in its error when that fits (600 bytes to spare), else
+/// rejected whole for the broker to dead-letter (40 bytes to spare).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_copy_that_the_brokers_x_death_would_push_past_the_frame_size_is_dead_lettered() {
+    let f = Fixture::new(&topology("classic", "'100ms'", 8, 4, "")).await;
+    let g = f.group(0);
+    let error = "needs another try";
+    let with_blob = |p: &BasicProperties, blob: &str| {
+        let mut h = p.headers().clone().unwrap_or_default();
+        h.insert("trace-blob".into(), AMQPValue::LongString(blob.into()));
+        p.clone().with_headers(h)
+    };
+    // The copy's headers, as the consumer writes them on a first failure.
+    let copy_of = |p: &BasicProperties| {
+        let mut h = p.headers().clone().unwrap_or_default();
+        let s = |v: &str| AMQPValue::LongString(v.into());
+        h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(1));
+        h.insert(headers::ERROR.into(), s(error));
+        h.insert(headers::ERROR_KIND.into(), s("retryable"));
+        h.insert(headers::GROUP.into(), s(&g.name));
+        h.insert(headers::ORIGINAL_EXCHANGE.into(), s(&f.exchange()));
+        h.insert(headers::ORIGINAL_ROUTING_KEY.into(), s("order.created"));
+        h.insert(
+            headers::FIRST_FAILED_AT.into(),
+            s("2024-01-01T00:00:00.000Z"),
+        );
+        p.clone().with_headers(h)
+    };
+    // 131,072-byte frames leave 131,052 bytes for properties.
+    let room = 131_072 - 20;
+    for spare in [40, 600] {
+        let base = props(&format!("grow-{spare}"));
+        let blob = "z".repeat(room - spare - encoded(&copy_of(&with_blob(&base, ""))));
+        let original = with_blob(&base, &blob);
+        assert_eq!(encoded(&copy_of(&original)), room - spare);
+        f.publish(&f.exchange(), "order.created", b"{}", original)
+            .await;
+    }
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, move |d| {
+            if d.attempt() == 1 {
+                Err(HandlerError::retryable(error))
+            } else {
+                Ok(())
+            }
+        }),
+        "adv-grow",
+        |b| b.requeue_delay(Duration::from_millis(50)),
+    )
+    .await;
+    let reg = run.registry.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while f.count(&g.dead_queue()).await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "not both dead-lettered: handled {} and {} times, {} reconnects, {} in the work queue",
+            log.of("grow-40").len(),
+            log.of("grow-600").len(),
+            metric(&reg, "warren_reconnects_total", &[]),
+            f.count(&g.work_queue()).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run.stop().await;
+    for id in ["grow-40", "grow-600"] {
+        assert_eq!(log.of(id).len(), 1, "{id} handled once, then dead-lettered");
+    }
+    assert_eq!(metric(&reg, "warren_reconnects_total", &[]), 0.0);
+    assert_eq!(f.count(&g.retry_queue(1)).await, 0);
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    let dead = f.take(&g.dead_queue(), 2, Duration::from_secs(5)).await;
+    for m in &dead {
+        let id = message_id(m);
+        let h = m.properties.headers().clone().unwrap_or_default();
+        let text = match h.inner().get(headers::ERROR) {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            _ => String::new(),
+        };
+        if id == "grow-600" {
+            assert!(text.starts_with(error), "{text}");
+            assert!(text.contains("x-death"), "{text}");
+            assert_eq!(
+                h.inner().get(headers::ATTEMPTS),
+                Some(&AMQPValue::LongLongInt(1))
+            );
+        } else {
+            // Its dead-letter copy would not fit either: rejected whole.
+            assert_eq!(id, "grow-40");
+            assert_eq!(first_death_reason(m).as_deref(), Some("rejected"));
+        }
+    }
+}

@@ -155,6 +155,20 @@ impl Message {
         (size > room).then_some(HeaderProblem::TooLarge(size))
     }
 
+    /// Whether the properties and headers fit in one content-header frame
+    /// of `frame_max` bytes (AMQP's limit; see [`Publisher::publish`], which
+    /// refuses a message that does not fit its connection's frame). Cheap
+    /// unless the headers come near the limit: an upper bound is walked
+    /// first, the exact encoding done only when it says they might not fit.
+    ///
+    /// [`Publisher::publish`]: crate::Publisher::publish
+    pub fn fits_in_frame(&self, frame_max: u32) -> bool {
+        !matches!(
+            self.header_problem(frame_max),
+            Some(HeaderProblem::TooLarge(_))
+        )
+    }
+
     /// Fills the defaults the message contract asks for and returns the
     /// message id.
     pub(crate) fn finish_properties(&mut self) -> String {
