@@ -122,12 +122,6 @@ pub fn interrupt(first: &'static str) -> Interrupt {
     interrupt
 }
 
-/// [`interrupt`]'s token alone, for work that reports the first signal's
-/// exit code by itself.
-pub fn interrupt_token(first: &'static str) -> CancellationToken {
-    interrupt(first).token
-}
-
 /// Waits for one SIGTERM or SIGINT.
 pub(crate) async fn wait_for_signal() -> Signal {
     Signals::new().recv().await

@@ -653,8 +653,19 @@ async fn ctrl_c_mid_replay_stops_after_the_current_message_losing_and_duplicatin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_while_a_slow_replay_waits_for_its_rate_stops_at_once_and_sends_nothing_more() {
+    slow_replay_stopped_by("-INT", 130, "intslow").await;
+}
+
+/// SIGTERM (a deploy, `timeout`, a supervisor) stops a replay the same way
+/// and exits 143 (128 + 15), not Ctrl-C's 130.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_a_slow_replay_like_ctrl_c_and_exits_143() {
+    slow_replay_stopped_by("-TERM", 143, "termslow").await;
+}
+
+async fn slow_replay_stopped_by(signal: &str, code: i32, name: &str) {
     let conn = connect().await;
-    let env = Env::new(&conn, "intslow").await;
+    let env = Env::new(&conn, name).await;
     dead_letters(&conn, &env.group, "s", 5).await;
 
     // One message per 5 s: the first goes at once, the second is due 5 s later.
@@ -675,7 +686,7 @@ async fn ctrl_c_while_a_slow_replay_waits_for_its_rate_stops_at_once_and_sends_n
     );
     let signalled = Instant::now();
     assert!(Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap()
         .success());
@@ -684,9 +695,9 @@ async fn ctrl_c_while_a_slow_replay_waits_for_its_rate_stops_at_once_and_sends_n
     let stdout = text(&out.stdout);
     assert!(
         took < Duration::from_secs(2),
-        "{took:?} to stop after Ctrl-C: it waited for the rate instead"
+        "{took:?} to stop after {signal}: it waited for the rate instead"
     );
-    assert_eq!(out.status.code(), Some(130), "{stdout}");
+    assert_eq!(out.status.code(), Some(code), "{stdout}");
     let (line, replayed) = summary(&stdout, &env.group);
     assert_eq!(replayed, 1, "{line}");
     assert!(line.ends_with(", stopped early"), "{line}");
@@ -1199,6 +1210,8 @@ async fn show_prints_json_bodies_as_json_and_binary_ones_as_hex_and_list_json_ha
     dead_letter(&conn, &env, props("s-json", h()), br#"{"a":[1,2],"b":"x"}"#).await;
     dead_letter(&conn, &env, props("s-bin", h()), &[0xff, 0x00, 0xfe, 0x80]).await;
     dead_letter(&conn, &env, props("s-text", h()), b"plain words").await;
+    let exact = br#"{"z":1,"a":1.50,"big":12345678901234567890123}"#;
+    dead_letter(&conn, &env, props("s-exact", h()), exact).await;
 
     // --output json: an array of every dead letter with that id.
     let show = |id: &str| -> serde_json::Value {
@@ -1214,7 +1227,22 @@ async fn show_prints_json_bodies_as_json_and_binary_ones_as_hex_and_list_json_ha
     assert_eq!(v[0]["properties"]["message_id"], "s-bin");
     assert_eq!(v[0]["properties"]["headers"][headers::ERROR_KIND], "decode");
     let v = show("s-json");
-    assert_eq!(v[0]["body"], json!({"json": {"a": [1, 2], "b": "x"}}));
+    assert_eq!(
+        v[0]["body"],
+        json!({"json": {"a": [1, 2], "b": "x"}, "text": r#"{"a":[1,2],"b":"x"}"#})
+    );
+    // A parse sorts keys and rounds numbers: `text` is the body as published.
+    let v = show("s-exact");
+    assert_eq!(v[0]["body"]["text"], std::str::from_utf8(exact).unwrap());
+    let out = ok(&["dlq", "show", "s-exact", "--group", &env.group]);
+    assert!(
+        out.ends_with(&format!(
+            "body ({} bytes, JSON)\n  {}\n",
+            exact.len(),
+            std::str::from_utf8(exact).unwrap()
+        )),
+        "{out}"
+    );
     let v = show("s-text");
     assert_eq!(v[0]["body"], json!({"text": "plain words"}));
     // Table output: labelled lines, not JSON.
@@ -1276,11 +1304,11 @@ async fn show_prints_json_bodies_as_json_and_binary_ones_as_hex_and_list_json_ha
     assert_eq!(l["queue"], env.dead());
     assert_eq!(
         l["coverage"],
-        json!({"scanned": 3, "total": 3, "scan_limit_reached": false})
+        json!({"scanned": 4, "total": 4, "scan_limit_reached": false})
     );
     let ms = l["messages"].as_array().unwrap();
     let ids: Vec<&str> = ms.iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["s-json", "s-bin", "s-text"]);
+    assert_eq!(ids, ["s-json", "s-bin", "s-text", "s-exact"]);
     let m = &ms[1];
     let mut keys: Vec<&str> = m.as_object().unwrap().keys().map(|k| k.as_str()).collect();
     keys.sort_unstable();
@@ -1317,8 +1345,8 @@ async fn show_prints_json_bodies_as_json_and_binary_ones_as_hex_and_list_json_ha
     );
     // Reading changed nothing.
     assert_eq!(
-        peek_ids(&conn, &env.dead(), 3).await,
-        ["s-json", "s-bin", "s-text"]
+        peek_ids(&conn, &env.dead(), 4).await,
+        ["s-json", "s-bin", "s-text", "s-exact"]
     );
 }
 

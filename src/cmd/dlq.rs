@@ -503,7 +503,8 @@ async fn list(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
     }
     for l in &all {
         warn_partial(&l.coverage, &l.queue);
-        outln!("{} ({} messages)", l.queue, l.coverage.total);
+        let n = l.coverage.total;
+        outln!("{} ({n} message{})", l.queue, if n == 1 { "" } else { "s" });
         if l.messages.is_empty() {
             continue;
         }
@@ -534,7 +535,10 @@ async fn list(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
 
 fn body_view(body: &[u8]) -> serde_json::Value {
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-        return serde_json::json!({ "json": v });
+        // `json` is the body parsed (keys sorted, numbers as f64 beyond
+        // i64/u64); `text` is exactly what was published.
+        let text = String::from_utf8_lossy(body);
+        return serde_json::json!({ "json": v, "text": text });
     }
     match std::str::from_utf8(body) {
         Ok(t) => serde_json::json!({ "text": t }),
@@ -667,12 +671,22 @@ fn show_lines(d: &op::DeadLetter, v: &serde_json::Value) -> Vec<String> {
         }
     }
     let body = &v["body"];
-    if let Some(j) = body.get("json") {
+    let text = body.get("text").and_then(|t| t.as_str());
+    let lossless = |j: &serde_json::Value| serde_json::to_string(j).ok().as_deref() == text;
+    if let Some(j) = body.get("json").filter(|j| lossless(j)) {
+        // Indented only when that changes nothing but white space.
         out.push(format!("body ({} bytes, JSON)", d.body.len()));
         let pretty = serde_json::to_string_pretty(j).unwrap_or_default();
         out.extend(pretty.lines().map(|l| format!("  {}", esc(l))));
-    } else if let Some(t) = body.get("text").and_then(|t| t.as_str()) {
-        out.push(format!("body ({} bytes, text)", d.body.len()));
+    } else if let Some(t) = text {
+        // The body as published, not as re-serialised from a parse (which
+        // would sort keys and round numbers like 12345678901234567890123).
+        let kind = if body.get("json").is_some() {
+            "JSON"
+        } else {
+            "text"
+        };
+        out.push(format!("body ({} bytes, {kind})", d.body.len()));
         // Line breaks are the text's own; every other control is escaped.
         out.extend(t.split('\n').map(|l| format!("  {}", esc(l))));
     } else {
@@ -802,8 +816,8 @@ fn progress_bar() -> ProgressBar {
     pb
 }
 
-fn ctrl_c_token() -> CancellationToken {
-    crate::signal::interrupt_token("stopping after the current message (Ctrl-C)")
+fn ctrl_c_token() -> crate::signal::Interrupt {
+    crate::signal::interrupt("stopping after the current message")
 }
 
 /// The `--id`s no group's run took, in the order given; `None` when a run
@@ -874,7 +888,8 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
     let c = conn(g).await?;
     check_groups(g, &c, &a.read.groups).await?;
     let metrics = op::Metrics::unregistered();
-    let cancel = ctrl_c_token();
+    let interrupt = ctrl_c_token();
+    let cancel = interrupt.token().clone();
     let (user, host) = whoami();
     let mut reports = Vec::new();
     let mut failed = false;
@@ -1020,9 +1035,10 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
             (None, _) => {}
         }
     }
-    Ok(if cancel.is_cancelled() {
-        // Stopped by Ctrl-C: what was replayed is in the summary above.
-        ExitCode::from(130)
+    Ok(if let Some(signal) = interrupt.signal() {
+        // Stopped by a signal (130 Ctrl-C, 143 SIGTERM): what was replayed
+        // is in the summary above.
+        ExitCode::from(signal.exit_code())
     } else if failed || not_found.is_some_and(|n| !n.is_empty()) {
         ExitCode::from(1)
     } else {
