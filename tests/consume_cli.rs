@@ -1018,6 +1018,51 @@ async fn an_http_service_that_cannot_be_reached_is_warned_of_at_the_default_leve
     }
 }
 
+/// A handler that fails every message: each retry is logged at INFO, so at
+/// the default level the worker said nothing until the messages had used
+/// up their tiers (minutes to hours). The first retry, then one a minute,
+/// is now logged at WARN, with the handler's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_fails_is_warned_of_once_a_minute_at_the_default_level() {
+    let topo = Topo::new(
+        "retrywarn",
+        &["name = \"{p}.g\"\nexchange = \"{p}.orders\"\nbindings = [\"order.*\"]\nqueue_type = \"classic\"\nretry = [\"1m\"]\n"],
+    );
+    topo.apply();
+    let mut w = quiet_worker(
+        &topo,
+        URL,
+        &[
+            "--exec",
+            "cat > /dev/null; echo 'the database is down' >&2; exit 1",
+        ],
+    )
+    .await;
+    let conn = connect().await;
+    for id in ["fail-1", "fail-2", "fail-3"] {
+        publish(&conn, &topo.exchange(), "order.created", id, b"{}").await;
+    }
+    let retry_q = topo.q("g.retry.1");
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            count(&conn, &retry_q).await == 3
+        })
+        .await,
+        "log:\n{}",
+        w.log_text()
+    );
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(15)), Some(0));
+    let log = w.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("handler failed; retrying later"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "once, not per message:\n{log}");
+    assert!(warnings[0].contains("the database is down"), "{log}");
+    drain(&conn, &retry_q).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_addr_takes_a_host_name_and_a_default_concurrency_follows_prefetch() {
     let topo = Topo::new("mhost", &[GROUP]);

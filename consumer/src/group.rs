@@ -210,6 +210,7 @@ impl<H: Handler> ConsumerGroupBuilder<H> {
                 settings: self.settings,
                 metrics,
                 queue_dead_letters: AtomicBool::new(false),
+                retry_warned: WarnEvery::default(),
             }),
             handler: Arc::new(self.handler),
             ready,
@@ -226,7 +227,41 @@ struct Ctx {
     /// put a message into `{group}.dead` (without a dead-letter exchange
     /// the broker drops it).
     queue_dead_letters: AtomicBool,
+    /// Retries logged at WARN: the first, then one every
+    /// [`RETRY_WARN_EVERY`]; the others at INFO. A handler that fails every
+    /// message is then visible at the default level long before its
+    /// messages reach the dead letters, without a line per message.
+    retry_warned: WarnEvery,
 }
+
+/// A log line that is raised to WARN at most once per period.
+#[derive(Debug, Default)]
+struct WarnEvery(std::sync::Mutex<(Option<Instant>, u64)>);
+
+impl WarnEvery {
+    /// Whether the event at `now` is the one logged at WARN and, if so, how
+    /// many were logged at INFO only since the last WARN.
+    fn due(&self, now: Instant, every: Duration) -> Option<u64> {
+        let Ok(mut w) = self.0.lock() else {
+            return None;
+        };
+        match w.0 {
+            Some(at) if now.duration_since(at) < every => {
+                w.1 += 1;
+                None
+            }
+            _ => {
+                let quiet = std::mem::take(&mut w.1);
+                w.0 = Some(now);
+                Some(quiet)
+            }
+        }
+    }
+}
+
+/// At most one retry per group is logged at WARN in this time; the others
+/// at INFO.
+const RETRY_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// A consumer group runtime: a group of the topology plus a handler. For
 /// several groups in one process (one [`Broker`], one [`Metrics`]), see the
@@ -1137,7 +1172,14 @@ async fn process<H: Handler>(
         Ok(()) => {
             match tier {
                 Some(tier) => {
-                    info!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, "handler failed; retrying later");
+                    match ctx.retry_warned.due(Instant::now(), RETRY_WARN_EVERY) {
+                        Some(quiet) => {
+                            warn!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, retried_quietly = quiet, "handler failed; retrying later (one retry a minute is logged at WARN, the others at INFO; retried_quietly: since the last)")
+                        }
+                        None => {
+                            info!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, "handler failed; retrying later")
+                        }
+                    }
                     m.handled.with_label_values(&[group, "retry"]).inc();
                     m.retries
                         .with_label_values(&[group, &tier.to_string()])
@@ -1222,6 +1264,19 @@ fn x_death_reserve(queue: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_retry_a_minute_is_logged_at_warn_with_the_count_of_quiet_ones() {
+        let w = WarnEvery::default();
+        let every = RETRY_WARN_EVERY;
+        let t0 = Instant::now();
+        assert_eq!(w.due(t0, every), Some(0));
+        assert_eq!(w.due(t0 + Duration::from_secs(1), every), None);
+        assert_eq!(w.due(t0 + Duration::from_secs(59), every), None);
+        assert_eq!(w.due(t0 + every, every), Some(2));
+        assert_eq!(w.due(t0 + every, every), None);
+        assert_eq!(w.due(t0 + 2 * every, every), Some(1));
+    }
 
     #[test]
     fn acks_are_batched_by_a_quarter_of_the_window_at_most_64() {
