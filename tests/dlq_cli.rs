@@ -627,7 +627,7 @@ async fn ctrl_c_mid_replay_stops_after_the_current_message_losing_and_duplicatin
         "stdout: {stdout}\nstderr: {stderr}"
     );
     assert!(
-        stderr.contains("stopping after the current message (Ctrl-C)"),
+        stderr.contains("stopping after the current message (Ctrl-C again to quit at once)"),
         "{stderr}"
     );
     let (line, replayed) = summary(&stdout, &env.group);
