@@ -117,27 +117,6 @@ fn component() -> String {
     format!("adv-{}", unique_prefix().trim_end_matches('.'))
 }
 
-/// The broker's pids of the connections whose client properties contain
-/// `name` (a connection name, `warren-<component>@` or
-/// `warren-<component>-copies@`).
-fn connection_pids(name: &str) -> Vec<String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(name))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
-}
-
 /// Closes the one connection named `name`, as an operator or a load
 /// balancer would.
 /// Waits up to 10 s for it to be (re)opened.

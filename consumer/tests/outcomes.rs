@@ -1316,24 +1316,6 @@ fn unacked(queue: &str) -> u64 {
         .expect("the queue is listed")
 }
 
-fn connection_pids(name: &str) -> Vec<String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(name))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
-}
-
 /// The copies go out on a connection of their own; when it is lost, the
 /// next copy opens a new one, and `warren_reconnects_total{component=
 /// "consumer"}` counts it like a reconnect of the consuming connection.

@@ -828,8 +828,6 @@ impl Engine {
     }
 }
 
-/// The exchange's name as RabbitMQ writes it in its errors: the default
-/// exchange ("") is 'amq.default' there.
 /// The key a returned message is counted under.
 fn return_key(r: &lapin::message::BasicReturnMessage) -> ReturnKey {
     let d = &r.delivery;
@@ -859,6 +857,8 @@ fn is_return_of(r: &lapin::message::BasicReturnMessage, job: &Job) -> bool {
         && d.routing_key.as_str() == job.routing_key
 }
 
+/// The exchange's name as RabbitMQ writes it in its errors: the default
+/// exchange ("") is 'amq.default' there.
 fn broker_name(exchange: &str) -> &str {
     if exchange.is_empty() {
         "amq.default"

@@ -42,6 +42,24 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The broker's pids of the connections whose client properties contain
+/// `name` (a connection name such as `warren-<component>@` or
+/// `warren-<component>-copies@`; RabbitMQ 3.10's `name` column is the peer
+/// address, the client-provided name is in `client_properties`).
+pub fn connection_pids(name: &str) -> Vec<String> {
+    rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ])
+    .lines()
+    .filter(|l| l.contains(name))
+    .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+    .collect()
+}
+
 /// A broker user of its own (every permission on `/`), deleted when the
 /// guard is dropped. It disturbs no other client.
 pub struct TempUser {

@@ -15,7 +15,7 @@ use warren_consumer::{ConsumerGroup, Handler, Metrics};
 use warren_testkit::Cleanup;
 use warren_topology::{Broker, ConnectOptions, Group, Plan, Topology};
 
-pub use warren_testkit::{connect, url, wait_for};
+pub use warren_testkit::{connect, connection_pids, url, wait_for};
 
 /// A prefix no other test (or run) uses: `tc<pid>-<n>-<nanos>.`.
 pub fn unique_prefix() -> String {
