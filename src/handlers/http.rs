@@ -5,11 +5,12 @@
 //! | 2xx | success (ack) |
 //! | 4xx other than 408 and 429 | permanent (dead-lettered): status and the first 1 KiB of the body |
 //! | 5xx, 408, 429, a timeout, a refused connection | retryable |
-//!
-//! A service that cannot be connected to is also logged at WARN, at most
-//! once a minute: retries are logged at INFO, and every message failing
-//! that way means the service is down or `--http` names the wrong place.
 //! | 3xx | retryable; the error names the `Location` |
+//!
+//! A service that cannot be connected to fails with an error that asks
+//! whether it runs; the consumer logs the first retry of its group, then
+//! one a minute, at WARN, so a service that is down shows at the default
+//! level.
 //!
 //! A `Retry-After` of a 429 or a 503 is shown in the error, not waited
 //! for: the group's retry tiers (TTL queues) set when a message comes back,
@@ -27,12 +28,9 @@
 //! A response body is masked too ([`Mask`]): a service may echo a URL, or
 //! the broker's password.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
-use tracing::warn;
 use warren_consumer::{Delivery, ErrorKind, Handler, HandlerError, HandlerResult};
 use warren_topology::headers;
 
@@ -46,45 +44,6 @@ pub struct HttpHandler {
     /// The URL as shown: its password masked.
     shown: String,
     mask: Mask,
-    unreachable: Arc<Unreachable>,
-}
-
-/// Says at the default level, at most once per [`Unreachable::EVERY`], that
-/// the service cannot be connected to. The consumer logs a retry at INFO,
-/// so a worker whose service is down (or whose `--http` names the wrong
-/// port) would otherwise say nothing until messages had used up their retry
-/// tiers (eleven minutes with 1s, 10s, 1m, 10m) and were dead-lettered.
-#[derive(Debug, Default)]
-struct Unreachable {
-    /// When it last warned.
-    last: Mutex<Option<Instant>>,
-    /// Connections that failed since it last warned.
-    failed: AtomicU64,
-}
-
-impl Unreachable {
-    /// The least time between two warnings.
-    const EVERY: Duration = Duration::from_secs(60);
-
-    /// A connection failed with `error`; warns unless it did within
-    /// [`Unreachable::EVERY`].
-    fn note(&self, shown: &str, error: &str) {
-        let failed = self.failed.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < Self::EVERY) {
-            return;
-        }
-        *last = Some(Instant::now());
-        self.failed.store(0, Ordering::Relaxed);
-        warn!(
-            url = %shown,
-            failed,
-            error,
-            "cannot connect to the --http service: its messages are retried, and dead-lettered \
-             once their retry tiers are used up; start the service or fix --http (`warren dlq \
-             replay` puts dead letters back)"
-        );
-    }
 }
 
 impl std::fmt::Debug for HttpHandler {
@@ -130,7 +89,6 @@ impl HttpHandler {
             url,
             shown,
             mask: Mask::default(),
-            unreachable: Arc::default(),
         })
     }
 
@@ -268,7 +226,6 @@ impl Handler for HttpHandler {
                     self.shown,
                     error_chain(&e.without_url())
                 );
-                self.unreachable.note(&self.shown, &error);
                 return Err(HandlerError::retryable(error));
             }
             Err(e) => {
