@@ -40,7 +40,7 @@ use lapin::{BasicProperties, Connection};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
-use warren_topology::{headers, work_queue};
+use warren_topology::{headers, work_queue, MAX_NAME_BYTES};
 
 use crate::error::{is_soft_error, timed, OperatorError};
 use crate::message::DeadLetter;
@@ -152,9 +152,6 @@ pub struct ReplayReport {
 
 const MAX_ERRORS: usize = 20;
 
-/// The longest exchange name or routing key AMQP carries (a short string).
-const MAX_SHORT_STRING: usize = 255;
-
 impl ReplayReport {
     fn fail(&mut self, e: String) {
         self.failed += 1;
@@ -198,9 +195,9 @@ fn destination(d: &DeadLetter, target: Target) -> Result<(String, String), Strin
             (Some(e), Some(k)) => {
                 // AMQP names and keys are short strings; lapin panics on longer ones.
                 for (what, v) in [("exchange", e), ("routing key", k)] {
-                    if v.len() > MAX_SHORT_STRING {
+                    if v.len() > MAX_NAME_BYTES {
                         return Err(format!(
-                            "{}: its original {what} is {} bytes long, and AMQP allows at most {MAX_SHORT_STRING}; replay it to the work queue instead",
+                            "{}: its original {what} is {} bytes long, and AMQP allows at most {MAX_NAME_BYTES}; replay it to the work queue instead",
                             d.info.id,
                             v.len()
                         ));
