@@ -19,7 +19,9 @@
 //! - A failed delivery's copy is published and confirmed *before* the
 //!   original is acked. A copy that is not confirmed within
 //!   `confirm_timeout` (nacked, unroutable, channel gone) leaves the original
-//!   nacked with requeue: a crash can duplicate, never lose. A copy that
+//!   held, unacked, while the copy is published again, for up to
+//!   `copy_hold`; then (or when the session ends) the original is nacked
+//!   with requeue: a crash can duplicate, never lose. A copy that
 //!   can never be published, whatever the broker's state (its properties do
 //!   not fit in a frame once the failure headers are added; the broker
 //!   refused this very message), leaves the original rejected instead (a
@@ -73,8 +75,17 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// copy: 10 s.
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default pause before requeueing a delivery whose copy was not confirmed
-/// (so a missing retry queue does not turn into a hot redelivery loop): 1 s.
+/// (so a missing retry queue does not turn into a hot redelivery loop), and
+/// the first pause before its copy is published again: 1 s.
 pub const DEFAULT_REQUEUE_DELAY: Duration = Duration::from_secs(1);
+/// Default time a delivery whose copy the broker did not take is held while
+/// the copy is published again, before the delivery is requeued: 5 minutes.
+///
+/// Well under RabbitMQ's `consumer_timeout` (30 minutes by default), past
+/// which the broker closes a channel that holds a delivery unacked.
+pub const DEFAULT_COPY_HOLD: Duration = Duration::from_secs(5 * 60);
+/// The longest pause between two publishes of a held delivery's copy.
+const COPY_RETRY_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// What happens to a delivery, decided from the handler's result. The one
 /// place where results map to ack / retry / dead-letter.
@@ -112,6 +123,7 @@ struct Settings {
     grace: Duration,
     confirm_timeout: Duration,
     requeue_delay: Duration,
+    copy_hold: Duration,
 }
 
 /// Builds a [`ConsumerGroup`]. Defaults come from the topology's [`Group`]
@@ -176,6 +188,25 @@ impl<H: Handler> ConsumerGroupBuilder<H> {
     /// ([`DEFAULT_REQUEUE_DELAY`]).
     pub fn requeue_delay(mut self, d: Duration) -> Self {
         self.settings.requeue_delay = d;
+        self
+    }
+
+    /// How long a delivery whose retry or dead-letter copy the broker did
+    /// not take (unroutable, nacked, not confirmed within
+    /// [`Self::confirm_timeout`]) is held, unacked, while the copy is
+    /// published again, before the delivery is requeued. Default: 5 minutes
+    /// ([`DEFAULT_COPY_HOLD`]); keep it under the broker's
+    /// `consumer_timeout`. The copy is published again after
+    /// [`Self::requeue_delay`], then after twice as long each time, at most
+    /// 30 s apart. Meanwhile the handler does not run again and, on a quorum
+    /// queue, nothing counts toward `delivery_limit` (every requeue does:
+    /// past the limit the broker dead-letters the message itself, without
+    /// the handler's error). The hold ends with the session (a lost
+    /// connection, shutdown); the delivery then goes back to the queue.
+    /// Zero requeues after [`Self::requeue_delay`], without publishing the
+    /// copy again.
+    pub fn copy_hold(mut self, d: Duration) -> Self {
+        self.settings.copy_hold = d;
         self
     }
 
@@ -302,6 +333,9 @@ impl<H> std::fmt::Debug for ConsumerGroup<H> {
 struct Session {
     consume: Channel,
     consumer: Consumer,
+    /// Cancelled when the session ends (lost, or shutting down): deliveries
+    /// held while their copy is published again are then requeued.
+    ends: CancellationToken,
 }
 
 /// Why a session ended.
@@ -328,6 +362,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 grace: DEFAULT_SHUTDOWN_GRACE,
                 confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
                 requeue_delay: DEFAULT_REQUEUE_DELAY,
+                copy_hold: DEFAULT_COPY_HOLD,
             },
             handler,
             metrics: None,
@@ -451,6 +486,7 @@ impl<H: Handler> ConsumerGroup<H> {
                     return Ok(());
                 }
                 Ended::Lost => {
+                    session.ends.cancel();
                     warn!(group = %self.ctx.name, "channel or connection lost; deliveries in flight will be redelivered by the broker");
                     // The connection is not dropped here: `Broker::channel`
                     // opens a new one when it is closed or closing, and it
@@ -566,7 +602,11 @@ impl<H: Handler> ConsumerGroup<H> {
             .await
             .map_err(err("basic.consume"))?;
         info!(group = %group.name, queue = %queue, prefetch = group.prefetch, concurrency = group.concurrency, consumer_tag = %consumer.tag(), "consuming");
-        Ok(Session { consume, consumer })
+        Ok(Session {
+            consume,
+            consumer,
+            ends: CancellationToken::new(),
+        })
     }
 
     /// Whether the work queue dead-letters what is rejected into
@@ -713,7 +753,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 (permit, item) = next => match (permit, item) {
                     (Ok(permit), Some(Ok(d))) => {
                         window.received(d.delivery_tag, Instant::now());
-                        self.spawn(tasks, copies.clone(), d, epoch, permit);
+                        self.spawn(tasks, copies.clone(), d, epoch, permit, &s.ends);
                     }
                     (_, Some(Err(e))) => {
                         let text = e.to_string();
@@ -767,8 +807,10 @@ impl<H: Handler> ConsumerGroup<H> {
         d: lapin::message::Delivery,
         epoch: u64,
         permit: OwnedSemaphorePermit,
+        ends: &CancellationToken,
     ) {
         let ctx = self.ctx.clone();
+        let ends = ends.clone();
         let handler = self.handler.clone();
         let tag = d.delivery_tag;
         let delivery = Delivery::from_lapin(ctx.name.clone(), d);
@@ -786,7 +828,7 @@ impl<H: Handler> ConsumerGroup<H> {
         tasks.spawn(
             async move {
                 let _permit = permit;
-                let settle = process(&ctx, &*handler, &copies, delivery).await;
+                let settle = process(&ctx, &*handler, &copies, delivery, &ends).await;
                 Completion { tag, epoch, settle }
             }
             .instrument(span),
@@ -804,6 +846,9 @@ impl<H: Handler> ConsumerGroup<H> {
     ) {
         let name = &self.ctx.name;
         info!(group = %name, in_flight = tasks.len(), grace = ?self.ctx.settings.grace, "shutting down: cancelling the consumer");
+        // Deliveries held while their copy is published again go back to
+        // the queue now rather than at the end of the grace.
+        s.ends.cancel();
         let tag = s.consumer.tag();
         let cancelled = match with_timeout(
             Duration::from_secs(5),
@@ -855,7 +900,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 (permit, item) = next, if take_buffered => match (permit, item) {
                     (Ok(permit), Some(Ok(d))) if self.fits_before(deadline) => {
                         window.received(d.delivery_tag, Instant::now());
-                        self.spawn(&mut tasks, copies.clone(), d, epoch, permit);
+                        self.spawn(&mut tasks, copies.clone(), d, epoch, permit, &s.ends);
                         handled_after_cancel += 1;
                     }
                     (_, Some(Ok(_))) => {
@@ -1082,6 +1127,7 @@ async fn process<H: Handler>(
     handler: &H,
     copies: &Copies,
     delivery: Delivery,
+    ends: &CancellationToken,
 ) -> Settle {
     let group = &*ctx.name;
     let m = &ctx.metrics;
@@ -1151,6 +1197,7 @@ async fn process<H: Handler>(
         );
         copy_message(copies, exchange, key, &delivery, headers)
     };
+    let (mut target, mut error) = (target, None::<String>);
     let mut copy = failure_copy(target, failure.message(), &exchange, &key);
     if tier.is_some() {
         // The broker adds `x-death` when the tier's TTL sends the copy back:
@@ -1159,61 +1206,132 @@ async fn process<H: Handler>(
         let frame_max = copies.publisher.broker().frame_max();
         let room = frame_max.saturating_sub(x_death_reserve(&key));
         if !copy.fits_in_frame(room) {
-            let error = format!(
+            let why = format!(
                 "{}; not retried: its properties leave no room in a frame (frame_max {frame_max}) for the x-death header the broker adds on the way back from {key}",
                 failure.message()
             );
             warn!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), queue = %key, frame_max, "the retry copy's properties would not fit a frame once the broker adds x-death; dead-lettering instead");
             (exchange, key, tier) = (DEAD_LETTER_EXCHANGE.to_owned(), group.to_owned(), None);
-            copy = failure_copy(CopyTarget::DeadLetter, &error, &exchange, &key);
+            target = CopyTarget::DeadLetter;
+            copy = failure_copy(target, &why, &exchange, &key);
+            error = Some(why);
         }
     }
-    match copies.publisher.publish(copy).await.map(|_| ()) {
-        Ok(()) => {
-            match tier {
-                Some(tier) => {
-                    match ctx.retry_warned.due(Instant::now(), RETRY_WARN_EVERY) {
-                        Some(quiet) => {
-                            warn!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, retried_quietly = quiet, "handler failed; retrying later (one retry a minute is logged at WARN, the others at INFO; retried_quietly: since the last)")
-                        }
-                        None => {
-                            info!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, "handler failed; retrying later")
-                        }
-                    }
-                    m.handled.with_label_values(&[group, "retry"]).inc();
-                    m.retries
-                        .with_label_values(&[group, &tier.to_string()])
-                        .inc();
+    let copy_again = || {
+        failure_copy(
+            target,
+            error.as_deref().unwrap_or(failure.message()),
+            &exchange,
+            &key,
+        )
+    };
+    let message_id = delivery.message_id().unwrap_or("");
+    let mut published = copies.publisher.publish(copy).await.map(|_| ());
+    // Set from the first copy the broker did not take: when, and how many
+    // publishes of it failed.
+    let mut held: Option<(Instant, u32)> = None;
+    loop {
+        let why = match published {
+            Ok(()) => break,
+            Err(why)
+                if never_publishable(&why) && ctx.queue_dead_letters.load(Ordering::Relaxed) =>
+            {
+                // Sending it again would be refused the same way, and
+                // requeueing would run the handler again and again. The
+                // work queue's own dead-letter exchange (warren.dlx, key
+                // {group}, as DESIGN declares every work queue) takes it
+                // whole into {group}.dead.
+                error!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %failure.message(), error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published; rejecting the delivery so that the broker dead-letters it unchanged into the group's dead-letter queue");
+                m.handled.with_label_values(&[group, "reject"]).inc();
+                return Settle::Reject;
+            }
+            Err(why) if never_publishable(&why) => {
+                error!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %failure.message(), error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published, and the work queue was not found to dead-letter to warren.dlx (a reject could drop the message); requeueing the delivery: run `warren topology verify`");
+                return requeue(ctx, ends).await;
+            }
+            Err(why) => why,
+        };
+        // Not taken this time (unroutable, nacked, not confirmed): the
+        // delivery is held and the copy published again, with backoff,
+        // for up to `copy_hold`; then it is requeued.
+        let now = Instant::now();
+        let (since, tries) = held.get_or_insert((now, 0));
+        *tries += 1;
+        let (since, tries) = (*since, *tries);
+        let wait = copy_retry_wait(ctx.settings.requeue_delay, tries);
+        let hold = ctx.settings.copy_hold;
+        if hold.is_zero() || now + wait > since + hold {
+            if hold.is_zero() {
+                error!(group, message_id, attempt = delivery.attempt(), error = %why, exchange = %exchange, routing_key = %key, "the copy was not confirmed; requeueing the delivery");
+            } else {
+                error!(group, message_id, attempt = delivery.attempt(), error = %why, exchange = %exchange, routing_key = %key, held = ?now.duration_since(since), publishes = tries, "the copy was still not taken at the end of copy_hold; requeueing the delivery (its handler runs again)");
+            }
+            return requeue(ctx, ends).await;
+        }
+        if tries == 1 {
+            error!(group, message_id, attempt = delivery.attempt(), error = %why, exchange = %exchange, routing_key = %key, again_in = ?wait, copy_hold = ?hold, "the copy was not taken; holding the delivery unacked and publishing the copy again (requeued if it is still not taken at the end of copy_hold)");
+        } else {
+            debug!(group, message_id, error = %why, again_in = ?wait, publishes = tries, "the held delivery's copy was not taken again");
+        }
+        tokio::select! {
+            _ = ends.cancelled() => {
+                info!(group, message_id, "the session ended while the delivery was held for its copy; the broker requeues it");
+                m.handled.with_label_values(&[group, "requeue"]).inc();
+                return Settle::Requeue;
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        published = copies.publisher.publish(copy_again()).await.map(|_| ());
+    }
+    if let Some((since, tries)) = held {
+        warn!(group, message_id, exchange = %exchange, routing_key = %key, held = ?since.elapsed(), publishes = tries + 1, "the held delivery's copy was taken at last");
+    }
+    match tier {
+        Some(tier) => {
+            match ctx.retry_warned.due(Instant::now(), RETRY_WARN_EVERY) {
+                Some(quiet) => {
+                    warn!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, retried_quietly = quiet, "handler failed; retrying later (one retry a minute is logged at WARN, the others at INFO; retried_quietly: since the last)")
                 }
                 None => {
-                    warn!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), "handler failed; dead-lettered");
-                    m.handled.with_label_values(&[group, "dead_letter"]).inc();
+                    info!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, "handler failed; retrying later")
                 }
             }
-            Settle::Ack
+            m.handled.with_label_values(&[group, "retry"]).inc();
+            m.retries
+                .with_label_values(&[group, &tier.to_string()])
+                .inc();
         }
-        Err(why) if never_publishable(&why) && ctx.queue_dead_letters.load(Ordering::Relaxed) => {
-            // Sending it again would be refused the same way, and requeueing
-            // would run the handler again and again. The work queue's own
-            // dead-letter exchange (warren.dlx, key {group}, as DESIGN
-            // declares every work queue) takes it whole into {group}.dead.
-            error!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %failure.message(), error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published; rejecting the delivery so that the broker dead-letters it unchanged into the group's dead-letter queue");
-            m.handled.with_label_values(&[group, "reject"]).inc();
-            Settle::Reject
-        }
-        Err(why) if never_publishable(&why) => {
-            error!(group, message_id = delivery.message_id().unwrap_or(""), attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %failure.message(), error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published, and the work queue was not found to dead-letter to warren.dlx (a reject could drop the message); requeueing the delivery: run `warren topology verify`");
-            m.handled.with_label_values(&[group, "requeue"]).inc();
-            tokio::time::sleep(ctx.settings.requeue_delay).await;
-            Settle::Requeue
-        }
-        Err(why) => {
-            error!(group, message_id = delivery.message_id().unwrap_or(""), error = %why, exchange = %exchange, routing_key = %key, "the copy was not confirmed; requeueing the delivery");
-            m.handled.with_label_values(&[group, "requeue"]).inc();
-            tokio::time::sleep(ctx.settings.requeue_delay).await;
-            Settle::Requeue
+        None => {
+            warn!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), "handler failed; dead-lettered");
+            m.handled.with_label_values(&[group, "dead_letter"]).inc();
         }
     }
+    Settle::Ack
+}
+
+/// Requeues a delivery whose copy was not taken, after `requeue_delay` (so
+/// that a broken route does not become a hot redelivery loop) or at once
+/// when the session ends.
+async fn requeue(ctx: &Ctx, ends: &CancellationToken) -> Settle {
+    ctx.metrics
+        .handled
+        .with_label_values(&[&*ctx.name, "requeue"])
+        .inc();
+    tokio::select! {
+        _ = ends.cancelled() => {}
+        _ = tokio::time::sleep(ctx.settings.requeue_delay) => {}
+    }
+    Settle::Requeue
+}
+
+/// The pause before the `tries`-th publish of a held delivery's copy
+/// (`tries` from 1): `first` (at least 10 ms), doubled each time, at most
+/// [`COPY_RETRY_MAX_WAIT`].
+fn copy_retry_wait(first: Duration, tries: u32) -> Duration {
+    first
+        .max(Duration::from_millis(10))
+        .saturating_mul(1u32 << (tries.saturating_sub(1)).min(16))
+        .min(COPY_RETRY_MAX_WAIT)
 }
 
 /// Whether a copy failed because of what it is (its properties do not fit
@@ -1276,6 +1394,24 @@ mod tests {
         assert_eq!(w.due(t0 + every, every), Some(2));
         assert_eq!(w.due(t0 + every, every), None);
         assert_eq!(w.due(t0 + 2 * every, every), Some(1));
+    }
+
+    #[test]
+    fn a_held_copy_is_published_again_after_doubling_pauses_at_most_30_s_apart() {
+        let s = Duration::from_secs;
+        assert_eq!(copy_retry_wait(s(1), 1), s(1));
+        assert_eq!(copy_retry_wait(s(1), 2), s(2));
+        assert_eq!(copy_retry_wait(s(1), 5), s(16));
+        assert_eq!(copy_retry_wait(s(1), 6), s(30));
+        assert_eq!(copy_retry_wait(s(1), u32::MAX), s(30));
+        assert_eq!(
+            copy_retry_wait(Duration::ZERO, 1),
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            copy_retry_wait(Duration::from_millis(50), 3),
+            Duration::from_millis(200)
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@
 //! `x-warren-original-routing-key` (on the first failure, then kept),
 //! `x-warren-first-failed-at` (likewise) and, on a dead letter,
 //! `x-warren-dead-lettered-at`. A copy that is not confirmed leaves the
-//! delivery requeued; see [`ConsumerGroup`] for the order of things. An
+//! delivery held while the copy is published again, then requeued
+//! ([`ConsumerGroupBuilder::copy_hold`]); see [`ConsumerGroup`] for the
+//! order of things. An
 //! `x-warren-attempts` that is not an integer from 0 to [`MAX_ATTEMPTS`]
 //! counts as absent (logged at WARN).
 //!
@@ -124,8 +126,8 @@ mod metrics;
 pub use delivery::Delivery;
 pub use error::ConsumerError;
 pub use group::{
-    ConsumerGroup, ConsumerGroupBuilder, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_REQUEUE_DELAY,
-    DEFAULT_SHUTDOWN_GRACE,
+    ConsumerGroup, ConsumerGroupBuilder, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_COPY_HOLD,
+    DEFAULT_REQUEUE_DELAY, DEFAULT_SHUTDOWN_GRACE,
 };
 pub use handler::{
     handler_fn, json_handler, BoxHandler, DynHandler, ErrorKind, Handler, HandlerError, HandlerFn,

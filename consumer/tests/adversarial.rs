@@ -488,8 +488,10 @@ async fn the_consumers_connection_closed_under_running_handlers_loses_nothing() 
 
 /// A retry tier that refuses publishes (an operator's `max-length` policy
 /// with `overflow=reject-publish`, here at 0): the broker nacks every
-/// retry copy. The original is never acked on a nack: it goes back to the
-/// work queue and is handled again (a classic queue has no delivery limit)
+/// retry copy. The original is never acked on a nack. With `copy_hold`
+/// zero (no hold; the default holds the delivery while the copy is
+/// published again, see the tests at the end) it goes back to the work
+/// queue and is handled again (a classic queue has no delivery limit)
 /// until the tier takes copies again; then it goes through the tier and
 /// succeeds. Nothing reaches the dead letters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,7 +521,10 @@ async fn a_retry_tier_that_refuses_copies_keeps_the_message_in_the_work_queue() 
             }
         }),
         "adv-full-tier",
-        |b| b.requeue_delay(Duration::from_millis(100)),
+        |b| {
+            b.requeue_delay(Duration::from_millis(100))
+                .copy_hold(Duration::ZERO)
+        },
     )
     .await;
     let reg = run.registry.clone();
@@ -572,8 +577,10 @@ async fn a_retry_tier_that_refuses_copies_keeps_the_message_in_the_work_queue() 
 /// The same in front of a quorum work queue, whose retry tiers are
 /// declared with `x-overflow=reject-publish`: a `max-length` policy of 1
 /// and a message already in the tier (a long one: 1 h) make it refuse
-/// every copy. Every requeue counts toward `delivery_limit`, so the
-/// message does not loop forever: after the limit the broker dead-letters
+/// every copy. Each delivery is held for `copy_hold` (300 ms here) while
+/// its copy is published again, then requeued; every requeue counts
+/// toward `delivery_limit`, so the message does not loop forever: after
+/// the limit the broker dead-letters
 /// it, whole and unchanged, into `{group}.dead` (no warren failure headers;
 /// `x-death` says why).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -595,7 +602,10 @@ async fn a_refusing_tier_on_a_quorum_group_ends_in_the_dead_letters_after_the_de
         g.clone(),
         logged(&log, |_d| Err(HandlerError::retryable("never works"))),
         "adv-full-quorum",
-        |b| b.requeue_delay(Duration::from_millis(50)),
+        |b| {
+            b.requeue_delay(Duration::from_millis(50))
+                .copy_hold(Duration::from_millis(300))
+        },
     )
     .await;
     let reg = run.registry.clone();
@@ -1289,7 +1299,9 @@ async fn one_group_losing_its_queue_does_not_disturb_the_other_on_the_same_broke
 /// publish by `message_id` alone, so it could blame the routable copy and
 /// call the unroutable one confirmed: that original was acked, and its
 /// message lost. Returns are now matched by `message_id`, exchange and
-/// routing key, and at most one message per such key is in flight.
+/// routing key, and at most one message per such key is in flight. (No
+/// hold: requeued deliveries are handled again, which makes many rounds
+/// of copies with the same ids.)
 ///
 /// The mix-up depended on lapin's order of confirms: a round showed it
 /// about half of the time, so the test runs five.
@@ -1333,7 +1345,10 @@ async fn shared_message_ids_round() {
             }
         }),
         "adv-dup-ids",
-        |b| b.requeue_delay(Duration::from_millis(20)),
+        |b| {
+            b.requeue_delay(Duration::from_millis(20))
+                .copy_hold(Duration::ZERO)
+        },
     )
     .await;
     let _reg = run.registry.clone();
@@ -1556,4 +1571,287 @@ async fn a_retry_copy_that_the_brokers_x_death_would_push_past_the_frame_size_is
             assert_eq!(first_death_reason(m).as_deref(), Some("rejected"));
         }
     }
+}
+
+/// A retry tier that refuses copies for a while (a policy of `max-length`
+/// 0 with `reject-publish`): the delivery is held, unacked, while its copy
+/// is published again after 100, 200, 400 ms...; the handler does not run
+/// again and nothing is requeued. Once the tier takes copies the held copy
+/// lands, the original is acked and the second attempt succeeds: two
+/// handlings in all. (Before copies were held, the delivery was requeued
+/// and handled again every `requeue_delay`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_the_tier_refuses_for_a_while_is_published_again_while_its_delivery_is_held() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 8, 4, "")).await;
+    let g = f.group(0);
+    let tier = g.retry_queue(1);
+    let policy = Policy::on_queue(&tier, r#"{"max-length":0,"overflow":"reject-publish"}"#);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probes = 0;
+    while !nacked(&f, &tier, &format!("probe-{probes}")).await {
+        probes += 1;
+        assert!(Instant::now() < deadline, "the policy never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f.ch.queue_purge(tier.as_str().into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |d| {
+            if d.attempt() == 1 {
+                Err(HandlerError::retryable("not yet"))
+            } else {
+                Ok(())
+            }
+        }),
+        "adv-held-tier",
+        |b| {
+            b.requeue_delay(Duration::from_millis(100))
+                .copy_hold(Duration::from_secs(60))
+        },
+    )
+    .await;
+    let reg = run.registry.clone();
+    f.publish(&f.exchange(), "order.created", b"{}", props("held-1"))
+        .await;
+    wait_for(Duration::from_secs(5), "handled once", || {
+        log.of("held-1").len() == 1
+    })
+    .await;
+    // Time for four publishes of the copy, and for a requeue loop (every
+    // 100 ms) to have run the handler a dozen times.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        log.of("held-1").len(),
+        1,
+        "the handler does not run again while its copy is held"
+    );
+    assert_eq!(
+        metric(&reg, "warren_handled_total", &[("outcome", "requeue")]),
+        0.0
+    );
+    assert_eq!(
+        f.count(&g.work_queue()).await,
+        0,
+        "held unacked, not back in the queue"
+    );
+    drop(policy);
+    wait_for(
+        Duration::from_secs(15),
+        "through the tier once it takes copies",
+        || log.succeeded("held-1"),
+    )
+    .await;
+    run.stop().await;
+    let hits = log.of("held-1");
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    assert_eq!(
+        (
+            hits[1].attempt,
+            hits[1].last_kind.as_deref(),
+            hits[1].redelivered
+        ),
+        (2, Some("retryable"), false),
+        "{hits:?}"
+    );
+    assert_eq!(metric(&reg, "warren_retries_total", &[("tier", "1")]), 1.0);
+    assert_eq!(
+        metric(&reg, "warren_handled_total", &[("outcome", "requeue")]),
+        0.0
+    );
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), 2.0);
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), settled(&reg));
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&tier).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// On a quorum group whose `{group}.dead` was unbound from `warren.dlx`
+/// (by hand), a dead-letter copy is unroutable. Requeueing its delivery
+/// counts toward `delivery_limit`, and past the limit the broker's own
+/// dead-lettering, without a route either, drops the message: that is what
+/// happened before copies were held (here within a fraction of a second:
+/// `delivery_limit = 1`, `requeue_delay` 50 ms). The delivery is held
+/// instead while its copy is published again, and the copy lands, with the
+/// handler's error, once the binding is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_copy_without_a_route_is_held_on_a_quorum_group_until_the_binding_is_back() {
+    let f = Fixture::new(&topology("quorum", "'200ms'", 8, 4, "delivery_limit = 1")).await;
+    let g = f.group(0);
+    let dead = g.dead_queue();
+    f.ch.queue_unbind(
+        dead.as_str().into(),
+        "warren.dlx".into(),
+        g.name.as_str().into(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |_d| Err(HandlerError::permanent("bad order"))),
+        "adv-held-dead",
+        |b| {
+            b.requeue_delay(Duration::from_millis(50))
+                .copy_hold(Duration::from_secs(60))
+        },
+    )
+    .await;
+    let reg = run.registry.clone();
+    f.publish(&f.exchange(), "order.created", b"whole", props("qheld-1"))
+        .await;
+    wait_for(Duration::from_secs(5), "handled once", || {
+        log.of("qheld-1").len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        log.of("qheld-1").len(),
+        1,
+        "held, not requeued toward the delivery limit"
+    );
+    assert_eq!(f.count(&dead).await, 0);
+    f.ch.queue_bind(
+        dead.as_str().into(),
+        "warren.dlx".into(),
+        g.name.as_str().into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let got = f.take(&dead, 1, Duration::from_secs(15)).await;
+    run.stop().await;
+    let m = &got[0];
+    assert_eq!(m.delivery.data, b"whole");
+    assert_eq!(message_id(m), "qheld-1");
+    assert_eq!(
+        header_str(m, headers::ERROR_KIND).as_deref(),
+        Some("permanent")
+    );
+    assert_eq!(header_str(m, headers::ERROR).as_deref(), Some("bad order"));
+    assert_eq!(log.of("qheld-1").len(), 1);
+    assert_eq!(
+        metric(&reg, "warren_handled_total", &[("outcome", "dead_letter")]),
+        1.0
+    );
+    assert_eq!(
+        metric(&reg, "warren_handled_total", &[("outcome", "requeue")]),
+        0.0
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&dead).await, 0);
+}
+
+/// A delivery held for its copy does not hold up shutdown: the hold ends
+/// with the session and the delivery goes back to the work queue, long
+/// before the grace (20 s) or the hold (60 s) would end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_the_hold_and_returns_the_held_delivery_at_once() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 8, 4, "")).await;
+    let g = f.group(0);
+    let log = Log::default();
+    let tier = g.retry_queue(1);
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |_d| Err(HandlerError::retryable("fails"))),
+        "adv-held-stop",
+        |b| {
+            b.requeue_delay(Duration::from_millis(100))
+                .copy_hold(Duration::from_secs(60))
+                .shutdown_grace(Duration::from_secs(20))
+        },
+    )
+    .await;
+    let reg = run.registry.clone();
+    // The group checks its queues when a session opens: the tier goes once
+    // it consumes, and its copies are unroutable.
+    f.ch.queue_delete(tier.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    f.publish(&f.exchange(), "order.created", b"{}", props("stop-1"))
+        .await;
+    wait_for(Duration::from_secs(5), "handled once", || {
+        log.of("stop-1").len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    run.stop().await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the hold ended with the session: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(log.of("stop-1").len(), 1);
+    assert_eq!(
+        metric(&reg, "warren_handled_total", &[("outcome", "requeue")]),
+        1.0
+    );
+    let back = f.take(&g.work_queue(), 1, Duration::from_secs(5)).await;
+    assert_eq!(message_id(&back[0]), "stop-1");
+    assert!(back[0].delivery.redelivered);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+}
+
+/// With a grace of zero, handlers that finished just as shutdown began
+/// (here: the last of eight handlers cancels the group as it returns) are
+/// acked, not requeued to be handled a second time: the shutdown records
+/// the tasks that are done before its deadline fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_without_grace_acks_what_had_finished() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 8, 8, "")).await;
+    let g = f.group(0);
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let l = Log::default();
+    let log = l.clone();
+    let stop: Arc<std::sync::OnceLock<tokio_util::sync::CancellationToken>> = Arc::default();
+    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = stop.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (l, mut opened, s, finished) =
+                (l.clone(), opened.clone(), s.clone(), finished.clone());
+            async move {
+                let _ = opened.wait_for(|o| *o).await;
+                let answer = Ok(());
+                l.note(&d, &answer);
+                if finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 7 {
+                    s.get().expect("set before the gate opens").cancel();
+                }
+                answer
+            }
+        }),
+        "adv-nograce-done",
+        |b| b.shutdown_grace(Duration::ZERO),
+    )
+    .await;
+    let reg = run.registry.clone();
+    stop.set(run.cancel.clone()).unwrap();
+    f.publish_numbered("order.created", b"x", "done", 8).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&reg, "warren_in_flight", &[]) < 8.0 {
+        assert!(Instant::now() < deadline, "8 handlers never ran at once");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gate.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(10), run.task)
+        .await
+        .expect("the group stops")
+        .unwrap()
+        .unwrap();
+    assert_eq!(log.len(), 8);
+    assert_eq!(
+        f.count(&g.work_queue()).await,
+        0,
+        "finished handlers' deliveries acked, none requeued"
+    );
+    assert_eq!(
+        metric(&reg, "warren_handled_total", &[("outcome", "ack")]),
+        8.0
+    );
 }
