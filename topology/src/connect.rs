@@ -1142,17 +1142,27 @@ impl Broker {
         })
     }
 
-    /// Drops the current connection so that the next [`Broker::channel`]
-    /// reconnects.
-    pub async fn invalidate(&self) {
-        if let Some(conn) = self.current.lock().await.take() {
-            self.unwatch();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                conn.close(320, "reconnecting".into()),
-            )
-            .await;
+    /// Drops the connection of `generation` (as [`Broker::channel`] or
+    /// [`Broker::generation`] gave it) so that the next [`Broker::channel`]
+    /// reconnects, and says whether it did. A newer connection (another
+    /// task sharing the broker already reconnected) is kept: closing it
+    /// would drop the channels of everyone else on it.
+    pub async fn invalidate(&self, generation: u64) -> bool {
+        let mut current = self.current.lock().await;
+        if self.generation() != generation {
+            return false;
         }
+        let Some(conn) = current.take() else {
+            return false;
+        };
+        self.unwatch();
+        drop(current);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.close(320, "reconnecting".into()),
+        )
+        .await;
+        true
     }
 
     /// Whether the connection is up right now.

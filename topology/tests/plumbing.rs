@@ -1,7 +1,9 @@
 //! The derived queues work on the broker, for quorum and classic groups: a
 //! message in a retry tier comes back to its own group's work queue after the
 //! tier's TTL (and to no other group), and a message rejected from the work
-//! queue lands in the group's dead-letter queue.
+//! queue lands in the group's dead-letter queue. And the supervised
+//! [`warren_topology::Broker`] connection reconnects only when asked about
+//! the connection it has.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -179,4 +181,30 @@ async fn connections_ask_for_the_brokers_default_frames_unless_the_url_sets_them
         .unwrap();
     assert_eq!(conn.configuration().frame_max(), 65536);
     let _ = conn.close(200, "bye".into()).await;
+}
+
+/// `Broker::invalidate` drops only the connection it names: a task that
+/// saw generation 1 fail, after another task already reconnected, must not
+/// close generation 2 under everyone's channels.
+#[tokio::test]
+async fn invalidating_an_old_generation_keeps_the_newer_connection() {
+    let broker = warren_topology::Broker::connect(warren_topology::ConnectOptions::new(
+        url(),
+        "test-invalidate",
+    ))
+    .await
+    .unwrap();
+    let (_, first) = broker.channel().await.unwrap();
+    assert!(broker.invalidate(first).await, "the current one is dropped");
+    assert!(!broker.is_connected().await);
+    let (ch, second) = broker.channel().await.unwrap();
+    assert_eq!(second, first + 1, "reconnected");
+    assert!(
+        !broker.invalidate(first).await,
+        "an old generation is ignored"
+    );
+    assert!(broker.is_connected().await);
+    assert!(ch.status().connected(), "its channels stay open");
+    assert_eq!(broker.generation(), second);
+    broker.close().await;
 }
