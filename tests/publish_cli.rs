@@ -896,7 +896,7 @@ fn text_that_is_not_json_is_refused_with_how_to_send_it_as_a_string() {
 
 /// The broker's pid of the AMQP connection the process `pid` has open to
 /// port 5672, found by its local port (every `warren publish` names its
-/// connection `warren-cli@host`, so the name cannot tell ours from others').
+/// connection `warren-publish@host`, so the name cannot tell ours from others').
 fn connection_of(pid: u32) -> Option<String> {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()?

@@ -191,7 +191,7 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
         .max_message_size(args.max_message_size);
     let registry = prometheus::Registry::new();
     // A connection error is warren-topology's, with its kind and facts.
-    let publisher = Publisher::connect(config, ConnectOptions::new(url, "cli"), &registry)
+    let publisher = Publisher::connect(config, ConnectOptions::new(url, "publish"), &registry)
         .await
         .map_err(|e| match e {
             PublishError::Connect(e) => anyhow::Error::new(e),

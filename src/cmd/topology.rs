@@ -90,7 +90,7 @@ fn print_lints(t: &Topology) {
 
 async fn connect(g: &Global) -> anyhow::Result<warren_topology::lapin::Connection> {
     let url = g.url()?;
-    let opts = ConnectOptions::new(url, "cli").attempts(3);
+    let opts = ConnectOptions::new(url, "topology").attempts(3);
     Ok(warren_topology::connect(&opts).await?)
 }
 
