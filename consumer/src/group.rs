@@ -334,8 +334,9 @@ struct Session {
     consume: Channel,
     consumer: Consumer,
     /// Cancelled when the session ends (lost, or shutting down): deliveries
-    /// held while their copy is published again are then requeued.
-    ends: CancellationToken,
+    /// held while their copy is published again are then requeued. In an
+    /// `Arc`: every delivery takes a clone, and a token's own clone locks.
+    ends: Arc<CancellationToken>,
 }
 
 /// Why a session ended.
@@ -605,7 +606,7 @@ impl<H: Handler> ConsumerGroup<H> {
         Ok(Session {
             consume,
             consumer,
-            ends: CancellationToken::new(),
+            ends: Arc::new(CancellationToken::new()),
         })
     }
 
@@ -807,7 +808,7 @@ impl<H: Handler> ConsumerGroup<H> {
         d: lapin::message::Delivery,
         epoch: u64,
         permit: OwnedSemaphorePermit,
-        ends: &CancellationToken,
+        ends: &Arc<CancellationToken>,
     ) {
         let ctx = self.ctx.clone();
         let ends = ends.clone();
@@ -914,6 +915,20 @@ impl<H: Handler> ConsumerGroup<H> {
         }
         if handled_after_cancel > 0 || returned_unstarted {
             info!(group = %name, started = handled_after_cancel, rest_returned = returned_unstarted, "deliveries received before the cancel were handled within the grace (a quorum queue counts a returned one toward delivery_limit)");
+        }
+        // Handlers that finished before the deadline but were not recorded
+        // yet (with a grace of zero, or under load, the deadline can win the
+        // race with their completions): acked now, not requeued to be
+        // handled a second time.
+        let mut late = 0usize;
+        while let Some(done) = tasks.try_join_next() {
+            self.record(done, epoch, &mut window);
+            late += 1;
+        }
+        if late > 0 {
+            if let Err(e) = send_acks(&s.consume, &mut window, &mut ops, Flush::All).await {
+                warn!(group = %name, error = %e, "ack failed during shutdown; the broker requeues");
+            }
         }
         let unfinished = tasks.len();
         drain_aborting(&mut tasks).await;
