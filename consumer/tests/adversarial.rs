@@ -172,6 +172,24 @@ impl Drop for Policy {
     }
 }
 
+/// Makes `tier` refuse every publish (an operator's policy: `max-length`
+/// 0, `reject-publish`), once the policy applies (probed), and leaves it
+/// empty. The tier takes copies again when the policy is dropped.
+async fn refuse_copies(f: &Fixture, tier: &str) -> Policy {
+    let policy = Policy::on_queue(tier, r#"{"max-length":0,"overflow":"reject-publish"}"#);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probes = 0;
+    while !nacked(f, tier, &format!("probe-{probes}")).await {
+        probes += 1;
+        assert!(Instant::now() < deadline, "the policy never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f.ch.queue_purge(tier.into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    policy
+}
+
 /// Publishes to `queue` through the default exchange and says whether the
 /// broker nacked it (a queue at its length limit that rejects publishes).
 async fn nacked(f: &Fixture, queue: &str, id: &str) -> bool {
@@ -499,17 +517,7 @@ async fn a_retry_tier_that_refuses_copies_keeps_the_message_in_the_work_queue() 
     let f = Fixture::new(&topology("classic", "'200ms'", 8, 4, "")).await;
     let g = f.group(0);
     let tier = g.retry_queue(1);
-    let policy = Policy::on_queue(&tier, r#"{"max-length":0,"overflow":"reject-publish"}"#);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut probes = 0;
-    while !nacked(&f, &tier, &format!("probe-{probes}")).await {
-        probes += 1;
-        assert!(Instant::now() < deadline, "the policy never applied");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    f.ch.queue_purge(tier.as_str().into(), QueuePurgeOptions::default())
-        .await
-        .unwrap();
+    let policy = refuse_copies(&f, &tier).await;
     let log = Log::default();
     let run = Running::start(
         g.clone(),
@@ -1573,6 +1581,40 @@ async fn a_retry_copy_that_the_brokers_x_death_would_push_past_the_frame_size_is
     }
 }
 
+/// Publishes `id` (body `whole`) to the fixture's group and checks that,
+/// once its handler failed, the delivery is held for its copy: after
+/// `held_ms` it was handled once only, nothing was requeued, and it is not
+/// back in the work queue.
+async fn publish_and_see_it_held(
+    f: &Fixture,
+    log: &Log,
+    reg: &prometheus::Registry,
+    id: &str,
+    held_ms: u64,
+) {
+    f.publish(&f.exchange(), "order.created", b"whole", props(id))
+        .await;
+    wait_for(Duration::from_secs(5), "handled once", || {
+        log.of(id).len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(held_ms)).await;
+    assert_eq!(
+        log.of(id).len(),
+        1,
+        "the handler does not run again while its copy is held"
+    );
+    assert_eq!(
+        metric(reg, "warren_handled_total", &[("outcome", "requeue")]),
+        0.0
+    );
+    assert_eq!(
+        f.count(&f.group(0).work_queue()).await,
+        0,
+        "held unacked, not back in the queue"
+    );
+}
+
 /// A retry tier that refuses copies for a while (a policy of `max-length`
 /// 0 with `reject-publish`): the delivery is held, unacked, while its copy
 /// is published again after 100, 200, 400 ms...; the handler does not run
@@ -1585,17 +1627,7 @@ async fn a_copy_the_tier_refuses_for_a_while_is_published_again_while_its_delive
     let f = Fixture::new(&topology("classic", "'200ms'", 8, 4, "")).await;
     let g = f.group(0);
     let tier = g.retry_queue(1);
-    let policy = Policy::on_queue(&tier, r#"{"max-length":0,"overflow":"reject-publish"}"#);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut probes = 0;
-    while !nacked(&f, &tier, &format!("probe-{probes}")).await {
-        probes += 1;
-        assert!(Instant::now() < deadline, "the policy never applied");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    f.ch.queue_purge(tier.as_str().into(), QueuePurgeOptions::default())
-        .await
-        .unwrap();
+    let policy = refuse_copies(&f, &tier).await;
     let log = Log::default();
     let run = Running::start(
         g.clone(),
@@ -1614,29 +1646,9 @@ async fn a_copy_the_tier_refuses_for_a_while_is_published_again_while_its_delive
     )
     .await;
     let reg = run.registry.clone();
-    f.publish(&f.exchange(), "order.created", b"{}", props("held-1"))
-        .await;
-    wait_for(Duration::from_secs(5), "handled once", || {
-        log.of("held-1").len() == 1
-    })
-    .await;
     // Time for four publishes of the copy, and for a requeue loop (every
     // 100 ms) to have run the handler a dozen times.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(
-        log.of("held-1").len(),
-        1,
-        "the handler does not run again while its copy is held"
-    );
-    assert_eq!(
-        metric(&reg, "warren_handled_total", &[("outcome", "requeue")]),
-        0.0
-    );
-    assert_eq!(
-        f.count(&g.work_queue()).await,
-        0,
-        "held unacked, not back in the queue"
-    );
+    publish_and_see_it_held(&f, &log, &reg, "held-1", 1600).await;
     drop(policy);
     wait_for(
         Duration::from_secs(15),
@@ -1701,18 +1713,7 @@ async fn a_dead_letter_copy_without_a_route_is_held_on_a_quorum_group_until_the_
     )
     .await;
     let reg = run.registry.clone();
-    f.publish(&f.exchange(), "order.created", b"whole", props("qheld-1"))
-        .await;
-    wait_for(Duration::from_secs(5), "handled once", || {
-        log.of("qheld-1").len() == 1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        log.of("qheld-1").len(),
-        1,
-        "held, not requeued toward the delivery limit"
-    );
+    publish_and_see_it_held(&f, &log, &reg, "qheld-1", 1500).await;
     assert_eq!(f.count(&dead).await, 0);
     f.ch.queue_bind(
         dead.as_str().into(),
@@ -1772,13 +1773,7 @@ async fn shutdown_ends_the_hold_and_returns_the_held_delivery_at_once() {
     f.ch.queue_delete(tier.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
-    f.publish(&f.exchange(), "order.created", b"{}", props("stop-1"))
-        .await;
-    wait_for(Duration::from_secs(5), "handled once", || {
-        log.of("stop-1").len() == 1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish_and_see_it_held(&f, &log, &reg, "stop-1", 500).await;
     let t0 = Instant::now();
     run.stop().await;
     assert!(
