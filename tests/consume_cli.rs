@@ -1715,3 +1715,107 @@ fn consume_warns_of_the_lints_of_its_group_at_start() {
     );
     assert!(!err.contains("no bindings"), "another group's lint: {err}");
 }
+
+/// `consume --output json`: when it stops, the last line of stdout is the
+/// stop line's counts as JSON (after what the `--exec` commands printed),
+/// and the log is on stderr as before; a run that fails before consuming
+/// prints `{"error": ...}`. (Before: nothing on stdout but the commands'
+/// output.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_output_json_the_counts_are_the_last_line_of_stdout() {
+    let topo = Topo::new("outjson", &[GROUP]);
+    topo.apply();
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("{}-{port}.log", topo.p));
+    let out = std::env::temp_dir().join(format!("{}-{port}.out", topo.p));
+    let (group, addr) = (topo.q("g"), format!("127.0.0.1:{port}"));
+    let cmd = "echo \"handled $WARREN_MESSAGE_ID\"; [ \"$WARREN_MESSAGE_ID\" = ok-1 ] || exit 65";
+    let child = warren()
+        .args([
+            "consume",
+            "-f",
+            topo.file(),
+            "--group",
+            &group,
+            "--metrics-addr",
+            &addr,
+            "--exec",
+            cmd,
+            "--output",
+            "json",
+        ])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut w = Worker { child, port, log };
+    assert!(
+        wait_until(Duration::from_secs(20), || async { ready(&w) }).await,
+        "worker not ready in 20s; log:\n{}",
+        w.log_text()
+    );
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "ok-1", b"{}").await;
+    publish(&conn, &topo.exchange(), "order.created", "bad-1", b"{}").await;
+    let handled = format!("warren_handled_total{{group=\"{group}\"");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            w.metrics()
+                .lines()
+                .filter(|l| l.starts_with(&handled))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+                == 2.0
+        })
+        .await,
+        "{}",
+        w.metrics()
+    );
+    w.sigterm();
+    assert_eq!(w.wait_exit(Duration::from_secs(15)), Some(0));
+    let stdout = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let (last, before) = lines.split_last().expect("a line on stdout");
+    let mut printed = before.to_vec();
+    printed.sort_unstable();
+    assert_eq!(printed, ["handled bad-1", "handled ok-1"], "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "group": group, "handled": 2, "acked": 1, "retried": 0, "dead_lettered": 1,
+            "rejected": 0, "requeued": 0, "error": null,
+        })
+    );
+    let stop = format!(
+        "stopped consuming group \"{group}\": 2 handled (1 acked, 0 retried, 1 dead-lettered)"
+    );
+    assert!(w.log_text().lines().any(|l| l == stop), "{}", w.log_text());
+
+    // Before consuming: the error, as JSON, exit 1.
+    let other = Topo::new("outjsonmissing", &[GROUP]);
+    let o = warren()
+        .args([
+            "consume",
+            "-f",
+            other.file(),
+            "--group",
+            &other.q("g"),
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--exec",
+            "true",
+            "--output",
+            "json",
+        ])
+        .output_within(CLI_LIMIT);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(err.contains(message), "{message} not in {err}");
+    assert!(message.contains(&other.q("g")), "{message}");
+}

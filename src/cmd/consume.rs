@@ -12,7 +12,8 @@
 //!
 //! At every verbosity it says when it starts consuming and when it stops
 //! (how many it handled): a line on stderr, or an INFO event with
-//! `--log-format json`. The topology's lints about the group are logged at
+//! `--log-format json`. With `--output json` the stop's counts are also
+//! the last line of stdout, as JSON (see [`run`]). The topology's lints about the group are logged at
 //! WARN at start. Passwords are masked in what handlers return (see
 //! [`Mask`]): `--exec` commands inherit `WARREN_AMQP_URL`.
 
@@ -48,6 +49,11 @@ and traceparent.
 
 Before the first delivery the group's queues are checked: a missing one exits 1 \
 (run `warren topology apply`).
+
+With --output json, the last line of standard output is one JSON object: the \
+counts of the stop line (group, handled, acked, retried, dead_lettered, \
+rejected, requeued) and \"error\" (null after SIGTERM/SIGINT); a run that \
+fails before consuming prints {\"error\": {...}}.
 
 Exit codes: 0 stopped by SIGTERM/SIGINT after the drain; 1 a failure (a missing \
 queue, a metrics port in use); 2 bad usage (an unknown group, a command that \
@@ -123,8 +129,28 @@ async fn metrics_addrs(spec: &str) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
-/// Runs `warren consume`.
+/// Runs `warren consume`. With `--output json`, standard output ends with
+/// one JSON line: the stop's counts ([`Handled`]) with `"error": null`,
+/// or the error that ended the run (`{"error": ...}` alone when it ended
+/// before consuming; see [`crate::cli::error_json`]). One line, since
+/// `--exec` commands write to the same standard output before it; a
+/// second signal, which quits at once, prints none.
 pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
+    let result = run_worker(g, args).await;
+    if g.json() {
+        if let Err(e) = &result {
+            if !crate::out::wrote_anything() {
+                outln!(
+                    "{}",
+                    serde_json::json!({ "error": crate::cli::error_json(e) })
+                );
+            }
+        }
+    }
+    result
+}
+
+async fn run_worker(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     if args.exec.as_deref().is_some_and(|c| c.trim().is_empty()) {
         return Err(UsageError(
             "--exec needs a command: an empty one would succeed for, ack and discard every message"
@@ -194,7 +220,6 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     // The password of the URL warren connects with, which the commands
     // inherit, is masked in what handlers return.
     let mask = Mask::new(&url);
-    let json = g.log_format == LogFormat::Json;
     match (&args.http, &args.exec) {
         (Some(endpoint), None) => {
             let h = HttpHandler::new(
@@ -206,7 +231,7 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
             let shown = format!("POST {}", h.shown_url());
             warn_of_lints(&topology, &group.name);
             // In-flight requests die with the process: nothing to kill.
-            serve_group(url, group, h, &shown, None, &args, json).await?;
+            serve_group(g, url, group, h, &shown, None, &args).await?;
         }
         (None, Some(cmd)) => {
             let shown = format!("sh -c {:?}", mask.apply(cmd));
@@ -215,7 +240,7 @@ pub async fn run(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
             h.check().await.map_err(UsageError)?;
             warn_of_lints(&topology, &group.name);
             let running = h.running();
-            serve_group(url, group, h, &shown, Some(running), &args, json).await?
+            serve_group(g, url, group, h, &shown, Some(running), &args).await?
         }
         _ => return Err(UsageError("give exactly one of --http URL or --exec CMD".into()).into()),
     }
@@ -232,16 +257,19 @@ fn warn_of_lints(topology: &warren_topology::Topology, group: &str) {
 
 /// Runs the group until a signal; `commands` are the process groups a
 /// forced exit (a second signal) must kill first. Says when it starts
-/// consuming and when it stops ([`Said`]), as JSON events when `json`.
+/// consuming and when it stops ([`Said`]), as JSON events with
+/// `--log-format json`, and with `--output json` prints the stop's counts
+/// on standard output (see [`run`]).
 async fn serve_group<H: Handler>(
+    g: &Global,
     url: warren_topology::AmqpUrl,
     group: Group,
     handler: H,
     handler_text: &str,
     commands: Option<RunningGroups>,
     args: &ConsumeArgs,
-    json: bool,
 ) -> anyhow::Result<()> {
+    let json = g.log_format == LogFormat::Json;
     let registry = Registry::new();
     let cancel = {
         let (registry, name) = (registry.clone(), group.name.clone());
@@ -320,16 +348,76 @@ async fn serve_group<H: Handler>(
     });
 
     let broker = Arc::new(Broker::new(ConnectOptions::new(url, "consumer")));
-    let result = consumer.run(&broker, cancel.clone()).await;
+    // The consumer's errors name the group already.
+    let result: anyhow::Result<()> = consumer
+        .run(&broker, cancel.clone())
+        .await
+        .map_err(Into::into);
     health.set_ready(false);
     broker.close().await;
     server_stop.cancel();
     if started.load(Ordering::SeqCst) {
-        said.stopped(&registry);
+        let handled = Handled::of(&registry, &said.group);
+        said.stopped(&handled);
+        if g.json() {
+            let error = result.as_ref().err().map(crate::cli::error_json);
+            outln!(
+                "{}",
+                serde_json::to_string(&Stopped {
+                    handled: &handled,
+                    error
+                })?
+            );
+        }
     }
-    // The consumer's errors name the group already.
-    result?;
-    Ok(())
+    result
+}
+
+/// What a run of `consume` handled, by outcome (`warren_handled_total`).
+#[derive(Debug, Clone, serde::Serialize)]
+struct Handled {
+    group: String,
+    /// Every delivery settled: acked, retried, dead-lettered or rejected
+    /// (a reject is handled too: the broker dead-letters it).
+    handled: u64,
+    acked: u64,
+    retried: u64,
+    dead_lettered: u64,
+    /// Rejected for the broker to dead-letter, unchanged: their copy could
+    /// not be published.
+    rejected: u64,
+    /// Requeued: their copy was not confirmed (not counted as handled).
+    requeued: u64,
+}
+
+impl Handled {
+    fn of(registry: &Registry, group: &str) -> Handled {
+        let count = |outcome| handled(registry, group, outcome);
+        let (acked, retried, dead_lettered, rejected) = (
+            count("ack"),
+            count("retry"),
+            count("dead_letter"),
+            count("reject"),
+        );
+        Handled {
+            group: group.to_owned(),
+            handled: acked + retried + dead_lettered + rejected,
+            acked,
+            retried,
+            dead_lettered,
+            rejected,
+            requeued: count("requeue"),
+        }
+    }
+}
+
+/// `consume --output json`'s line: the counts, and the error that ended
+/// the run (`null` after a signal).
+#[derive(serde::Serialize)]
+struct Stopped<'a> {
+    #[serde(flatten)]
+    handled: &'a Handled,
+    error: Option<serde_json::Value>,
 }
 
 /// What `warren consume` says when it starts consuming and when it stops,
@@ -386,18 +474,17 @@ impl Said {
     /// dead-lettered)` (with how many were rejected, for the broker to
     /// dead-letter, and how many were requeued because their copy was not
     /// confirmed, when any), or the event `stopped consuming` with them.
-    fn stopped(&self, registry: &Registry) {
+    fn stopped(&self, h: &Handled) {
         let group = &self.group;
-        let count = |outcome| handled(registry, group, outcome);
-        let (acked, retried, dead_lettered, rejected, requeued) = (
-            count("ack"),
-            count("retry"),
-            count("dead_letter"),
-            count("reject"),
-            count("requeue"),
-        );
-        // A reject is handled too: the broker dead-letters it.
-        let total = acked + retried + dead_lettered + rejected;
+        let &Handled {
+            handled: total,
+            acked,
+            retried,
+            dead_lettered,
+            rejected,
+            requeued,
+            ..
+        } = h;
         if self.json {
             as_info_event(|| {
                 info!(
