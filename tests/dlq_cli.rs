@@ -2727,3 +2727,77 @@ fn op_ids(path: &std::path::Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// `dead_lettered_at` in `list` and `show --output json` is RFC 3339 UTC,
+/// as the `x-warren-dead-lettered-at` header and every other time warren
+/// writes in JSON are, and `null` when unknown; `show`'s `timestamp`
+/// property is RFC 3339 too, as its header timestamps are. The export file
+/// keeps its seconds: its format is `import`'s. (Before: `list` and `show`
+/// gave Unix seconds, `1700000000`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn json_times_are_rfc3339_utc_and_null_when_unknown() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "times").await;
+    let h = || warren_headers(&env, "permanent", "boom", "o.created");
+    let mut with_header = h();
+    with_header.insert(
+        headers::DEAD_LETTERED_AT.into(),
+        AMQPValue::LongString("2024-05-06T07:08:09Z".into()),
+    );
+    // The header wins over the timestamp property.
+    let p = props("t-header", with_header).with_timestamp(1_700_000_000);
+    dead_letter(&conn, &env, p, b"{}").await;
+    let p = props("t-property", h()).with_timestamp(1_700_000_000);
+    dead_letter(&conn, &env, p, b"{}").await;
+    dead_letter(&conn, &env, props("t-none", h()), b"{}").await;
+    let g = env.group.as_str();
+
+    let l: serde_json::Value =
+        serde_json::from_str(&ok(&["dlq", "list", "--group", g, "--output", "json"])).unwrap();
+    let at: Vec<(&str, &serde_json::Value)> = l[0]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap(), &m["dead_lettered_at"]))
+        .collect();
+    let (header, property, none) = (
+        serde_json::json!("2024-05-06T07:08:09Z"),
+        serde_json::json!("2023-11-14T22:13:20Z"),
+        serde_json::Value::Null,
+    );
+    assert_eq!(
+        at,
+        [
+            ("t-header", &header),
+            ("t-property", &property),
+            ("t-none", &none)
+        ]
+    );
+    let show: serde_json::Value = serde_json::from_str(&ok(&[
+        "dlq", "show", "t-header", "--group", g, "--output", "json",
+    ]))
+    .unwrap();
+    assert_eq!(show[0]["info"]["dead_lettered_at"], header);
+    assert_eq!(show[0]["properties"]["timestamp"], property);
+    let show: serde_json::Value = serde_json::from_str(&ok(&[
+        "dlq", "show", "t-none", "--group", g, "--output", "json",
+    ]))
+    .unwrap();
+    assert_eq!(show[0]["info"]["dead_lettered_at"], none);
+    assert!(show[0]["properties"].get("timestamp").is_none(), "{show}");
+    // The table shows the same time.
+    let table = ok(&["dlq", "show", "t-header", "--group", g]);
+    assert!(
+        table.contains("\ndead-lettered  2024-05-06T07:08:09Z ("),
+        "{table}"
+    );
+    assert!(
+        table.contains("\n  timestamp          2023-11-14T22:13:20Z\n"),
+        "{table}"
+    );
+    // The export keeps seconds.
+    let export = ok(&["dlq", "export", "-", "--group", g]);
+    let first: serde_json::Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
+    assert_eq!(first["id"], "t-header");
+    assert_eq!(first["properties"]["timestamp"], 1_700_000_000);
+}

@@ -49,6 +49,9 @@ pub struct Info {
     /// Fingerprint of kind and normalised error: the failure group.
     pub fingerprint: String,
     /// When it was dead-lettered (seconds since the epoch), if known.
+    /// Serialized as RFC 3339 UTC (`2026-11-21T15:04:05Z`), as the
+    /// `x-warren-dead-lettered-at` header has it, or `null`.
+    #[serde(serialize_with = "rfc3339_or_null")]
     pub dead_lettered_at: Option<u64>,
     /// Where it was first published: exchange.
     pub original_exchange: Option<String>,
@@ -96,6 +99,25 @@ fn latest_death(h: &FieldTable) -> Option<Death> {
     })
 }
 
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z). A time
+/// beyond it (a timestamp property of `u64::MAX`, ...) is treated as absent.
+pub(crate) const MAX_RFC3339_SECS: u64 = 253_402_300_799;
+
+/// `secs` since the epoch as RFC 3339 UTC to the second; `None` beyond
+/// [`MAX_RFC3339_SECS`].
+pub(crate) fn rfc3339(secs: u64) -> Option<String> {
+    (secs <= MAX_RFC3339_SECS).then(|| {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+    })
+}
+
+fn rfc3339_or_null<S: serde::Serializer>(at: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match at.and_then(rfc3339) {
+        Some(t) => s.serialize_str(&t),
+        None => s.serialize_none(),
+    }
+}
+
 fn rfc3339_secs(s: &str) -> Option<u64> {
     humantime::parse_rfc3339_weak(s)
         .ok()
@@ -135,7 +157,9 @@ impl Info {
                 ),
             },
         };
-        let at = at.or(*properties.timestamp());
+        // A time no calendar date can be written for is malformed: absent.
+        let valid = |t: &u64| *t <= MAX_RFC3339_SECS;
+        let at = at.filter(valid).or(properties.timestamp().filter(valid));
         let id = match properties.message_id() {
             Some(id) if !id.as_str().is_empty() => id.as_str().to_owned(),
             _ => {
@@ -251,5 +275,23 @@ mod tests {
         let i = Info::from_parts(&p, b"");
         assert_eq!((i.attempts, i.replays), (0, 0));
         assert_eq!(i.kind, "unknown");
+    }
+
+    #[test]
+    fn the_time_is_rfc3339_in_json_and_a_time_past_year_9999_is_absent() {
+        let p = BasicProperties::default().with_timestamp(1_700_000_000);
+        let v = serde_json::to_value(Info::from_parts(&p, b"")).unwrap();
+        assert_eq!(v["dead_lettered_at"], "2023-11-14T22:13:20Z");
+        let v = serde_json::to_value(Info::from_parts(&BasicProperties::default(), b"")).unwrap();
+        assert!(v["dead_lettered_at"].is_null());
+        // Before: `list` panicked adding u64::MAX seconds to the epoch.
+        for t in [u64::MAX, MAX_RFC3339_SECS + 1] {
+            let i = Info::from_parts(&BasicProperties::default().with_timestamp(t), b"");
+            assert_eq!(i.dead_lettered_at, None);
+            assert_eq!(i.age(SystemTime::now()), None);
+        }
+        let last = BasicProperties::default().with_timestamp(MAX_RFC3339_SECS);
+        let v = serde_json::to_value(Info::from_parts(&last, b"")).unwrap();
+        assert_eq!(v["dead_lettered_at"], "9999-12-31T23:59:59Z");
     }
 }

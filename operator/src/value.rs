@@ -159,9 +159,9 @@ pub fn value_to_plain(v: &AMQPValue) -> Value {
         AMQPValue::ShortString(s) => json!(s.as_str()),
         AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_to_plain).collect()),
+        // RFC 3339 UTC; past year 9999 (no date to write) the number.
         AMQPValue::Timestamp(t) => {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(*t);
-            json!(humantime::format_rfc3339_seconds(at).to_string())
+            crate::message::rfc3339(*t).map_or_else(|| json!(t), |s| json!(s))
         }
         AMQPValue::FieldTable(t) => table_to_plain(t),
         AMQPValue::ByteArray(b) => json!(format!("base64:{}", B64.encode(b.as_slice()))),

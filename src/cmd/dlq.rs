@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_operator as op;
+use warren_topology::lapin::types::AMQPValue;
 use warren_topology::lapin::Connection;
 use warren_topology::{connect, ConnectOptions};
 
@@ -570,6 +571,11 @@ async fn show(g: &Global, a: ShowArgs) -> anyhow::Result<ExitCode> {
         .map(|d| {
             let mut props =
                 serde_json::to_value(op::ExportedProperties::of(&d.properties)).unwrap_or_default();
+            // RFC 3339 UTC, as header timestamps are shown (the export
+            // file keeps seconds).
+            if let Some(t) = *d.properties.timestamp() {
+                props["timestamp"] = op::value_to_plain(&AMQPValue::Timestamp(t));
+            }
             if let Some(h) = d.properties.headers() {
                 props["headers"] = op::table_to_plain(h);
             }
