@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 
+use crate::reader::Reading;
+
 /// An operator command failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -31,8 +33,9 @@ pub enum OperatorError {
     /// broker cancelled its consumer (the queue was deleted, ...) or its
     /// channel or connection closed. Nothing was removed from the queue
     /// beyond what the command reports (a replay's report, an
-    /// [`OperatorError::ExportIncomplete`]'s).
-    #[error("{}", crate::reader::cut_text(queue, *read, *expected, *channel_closed, *queue_deleted))]
+    /// [`OperatorError::ExportIncomplete`]'s); `reading` says what the
+    /// command had done with what it read (see [`Reading`]).
+    #[error("{}", crate::reader::cut_text(queue, *read, *expected, *channel_closed, *queue_deleted, *reading))]
     ReadCut {
         /// The queue.
         queue: String,
@@ -47,6 +50,8 @@ pub enum OperatorError {
         /// Whether the queue is gone, when that was checked (`None`: not
         /// known).
         queue_deleted: Option<bool>,
+        /// What the read was for.
+        reading: Reading,
     },
     /// Checking that an exchange exists (a passive declare) got another
     /// answer than "not found": a refusal, a closed channel or connection.

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::error::OperatorError;
 use crate::message::{DeadLetter, Info};
-use crate::reader::{Coverage, ReadOptions, Scan};
+use crate::reader::{explain_cut, Coverage, ReadOptions, Reading, Scan};
 
 /// One line of `list`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -62,8 +62,9 @@ pub async fn list(
     }
     .await;
     let queue = scan.queue().to_owned();
-    let coverage = scan.finish().await?;
-    result?;
+    let finished = scan.finish().await;
+    cut_short(conn, result, opts).await?;
+    let coverage = finished?;
     Ok(Listing {
         group: group.to_owned(),
         queue,
@@ -179,7 +180,24 @@ pub async fn show(
         Ok::<_, OperatorError>(())
     }
     .await;
-    let coverage = scan.finish().await?;
-    result?;
-    Ok((found, coverage))
+    let finished = scan.finish().await;
+    cut_short(conn, result, opts).await?;
+    Ok((found, finished?))
+}
+
+/// A read's failure, made sure of ([`explain_cut`]: whether the queue is
+/// gone) and said for a listing: nothing was removed, and no partial
+/// result is given. It comes before an error closing the scan (after a
+/// closed channel, closing fails too).
+async fn cut_short(
+    conn: &Connection,
+    result: Result<(), OperatorError>,
+    opts: &ReadOptions,
+) -> Result<(), OperatorError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => Err(explain_cut(conn, e, opts.rpc_timeout)
+            .await
+            .while_reading(Reading::Inspecting)),
+    }
 }

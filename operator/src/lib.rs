@@ -10,7 +10,8 @@
 //! # Layout
 //!
 //! - `reader`: reading a queue without consuming it: [`ReadOptions`],
-//!   [`Coverage`], [`count`]. The order-keeping requeue lives here.
+//!   [`Coverage`], [`count`], [`Reading`] (what a read cut short was
+//!   for). The order-keeping requeue lives here.
 //! - `message`: [`DeadLetter`] and [`Info`]: what a dead letter's headers
 //!   (or the broker's `x-death`) say.
 //! - `fingerprint`: failure groups: [`fingerprint`], [`normalize`].
@@ -29,7 +30,9 @@
 //! - `metrics`: [`Metrics`].
 //! - `error`: [`OperatorError`]; a run that stops partway after moving
 //!   messages says what it moved (a [`ReplayReport`] with its `error`,
-//!   [`OperatorError::ImportIncomplete`], [`OperatorError::PurgeIncomplete`]).
+//!   [`OperatorError::ImportIncomplete`], [`OperatorError::PurgeIncomplete`],
+//!   [`OperatorError::ExportIncomplete`]), and a read the broker cut short
+//!   ([`OperatorError::ReadCut`]) what the command had done with it.
 
 mod audit;
 mod error;
@@ -55,8 +58,8 @@ pub use metrics::Metrics;
 pub use publish::DEFAULT_WINDOW;
 pub use purge::{prepare_purge, PendingPurge, PurgeReport};
 pub use reader::{
-    count, Coverage, ReadOptions, DEFAULT_IDLE_TIMEOUT, DEFAULT_RPC_TIMEOUT, DEFAULT_SCAN_LIMIT,
-    MAX_SCAN_LIMIT,
+    count, Coverage, ReadOptions, Reading, DEFAULT_IDLE_TIMEOUT, DEFAULT_RPC_TIMEOUT,
+    DEFAULT_SCAN_LIMIT, MAX_SCAN_LIMIT,
 };
 /// The regular expressions `Selection::error` takes.
 pub use regex::Regex;

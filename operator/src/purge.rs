@@ -21,7 +21,7 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::error::OperatorError;
-use crate::reader::{Coverage, ReadOptions, Scan};
+use crate::reader::{explain_cut, Coverage, ReadOptions, Reading, Scan};
 use crate::select::Selection;
 use crate::transfer::ExportWriter;
 
@@ -93,6 +93,13 @@ pub async fn prepare_purge(
     }
     .await;
     if let Err(e) = result {
+        // Said for what the purge held: nothing is deleted yet.
+        let e = explain_cut(conn, e, opts.rpc_timeout)
+            .await
+            .while_reading(Reading::Purging {
+                selected: tags.len(),
+                archived: archive.is_some(),
+            });
         let _ = scan.finish().await;
         return Err(e);
     }

@@ -253,6 +253,7 @@ impl Scan {
                     expected,
                     channel_closed,
                     queue_deleted: None,
+                    reading: Reading::Moving,
                 });
             }
             Ok(Some(Err(e))) => {
@@ -342,14 +343,61 @@ impl Scan {
     }
 }
 
-/// [`OperatorError::ReadCut`]'s text: what ended the read, that nothing
-/// beyond what the command reports was removed, and what to do.
+/// What a read that was cut short ([`OperatorError::ReadCut`]) was for:
+/// what its command had done with the messages it read, which the error
+/// says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reading {
+    /// A replay or an export: it removed only what it reports.
+    Moving,
+    /// `stats`, `list`, `show`: nothing removed, and no partial result.
+    Inspecting,
+    /// A purge's read, before anything is deleted: it had selected
+    /// `selected` dead letters, and written them to its archive when
+    /// `archived`.
+    Purging {
+        /// Dead letters selected before the read ended.
+        selected: usize,
+        /// Whether they were written to an archive.
+        archived: bool,
+    },
+}
+
+impl OperatorError {
+    /// A [`OperatorError::ReadCut`] said for `reading`; any other error as
+    /// it is.
+    pub(crate) fn while_reading(self, reading: Reading) -> Self {
+        match self {
+            OperatorError::ReadCut {
+                queue,
+                read,
+                expected,
+                channel_closed,
+                queue_deleted,
+                ..
+            } => OperatorError::ReadCut {
+                queue,
+                read,
+                expected,
+                channel_closed,
+                queue_deleted,
+                reading,
+            },
+            other => other,
+        }
+    }
+}
+
+/// [`OperatorError::ReadCut`]'s text: what ended the read, what the
+/// command did with what it read ([`Reading`]), and what to do.
 pub(crate) fn cut_text(
     queue: &str,
     read: usize,
     expected: usize,
     channel_closed: bool,
     queue_deleted: Option<bool>,
+    reading: Reading,
 ) -> String {
     let (what, todo) = if channel_closed {
         (
@@ -372,9 +420,29 @@ pub(crate) fn cut_text(
             ),
         }
     };
-    format!(
-        "reading {queue:?} stopped after {read} of {expected} messages: {what}; nothing was removed from it beyond what this command reports; {todo}"
-    )
+    let gone = !channel_closed && queue_deleted == Some(true);
+    let done = match reading {
+        Reading::Moving => "nothing was removed from it beyond what this command reports".into(),
+        Reading::Inspecting => {
+            "nothing was removed from it, and no partial listing is given".into()
+        }
+        Reading::Purging { selected, archived } => {
+            let them = format!(
+                "the {selected} dead letter{} it had selected",
+                if selected == 1 { "" } else { "s" }
+            );
+            match (archived && selected > 0, gone) {
+                (false, _) => "the purge deleted nothing".to_owned(),
+                (true, true) => {
+                    format!("the purge deleted nothing; the archive holds the only copy of {them}")
+                }
+                (true, false) => format!(
+                    "the purge deleted nothing; the archive holds copies of {them}, none deleted"
+                ),
+            }
+        }
+    };
+    format!("reading {queue:?} stopped after {read} of {expected} messages: {what}; {done}; {todo}")
 }
 
 /// `e` with what a cancelled read means made sure of: for an
@@ -393,6 +461,7 @@ pub(crate) async fn explain_cut(
             expected,
             channel_closed: false,
             queue_deleted: None,
+            reading,
         } => {
             let queue_deleted = match conn.create_channel().await {
                 Ok(ch) => match passive_count(&ch, &queue, rpc).await {
@@ -411,6 +480,7 @@ pub(crate) async fn explain_cut(
                 expected,
                 channel_closed: false,
                 queue_deleted,
+                reading,
             }
         }
         other => other,

@@ -1580,3 +1580,148 @@ async fn a_replay_to_an_original_exchange_too_long_for_amqp_fails_that_dead_lett
     assert_eq!(take_ids(&env.conn, &dq).await, ["b"]);
     assert_eq!(take_ids(&env.conn, &env.billing).await, ["a", "c"]);
 }
+
+/// Deletes `queue` (on a connection of its own) as soon as a consumer
+/// reads from it: a scan has started.
+fn delete_once_read(queue: &str) -> tokio::task::JoinHandle<()> {
+    use lapin::options::QueueDeclareOptions;
+    let queue = queue.to_owned();
+    tokio::spawn(async move {
+        let other = connect().await;
+        let ch = other.create_channel().await.unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let q = ch
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            if q.consumer_count() > 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nobody read {queue}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        ch.queue_delete(queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+        let _ = other.close(200, "ok".into()).await;
+    })
+}
+
+/// Declares the test's queues again (after one was deleted).
+async fn redeclare(env: &Env) {
+    let plan = warren_topology::Plan::new(&env.topology);
+    warren_topology::apply(&env.conn, &plan).await.unwrap();
+}
+
+/// `list` (and so `stats`) and `show` of a queue deleted while it is read:
+/// the error says the queue was deleted (checked, not "deleted or
+/// cancelled") and that no partial listing is given. (Before: "the queue
+/// was deleted, or its consumer was cancelled; nothing was removed from it
+/// beyond what this command reports".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_whose_queue_is_deleted_midway_says_so_and_gives_no_partial_listing() {
+    const N: usize = 5_000;
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let mut attempts = 0;
+    let (e, read) = loop {
+        attempts += 1;
+        many_dead_letters(&env, "l", N).await;
+        let deleter = delete_once_read(&dq);
+        let r = op::list(&env.conn, &env.billing, &quick()).await;
+        deleter.await.unwrap();
+        match r {
+            Err(e @ op::OperatorError::ReadCut { read, .. }) => break (e, read),
+            // The broker delivered all before the deletion (a busy
+            // machine): nothing to show; again, with the queue declared again.
+            Ok(_) if attempts < 3 => redeclare(&env).await,
+            other => panic!("expected ReadCut, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "reading {dq:?} stopped after {read} of {N} messages: the queue was deleted (the dead \
+             letters it still held went with it); nothing was removed from it, and no partial \
+             listing is given; `warren topology apply` declares it again"
+        )
+    );
+}
+
+/// A purge whose queue is deleted while it reads (before anything is
+/// deleted): the error says the purge deleted nothing and that its
+/// archive holds the only copy of the dead letters it had selected, which
+/// the archive does, in order. (Before: "the queue was deleted, or its
+/// consumer was cancelled; nothing was removed from it beyond what this
+/// command reports", with nothing said about the archive.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_whose_queue_is_deleted_midway_says_it_deleted_nothing_and_what_the_archive_holds()
+{
+    const N: usize = 5_000;
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let dir = std::env::temp_dir().join(format!(
+        "warren-op-pcut-{}",
+        env.prefix.trim_end_matches('.')
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut attempts = 0;
+    let (e, read, ids, archived) = loop {
+        attempts += 1;
+        let ids = many_dead_letters(&env, "p", N).await;
+        let file = dir.join(format!("archive-{attempts}.jsonl"));
+        let mut archive = op::ExportWriter::create_new(&file).unwrap();
+        let deleter = delete_once_read(&dq);
+        let r = op::prepare_purge(
+            &env.conn,
+            &env.billing,
+            &op::Selection {
+                all: true,
+                ..Default::default()
+            },
+            &quick(),
+            Some(&mut archive),
+        )
+        .await;
+        deleter.await.unwrap();
+        drop(archive);
+        match r {
+            Err(e @ op::OperatorError::ReadCut { read, .. }) => {
+                break (e, read, ids, op::read_export(&file).unwrap())
+            }
+            // All read before the deletion: again (see the listing's test).
+            Ok(p) if attempts < 3 => {
+                drop(p);
+                redeclare(&env).await;
+            }
+            other => panic!("expected ReadCut, got {other:?}"),
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let archive_says = match read {
+        0 => String::new(),
+        1 => "; the archive holds the only copy of the 1 dead letter it had selected".into(),
+        n => format!("; the archive holds the only copy of the {n} dead letters it had selected"),
+    };
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "reading {dq:?} stopped after {read} of {N} messages: the queue was deleted (the dead \
+             letters it still held went with it); the purge deleted nothing{archive_says}; \
+             `warren topology apply` declares it again"
+        )
+    );
+    let in_archive: Vec<&str> = archived.messages().iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(in_archive, ids[..read]);
+}
