@@ -2801,3 +2801,61 @@ async fn json_times_are_rfc3339_utc_and_null_when_unknown() {
     assert_eq!(first["id"], "t-header");
     assert_eq!(first["properties"]["timestamp"], 1_700_000_000);
 }
+
+/// `import` of a file whose group makes a queue name over AMQP's 255
+/// bytes: refused (exit 2) naming the line, before anything is sent; a
+/// `--to-group` or `--group` that long too. The file, fixed, imports
+/// every message. (Before: a panic in lapin, exit 101.)
+#[tokio::test(flavor = "multi_thread")]
+async fn import_of_a_group_too_long_for_a_queue_name_is_refused_naming_the_line() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "longgroup").await;
+    dead_letters(&conn, &env.group, "L", 3).await;
+    let g = env.group.as_str();
+    let dir = std::env::temp_dir().join(format!("warren-long-{g}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("export.jsonl");
+    let path = file.to_str().unwrap();
+    ok(&["dlq", "export", path, "--group", g, "--remove"]);
+    assert_eq!(count(&conn, &env.dead()).await, 0);
+    let good = std::fs::read_to_string(&file).unwrap();
+    let long = "g".repeat(251);
+    let mut lines: Vec<String> = good.lines().map(str::to_owned).collect();
+    let mut second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    second["group"] = long.as_str().into();
+    lines[1] = second.to_string();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let too_long = format!(
+        "group \"{}\"… is 251 bytes long: its dead-letter queue name would be 256 bytes, over \
+         AMQP's limit of 255, so no such queue can exist",
+        "g".repeat(40)
+    );
+
+    let out = run(&["dlq", "import", path]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!("error: {path}:2: {too_long}; fix its \"group\", or import with --to-group\n")
+    );
+    assert_eq!(text(&out.stdout), "");
+    let out = run(&["dlq", "import", path, "--to-group", &long]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!("error: --to-group: {too_long}; check the group name\n")
+    );
+    let out = run(&["dlq", "list", "--group", &long]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!("error: --group: {too_long}; check the group name\n")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&conn, &env.dead()).await, 0, "nothing was imported");
+
+    // Nothing lost: the file as exported imports every message.
+    std::fs::write(&file, &good).unwrap();
+    ok(&["dlq", "import", path]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(take_ids(&conn, &env.dead(), 3).await, names("L", 0..3));
+}

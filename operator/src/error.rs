@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use warren_topology::{dead_queue, MAX_NAME_BYTES};
 
 use crate::reader::Reading;
 
@@ -52,6 +53,14 @@ pub enum OperatorError {
         queue_deleted: Option<bool>,
         /// What the read was for.
         reading: Reading,
+    },
+    /// A group whose dead-letter queue name would be longer than AMQP's
+    /// limit ([`warren_topology::MAX_NAME_BYTES`] bytes): no such queue can
+    /// exist, and nothing is sent to the broker about it.
+    #[error("{}; check the group name", name_too_long(group))]
+    NameTooLong {
+        /// The group.
+        group: String,
     },
     /// Checking that an exchange exists (a passive declare) got another
     /// answer than "not found": a refusal, a closed channel or connection.
@@ -198,6 +207,33 @@ impl OperatorError {
             source,
         }
     }
+}
+
+/// [`OperatorError::NameTooLong`]'s text: the name's start (the whole of
+/// it would fill the screen) and its length.
+pub(crate) fn name_too_long(group: &str) -> String {
+    let start: String = group.chars().take(40).collect();
+    let shown = if start.len() < group.len() {
+        format!("{start:?}…")
+    } else {
+        format!("{group:?}")
+    };
+    format!(
+        "group {shown} is {} bytes long: its dead-letter queue name would be {} bytes, over AMQP's limit of {MAX_NAME_BYTES}, so no such queue can exist",
+        group.len(),
+        dead_queue(group).len()
+    )
+}
+
+/// Checks that `group`'s dead-letter queue name fits in an AMQP short
+/// string: lapin panics on a longer one.
+pub(crate) fn check_group_name(group: &str) -> Result<(), OperatorError> {
+    if dead_queue(group).len() > MAX_NAME_BYTES {
+        return Err(OperatorError::NameTooLong {
+            group: group.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether the broker answered with the channel error `code` (a soft

@@ -121,8 +121,10 @@ impl std::fmt::Display for Coverage {
 }
 
 /// Counts the messages ready in a group's dead-letter queue (passive
-/// declare: reads nothing).
+/// declare: reads nothing). A group whose queue name would be over AMQP's
+/// limit is [`OperatorError::NameTooLong`], before anything is sent.
 pub async fn count(conn: &Connection, group: &str, rpc: Duration) -> Result<u64, OperatorError> {
+    crate::error::check_group_name(group)?;
     let queue = dead_queue(group);
     let ch = timed(rpc, "opening a channel", &queue, conn.create_channel()).await?;
     let n = passive_count(&ch, &queue, rpc).await;

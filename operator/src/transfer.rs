@@ -774,8 +774,12 @@ fn parts(m: &ExportedMessage) -> Result<(Vec<u8>, BasicProperties), String> {
 
 /// Puts exported messages back, each into its group's dead-letter queue
 /// (or `to_group`'s), in file order, with confirms. Every message and
-/// every target queue is checked first: a bad message or a missing queue
-/// fails the import before anything is sent. `expiration` and
+/// every target queue is checked first: a bad message, a group whose
+/// queue name would be over AMQP's limit of
+/// [`warren_topology::MAX_NAME_BYTES`] bytes (an
+/// [`OperatorError::Import`] naming its line; for `to_group`,
+/// [`OperatorError::NameTooLong`]) or a missing queue fails the import
+/// before anything is sent. `expiration` and
 /// `x-delivery-count` are not restored (a dead letter must not expire in a
 /// queue without a dead-letter exchange; see
 /// [`warren_topology::copy_properties`]), nor a `user_id` that is not
@@ -802,11 +806,19 @@ pub async fn import(
     opts: &ReadOptions,
 ) -> Result<ImportReport, OperatorError> {
     for (m, line) in export.messages.iter().zip(&export.lines) {
-        parts(m).map_err(|reason| OperatorError::Import {
+        let bad = |reason: String| OperatorError::Import {
             file: export.name.clone(),
             line: *line,
             reason,
-        })?;
+        };
+        parts(m).map_err(bad)?;
+        // A queue name over AMQP's limit cannot be sent (lapin panics).
+        if to_group.is_none() && crate::error::check_group_name(&m.group).is_err() {
+            return Err(bad(format!(
+                "{}; fix its \"group\", or import with --to-group",
+                crate::error::name_too_long(&m.group)
+            )));
+        }
     }
     let groups: std::collections::BTreeSet<&str> = export
         .messages

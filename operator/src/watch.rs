@@ -87,7 +87,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use warren_topology::{connect, ConnectOptions, DEAD_LETTER_EXCHANGE};
 
-use crate::error::{timed, OperatorError};
+use crate::error::{check_group_name, timed, OperatorError};
 use crate::inspect::{list, Summary};
 use crate::message::Info;
 use crate::metrics::Metrics;
@@ -158,7 +158,9 @@ pub struct Alert {
 
 /// Watches `groups` until `cancel` fires. `ready` is told whether the last
 /// measurement worked; alerts go to `alerts` (dropped with a warning when
-/// the receiver lags, never blocking the watch).
+/// the receiver lags, never blocking the watch). A group whose dead-letter
+/// queue name would be over AMQP's limit is
+/// [`OperatorError::NameTooLong`] before anything is sent.
 pub async fn watch(
     connect_opts: &ConnectOptions,
     groups: &[String],
@@ -168,6 +170,9 @@ pub async fn watch(
     ready: &(dyn Fn(bool) + Sync),
     cancel: &CancellationToken,
 ) -> Result<(), OperatorError> {
+    for group in groups {
+        check_group_name(group)?;
+    }
     let rpc = opts.rpc_timeout;
     let mut conn: Option<Connection> = None;
     let mut tap: Option<Tap> = None;

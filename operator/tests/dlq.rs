@@ -1581,6 +1581,97 @@ async fn a_replay_to_an_original_exchange_too_long_for_amqp_fails_that_dead_lett
     assert_eq!(take_ids(&env.conn, &env.billing).await, ["a", "c"]);
 }
 
+/// An export line whose group makes a dead-letter queue name over AMQP's
+/// 255 bytes is refused with its line before anything is sent, as a group
+/// without a queue is; a `to_group` that long, a `count` and a `watch` of
+/// it are [`op::OperatorError::NameTooLong`]. Nothing is lost: the same
+/// file with the group fixed imports every message. (Before: lapin
+/// panicked building the queue name, in amq-protocol-types.)
+#[tokio::test]
+async fn a_group_too_long_for_a_queue_name_is_an_error_not_a_panic() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    for i in 0..3 {
+        dead_letter(
+            &env.conn,
+            &env.billing,
+            &format!("l{i}"),
+            "permanent",
+            "boom",
+            b"{}",
+            &env.orders,
+        )
+        .await;
+    }
+    wait_count(&env.conn, &dq, 3).await;
+    let dir = std::env::temp_dir().join(format!(
+        "warren-op-long-{}",
+        env.prefix.trim_end_matches('.')
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("export.jsonl");
+    let mut w = op::ExportWriter::create_new(&file).unwrap();
+    op::export(&env.conn, &env.billing, &mut w, true, &quick())
+        .await
+        .unwrap();
+    drop(w);
+    wait_count(&env.conn, &dq, 0).await;
+    let mut messages = op::read_export(&file).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let long = "g".repeat(251);
+    messages.messages_mut()[1].group = long.clone();
+    let too_long = format!(
+        "group \"{}\"… is 251 bytes long: its dead-letter queue name would be 256 bytes, over \
+         AMQP's limit of 255, so no such queue can exist",
+        "g".repeat(40)
+    );
+    match op::import(&env.conn, &messages, None, Some("guest"), &quick()).await {
+        Err(e @ op::OperatorError::Import { line: 2, .. }) => assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:2: {too_long}; fix its \"group\", or import with --to-group",
+                file.display()
+            )
+        ),
+        other => panic!("expected an Import error on line 2, got {other:?}"),
+    }
+    match op::import(&env.conn, &messages, Some(&long), Some("guest"), &quick()).await {
+        Err(e @ op::OperatorError::NameTooLong { .. }) => {
+            assert_eq!(e.to_string(), format!("{too_long}; check the group name"));
+        }
+        other => panic!("expected NameTooLong, got {other:?}"),
+    }
+    assert!(matches!(
+        op::count(&env.conn, &long, op::DEFAULT_RPC_TIMEOUT).await,
+        Err(op::OperatorError::NameTooLong { .. })
+    ));
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let watched = op::watch(
+        &warren_topology::ConnectOptions::new(url(), "test-watch"),
+        std::slice::from_ref(&long),
+        &op::WatchOptions::default(),
+        &op::Metrics::unregistered(),
+        tx,
+        &|_| {},
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(watched, Err(op::OperatorError::NameTooLong { .. })),
+        "{watched:?}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(count(&env.conn, &dq).await, 0, "nothing was imported");
+    // The connection is still good, and nothing is lost.
+    messages.messages_mut()[1].group = env.billing.clone();
+    let r = op::import(&env.conn, &messages, None, Some("guest"), &quick())
+        .await
+        .unwrap();
+    assert_eq!(r.total, 3);
+    wait_count(&env.conn, &dq, 3).await;
+    assert_eq!(take_ids(&env.conn, &dq).await, ["l0", "l1", "l2"]);
+}
+
 /// Deletes `queue` (on a connection of its own) as soon as a consumer
 /// reads from it: a scan has started.
 fn delete_once_read(queue: &str) -> tokio::task::JoinHandle<()> {

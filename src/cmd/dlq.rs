@@ -347,9 +347,11 @@ async fn check_groups(g: &Global, c: &Connection, given: &[String]) -> anyhow::R
             continue;
         }
         // Other errors (a timeout, ...) are left to the command itself.
-        if let Err(op::OperatorError::NoSuchQueue { queue }) =
-            op::count(c, group, op::DEFAULT_RPC_TIMEOUT).await
-        {
+        let counted = op::count(c, group, op::DEFAULT_RPC_TIMEOUT).await;
+        if let Err(e @ op::OperatorError::NameTooLong { .. }) = counted {
+            return Err(UsageError(format!("--group: {e}")).into());
+        }
+        if let Err(op::OperatorError::NoSuchQueue { queue }) = counted {
             let file = g.topology.display();
             return Err(UsageError(match &known {
                 Some(k) => format!(
@@ -1385,6 +1387,11 @@ async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
     let (r, source) = match result {
         Ok(r) => (r, None),
         Err(op::OperatorError::ImportIncomplete { report, source }) => (*report, Some(source)),
+        // Checked before anything is sent, as the lines `read_export` refuses.
+        Err(e @ op::OperatorError::Import { .. }) => return Err(UsageError(e.to_string()).into()),
+        Err(e @ op::OperatorError::NameTooLong { .. }) => {
+            return Err(UsageError(format!("--to-group: {e}")).into())
+        }
         Err(e) => return Err(e.into()),
     };
     // How to import the rest: this command again, with the lines imported skipped.
