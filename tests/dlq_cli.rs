@@ -2802,6 +2802,136 @@ async fn json_times_are_rfc3339_utc_and_null_when_unknown() {
     assert_eq!(first["properties"]["timestamp"], 1_700_000_000);
 }
 
+/// `watch --output json` writes JSON Lines on stdout, each as it happens:
+/// `watching` (groups, where metrics are), then for each new dead letter a
+/// `dead_letter` line with what `list --output json` gives for it, then a
+/// `new_dead_letters` line with the counts (`new` = the `dead_letter`
+/// lines before it plus `unread`). SIGTERM ends it with exit 0. (Before:
+/// nothing on stdout, only log lines on stderr.)
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_output_json_writes_a_line_per_new_dead_letter_as_it_happens() {
+    use std::io::BufRead;
+    let conn = connect().await;
+    let env = Env::new(&conn, "watchjson").await;
+    /// Killed if the test fails before it stops.
+    struct Watch(std::process::Child);
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut watch = Watch(
+        warren()
+            .args([
+                "dlq",
+                "watch",
+                "--group",
+                &env.group,
+                "--interval",
+                "500ms",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--output",
+                "json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut watch.0;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |within: Duration| -> serde_json::Value {
+        let line = lines
+            .recv_timeout(within)
+            .expect("a line on stdout in time");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let start = next(Duration::from_secs(15));
+    assert_eq!(start["event"], "watching", "{start}");
+    assert_eq!(start["groups"], serde_json::json!([env.group]));
+    let metrics = start["metrics"].as_str().unwrap().to_owned();
+    // Measured once (empty): what comes next is new.
+    let gauge = format!("warren_dead_letters{{group=\"{}\"}} 0", env.group);
+    assert!(
+        wait_for(Duration::from_secs(15), async || {
+            let text = match reqwest::get(&metrics).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            text.lines().any(|l| l == gauge)
+        })
+        .await,
+        "watch never measured"
+    );
+
+    dead_letters(&conn, &env.group, "j", 3).await;
+    let mut dead = Vec::new();
+    let counts = loop {
+        let line = next(Duration::from_secs(15));
+        match line["event"].as_str() {
+            Some("dead_letter") => dead.push(line),
+            Some("new_dead_letters") => break line,
+            _ => panic!("unexpected line {line}"),
+        }
+    };
+    let ids: Vec<&str> = dead.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["j-0", "j-1", "j-2"]);
+    let at = counts["at"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(at).is_ok(), "{at}");
+    let mut rest = counts.clone();
+    rest.as_object_mut().unwrap().remove("at");
+    assert_eq!(
+        rest,
+        serde_json::json!({
+            "event": "new_dead_letters", "group": env.group, "queue": env.dead(),
+            "count": 3, "new": 3, "unread": 0, "oldest_seconds": null,
+        })
+    );
+    // Each line is what `list --output json` gives for that dead letter,
+    // with its group and queue (the tap does not know the position).
+    let l: serde_json::Value = serde_json::from_str(&ok(&[
+        "dlq", "list", "--group", &env.group, "--output", "json",
+    ]))
+    .unwrap();
+    for (d, m) in dead.iter().zip(l[0]["messages"].as_array().unwrap()) {
+        let mut want = m.as_object().unwrap().clone();
+        want.insert("event".into(), "dead_letter".into());
+        want.insert("group".into(), env.group.as_str().into());
+        want.insert("queue".into(), env.dead().into());
+        want.insert("position".into(), serde_json::Value::Null);
+        assert_eq!(d, &serde_json::Value::Object(want));
+    }
+    assert_eq!(dead[0]["error"], "order 0 broke");
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "watch did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    reader.join().unwrap();
+    let left: Vec<String> = lines.try_iter().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// `import` of a file whose group makes a queue name over AMQP's 255
 /// bytes: refused (exit 2) naming the line, before anything is sent; a
 /// `--to-group` or `--group` that long too. The file, fixed, imports

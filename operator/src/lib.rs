@@ -23,7 +23,7 @@
 //!   [`read_export`], [`read_export_from`] (an [`ExportFile`]: messages
 //!   and their lines), [`import`] ([`ImportReport`]: the lines imported
 //!   and not), [`ExportWriter`] (to a file or standard output).
-//! - `watch`: [`watch`], [`Alert`].
+//! - `watch`: [`watch`], its [`WatchEvent`]s: [`NewDeadLetter`], [`Alert`].
 //! - `audit`: [`AuditRecord`].
 //! - `publish`: the confirm-mode publisher replay and import share.
 //! - `value`: AMQP values as typed JSON and as plain JSON.
@@ -70,4 +70,6 @@ pub use transfer::{
     ExportedMessage, ExportedProperties, ImportFailure, ImportReport, Lines, MAX_IMPORT_FAILURES,
 };
 pub use value::{table_to_plain, table_to_typed, typed_to_table, value_to_plain};
-pub use watch::{watch, Alert, WatchOptions, DEFAULT_INTERVAL, DEFAULT_READ_LIMIT};
+pub use watch::{
+    watch, Alert, NewDeadLetter, WatchEvent, WatchOptions, DEFAULT_INTERVAL, DEFAULT_READ_LIMIT,
+};

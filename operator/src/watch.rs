@@ -1,6 +1,8 @@
 //! `watch`: keep the dead-letter gauges current, log each new dead letter,
 //! and raise an [`Alert`] when a group gains dead letters (at most one per
-//! group per interval).
+//! group per interval). Both are [`WatchEvent`]s for the caller too: a
+//! [`WatchEvent::DeadLetter`] as each new dead letter is logged, a
+//! [`WatchEvent::Alert`] at the measurement that counts them.
 //!
 //! # The tap: every new dead letter
 //!
@@ -35,8 +37,9 @@
 //! holds at most [`TAP_PREFETCH`] copies in memory; when half the tap's
 //! length is waiting at a measurement, a warning says copies may soon be
 //! dropped (a dropped copy is neither logged nor counted; the gauges stay
-//! right). Alerts go to a bounded channel and are dropped with a warning
-//! when its receiver lags.
+//! right). Events go to the caller's bounded channel and are dropped with
+//! a warning when its receiver lags (the log line of a dead letter is
+//! written either way).
 //!
 //! # Measuring: the gauges
 //!
@@ -144,6 +147,11 @@ pub struct Alert {
     pub count: u64,
     /// How many arrived since the group's previous measurement that worked.
     pub new: u64,
+    /// How many of `new` were only counted, not read one by one (found by
+    /// growth in a queue longer than the read limit): no
+    /// [`WatchEvent::DeadLetter`] came for them. The others each had one,
+    /// before this alert.
+    pub unread: u64,
     /// Age of the oldest, seconds.
     pub oldest_seconds: Option<u64>,
     /// RFC 3339 UTC.
@@ -156,8 +164,38 @@ pub struct Alert {
     pub examples: Vec<Summary>,
 }
 
+/// A new dead letter, as `watch` saw it: what `list` shows of it, with
+/// its group.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NewDeadLetter {
+    /// The group.
+    pub group: String,
+    /// Its dead-letter queue.
+    pub queue: String,
+    /// Its position in the queue when growth found it; `None` for a copy
+    /// the tap delivered (the tap does not know where it is in the queue).
+    pub position: Option<usize>,
+    /// Age in seconds, if known.
+    pub age_seconds: Option<u64>,
+    /// What its headers say.
+    #[serde(flatten)]
+    pub info: Info,
+}
+
+/// What `watch` reports, in the order it happens.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum WatchEvent {
+    /// A new dead letter, when it is logged: as the tap delivers its copy,
+    /// or at the measurement whose growth found it.
+    DeadLetter(NewDeadLetter),
+    /// A measurement found new dead letters in a group: every
+    /// [`WatchEvent::DeadLetter`] it counts came before it.
+    Alert(Alert),
+}
+
 /// Watches `groups` until `cancel` fires. `ready` is told whether the last
-/// measurement worked; alerts go to `alerts` (dropped with a warning when
+/// measurement worked; events go to `events` (dropped with a warning when
 /// the receiver lags, never blocking the watch). A group whose dead-letter
 /// queue name would be over AMQP's limit is
 /// [`OperatorError::NameTooLong`] before anything is sent.
@@ -166,7 +204,7 @@ pub async fn watch(
     groups: &[String],
     opts: &WatchOptions,
     metrics: &Metrics,
-    alerts: mpsc::Sender<Alert>,
+    events: mpsc::Sender<WatchEvent>,
     ready: &(dyn Fn(bool) + Sync),
     cancel: &CancellationToken,
 ) -> Result<(), OperatorError> {
@@ -198,7 +236,7 @@ pub async fn watch(
         if let Some(copy) = copy {
             let queue = tap.as_ref().map_or("", |t| t.queue.as_str());
             let stopped = match copy {
-                Some(Ok(d)) => on_copy(d, &mut state, queue, opts)
+                Some(Ok(d)) => on_copy(d, &mut state, queue, opts, &events)
                     .await
                     .err()
                     .map(|e| e.to_string()),
@@ -286,7 +324,7 @@ pub async fn watch(
                         .set(m.oldest.unwrap_or(0) as f64);
                     let found = st.settle(&m, by_tap, tap.is_some(), SystemTime::now());
                     for s in &found.unlogged {
-                        log_new(group, &s.info);
+                        log_new(group, Some(s.position), s.age_seconds, &s.info, &events);
                     }
                     if found.unread > 0 {
                         warn!(group = %group, new = found.unread, count = m.count,
@@ -298,13 +336,12 @@ pub async fn watch(
                             queue: warren_topology::dead_queue(group),
                             count: m.count,
                             new: found.new,
+                            unread: found.unread,
                             oldest_seconds: m.oldest,
                             at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
                             examples: found.examples,
                         };
-                        if alerts.try_send(alert).is_err() {
-                            warn!(group = %group, "alert dropped: the alert sender lags");
-                        }
+                        send(&events, WatchEvent::Alert(alert));
                     }
                 }
                 Err(e) => {
@@ -332,10 +369,38 @@ pub async fn watch(
 }
 
 /// WARN: a new dead letter is a failure someone has to look at, and
-/// `watch` logs at WARN by default.
-fn log_new(group: &str, info: &Info) {
+/// `watch` logs at WARN by default. Then the event.
+fn log_new(
+    group: &str,
+    position: Option<usize>,
+    age_seconds: Option<u64>,
+    info: &Info,
+    events: &mpsc::Sender<WatchEvent>,
+) {
     warn!(group = %group, kind = %info.kind, error = %info.error,
         message_id = %info.id, "new dead letter");
+    send(
+        events,
+        WatchEvent::DeadLetter(NewDeadLetter {
+            group: group.to_owned(),
+            queue: warren_topology::dead_queue(group),
+            position,
+            age_seconds,
+            info: info.clone(),
+        }),
+    );
+}
+
+/// Sends `event` without waiting: dropped with a warning when the receiver
+/// lags (the watch never blocks on it), quietly when it is gone.
+fn send(events: &mpsc::Sender<WatchEvent>, event: WatchEvent) {
+    if let Err(mpsc::error::TrySendError::Full(e)) = events.try_send(event) {
+        let (what, group) = match &e {
+            WatchEvent::DeadLetter(d) => ("new dead letter", &d.group),
+            WatchEvent::Alert(a) => ("alert", &a.group),
+        };
+        warn!(group = %group, "watch: {what} event dropped: its receiver lags");
+    }
 }
 
 /// The tap's next delivery; never, while there is no tap.
@@ -353,12 +418,14 @@ async fn on_copy(
     state: &mut HashMap<&str, GroupState>,
     queue: &str,
     opts: &WatchOptions,
+    events: &mpsc::Sender<WatchEvent>,
 ) -> Result<(), OperatorError> {
     let group = d.routing_key.as_str();
     if let Some(st) = state.get_mut(group) {
         let info = Info::from_parts(&d.properties, &d.data);
         if st.on_copy(&info, opts.read_limit) {
-            log_new(group, &info);
+            let age = info.age(SystemTime::now()).map(|a| a.as_secs());
+            log_new(group, None, age, &info, events);
         }
     }
     timed(

@@ -157,7 +157,9 @@ impl Group {
 
 /// A running `watch` of one group.
 struct Watching {
-    alerts: mpsc::Receiver<op::Alert>,
+    events: mpsc::Receiver<op::WatchEvent>,
+    /// The new dead letters reported so far, in order.
+    dead_letters: Vec<op::NewDeadLetter>,
     /// Measurements that worked (`ready(true)`).
     measured: Arc<AtomicU64>,
     metrics: op::Metrics,
@@ -166,7 +168,7 @@ struct Watching {
 }
 
 fn start(url: AmqpUrl, group: &str, interval: Duration) -> Watching {
-    let (tx, alerts) = mpsc::channel(64);
+    let (tx, events) = mpsc::channel(1024);
     let measured = Arc::new(AtomicU64::new(0));
     let metrics = op::Metrics::unregistered();
     let cancel = CancellationToken::new();
@@ -188,7 +190,8 @@ fn start(url: AmqpUrl, group: &str, interval: Duration) -> Watching {
         })
     };
     Watching {
-        alerts,
+        events,
+        dead_letters: Vec::new(),
         measured,
         metrics,
         cancel,
@@ -210,15 +213,28 @@ impl Watching {
         .await;
     }
 
+    /// The next alert before `deadline`; the new dead letters reported
+    /// before it are kept in `dead_letters`.
+    async fn next_alert(&mut self, deadline: Instant) -> Option<op::Alert> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.events.recv()).await {
+                Ok(Some(op::WatchEvent::Alert(a))) => return Some(a),
+                Ok(Some(op::WatchEvent::DeadLetter(d))) => self.dead_letters.push(d),
+                Ok(Some(other)) => panic!("unexpected event {other:?}"),
+                _ => return None,
+            }
+        }
+    }
+
     /// Alerts until `new` sums to at least `n` (or `within` passes).
     async fn alerts_until(&mut self, n: u64, within: Duration) -> Vec<op::Alert> {
         let deadline = Instant::now() + within;
         let mut got = Vec::new();
         while got.iter().map(|a: &op::Alert| a.new).sum::<u64>() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.alerts.recv()).await {
-                Ok(Some(a)) => got.push(a),
-                _ => break,
+            match self.next_alert(deadline).await {
+                Some(a) => got.push(a),
+                None => break,
             }
         }
         got
@@ -228,12 +244,7 @@ impl Watching {
     async fn more_alerts(&mut self, within: Duration) -> Vec<op::Alert> {
         let deadline = Instant::now() + within;
         let mut got = Vec::new();
-        while let Ok(Some(a)) = tokio::time::timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            self.alerts.recv(),
-        )
-        .await
-        {
+        while let Some(a) = self.next_alert(deadline).await {
             got.push(a);
         }
         got
@@ -319,8 +330,16 @@ async fn a_burst_is_alerted_once_per_interval_and_every_one_is_counted() {
         let want = &sent[end.saturating_sub(10).max(first)..end];
         let have: Vec<&str> = a.examples.iter().map(|s| s.info.id.as_str()).collect();
         assert_eq!(have, want, "alert covering {first}..{end}");
+        assert_eq!(a.unread, 0);
         first = end;
     }
+    // Each one was reported, once, in order, before the alert counting it.
+    let reported: Vec<&str> = w.dead_letters.iter().map(|d| d.info.id.as_str()).collect();
+    assert_eq!(reported, sent);
+    assert!(w.dead_letters.iter().all(|d| d.group == g.name
+        && d.queue == g.dead()
+        && d.position.is_none()
+        && d.info.kind == "permanent"));
     assert_eq!(count(&g.conn, &g.dead()).await as usize, N);
     w.stop().await;
 }
@@ -425,6 +444,13 @@ async fn a_user_who_may_not_declare_the_tap_gets_alerts_by_growth() {
     let got = w.alerts_until(2, Duration::from_secs(10)).await;
     assert_eq!(got.iter().map(|a| a.new).sum::<u64>(), 2, "{got:?}");
     assert_eq!(ids(&got), ["grown-1", "grown-2"]);
+    // Found by growth: reported with their place in the queue.
+    let reported: Vec<(&str, Option<usize>)> = w
+        .dead_letters
+        .iter()
+        .map(|d| (d.info.id.as_str(), d.position))
+        .collect();
+    assert_eq!(reported, [("grown-1", Some(0)), ("grown-2", Some(1))]);
     assert_eq!(w.gauge(&g.name), 2);
     w.stop().await;
 }

@@ -289,12 +289,18 @@ fn check_rate(rate: Option<f64>) -> anyhow::Result<()> {
 /// [`crate::cli::error_json`]) so that stdout is one JSON document on every
 /// path; the exit code is the same either way.
 pub async fn run(g: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
+    // `watch` writes JSON Lines: its error is one more line.
+    let lines = matches!(cmd, DlqCmd::Watch(_));
     let result = run_cmd(g, cmd).await;
     if g.json() {
         if let Err(e) = &result {
-            if !crate::out::wrote_anything() {
+            if lines || !crate::out::wrote_anything() {
                 let doc = serde_json::json!({ "error": crate::cli::error_json(e) });
-                outln!("{}", serde_json::to_string_pretty(&doc)?);
+                if lines {
+                    outln!("{doc}");
+                } else {
+                    outln!("{}", serde_json::to_string_pretty(&doc)?);
+                }
             }
         }
     }
@@ -1480,6 +1486,14 @@ fn sh_quote(s: &str) -> String {
     }
 }
 
+/// Events `watch` holds for standard output and the webhook before it drops
+/// them with a warning (a reader of standard output that stalls, a slow
+/// webhook): the watch itself never waits for either.
+const WATCH_EVENTS: usize = 1024;
+
+/// `warren dlq watch`. With `--output json`, standard output is JSON Lines,
+/// each written and flushed as it happens (see [`watch_line`]); the log
+/// (stderr) is as with table output.
 async fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<ExitCode> {
     let groups = groups(g, &a.groups)?;
     let registry = prometheus::Registry::new();
@@ -1500,24 +1514,43 @@ async fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<ExitCode> {
             s.cancel();
         });
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<op::Alert>(64);
-    let webhook = a.webhook.clone();
-    let poster = tokio::spawn(async move {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build();
-        while let Some(alert) = rx.recv().await {
-            let (Some(url), Ok(client)) = (&webhook, &client) else {
-                continue;
-            };
-            match client.post(url).json(&alert).send().await {
-                Ok(r) if r.status().is_success() => {
-                    info!(group = %alert.group, "webhook alert sent")
+    // Lines for standard output, written on a thread of their own: a
+    // reader that stalls blocks that thread, never the runtime.
+    let (lines, lines_rx) = std::sync::mpsc::sync_channel::<String>(WATCH_EVENTS);
+    let printer = g.json().then(|| {
+        std::thread::spawn(move || {
+            for line in lines_rx {
+                outln!("{line}");
+            }
+        })
+    });
+    if g.json() {
+        let start = serde_json::json!({
+            "event": "watching",
+            "groups": groups,
+            "metrics": format!("http://{addr}/metrics"),
+        });
+        let _ = lines.try_send(start.to_string());
+    }
+    let (alerts, alerts_rx) = tokio::sync::mpsc::channel::<op::Alert>(64);
+    let poster = tokio::spawn(post_alerts(a.webhook.clone(), alerts_rx));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<op::WatchEvent>(WATCH_EVENTS);
+    let (json, webhook) = (g.json(), a.webhook.is_some());
+    let dispatcher = tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            if let Some(line) = json.then(|| watch_line(&event)).flatten() {
+                if let Err(std::sync::mpsc::TrySendError::Full(_)) = lines.try_send(line) {
+                    warn!("watch --output json: a line was dropped: standard output is not read fast enough");
                 }
-                Ok(r) => {
-                    warn!(group = %alert.group, status = %r.status(), "webhook refused the alert")
+            }
+            if let (op::WatchEvent::Alert(alert), true) = (event, webhook) {
+                if let Err(e) = alerts.try_send(alert) {
+                    let group = match &e {
+                        tokio::sync::mpsc::error::TrySendError::Full(a)
+                        | tokio::sync::mpsc::error::TrySendError::Closed(a) => a.group.clone(),
+                    };
+                    warn!(group = %group, "alert dropped: the webhook lags");
                 }
-                Err(e) => warn!(group = %alert.group, error = %e, "webhook alert failed"),
             }
         }
     });
@@ -1538,9 +1571,89 @@ async fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<ExitCode> {
     )
     .await;
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), poster).await;
+    // The watch dropped its sender: the dispatcher ends, then the printer
+    // and the poster once they wrote and sent what they hold.
+    let _ = dispatcher.await;
+    let wait = Duration::from_secs(5);
+    if let Some(p) = printer {
+        let _ = tokio::time::timeout(wait, tokio::task::spawn_blocking(move || p.join())).await;
+    }
+    let _ = tokio::time::timeout(wait, poster).await;
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// POSTs each alert to `webhook` (when there is one).
+async fn post_alerts(webhook: Option<String>, mut alerts: tokio::sync::mpsc::Receiver<op::Alert>) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build();
+    while let Some(alert) = alerts.recv().await {
+        let (Some(url), Ok(client)) = (&webhook, &client) else {
+            continue;
+        };
+        match client.post(url).json(&alert).send().await {
+            Ok(r) if r.status().is_success() => {
+                info!(group = %alert.group, "webhook alert sent")
+            }
+            Ok(r) => {
+                warn!(group = %alert.group, status = %r.status(), "webhook refused the alert")
+            }
+            Err(e) => warn!(group = %alert.group, error = %e, "webhook alert failed"),
+        }
+    }
+}
+
+/// One line of `watch --output json`: what the table output logs, as JSON.
+///
+/// - `{"event": "dead_letter", "group", "queue", "position", ...}`: a new
+///   dead letter, when it is logged, with the fields `list --output json`
+///   gives it (`position` is `null` for one the tap delivered: its place in
+///   the queue is not known);
+/// - `{"event": "new_dead_letters", "group", "queue", "count", "new",
+///   "unread", "oldest_seconds", "at"}`: the measurement that counts them
+///   (the webhook's alert without its examples); `new` is the
+///   `dead_letter` lines of the group since its previous
+///   `new_dead_letters` plus `unread`, those only counted (a queue longer
+///   than the read limit, found by growth).
+fn watch_line(event: &op::WatchEvent) -> Option<String> {
+    #[derive(serde::Serialize)]
+    struct Line<'a, T: serde::Serialize> {
+        event: &'static str,
+        #[serde(flatten)]
+        data: &'a T,
+    }
+    #[derive(serde::Serialize)]
+    struct Counts<'a> {
+        group: &'a str,
+        queue: &'a str,
+        count: u64,
+        new: u64,
+        unread: u64,
+        oldest_seconds: Option<u64>,
+        at: &'a str,
+    }
+    match event {
+        op::WatchEvent::DeadLetter(d) => serde_json::to_string(&Line {
+            event: "dead_letter",
+            data: d,
+        })
+        .ok(),
+        op::WatchEvent::Alert(a) => serde_json::to_string(&Line {
+            event: "new_dead_letters",
+            data: &Counts {
+                group: &a.group,
+                queue: &a.queue,
+                count: a.count,
+                new: a.new,
+                unread: a.unread,
+                oldest_seconds: a.oldest_seconds,
+                at: &a.at,
+            },
+        })
+        .ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
