@@ -1242,9 +1242,10 @@ async fn process<H: Handler>(
     };
     let message_id = delivery.message_id().unwrap_or("");
     let mut published = copies.publisher.publish(copy).await.map(|_| ());
-    // Set from the first copy the broker did not take: when, and how many
-    // publishes of it failed.
-    let mut held: Option<(Instant, u32)> = None;
+    // From the first copy the broker did not take: since when the delivery
+    // is held, and how many publishes of its copy failed.
+    let mut held_since: Option<Instant> = None;
+    let mut tries = 0u32;
     loop {
         let why = match published {
             Ok(()) => break,
@@ -1270,9 +1271,8 @@ async fn process<H: Handler>(
         // delivery is held and the copy published again, with backoff,
         // for up to `copy_hold`; then it is requeued.
         let now = Instant::now();
-        let (since, tries) = held.get_or_insert((now, 0));
-        *tries += 1;
-        let (since, tries) = (*since, *tries);
+        let since = *held_since.get_or_insert(now);
+        tries += 1;
         let wait = copy_retry_wait(ctx.settings.requeue_delay, tries);
         let hold = ctx.settings.copy_hold;
         if hold.is_zero() || now + wait > since + hold {
@@ -1291,14 +1291,13 @@ async fn process<H: Handler>(
         tokio::select! {
             _ = ends.cancelled() => {
                 info!(group, message_id, "the session ended while the delivery was held for its copy; the broker requeues it");
-                m.handled.with_label_values(&[group, "requeue"]).inc();
-                return Settle::Requeue;
+                return requeue(ctx, ends).await;
             }
             _ = tokio::time::sleep(wait) => {}
         }
         published = copies.publisher.publish(copy_again()).await.map(|_| ());
     }
-    if let Some((since, tries)) = held {
+    if let Some(since) = held_since {
         warn!(group, message_id, exchange = %exchange, routing_key = %key, held = ?since.elapsed(), publishes = tries + 1, "the held delivery's copy was taken at last");
     }
     match tier {

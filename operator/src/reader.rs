@@ -369,25 +369,11 @@ pub enum Reading {
 impl OperatorError {
     /// A [`OperatorError::ReadCut`] said for `reading`; any other error as
     /// it is.
-    pub(crate) fn while_reading(self, reading: Reading) -> Self {
-        match self {
-            OperatorError::ReadCut {
-                queue,
-                read,
-                expected,
-                channel_closed,
-                queue_deleted,
-                ..
-            } => OperatorError::ReadCut {
-                queue,
-                read,
-                expected,
-                channel_closed,
-                queue_deleted,
-                reading,
-            },
-            other => other,
+    pub(crate) fn while_reading(mut self, reading: Reading) -> Self {
+        if let OperatorError::ReadCut { reading: r, .. } = &mut self {
+            *r = reading;
         }
+        self
     }
 }
 
