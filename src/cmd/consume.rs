@@ -58,7 +58,9 @@ fails before consuming prints {\"error\": {...}}.
 Exit codes: 0 stopped by SIGTERM/SIGINT after the drain; 1 a failure (a missing \
 queue, a metrics port in use); 2 bad usage (an unknown group, a command that \
 cannot run, a bad --http URL); a second signal during the drain quits at once \
-with 130 (SIGINT) or 143 (SIGTERM), and the broker requeues what was not acked.";
+with 130 (SIGINT) or 143 (SIGTERM), and the broker requeues what was not acked \
+(one within 250 ms of the first is the first delivered twice, as timeout(1) \
+does, and is ignored).";
 
 /// Arguments of `warren consume`.
 #[derive(Debug, clap::Args)]
