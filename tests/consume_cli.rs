@@ -1249,6 +1249,17 @@ fn bad_handler_and_limit_flags_are_usage_errors_that_say_what_to_do() {
             topo.file()
         )
     );
+    // The range clap names is the one allowed (70000 used to say 0..=65535,
+    // and 0 was refused afterwards).
+    for flag in ["--prefetch", "--concurrency"] {
+        for value in ["0", "70000"] {
+            let err = consume_usage_error(&topo, &["--exec", "true", flag, value]);
+            assert!(
+                err.contains(&format!("{value} is not in 1..=65535")),
+                "{err}"
+            );
+        }
+    }
     let err = consume_usage_error(&topo, &["--exec", "true", "--metrics-addr", "9464"]);
     assert!(
         err.contains("expected HOST:PORT, e.g. 127.0.0.1:9464, localhost:9464 or [::1]:9464"),

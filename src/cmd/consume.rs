@@ -82,10 +82,10 @@ pub struct ConsumeArgs {
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
     /// Handlers in flight in this process (overrides the topology file).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: Option<u16>,
     /// basic.qos prefetch (overrides the topology file).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: Option<u16>,
     /// Where to serve /metrics, /healthz and /readyz: HOST:PORT, the host an
     /// address or a name (every address it resolves to is served).
@@ -177,9 +177,6 @@ async fn run_worker(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     })?;
     let in_file = format!("group {:?} in {}", group.name, g.topology.display());
     if let Some(p) = args.prefetch {
-        if p == 0 {
-            return Err(UsageError("--prefetch must be at least 1".into()).into());
-        }
         // A default concurrency follows a lower prefetch, as it does in the file.
         if args.concurrency.is_none()
             && group.concurrency == DEFAULT_CONCURRENCY.min(group.prefetch)
@@ -194,9 +191,6 @@ async fn run_worker(g: &Global, args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         group.prefetch = p;
     }
     if let Some(c) = args.concurrency {
-        if c == 0 {
-            return Err(UsageError("--concurrency must be at least 1".into()).into());
-        }
         group.concurrency = c;
     }
     if group.concurrency > group.prefetch {
