@@ -218,6 +218,122 @@ async fn unroutable_messages_exit_1_and_name_their_lines() {
     assert!(text.contains(".missing"), "{text}");
 }
 
+/// A file is checked whole, then read again as it is sent instead of being
+/// held in memory: a 64 MiB file is published by a process that stays far
+/// below 64 MiB. (It used to keep every line, so its memory grew with the
+/// file: 409 MB for a 98 MB file with 400,000 returned messages.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_larger_than_the_memory_it_is_given_is_not_held_in_memory() {
+    let topo = Topo::new("pubbig", &[GROUP]);
+    topo.apply();
+    let file = std::env::temp_dir().join(format!("{}.jsonl", topo.p));
+    const LINES: usize = 64;
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        let pad = "x".repeat(1 << 20);
+        for i in 0..LINES {
+            writeln!(f, "{{\"n\":{i},\"pad\":\"{pad}\"}}").unwrap();
+        }
+    }
+    // A window of 2 keeps what is in flight small; a rate keeps the process
+    // alive long enough to be measured after the check of the whole file.
+    let mut child = warren()
+        .args(["publish", "-e", &topo.exchange(), "-k", "order.created"])
+        .args(["--file", file.to_str().unwrap(), "--window", "2"])
+        .args(["--rate", "50", "--quiet", "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < CLI_LIMIT {
+        // VmHWM: the peak resident set so far.
+        if let Some(kib) = std::fs::read_to_string(&status).ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        }) {
+            peak_kib = peak_kib.max(kib);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = wait_within(child, CLI_LIMIT);
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{out:?}");
+    let s = json(&out.stdout);
+    assert_eq!(s["confirmed"], LINES);
+    let conn = connect().await;
+    assert_eq!(count(&conn, &topo.q("g")).await as usize, LINES);
+    assert!(
+        peak_kib > 0 && peak_kib < 48 * 1024,
+        "peak RSS {peak_kib} KiB while publishing a {LINES} MiB file"
+    );
+}
+
+/// The file is read again for each pass of `--count`: when it changed
+/// meanwhile, the line that no longer checks stops the sending there, and
+/// the summary says what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_changes_while_it_is_published_stops_the_sending() {
+    let topo = Topo::new("pubchg", &[GROUP]);
+    topo.apply();
+    let file = std::env::temp_dir().join(format!("{}.jsonl", topo.p));
+    let lines = |bad: Option<usize>| -> String {
+        (1..=10)
+            .map(|i| {
+                if Some(i) == bad {
+                    "{not json\n".to_owned()
+                } else {
+                    format!("{{\"n\":{i}}}\n")
+                }
+            })
+            .collect()
+    };
+    std::fs::write(&file, lines(None)).unwrap();
+    let child = warren()
+        .args(["publish", "-e", &topo.exchange(), "-k", "order.created"])
+        .args(["--file", file.to_str().unwrap(), "--count", "2"])
+        .args(["--rate", "20", "--quiet", "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let conn = connect().await;
+    let q = topo.q("g");
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            count(&conn, &q).await >= 2
+        })
+        .await,
+        "publishing started"
+    );
+    // Replaced while the first pass is sent: its third line is no JSON.
+    let new = file.with_extension("new");
+    std::fs::write(&new, lines(Some(3))).unwrap();
+    std::fs::rename(&new, &file).unwrap();
+    let out = wait_within(child, CLI_LIMIT);
+    let _ = std::fs::remove_file(&file);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("changed while it was being published") && err.contains(":3:"),
+        "{err}"
+    );
+    let s = json(&out.stdout);
+    assert_eq!(s["confirmed"], 12, "{s}");
+    assert_eq!(s["not_sent"], 8, "{s}");
+    assert!(
+        s["input_changed"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{s}"
+    );
+    assert_eq!(count(&conn, &q).await, 12);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_stops_sending_waits_for_confirms_and_says_what_was_not_sent() {
     let topo = Topo::new("pubint", &[GROUP]);

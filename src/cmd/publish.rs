@@ -95,6 +95,7 @@ pub struct PublishArgs {
 }
 
 /// One body to publish and where it came from.
+#[derive(Clone)]
 struct Line {
     number: usize,
     body: Vec<u8>,
@@ -121,6 +122,9 @@ struct Summary {
     /// Where Ctrl-C stopped the input: this line (of this repeat) and the
     /// ones after it were not sent.
     interrupted_at: Option<Position>,
+    /// Why sending stopped before the end when the input file changed
+    /// while it was being published (it is read again for each pass).
+    input_changed: Option<String>,
     /// Every message not confirmed, by line, then repeat.
     failures: Vec<Failure>,
 }
@@ -180,8 +184,8 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     short_string("--exchange", "", &args.exchange)?;
     short_string("--routing-key", "", &args.routing_key)?;
     let properties = properties(&args.properties, &args.headers, url.login().as_deref())?;
-    let lines = read_lines(&args)?;
-    if lines.is_empty() {
+    let input = read_input(&args)?;
+    if input.messages() == 0 {
         return Err(UsageError("nothing to publish: the input has no message".into()).into());
     }
 
@@ -198,7 +202,7 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
             e => anyhow::Error::new(e),
         })?;
 
-    let total = lines.len() as u64 * args.count;
+    let total = input.messages() as u64 * args.count;
     let bar = progress(total, args.quiet);
     let mut summary = Summary::default();
     let started = Instant::now();
@@ -209,7 +213,23 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let cancel = interrupt.token();
     let mut pending = FuturesUnordered::new();
     'all: for repeat in 1..=args.count {
-        for line in &lines {
+        let mut sent = 0;
+        for line in input.pass() {
+            let line = match line {
+                Ok(line) if sent < input.messages() => line,
+                Ok(line) => {
+                    summary.input_changed = Some(format!(
+                        "line {} is a message it did not have when it was checked",
+                        line.number
+                    ));
+                    break 'all;
+                }
+                Err(why) => {
+                    summary.input_changed = Some(why);
+                    break 'all;
+                }
+            };
+            sent += 1;
             if let Some(p) = pacer.as_mut() {
                 tokio::select! {
                     _ = cancel.cancelled() => {}
@@ -223,7 +243,7 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
                 });
                 break 'all;
             }
-            let msg = Message::bytes(&args.exchange, &args.routing_key, line.body.clone())
+            let msg = Message::bytes(&args.exchange, &args.routing_key, line.body)
                 .properties(properties.clone());
             let number = line.number;
             match publisher.submit(msg).await {
@@ -239,6 +259,13 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
             while let Some(Some((n, r, res))) = pending.next().now_or_never() {
                 record(&mut summary, &bar, n, r, res);
             }
+        }
+        if sent < input.messages() && !cancel.is_cancelled() {
+            summary.input_changed = Some(format!(
+                "it has {sent} messages now, {} when it was checked",
+                input.messages()
+            ));
+            break;
         }
     }
     // Sent messages are answered (confirmed or failed) before the summary,
@@ -259,6 +286,14 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     summary.failures.sort_by_key(|f| (f.line, f.repeat));
     summary.not_sent = total.saturating_sub(summary.published + summary.refused);
     print_summary(g, &summary, args.count > 1)?;
+    if let Some(why) = &summary.input_changed {
+        eprintln!(
+            "error: {} changed while it was being published: {why}; nothing more was sent (see \
+             the summary for what was)",
+            input.name()
+        );
+        return Ok(ExitCode::from(1));
+    }
     // Stopped by a signal: 128 + its number, 130 for Ctrl-C, 143 for SIGTERM.
     Ok(match interrupt.signal() {
         Some(signal) if summary.interrupted_at.is_some() => ExitCode::from(signal.exit_code()),
@@ -394,18 +429,34 @@ fn print_summary(g: &Global, s: &Summary, repeated: bool) -> anyhow::Result<()> 
     }
     if s.failures.len() > SHOWN {
         let mut lines: Vec<usize> = s.failures.iter().map(|f| f.line).collect();
+        lines.sort_unstable();
         lines.dedup();
         outln!(
             "... {} more not confirmed; lines not confirmed: {}",
             s.failures.len() - SHOWN,
-            lines
-                .iter()
-                .map(|l| l.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
+            ranges(&lines)
         );
     }
     Ok(())
+}
+
+/// Sorted line numbers as ranges: `1-3,5,7-9`.
+fn ranges(lines: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut rest = lines.iter().copied().peekable();
+    while let Some(first) = rest.next() {
+        let mut last = first;
+        while rest.peek() == Some(&(last + 1)) {
+            last += 1;
+            rest.next();
+        }
+        out.push(if last == first {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        });
+    }
+    out.join(",")
 }
 
 fn progress(total: u64, quiet: bool) -> ProgressBar {
@@ -421,9 +472,61 @@ fn progress(total: u64, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// The messages to publish, every one checked to be JSON within the size
+/// limit before anything is sent.
+enum Input {
+    /// `--body`, or what stdin (or a pipe named as `--file`) gave: kept.
+    Kept { name: String, lines: Vec<Line> },
+    /// A regular file: read again for each pass of `--count` rather than
+    /// kept, so that a file larger than memory can be published. Each line
+    /// is checked again as it is read: if the file changed meanwhile,
+    /// sending stops there.
+    File {
+        path: PathBuf,
+        name: String,
+        limit: usize,
+        messages: usize,
+    },
+}
+
+impl Input {
+    fn messages(&self) -> usize {
+        match self {
+            Input::Kept { lines, .. } => lines.len(),
+            Input::File { messages, .. } => *messages,
+        }
+    }
+
+    /// `--body`, `stdin` or the file's path, as errors name it.
+    fn name(&self) -> &str {
+        match self {
+            Input::Kept { name, .. } | Input::File { name, .. } => name,
+        }
+    }
+
+    /// One pass over the messages, in order.
+    /// One pass over the messages, in order; an error says what no longer
+    /// reads as it did when it was checked.
+    fn pass(&self) -> Box<dyn Iterator<Item = Result<Line, String>> + '_> {
+        match self {
+            Input::Kept { lines, .. } => Box::new(lines.iter().cloned().map(Ok)),
+            Input::File {
+                path, name, limit, ..
+            } => match std::fs::File::open(path) {
+                Ok(f) => Box::new(
+                    checked_lines(std::io::BufReader::new(f), name.clone(), *limit)
+                        .map(|l| l.map_err(|e| e.what)),
+                ),
+                Err(e) => Box::new(std::iter::once(Err(format!("cannot read it again: {e}")))),
+            },
+        }
+    }
+}
+
 /// The bodies to publish, each checked to be JSON; an invalid one refuses
-/// the whole input before anything is published.
-fn read_lines(args: &PublishArgs) -> anyhow::Result<Vec<Line>> {
+/// the whole input before anything is published. A regular file is read
+/// through here and again for each pass ([`Input::File`]); stdin is kept.
+fn read_input(args: &PublishArgs) -> anyhow::Result<Input> {
     let limit = args.max_message_size;
     if let Some(body) = &args.body {
         check_size(body.len(), limit).map_err(|e| UsageError(format!("--body: {e}")))?;
@@ -439,60 +542,130 @@ fn read_lines(args: &PublishArgs) -> anyhow::Result<Vec<Line>> {
             });
             UsageError(format!("--body is not valid JSON: {e}{hint}"))
         })?;
-        return Ok(vec![Line {
-            number: 1,
-            body: body.as_bytes().to_vec(),
-        }]);
+        return Ok(Input::Kept {
+            name: "--body".into(),
+            lines: vec![Line {
+                number: 1,
+                body: body.as_bytes().to_vec(),
+            }],
+        });
     }
-    let (name, reader): (String, Box<dyn BufRead>) = match &args.file {
+    let (name, reader, file): (String, Box<dyn BufRead>, Option<&PathBuf>) = match &args.file {
         Some(p) if p.as_os_str() != "-" => {
             let f = std::fs::File::open(p)
                 .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?;
+            let regular = f.metadata().is_ok_and(|m| m.is_file());
             (
                 p.display().to_string(),
                 Box::new(std::io::BufReader::new(f)),
+                regular.then_some(p),
             )
         }
-        _ => ("stdin".to_owned(), Box::new(std::io::stdin().lock())),
+        _ => ("stdin".to_owned(), Box::new(std::io::stdin().lock()), None),
     };
-    let mut lines = Vec::new();
-    for (i, line) in reader.split(b'\n').enumerate() {
-        let number = i + 1;
-        let mut body =
-            line.map_err(|e| UsageError(format!("cannot read {name} at line {number}: {e}")))?;
-        if body.last() == Some(&b'\r') {
-            body.pop();
+    let mut lines =
+        checked_lines(reader, name.clone(), limit).map(|l| l.map_err(BadLine::before_sending));
+    Ok(match file {
+        Some(path) => {
+            let mut messages = 0;
+            for line in lines.by_ref() {
+                line?;
+                messages += 1;
+            }
+            Input::File {
+                path: path.clone(),
+                name,
+                limit,
+                messages,
+            }
         }
-        // RFC 8259 lets a parser ignore a byte order mark before a JSON
-        // text; Windows tools write one.
-        if body.starts_with(UTF8_BOM) {
-            body.drain(..UTF8_BOM.len());
+        None => Input::Kept {
+            lines: lines.collect::<Result<_, _>>()?,
+            name,
+        },
+    })
+}
+
+/// A line of the input that cannot be published: `what` names the input,
+/// the line and what is wrong; `hint` says how to write it.
+struct BadLine {
+    what: String,
+    /// Refused as a whole (`false`: the input could not be read).
+    refused: bool,
+    hint: String,
+}
+
+impl BadLine {
+    /// As the check before sending says it: nothing was published.
+    fn before_sending(self) -> UsageError {
+        if self.refused {
+            UsageError(format!("{}; nothing was published{}", self.what, self.hint))
+        } else {
+            UsageError(self.what)
         }
-        if body.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        check_size(body.len(), limit)
-            .map_err(|e| UsageError(format!("{name}:{number}: {e}; nothing was published")))?;
-        check_json(&body).map_err(|e| {
-            // The line is one JSON text: its line is the file's, its column ours.
-            let text = e.to_string();
-            let at = format!(" at line {} column {}", e.line(), e.column());
-            let what = text.strip_suffix(&at).unwrap_or(&text);
-            let hint = plain_text(&body).map_or(String::new(), |quoted| {
-                let quoted = quoted.unwrap_or_else(|| "\"some text\"".into());
-                format!(
-                    " (every line is one JSON value: send text as a JSON string, in quotes: \
-                     {quoted})"
-                )
-            });
-            UsageError(format!(
-                "{name}:{number}:{}: not valid JSON: {what}; nothing was published{hint}",
-                e.column()
-            ))
-        })?;
-        lines.push(Line { number, body });
     }
-    Ok(lines)
+}
+
+/// The messages of JSON Lines input, each checked (within `limit`, JSON),
+/// blank lines skipped; errors name `name` and the line.
+fn checked_lines(
+    reader: impl BufRead,
+    name: String,
+    limit: usize,
+) -> impl Iterator<Item = Result<Line, BadLine>> {
+    reader
+        .split(b'\n')
+        .enumerate()
+        .filter_map(move |(i, line)| checked_line(&name, i + 1, line, limit).transpose())
+}
+
+/// Line `number` of the input checked: `None` when it is blank.
+fn checked_line(
+    name: &str,
+    number: usize,
+    line: std::io::Result<Vec<u8>>,
+    limit: usize,
+) -> Result<Option<Line>, BadLine> {
+    let mut body = line.map_err(|e| BadLine {
+        what: format!("cannot read {name} at line {number}: {e}"),
+        refused: false,
+        hint: String::new(),
+    })?;
+    if body.last() == Some(&b'\r') {
+        body.pop();
+    }
+    // RFC 8259 lets a parser ignore a byte order mark before a JSON
+    // text; Windows tools write one.
+    if body.starts_with(UTF8_BOM) {
+        body.drain(..UTF8_BOM.len());
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    check_size(body.len(), limit).map_err(|e| BadLine {
+        what: format!("{name}:{number}: {e}"),
+        refused: true,
+        hint: String::new(),
+    })?;
+    check_json(&body).map_err(|e| {
+        // The line is one JSON text: its line is the file's, its column ours.
+        let text = e.to_string();
+        let at = format!(" at line {} column {}", e.line(), e.column());
+        let what = text.strip_suffix(&at).unwrap_or(&text);
+        let hint = plain_text(&body).map_or(String::new(), |quoted| {
+            let quoted = quoted.unwrap_or_else(|| "\"some text\"".into());
+            format!(
+                " (every line is one JSON value: send text as a JSON string, in quotes: \
+                 {quoted})"
+            )
+        });
+        BadLine {
+            what: format!("{name}:{number}:{}: not valid JSON: {what}", e.column()),
+            refused: true,
+            hint,
+        }
+    })?;
+    Ok(Some(Line { number, body }))
 }
 
 /// When `body` (not valid JSON) is not even the start of a JSON value,
@@ -830,6 +1003,14 @@ fn amqp_value(json: &serde_json::Value) -> Result<AMQPValue, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn line_numbers_are_named_as_ranges() {
+        assert_eq!(ranges(&[]), "");
+        assert_eq!(ranges(&[7]), "7");
+        assert_eq!(ranges(&[1, 2, 3, 5, 7, 8, 9]), "1-3,5,7-9");
+        assert_eq!(ranges(&[1, 3]), "1,3");
+    }
 
     #[test]
     fn only_what_is_not_the_start_of_json_is_called_text() {
