@@ -68,6 +68,49 @@ async fn success_is_acked_once() {
     assert_eq!(ledger.len(), 1);
 }
 
+/// A message published without a `message_id` (many clients set none) gets
+/// one, a UUID, on its first copy; its later attempts, copies and its dead
+/// letter keep it, so that `warren dlq show ID` and `replay --id` can name
+/// it and a retry copy returned by the broker is matched to its original.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_an_id_gets_one_on_its_first_copy_and_keeps_it() {
+    let f = Fixture::new(&classic("'200ms', '200ms'", "")).await;
+    let g = f.group(0);
+    let ids: Arc<std::sync::Mutex<Vec<Option<String>>>> = Arc::default();
+    let seen = ids.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            seen.lock().unwrap().push(d.message_id().map(str::to_owned));
+            async { Err(HandlerError::retryable("not yet")) }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    let bare = BasicProperties::default().with_delivery_mode(2);
+    f.publish(&f.exchange(), "order.created", b"{}", bare).await;
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(10)).await;
+    run.stop().await;
+    let ids = ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ids[0], None, "the first attempt sees what was published");
+    let id = ids[1].clone().expect("the retry copy has an id");
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(
+        ids[2].as_deref(),
+        Some(id.as_str()),
+        "kept on the next copy"
+    );
+    let dead_id = dead[0]
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|i| i.to_string());
+    assert_eq!(dead_id.as_deref(), Some(id.as_str()));
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_goes_through_every_tier_then_dead_letters() {
     let f = Fixture::new(&classic("'300ms', '600ms'", "")).await;
