@@ -9,7 +9,7 @@
 mod harness;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -74,6 +74,48 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a
+/// test that fails before it stops the child (an assert that panics) leaves
+/// no `warren` running behind it. Derefs to the [`Child`].
+struct Running(Option<Child>);
+
+impl Running {
+    /// Spawns `cmd`.
+    fn spawn(cmd: &mut Command) -> Running {
+        Running(Some(cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot run {:?}: {e}", cmd.get_program())
+        })))
+    }
+
+    /// [`wait_within`] on the child: its output once it exits, or a kill
+    /// and a panic at the deadline.
+    fn wait_within(mut self, within: Duration) -> std::process::Output {
+        wait_within(self.0.take().expect("a running child"), within)
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("a running child")
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a running child")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -142,14 +184,14 @@ async fn replay_killed_with_sigkill_then_run_again_loses_nothing() {
     assert_eq!(count(&conn, &env.dead()).await as usize, N);
 
     // Slow enough (2,000/s) to be killed in the middle.
-    let mut child = warren()
-        .args([
-            "dlq", "replay", "--group", &env.group, "--all", "--rate", "2000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Running::spawn(
+        warren()
+            .args([
+                "dlq", "replay", "--group", &env.group, "--all", "--rate", "2000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let g = env.group.clone();
     assert!(
         wait_for(Duration::from_secs(20), async || count(&conn, &g).await
@@ -225,24 +267,24 @@ async fn watch_gauges_follow_the_queue_and_the_webhook_fires_once_per_interval()
         .unwrap()
         .port();
 
-    let mut child = warren()
-        .args([
-            "dlq",
-            "watch",
-            "--group",
-            &env.group,
-            "--interval",
-            "1s",
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-            "--webhook",
-            &hook,
-        ])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running::spawn(
+        warren()
+            .args([
+                "dlq",
+                "watch",
+                "--group",
+                &env.group,
+                "--interval",
+                "1s",
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+                "--webhook",
+                &hook,
+            ])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     // Read stderr on a thread so the pipe never fills.
     let stderr = child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
@@ -508,15 +550,15 @@ fn on_a_terminal_then(
         .map(quote)
         .collect::<Vec<_>>()
         .join(" ");
-    let mut child = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .env("WARREN_AMQP_URL", URL)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("util-linux `script` runs");
+    let mut child = Running::spawn(
+        Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("WARREN_AMQP_URL", URL)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     let mut out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let reader = std::thread::spawn(move || {
@@ -589,14 +631,14 @@ async fn ctrl_c_mid_replay_stops_after_the_current_message_losing_and_duplicatin
     let env = Env::new(&conn, "int").await;
     dead_letters(&conn, &env.group, "c", N).await;
 
-    let child = warren()
-        .args([
-            "dlq", "replay", "--group", &env.group, "--all", "--rate", "50",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        warren()
+            .args([
+                "dlq", "replay", "--group", &env.group, "--all", "--rate", "50",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     // About a second in (50/s): the replay runs, so its Ctrl-C handler is in place.
     let g = env.group.clone();
     assert!(
@@ -612,7 +654,7 @@ async fn ctrl_c_mid_replay_stops_after_the_current_message_losing_and_duplicatin
         .status()
         .unwrap()
         .success());
-    let out = wait_within(child, Duration::from_secs(15));
+    let out = child.wait_within(Duration::from_secs(15));
     let took = signalled.elapsed();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(
@@ -669,14 +711,14 @@ async fn slow_replay_stopped_by(signal: &str, code: i32, name: &str) {
     dead_letters(&conn, &env.group, "s", 5).await;
 
     // One message per 5 s: the first goes at once, the second is due 5 s later.
-    let child = warren()
-        .args([
-            "dlq", "replay", "--group", &env.group, "--all", "--rate", "0.2",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        warren()
+            .args([
+                "dlq", "replay", "--group", &env.group, "--all", "--rate", "0.2",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let g = env.group.clone();
     assert!(
         wait_for(Duration::from_secs(15), async || count(&conn, &g).await
@@ -690,7 +732,7 @@ async fn slow_replay_stopped_by(signal: &str, code: i32, name: &str) {
         .status()
         .unwrap()
         .success());
-    let out = wait_within(child, Duration::from_secs(15));
+    let out = child.wait_within(Duration::from_secs(15));
     let took = signalled.elapsed();
     let stdout = text(&out.stdout);
     assert!(
@@ -717,21 +759,21 @@ async fn purge_without_yes_and_without_a_terminal_refuses_with_exit_2_and_delete
 
     // stdin closed, and stdin a pipe that says "y": neither is a person answering.
     for piped_yes in [false, true] {
-        let mut child = warren()
-            .args(["dlq", "purge", "--group", &env.group, "--all"])
-            .stdin(if piped_yes {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Running::spawn(
+            warren()
+                .args(["dlq", "purge", "--group", &env.group, "--all"])
+                .stdin(if piped_yes {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(b"y\n");
         }
-        let out = wait_within(child, Duration::from_secs(15));
+        let out = child.wait_within(Duration::from_secs(15));
         assert_eq!(out.status.code(), Some(2), "piped yes: {piped_yes}");
         assert_eq!(
             text(&out.stderr),
@@ -1360,17 +1402,17 @@ async fn output_into_a_closed_pipe_exits_141_quietly_and_every_dead_letter_stays
         ["dlq", "list", "--group", env.group.as_str()],
         ["dlq", "stats", "--group", env.group.as_str()],
     ] {
-        let mut child = warren()
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Running::spawn(
+            warren()
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
         // The reader goes away before warren writes a line, as `| head`
         // does after its lines: every write then fails with EPIPE.
         drop(child.stdout.take());
-        let out = wait_within(child, Duration::from_secs(60));
+        let out = child.wait_within(Duration::from_secs(60));
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
@@ -1440,16 +1482,16 @@ async fn export_and_import_dash_are_stdout_and_stdin() {
     assert_eq!(text(&out.stdout), "");
 
     // The reader goes away: 141, quietly, and everything stays in order.
-    let mut child = warren()
-        .current_dir(&dir)
-        .args(["-f", file.path(), "dlq", "export", "-", "--group", g])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running::spawn(
+        warren()
+            .current_dir(&dir)
+            .args(["-f", file.path(), "dlq", "export", "-", "--group", g])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     drop(child.stdout.take());
-    let out = wait_within(child, CLI_LIMIT);
+    let out = child.wait_within(CLI_LIMIT);
     assert_eq!(out.status.code(), Some(141), "{}", text(&out.stderr));
     assert!(
         !text(&out.stderr).contains("panicked"),
@@ -1461,34 +1503,34 @@ async fn export_and_import_dash_are_stdout_and_stdin() {
     // import -: the export, back from stdin, byte for byte.
     let before = drain(&conn, &env.dead()).await;
     assert_eq!(before.len(), N);
-    let mut child = warren()
-        .current_dir(&dir)
-        .args(["-f", file.path(), "dlq", "import", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running::spawn(
+        warren()
+            .current_dir(&dir)
+            .args(["-f", file.path(), "dlq", "import", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(exported.as_bytes()).unwrap();
     }
-    let out = wait_within(child, CLI_LIMIT);
+    let out = child.wait_within(CLI_LIMIT);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), format!("{}: {N} imported\n", env.dead()));
     settle(&conn, &env.dead(), N).await;
     assert_eq!(drain(&conn, &env.dead()).await, before);
 
     // A bad line on stdin is named as such, and nothing is sent.
-    let mut child = warren()
-        .current_dir(&dir)
-        .args(["-f", file.path(), "dlq", "import", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running::spawn(
+        warren()
+            .current_dir(&dir)
+            .args(["-f", file.path(), "dlq", "import", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
@@ -1496,7 +1538,7 @@ async fn export_and_import_dash_are_stdout_and_stdin() {
             .write_all(format!("{}not json\n", exported).as_bytes())
             .unwrap();
     }
-    let out = wait_within(child, CLI_LIMIT);
+    let out = child.wait_within(CLI_LIMIT);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains(&format!("standard input:{}: not an export line", N + 1)),
@@ -2224,17 +2266,17 @@ async fn a_replay_whose_connection_is_lost_partway_reports_and_audits_what_it_mo
     std::fs::create_dir_all(&dir).unwrap();
     let audit = dir.join("audit.jsonl");
     let _ = std::fs::remove_file(&audit);
-    let child = warren()
-        .env("USER", "auditor-lost")
-        .args(["--amqp-url", user.url().expose()])
-        .args([
-            "dlq", "replay", "--group", &env.group, "--all", "--rate", "5",
-        ])
-        .args(["--audit-log", audit.to_str().unwrap(), "--output", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        warren()
+            .env("USER", "auditor-lost")
+            .args(["--amqp-url", user.url().expose()])
+            .args([
+                "dlq", "replay", "--group", &env.group, "--all", "--rate", "5",
+            ])
+            .args(["--audit-log", audit.to_str().unwrap(), "--output", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let g = env.group.clone();
     assert!(
         wait_for(Duration::from_secs(20), async || count(&conn, &g).await
@@ -2243,7 +2285,7 @@ async fn a_replay_whose_connection_is_lost_partway_reports_and_audits_what_it_mo
         "the replay did not start"
     );
     close_connections_of(&user.name);
-    let out = wait_within(child, CLI_LIMIT);
+    let out = child.wait_within(CLI_LIMIT);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let v = json_of(&out, "replay");
@@ -2630,13 +2672,13 @@ async fn an_export_that_stops_partway_says_what_each_group_wrote_and_removed() {
         let file = dir.join(format!("export-{output}.jsonl"));
         let _ = std::fs::remove_file(&file);
         let f = file.to_str().unwrap();
-        let child = warren()
-            .args(["-f", env.file.path(), "--output", output])
-            .args(["dlq", "export", f, "--remove"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = Running::spawn(
+            warren()
+                .args(["-f", env.file.path(), "--output", output])
+                .args(["dlq", "export", f, "--remove"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
         // `a`'s 3 lines are fsynced before `b` is read; more is `b`'s.
         let deadline = Instant::now() + Duration::from_secs(60);
         while lines_in(&file) <= 3 {
@@ -2647,7 +2689,7 @@ async fn an_export_that_stops_partway_says_what_each_group_wrote_and_removed() {
         ch.queue_delete(b_dead.as_str().into(), Default::default())
             .await
             .unwrap();
-        let out = wait_within(child, CLI_LIMIT);
+        let out = child.wait_within(CLI_LIMIT);
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
         assert_eq!(out.status.code(), Some(1), "{output}: {stdout}\n{stderr}");
         let written = op_ids(&file);
@@ -2813,15 +2855,7 @@ async fn watch_output_json_writes_a_line_per_new_dead_letter_as_it_happens() {
     use std::io::BufRead;
     let conn = connect().await;
     let env = Env::new(&conn, "watchjson").await;
-    /// Killed if the test fails before it stops.
-    struct Watch(std::process::Child);
-    impl Drop for Watch {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut watch = Watch(
+    let mut child = Running::spawn(
         warren()
             .args([
                 "dlq",
@@ -2836,11 +2870,8 @@ async fn watch_output_json_writes_a_line_per_new_dead_letter_as_it_happens() {
                 "json",
             ])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     );
-    let child = &mut watch.0;
     let stdout = child.stdout.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
