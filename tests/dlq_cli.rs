@@ -820,6 +820,63 @@ async fn purge_on_a_terminal_asks_with_the_count_then_n_deletes_nothing_and_y_ex
     assert_eq!(count(&conn, &env.group).await, 0);
 }
 
+/// A purge that deletes nothing (declined at the prompt, or nothing
+/// matched) keeps no archive: the file would hold copies of dead letters
+/// that are still in their queue (importing it would duplicate them), and
+/// it made the same command, run again to answer `y`, fail on "File
+/// exists".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_that_deletes_nothing_keeps_no_archive_and_can_be_run_again() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "noarch").await;
+    dead_letters(&conn, &env.group, "a", 3).await;
+    let dir = std::env::temp_dir().join(format!("warren-noarch-{}", env.group));
+    std::fs::create_dir_all(&dir).unwrap();
+    let archive = dir.join("purged.jsonl");
+    let a = archive.to_str().unwrap();
+    let args = [
+        "dlq",
+        "purge",
+        "--group",
+        &env.group,
+        "--all",
+        "--archive",
+        a,
+    ];
+
+    let (shown, code) = on_a_terminal(&args, "[y/N] ", "n");
+    assert_eq!(code, Some(0), "{shown:?}");
+    assert!(shown.contains("nothing deleted"), "{shown:?}");
+    assert!(!archive.exists(), "declined, yet an archive is kept");
+    assert_eq!(peek_ids(&conn, &env.dead(), 3).await, names("a", 0..3));
+
+    // Nothing matches: no (empty) archive either.
+    let out = run(&[
+        "dlq",
+        "purge",
+        "--group",
+        &env.group,
+        "--id",
+        "nope",
+        "--yes",
+        "--archive",
+        a,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!archive.exists(), "nothing matched, yet an archive is kept");
+
+    // The same command, answered `y` this time: archived, then deleted.
+    let (shown, code) = on_a_terminal(&args, "[y/N] ", "y");
+    assert_eq!(code, Some(0), "{shown:?}");
+    assert!(
+        shown.contains(&format!("{}: 3 purged", env.group)),
+        "{shown:?}"
+    );
+    assert_eq!(op_ids(&archive), names("a", 0..3));
+    assert_eq!(count(&conn, &env.dead()).await, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---------------------------------------------------------------------------
 // Audit log.
 

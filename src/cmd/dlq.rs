@@ -1121,6 +1121,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
     }
     if total == 0 {
         let reports = abort_all(pending).await?;
+        discard_archive(archive);
         if g.json() {
             outln!("{}", with_not_found(&reports, not_found.as_ref())?);
         } else {
@@ -1153,6 +1154,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
             // Declining is an answer, not a failure: exit 0.
             let reports = abort_all(pending).await?;
+            discard_archive(archive);
             if g.json() {
                 outln!("{}", with_not_found(&reports, not_found.as_ref())?);
             } else {
@@ -1223,6 +1225,21 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if failed { ExitCode::from(1) } else { code })
+}
+
+/// Removes the archive of a purge that deleted nothing (declined, or
+/// nothing matched): it holds copies of dead letters that are all still in
+/// their queues, so importing it would duplicate them, and the file this
+/// run created would make the same command, run again, fail on a file that
+/// exists.
+fn discard_archive(archive: Option<op::ExportWriter>) {
+    if let Some(w) = archive {
+        let path = w.path().to_owned();
+        drop(w);
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!(file = %path.display(), error = %e, "the archive of a purge that deleted nothing could not be removed");
+        }
+    }
 }
 
 /// Puts every held message back (in order) and says, per group, that none
