@@ -1984,6 +1984,64 @@ async fn a_group_in_neither_the_topology_file_nor_on_the_broker_is_a_usage_error
     assert_eq!(peek_ids(&conn, &env.dead(), 1).await, names("n", [0]));
 }
 
+/// `watch` checks its `--group`s as the other commands do: a group that is
+/// neither in the file nor on the broker (a typo) is a usage error, not a
+/// watch that runs forever warning at every interval that its queue does
+/// not exist. A group outside the file whose queue exists is watched.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_refuses_a_group_in_neither_the_topology_file_nor_on_the_broker() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "watchnogroup").await;
+    let file = env.topology_file();
+    let nosuch = format!("{}nosuch", env.group);
+    for output in ["table", "json"] {
+        let child = Running::spawn(
+            warren()
+                .args(["-f", file.path(), "--output", output, "dlq", "watch"])
+                .args(["--metrics-addr", "127.0.0.1:0", "--group", &env.group])
+                .args(["--group", &nosuch])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let out = child.wait_within(Duration::from_secs(20));
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(2), "{output}: {stdout}\n{stderr}");
+        let message = format!(
+            "no group {nosuch:?} in {} and no queue \"{nosuch}.dead\" on the broker; groups: {}",
+            file.path(),
+            env.group
+        );
+        assert_eq!(stderr, format!("error: {message}\n"), "{output}");
+        if output == "json" {
+            let v: serde_json::Value = serde_json::from_str(&stdout)
+                .unwrap_or_else(|e| panic!("one JSON document ({e}): {stdout:?}"));
+            assert_eq!(v["error"]["kind"], "usage", "{v}");
+            assert_eq!(v["error"]["message"], message.as_str(), "{v}");
+        } else {
+            assert_eq!(stdout, "");
+        }
+    }
+    // A group whose queue exists is watched, also without the file.
+    let no_file = format!("{}.missing", file.path());
+    let mut child = Running::spawn(
+        warren()
+            .args(["-f", &no_file, "--output", "json", "dlq", "watch"])
+            .args(["--metrics-addr", "127.0.0.1:0", "--group", &env.group])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(v["event"], "watching", "{v}");
+}
+
 /// The name /etc/passwd gives this process's uid, else `uid:N`.
 fn this_user() -> String {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

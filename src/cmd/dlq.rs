@@ -1513,6 +1513,21 @@ const WATCH_EVENTS: usize = 1024;
 /// (stderr) is as with table output.
 async fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<ExitCode> {
     let groups = groups(g, &a.groups)?;
+    // As the other commands do: a `--group` that is neither in the file nor
+    // on the broker (a typo) is a usage error, not a watch that warns at
+    // every interval. The broker is asked only about groups outside the
+    // file: a watch of the file's groups still waits for a broker that is
+    // not up yet.
+    let in_file: Vec<String> = g
+        .topology()
+        .map(|t| t.groups.iter().map(|g| g.name.clone()).collect())
+        .unwrap_or_default();
+    if a.groups.iter().any(|x| !in_file.contains(x)) {
+        let c = conn(g).await?;
+        let checked = check_groups(g, &c, &a.groups).await;
+        warren_topology::close(&c, "groups checked").await;
+        checked?;
+    }
     let registry = prometheus::Registry::new();
     let metrics = op::Metrics::new(&registry)?;
     let health = crate::serve::Health::default();
