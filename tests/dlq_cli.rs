@@ -1984,6 +1984,38 @@ async fn a_group_in_neither_the_topology_file_nor_on_the_broker_is_a_usage_error
     assert_eq!(peek_ids(&conn, &env.dead(), 1).await, names("n", [0]));
 }
 
+/// A replay to a work queue that does not exist (deleted to change its
+/// arguments, never applied on this broker) fails each dead letter with
+/// what to do, sends nothing and leaves them all in order. (Before: every
+/// copy was published and returned, "publish to exchange \"\" with routing
+/// key ... was returned (no queue is bound for it)", which names neither
+/// the missing queue nor the fix.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_to_a_work_queue_that_does_not_exist_says_to_apply_the_topology() {
+    const N: usize = 3;
+    let conn = connect().await;
+    let env = Env::new(&conn, "nowork").await;
+    dead_letters(&conn, &env.group, "w", N).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(env.group.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let g = env.group.as_str();
+    let out = run(&["dlq", "replay", "--group", g, "--all", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let v = json_of(&out, "replay");
+    let want: Vec<String> = names("w", 0..N)
+        .iter()
+        .map(|id| {
+            format!("{id}: work queue {g:?} does not exist: `warren topology apply` declares it; then replay again")
+        })
+        .collect();
+    assert_eq!(v[0]["errors"], serde_json::json!(want), "{v}");
+    assert_eq!(v[0]["failed"], N, "{v}");
+    assert_eq!(v[0]["replayed"], 0, "{v}");
+    assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("w", 0..N));
+}
+
 /// `watch` checks its `--group`s as the other commands do: a group that is
 /// neither in the file nor on the broker (a typo) is a usage error, not a
 /// watch that runs forever warning at every interval that its queue does

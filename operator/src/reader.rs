@@ -134,6 +134,25 @@ pub async fn count(conn: &Connection, group: &str, rpc: Duration) -> Result<u64,
     n
 }
 
+/// Whether queue `name` exists: a passive declare on a channel of its own.
+/// Only the broker's NOT_FOUND means it does not; any other failure (a
+/// refusal, a closed channel or connection, a timeout) is an error.
+pub(crate) async fn queue_exists(
+    conn: &Connection,
+    name: &str,
+    rpc: Duration,
+) -> Result<bool, OperatorError> {
+    let ch = timed(rpc, "opening a channel", name, conn.create_channel()).await?;
+    match passive_count(&ch, name, rpc).await {
+        Ok(_) => {
+            let _ = tokio::time::timeout(rpc, ch.close(200, "checked".into())).await;
+            Ok(true)
+        }
+        Err(OperatorError::NoSuchQueue { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 async fn passive_count(ch: &Channel, queue: &str, rpc: Duration) -> Result<u64, OperatorError> {
     let declared = timed(
         rpc,

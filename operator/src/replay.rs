@@ -324,6 +324,8 @@ async fn run(
     // Who the dropped `user_id`s named, for the one log line at the end.
     let mut dropped_users = DroppedUserIds::default();
     let mut exchanges: HashMap<String, bool> = HashMap::new();
+    // Whether the work queue exists, once checked (replays to it only).
+    let mut work_queue_exists: Option<bool> = None;
     let mut p = Progress {
         to_scan,
         ..Default::default()
@@ -391,6 +393,29 @@ async fn run(
                     acks.keep(tag);
                     report.fail(format!(
                         "{}: exchange {exchange:?} does not exist",
+                        d.info.id
+                    ));
+                    progress(p);
+                    continue;
+                }
+            }
+            if opts.target == Target::WorkQueue {
+                // A missing work queue returns every copy ("no queue is
+                // bound"): say which queue and what to do, and send nothing.
+                let exists = match work_queue_exists {
+                    Some(e) => e,
+                    None => match crate::reader::queue_exists(conn, &routing_key, rpc).await {
+                        Ok(e) => *work_queue_exists.insert(e),
+                        Err(e) => {
+                            failed(&e, report, &mut acks);
+                            return Err(e);
+                        }
+                    },
+                };
+                if !exists {
+                    acks.keep(tag);
+                    report.fail(format!(
+                        "{}: work queue {routing_key:?} does not exist: `warren topology apply` declares it; then replay again",
                         d.info.id
                     ));
                     progress(p);
