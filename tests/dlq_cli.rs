@@ -2016,6 +2016,56 @@ async fn a_replay_to_a_work_queue_that_does_not_exist_says_to_apply_the_topology
     assert_eq!(peek_ids(&conn, &env.dead(), N).await, names("w", 0..N));
 }
 
+/// An export file or a purge archive that already exists is refused with
+/// what to do, and left as it was; nothing moves. (Before: "F: File exists
+/// (os error 17)".)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_or_archive_file_that_exists_is_refused_saying_what_to_do() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "exists").await;
+    dead_letters(&conn, &env.group, "e", 2).await;
+    let dir = std::env::temp_dir().join(format!("warren-exists-{}", env.group));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("kept.jsonl");
+    std::fs::write(&file, "an earlier export\n").unwrap();
+    let f = file.to_str().unwrap();
+    let g = env.group.as_str();
+    let message = format!(
+        "{f} already exists, and warren never overwrites a file: name a new one, or move this one away first"
+    );
+    for args in [
+        vec!["dlq", "export", f, "--group", g],
+        vec!["dlq", "export", f, "--group", g, "--remove"],
+        vec![
+            "dlq",
+            "purge",
+            "--group",
+            g,
+            "--all",
+            "--yes",
+            "--archive",
+            f,
+        ],
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        assert_eq!(text(&out.stderr), format!("error: {message}\n"), "{args:?}");
+        assert_eq!(text(&out.stdout), "", "{args:?}");
+        let mut json = args.clone();
+        json.extend(["--output", "json"]);
+        let out = run(&json);
+        assert_eq!(out.status.code(), Some(1), "{json:?}: {out:?}");
+        let v = json_of(&out, "refusal");
+        assert_eq!(v["error"]["message"], message.as_str(), "{v}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "an earlier export\n"
+    );
+    assert_eq!(peek_ids(&conn, &env.dead(), 2).await, names("e", 0..2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `watch` checks its `--group`s as the other commands do: a group that is
 /// neither in the file nor on the broker (a typo) is a usage error, not a
 /// watch that runs forever warning at every interval that its queue does

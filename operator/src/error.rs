@@ -127,6 +127,14 @@ pub enum OperatorError {
         /// What was to be written there.
         what: &'static str,
     },
+    /// The file an export or a purge's archive is to be written to already
+    /// exists: it is never overwritten (it may hold the only copy of
+    /// messages deleted before).
+    #[error("{file} already exists, and warren never overwrites a file: name a new one, or move this one away first")]
+    FileExists {
+        /// The file.
+        file: String,
+    },
     /// Reading or writing a file failed.
     #[error("{file}: {source}")]
     Io {

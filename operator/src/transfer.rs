@@ -237,7 +237,8 @@ impl Write for Sink {
 const STDIO_NAME: &str = "-";
 
 impl ExportWriter {
-    /// Creates `path`; refuses to overwrite an existing file. The new
+    /// Creates `path`; refuses to overwrite an existing file
+    /// ([`OperatorError::FileExists`]). The new
     /// directory entry is made durable (the directory is fsynced) before
     /// this returns, so before anything can be deleted on the strength of
     /// the file: fsyncing a new file alone does not keep its name across a
@@ -247,7 +248,12 @@ impl ExportWriter {
             .write(true)
             .create_new(true)
             .open(path)
-            .map_err(|source| io(path, source))?;
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::AlreadyExists => OperatorError::FileExists {
+                    file: path.display().to_string(),
+                },
+                _ => io(path, source),
+            })?;
         if let Err(source) = sync_dir_of(path) {
             // Nothing was written: leave no empty file behind to refuse a retry.
             let _ = std::fs::remove_file(path);
@@ -1029,10 +1035,8 @@ mod tests {
         assert_eq!(w.path(), file);
         assert!(file.exists());
         match ExportWriter::create_new(&file) {
-            Err(OperatorError::Io { source, .. }) => {
-                assert_eq!(source.kind(), std::io::ErrorKind::AlreadyExists)
-            }
-            other => panic!("expected AlreadyExists, got {other:?}"),
+            Err(OperatorError::FileExists { file: f }) => assert_eq!(f, file.display().to_string()),
+            other => panic!("expected FileExists, got {other:?}"),
         }
         let nowhere = dir.join("missing").join("export.jsonl");
         assert!(ExportWriter::create_new(&nowhere).is_err());
