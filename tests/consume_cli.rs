@@ -764,8 +764,9 @@ async fn a_signal_delivered_twice_at_once_drains_like_one() {
         w.log_text()
     );
     // As timeout(1) does: the process, then its group (the worker runs in
-    // a group of its own, so that is the worker again), 50 ms apart so that
-    // the two are never taken in as one.
+    // a group of its own, so that is the worker again), 20 ms apart so that
+    // the two are not taken in as one (the code before took the second
+    // for a second signal and quit with 143).
     let pid = w.child.id().to_string();
     for target in [pid.clone(), format!("-{pid}")] {
         let sent = std::process::Command::new("kill")
@@ -773,7 +774,7 @@ async fn a_signal_delivered_twice_at_once_drains_like_one() {
             .status()
             .unwrap();
         assert!(sent.success(), "kill -TERM -- {target}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let code = w.wait_exit(Duration::from_secs(15));
     let log = w.log_text();
