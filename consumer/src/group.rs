@@ -242,6 +242,7 @@ impl<H: Handler> ConsumerGroupBuilder<H> {
                 metrics,
                 queue_dead_letters: AtomicBool::new(false),
                 retry_warned: WarnEvery::default(),
+                blocked_warned: WarnEvery::default(),
             }),
             handler: Arc::new(self.handler),
             ready,
@@ -263,6 +264,9 @@ struct Ctx {
     /// message is then visible at the default level long before its
     /// messages reach the dead letters, without a line per message.
     retry_warned: WarnEvery,
+    /// Handlers that blocked their thread, logged at WARN once every
+    /// [`RETRY_WARN_EVERY`], the others at DEBUG.
+    blocked_warned: WarnEvery,
 }
 
 /// A log line that is raised to WARN at most once per period.
@@ -293,6 +297,23 @@ impl WarnEvery {
 /// At most one retry per group is logged at WARN in this time; the others
 /// at INFO.
 const RETRY_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// A handler's future that takes this long in one poll blocked its thread.
+const BLOCKED_POLL: Duration = Duration::from_secs(1);
+
+/// `fut`, keeping in `longest` the longest time one poll of it took: a
+/// handler that blocks its thread does so inside a poll, where neither a
+/// timeout nor a cancellation can reach it.
+async fn timing_polls<F: std::future::Future>(fut: F, longest: &mut Duration) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        let start = Instant::now();
+        let polled = fut.as_mut().poll(cx);
+        *longest = (*longest).max(start.elapsed());
+        polled
+    })
+    .await
+}
 
 /// A consumer group runtime: a group of the topology plus a handler. For
 /// several groups in one process (one [`Broker`], one [`Metrics`]), see the
@@ -1154,9 +1175,11 @@ async fn process<H: Handler>(
     let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
         AssertUnwindSafe(handler.handle(delivery.clone())).catch_unwind()
     }));
+    // That synchronous part blocks like a poll does.
+    let mut longest_poll = started.elapsed();
     let result: HandlerResult = match handled {
         Err(p) => Err(HandlerError::new(ErrorKind::Panic, panic_text(&*p))),
-        Ok(run) => match tokio::time::timeout(limit, run).await {
+        Ok(run) => match tokio::time::timeout(limit, timing_polls(run, &mut longest_poll)).await {
             Ok(Ok(r)) => r,
             Ok(Err(p)) => Err(HandlerError::new(ErrorKind::Panic, panic_text(&*p))),
             Err(_) => Err(HandlerError::new(
@@ -1172,6 +1195,17 @@ async fn process<H: Handler>(
     m.handler_seconds
         .with_label_values(&[group])
         .observe(started.elapsed().as_secs_f64());
+    if longest_poll >= BLOCKED_POLL {
+        let message_id = delivery.message_id().unwrap_or("");
+        match ctx.blocked_warned.due(Instant::now(), RETRY_WARN_EVERY) {
+            Some(quiet) => {
+                warn!(group, message_id, blocked_for = ?longest_poll, handler_timeout = ?limit, blocked_quietly = quiet, "the handler blocked its thread without an .await (std::thread::sleep, blocking I/O, long CPU work): handler_timeout and the shutdown grace cannot interrupt it, and on a single-threaded runtime every other delivery, ack and heartbeat waited; run such work in tokio::task::spawn_blocking (one a minute is logged at WARN, the others at DEBUG)")
+            }
+            None => {
+                debug!(group, message_id, blocked_for = ?longest_poll, "the handler blocked its thread again")
+            }
+        }
+    }
 
     let tiers = ctx.settings.group.retry.len();
     let decided = disposition(&result, delivery.failed_attempts(), tiers);
@@ -1396,6 +1430,23 @@ fn x_death_reserve(queue: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_longest_poll_of_a_handler_is_measured() {
+        let mut longest = Duration::ZERO;
+        // Waiting at an .await is not blocking: many short polls.
+        timing_polls(tokio::time::sleep(Duration::from_millis(300)), &mut longest).await;
+        assert!(longest < Duration::from_millis(100), "{longest:?}");
+        let mut longest = Duration::ZERO;
+        let blocking = async {
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(300));
+            7
+        };
+        assert_eq!(timing_polls(blocking, &mut longest).await, 7);
+        assert!(longest >= Duration::from_millis(300), "{longest:?}");
+        assert!(longest < Duration::from_secs(2), "{longest:?}");
+    }
 
     #[test]
     fn one_retry_a_minute_is_logged_at_warn_with_the_count_of_quiet_ones() {
