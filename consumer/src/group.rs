@@ -201,8 +201,11 @@ impl<H: Handler> ConsumerGroupBuilder<H> {
     /// 30 s apart. Meanwhile the handler does not run again and, on a quorum
     /// queue, nothing counts toward `delivery_limit` (every requeue does:
     /// past the limit the broker dead-letters the message itself, without
-    /// the handler's error). The hold ends with the session (a lost
-    /// connection, shutdown); the delivery then goes back to the queue.
+    /// the handler's error). A held delivery gives its `concurrency` slot
+    /// back, so the deliveries behind it are still handled (at most
+    /// `prefetch` are held at once: each stays unacked). The hold ends with
+    /// the session (a lost connection, shutdown); the delivery then goes
+    /// back to the queue.
     /// Zero requeues after [`Self::requeue_delay`], without publishing the
     /// copy again.
     pub fn copy_hold(mut self, d: Duration) -> Self {
@@ -849,8 +852,7 @@ impl<H: Handler> ConsumerGroup<H> {
         );
         tasks.spawn(
             async move {
-                let _permit = permit;
-                let settle = process(&ctx, &*handler, &copies, delivery, &ends).await;
+                let settle = process(&ctx, &*handler, &copies, delivery, &ends, permit).await;
                 Completion { tag, epoch, settle }
             }
             .instrument(span),
@@ -1164,7 +1166,13 @@ async fn process<H: Handler>(
     copies: &Copies,
     delivery: Delivery,
     ends: &CancellationToken,
+    slot: OwnedSemaphorePermit,
 ) -> Settle {
+    // One of the group's `concurrency` slots, held while the handler runs
+    // and its copy is published; given back while the delivery is held,
+    // where it runs no handler (the prefetch still bounds the deliveries
+    // held).
+    let mut slot = Some(slot);
     let group = &*ctx.name;
     let m = &ctx.metrics;
     let limit = ctx.settings.group.handler_timeout;
@@ -1318,6 +1326,7 @@ async fn process<H: Handler>(
             return requeue(ctx, ends).await;
         }
         if tries == 1 {
+            drop(slot.take());
             error!(group, message_id, attempt = delivery.attempt(), error = %why, exchange = %exchange, routing_key = %key, again_in = ?wait, copy_hold = ?hold, "the copy was not taken; holding the delivery unacked and publishing the copy again (requeued if it is still not taken at the end of copy_hold)");
         } else {
             debug!(group, message_id, error = %why, again_in = ?wait, publishes = tries, "the held delivery's copy was not taken again");

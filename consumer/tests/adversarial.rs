@@ -1680,6 +1680,67 @@ async fn a_copy_the_tier_refuses_for_a_while_is_published_again_while_its_delive
     assert_eq!(f.count(&g.dead_queue()).await, 0);
 }
 
+/// Held deliveries give their concurrency slots back: with `concurrency`
+/// 2 and both failures held (their tier refuses copies), the messages
+/// behind them are still handled at once. (A held delivery used to keep its
+/// slot for the whole `copy_hold`, so two failing messages stopped the
+/// group for 5 minutes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_deliveries_leave_their_handler_slots_to_the_others() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 8, 2, "")).await;
+    let g = f.group(0);
+    let tier = g.retry_queue(1);
+    let policy = refuse_copies(&f, &tier).await;
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |d| {
+            if d.attempt() == 1 && d.message_id().is_some_and(|i| i.starts_with("fail")) {
+                Err(HandlerError::retryable("not yet"))
+            } else {
+                Ok(())
+            }
+        }),
+        "adv-held-slots",
+        |b| {
+            b.requeue_delay(Duration::from_millis(100))
+                .copy_hold(Duration::from_secs(60))
+        },
+    )
+    .await;
+    let reg = run.registry.clone();
+    for id in ["fail-0", "fail-1"] {
+        publish_and_see_it_held(&f, &log, &reg, id, 0).await;
+    }
+    for i in 0..4 {
+        let id = format!("ok-{i}");
+        f.publish(&f.exchange(), "order.created", b"fine", props(&id))
+            .await;
+    }
+    wait_for(Duration::from_secs(5), "the others handled", || {
+        (0..4).all(|i| log.succeeded(&format!("ok-{i}")))
+    })
+    .await;
+    assert_eq!(log.of("fail-0").len(), 1, "still held");
+    assert_eq!(log.of("fail-1").len(), 1, "still held");
+    drop(policy);
+    wait_for(Duration::from_secs(15), "the held through the tier", || {
+        log.succeeded("fail-0") && log.succeeded("fail-1")
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(metric(&reg, "warren_retries_total", &[("tier", "1")]), 2.0);
+    assert_eq!(
+        metric(&reg, "warren_handled_total", &[("outcome", "requeue")]),
+        0.0
+    );
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), 8.0);
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), settled(&reg));
+    for q in [g.work_queue(), tier, g.dead_queue()] {
+        assert_eq!(f.count(&q).await, 0, "{q}");
+    }
+}
+
 /// On a quorum group whose `{group}.dead` was unbound from `warren.dlx`
 /// (by hand), a dead-letter copy is unroutable. Requeueing its delivery
 /// counts toward `delivery_limit`, and past the limit the broker's own
