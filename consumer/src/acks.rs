@@ -45,7 +45,10 @@ enum Slot {
 /// When finished deliveries stuck behind an unfinished one are acked alone.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Stragglers {
-    /// At least this many are done behind it...
+    /// At least this many are done behind it when it is the only unfinished
+    /// one; with more unfinished, the done and the unfinished but the front
+    /// together (a window held by several slow or held deliveries fills up
+    /// with fewer done behind them)...
     pub threshold: usize,
     /// ...and it arrived at least this long ago.
     pub after: Duration,
@@ -56,6 +59,8 @@ pub(crate) struct Stragglers {
 pub(crate) struct AckWindow {
     entries: VecDeque<(u64, Slot, Instant)>,
     done_behind: usize,
+    /// Entries still being handled.
+    pending: usize,
     stragglers: Stragglers,
 }
 
@@ -64,6 +69,7 @@ impl AckWindow {
         AckWindow {
             entries: VecDeque::new(),
             done_behind: 0,
+            pending: 0,
             stragglers: Stragglers {
                 threshold: stragglers.threshold.max(1),
                 after: stragglers.after,
@@ -74,6 +80,7 @@ impl AckWindow {
     /// A delivery arrived (tags only grow on a channel).
     pub fn received(&mut self, tag: u64, at: Instant) {
         self.entries.push_back((tag, Slot::Pending, at));
+        self.pending += 1;
     }
 
     /// Deliveries not yet told to the broker.
@@ -92,7 +99,8 @@ impl AckWindow {
     /// When the finished deliveries behind an unfinished one are to be acked
     /// alone: `None` while fewer than the threshold are done behind it.
     pub fn stragglers_due(&self) -> Option<Instant> {
-        if self.done_behind < self.stragglers.threshold {
+        let others = self.pending.saturating_sub(1);
+        if self.done_behind == 0 || self.done_behind + others < self.stragglers.threshold {
             return None;
         }
         let (_, _, at) = self.entries.iter().find(|(_, s, _)| *s == Slot::Pending)?;
@@ -108,6 +116,7 @@ impl AckWindow {
             Some((_, slot @ Slot::Pending, _)) => {
                 *slot = Slot::Done(settle);
                 self.done_behind += 1;
+                self.pending -= 1;
                 true
             }
             _ => false,
@@ -283,10 +292,11 @@ mod tests {
 
     #[test]
     fn stragglers_behind_a_slow_handler_are_acked_alone_and_once() {
-        let mut w = window(2);
-        receive(&mut w, 1..=4);
+        let mut w = window(3);
+        receive(&mut w, 1..=3);
         w.complete(2, Settle::Ack);
         assert_eq!(flush(&mut w), []);
+        receive(&mut w, 4..=4);
         w.complete(4, Settle::Ack);
         assert_eq!(flush(&mut w), [ack(2, false), ack(4, false)]);
         assert!(!w.complete(2, Settle::Ack), "settled once only");
@@ -296,6 +306,28 @@ mod tests {
         w.complete(3, Settle::Ack);
         assert_eq!(flush(&mut w), [ack(3, false)]);
         assert_eq!(w.outstanding(), 0);
+    }
+
+    /// Several unfinished deliveries (slow handlers, copies held) leave
+    /// room for fewer done behind them: the window full but an eighth is
+    /// what counts, or a window of 8 with 2 held would wait for them with
+    /// 6 done behind, below a threshold of 7 it could never reach.
+    #[test]
+    fn stragglers_behind_several_unfinished_are_due_when_the_window_fills() {
+        let mut w = window(7);
+        receive(&mut w, 1..=7);
+        for t in 3..=7 {
+            w.complete(t, Settle::Ack);
+        }
+        assert_eq!(w.stragglers_due(), None, "5 done, 2 unfinished: 7 of 8");
+        receive(&mut w, 8..=8);
+        w.complete(8, Settle::Ack);
+        assert!(w.stragglers_due().is_some(), "6 done, 2 unfinished: 8 of 8");
+        assert_eq!(
+            flush(&mut w),
+            (3..=8).map(|t| ack(t, false)).collect::<Vec<_>>()
+        );
+        assert_eq!(w.outstanding(), 2);
     }
 
     #[test]
@@ -316,13 +348,13 @@ mod tests {
         });
         w.received(1, t0);
         w.received(2, t0 + Duration::from_millis(5));
-        w.received(3, t0 + Duration::from_millis(5));
         w.complete(2, Settle::Ack);
         assert_eq!(
             w.stragglers_due(),
             None,
             "one done behind: below the threshold"
         );
+        w.received(3, t0 + Duration::from_millis(5));
         w.complete(3, Settle::Ack);
         assert_eq!(
             w.stragglers_due(),

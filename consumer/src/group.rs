@@ -984,7 +984,10 @@ const STABLE_SESSION: Duration = Duration::from_secs(5);
 
 /// How many finished deliveries may wait behind an unfinished one before they
 /// are acked one by one: when an eighth of the prefetch window is left (and
-/// the unfinished one is older than [`STRAGGLER_AFTER`]).
+/// the unfinished one is older than [`STRAGGLER_AFTER`]). Other unfinished
+/// deliveries count with the finished ones: several slow handlers or held
+/// deliveries leave room for fewer finished behind them, and the window
+/// would otherwise stay full until one of them ended.
 ///
 /// A single ack that is not at the front of the window costs more than a
 /// `multiple` ack (one frame each, and the broker walks its list of unacked
