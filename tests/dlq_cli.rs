@@ -1851,6 +1851,18 @@ async fn bad_flag_values_are_usage_errors_that_exit_2_before_anything_moves() {
             "invalid value '70000' for '--scan-limit <SCAN_LIMIT>': at most 65535",
         ),
         (
+            vec!["replay", "--group", g, "--all", "--limit", "0"],
+            "invalid value '0' for '--limit <LIMIT>': must be at least 1",
+        ),
+        (
+            vec!["replay", "--group", g, "--all", "--limit", "0", "--dry-run"],
+            "invalid value '0' for '--limit <LIMIT>': must be at least 1",
+        ),
+        (
+            vec!["purge", "--group", g, "--all", "--limit", "0", "--yes"],
+            "invalid value '0' for '--limit <LIMIT>': must be at least 1",
+        ),
+        (
             watch(&["--interval", "0s"]),
             "invalid value '0s' for '--interval <INTERVAL>': must be longer than 0",
         ),
@@ -1874,6 +1886,17 @@ async fn bad_flag_values_are_usage_errors_that_exit_2_before_anything_moves() {
     }
     // The largest scan limit is accepted.
     ok(&["dlq", "list", "--group", g, "--scan-limit", "65535"]);
+    // So is a limit of 1 (a dry run: nothing moves).
+    ok(&[
+        "dlq",
+        "replay",
+        "--group",
+        g,
+        "--all",
+        "--limit",
+        "1",
+        "--dry-run",
+    ]);
     assert_eq!(peek_ids(&conn, &env.dead(), 3).await, names("b", 0..3));
     assert_eq!(count(&conn, &env.group).await, 0);
 }

@@ -31,7 +31,8 @@ pub struct Selection {
     /// Dead-lettered at most this long ago.
     #[serde(serialize_with = "ser_dur")]
     pub newer_than: Option<Duration>,
-    /// Take at most this many (per group).
+    /// Take at most this many (per group); at least 1 ([`Selection::check`]
+    /// refuses 0).
     pub limit: Option<usize>,
     /// Take everything the other criteria allow, even with none given.
     pub all: bool,
@@ -68,6 +69,11 @@ impl Selection {
         if !self.all && !self.has_criteria() {
             return Err(OperatorError::Selection(
                 "nothing selected: give --id, --fingerprint, --error, --kind, --routing-key, --older-than or --newer-than, or --all for every dead letter".into(),
+            ));
+        }
+        if self.limit == Some(0) {
+            return Err(OperatorError::Selection(
+                "--limit 0 selects nothing: give at least 1, or leave --limit out".into(),
             ));
         }
         if self.all && !self.ids.is_empty() {
@@ -146,6 +152,12 @@ mod tests {
             ..Default::default()
         };
         assert!(all.check().is_ok());
+        let none = Selection {
+            all: true,
+            limit: Some(0),
+            ..Default::default()
+        };
+        assert!(none.check().is_err());
     }
 
     #[test]

@@ -94,8 +94,8 @@ pub struct SelectArgs {
     /// Dead-lettered at most this long ago.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub newer_than: Option<Duration>,
-    /// Take at most this many per group.
-    #[arg(long)]
+    /// Take at most this many per group (at least 1).
+    #[arg(long, value_parser = at_least_one)]
     pub limit: Option<usize>,
     /// Every dead letter (required when no other criterion is given).
     #[arg(long)]
@@ -250,6 +250,16 @@ fn scan_limit(s: &str) -> Result<usize, String> {
             "at most {} (the broker's prefetch window is 16 bits); run again for the rest",
             op::MAX_SCAN_LIMIT
         ));
+    }
+    Ok(n)
+}
+
+/// `--limit`: a count of at least 1 (0 would select nothing, and a run
+/// that selects nothing looks like one that found nothing).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
     }
     Ok(n)
 }
@@ -1745,6 +1755,9 @@ mod tests {
             .unwrap_err()
             .starts_with("at most 65535 "));
         assert!(scan_limit("-1").is_err());
+        assert_eq!(at_least_one("1"), Ok(1));
+        assert_eq!(at_least_one("0"), Err("must be at least 1".into()));
+        assert!(at_least_one("-1").is_err());
         assert_eq!(positive_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(positive_duration("0s"), Err("must be longer than 0".into()));
         assert!(webhook_url("https://hooks.example.com/x?y=1").is_ok());
