@@ -3240,3 +3240,47 @@ async fn import_of_a_group_too_long_for_a_queue_name_is_refused_naming_the_line(
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(take_ids(&conn, &env.dead(), 3).await, names("L", 0..3));
 }
+
+/// `import --to-group` naming a group that has no dead-letter queue says to
+/// check `--to-group` (import has no `--group`); an export line whose own
+/// group has none is named with what to do. Nothing is sent either way.
+/// (Before: "... or check --group" for both.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_into_a_group_without_a_dead_letter_queue_names_what_to_check() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "noqueue").await;
+    dead_letters(&conn, &env.group, "q", 2).await;
+    let g = env.group.as_str();
+    let file = TempFile(std::env::temp_dir().join(format!("{g}export.jsonl")));
+    ok(&["dlq", "export", file.path(), "--group", g]);
+    let nosuch = format!("{g}nosuch");
+
+    let out = run(&["dlq", "import", file.path(), "--to-group", &nosuch]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: --to-group {nosuch:?}: queue \"{nosuch}.dead\" does not exist: check --to-group, or run `warren topology apply` first if {nosuch:?} is a group of the topology\n"
+        )
+    );
+    assert_eq!(text(&out.stdout), "");
+
+    // Line 2 of the file names a group without a queue.
+    let exported = std::fs::read_to_string(&file.0).unwrap();
+    let mut lines: Vec<String> = exported.lines().map(str::to_owned).collect();
+    let mut second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    second["group"] = nosuch.as_str().into();
+    lines[1] = second.to_string();
+    std::fs::write(&file.0, lines.join("\n") + "\n").unwrap();
+    let out = run(&["dlq", "import", file.path()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: {}:2: group {nosuch:?}: queue \"{nosuch}.dead\" does not exist: run `warren topology apply` first if it is a group of the topology, or import the file into another group with --to-group\n",
+            file.path()
+        )
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(peek_ids(&conn, &env.dead(), 2).await, names("q", 0..2));
+}

@@ -1425,6 +1425,13 @@ async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
         Err(e @ op::OperatorError::NameTooLong { .. }) => {
             return Err(UsageError(format!("--to-group: {e}")).into())
         }
+        Err(op::OperatorError::NoSuchQueue { queue }) => {
+            return Err(anyhow::anyhow!(no_import_queue(
+                &export,
+                a.to_group.as_deref(),
+                &queue
+            )))
+        }
         Err(e) => return Err(e.into()),
     };
     // How to import the rest: this command again, with the lines imported skipped.
@@ -1498,6 +1505,32 @@ async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::from(1))
+}
+
+/// What to do when an import's target `queue` does not exist (checked
+/// before anything is sent): the flag that chose it, `--to-group`, or the
+/// first line of the file whose group it is (import has no `--group`).
+fn no_import_queue(export: &op::ExportFile, to_group: Option<&str>, queue: &str) -> String {
+    if let Some(to) = to_group {
+        return format!(
+            "--to-group {to:?}: queue {queue:?} does not exist: check --to-group, or run `warren topology apply` first if {to:?} is a group of the topology"
+        );
+    }
+    let first = export
+        .messages()
+        .iter()
+        .zip(export.lines())
+        .find(|(m, _)| warren_topology::dead_queue(&m.group) == queue);
+    match first {
+        Some((m, line)) => format!(
+            "{}:{line}: group {:?}: queue {queue:?} does not exist: run `warren topology apply` first if it is a group of the topology, or import the file into another group with --to-group",
+            export.name(),
+            m.group
+        ),
+        None => format!(
+            "queue {queue:?} does not exist: run `warren topology apply` first, or import the file into another group with --to-group"
+        ),
+    }
 }
 
 /// `s` as one shell word: as it is when it holds only characters a shell
