@@ -3284,3 +3284,44 @@ async fn an_import_into_a_group_without_a_dead_letter_queue_names_what_to_check(
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(peek_ids(&conn, &env.dead(), 2).await, names("q", 0..2));
 }
+
+/// A replay `--to-original` whose original exchange does not exist fails
+/// each such dead letter with what to do, and leaves it in place.
+/// (Before: only `exchange "X" does not exist`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_to_an_original_exchange_that_does_not_exist_says_what_to_do() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "noexch").await;
+    let gone = format!("{}nosuch", env.orders);
+    let mut h = at(
+        warren_headers(&env, "permanent", "boom", "o.x"),
+        Duration::from_secs(5),
+    );
+    h.insert(
+        headers::ORIGINAL_EXCHANGE.into(),
+        AMQPValue::LongString(gone.as_str().into()),
+    );
+    dead_letter(&conn, &env, props("x-0", h), b"{}").await;
+    let g = env.group.as_str();
+    let out = run(&[
+        "dlq",
+        "replay",
+        "--group",
+        g,
+        "--all",
+        "--to-original",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let v = json_of(&out, "replay");
+    assert_eq!(
+        v[0]["errors"],
+        serde_json::json!([format!(
+            "x-0: exchange {gone:?} does not exist: declare it (`warren topology apply` does, if the topology file has it) and replay again, or replay to the group's work queue instead (without --to-original)"
+        )]),
+        "{v}"
+    );
+    assert_eq!(v[0]["failed"], 1, "{v}");
+    assert_eq!(peek_ids(&conn, &env.dead(), 1).await, ["x-0"]);
+}

@@ -392,7 +392,7 @@ async fn run(
                 if !exists {
                     acks.keep(tag);
                     report.fail(format!(
-                        "{}: exchange {exchange:?} does not exist",
+                        "{}: exchange {exchange:?} does not exist: declare it (`warren topology apply` does, if the topology file has it) and replay again, or replay to the group's work queue instead (without --to-original)",
                         d.info.id
                     ));
                     progress(p);

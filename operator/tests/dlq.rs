@@ -1561,7 +1561,7 @@ async fn a_replay_to_a_missing_original_exchange_fails_those_dead_letters_only()
     assert_eq!(r.ids, ["a", "c"]);
     assert_eq!(
         r.errors,
-        [format!("b: exchange {missing:?} does not exist")]
+        [format!("b: exchange {missing:?} does not exist: declare it (`warren topology apply` does, if the topology file has it) and replay again, or replay to the group's work queue instead (without --to-original)")]
     );
     wait_count(&env.conn, &dq, 1).await;
     assert_eq!(take_ids(&env.conn, &dq).await, ["b"]);
