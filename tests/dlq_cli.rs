@@ -3325,3 +3325,58 @@ async fn a_replay_to_an_original_exchange_that_does_not_exist_says_what_to_do() 
     assert_eq!(v[0]["failed"], 1, "{v}");
     assert_eq!(peek_ids(&conn, &env.dead(), 1).await, ["x-0"]);
 }
+
+/// `list` prints every id whole, however long, in a column as wide as the
+/// longest, so the id it shows can be pasted into `show` and `replay --id`.
+/// (Before: ids over 38 characters were cut with `…`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn list_shows_long_ids_whole_and_show_takes_them() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "longid").await;
+    let long = format!("order-{}-end", "x".repeat(90));
+    for id in [long.as_str(), "s-1"] {
+        let h = at(
+            warren_headers(&env, "permanent", "boom", "o.x"),
+            Duration::from_secs(5),
+        );
+        dead_letter(&conn, &env, props(id, h), b"{}").await;
+    }
+    let g = env.group.as_str();
+    let out = ok(&["dlq", "list", "--group", g]);
+    let rows: Vec<&str> = out.lines().skip(2).collect();
+    let shown: Vec<&str> = rows
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(shown, [long.as_str(), "s-1"], "{out}");
+    // Still a table: the kind column starts at the same place in every row.
+    let header = out.lines().nth(1).unwrap();
+    let kind_at = header.find("  kind ").unwrap();
+    for r in &rows {
+        assert_eq!(r.find("  permanent "), Some(kind_at), "{out}");
+    }
+    let show = ok(&["dlq", "show", "--group", g, shown[0]]);
+    assert!(
+        show.starts_with(&format!("id             {long}\n")),
+        "{show}"
+    );
+    let out = ok(&[
+        "dlq",
+        "replay",
+        "--group",
+        g,
+        "--id",
+        shown[0],
+        "--dry-run",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["ids"],
+        serde_json::json!([long])
+    );
+    assert_eq!(
+        peek_ids(&conn, &env.dead(), 2).await,
+        [long.as_str(), "s-1"]
+    );
+}

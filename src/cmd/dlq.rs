@@ -527,8 +527,17 @@ async fn list(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
         if l.messages.is_empty() {
             continue;
         }
+        // Ids whole, however long, so that what is shown can be given to
+        // `show` and `replay --id`: the column is as wide as the longest.
+        let ids: Vec<String> = l.messages.iter().map(|m| esc(&m.info.id)).collect();
+        let w = ids
+            .iter()
+            .map(|id| id.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(38);
         outln!(
-            "  {:<38}  {:>8}  {:>3}  {:<9}  {:<24}  {:>7}  error",
+            "  {:<w$}  {:>8}  {:>3}  {:<9}  {:<24}  {:>7}  error",
             "id",
             "age",
             "att",
@@ -536,10 +545,9 @@ async fn list(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
             "routing key",
             "size"
         );
-        for m in &l.messages {
+        for (m, id) in l.messages.iter().zip(&ids) {
             outln!(
-                "  {:<38}  {:>8}  {:>3}  {:<9}  {:<24}  {:>7}  {}",
-                cell(&m.info.id, 38),
+                "  {id:<w$}  {:>8}  {:>3}  {:<9}  {:<24}  {:>7}  {}",
                 age(m.age_seconds),
                 m.info.attempts,
                 esc(&m.info.kind),
