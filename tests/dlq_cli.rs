@@ -3380,3 +3380,64 @@ async fn list_shows_long_ids_whole_and_show_takes_them() {
         [long.as_str(), "s-1"]
     );
 }
+
+/// While another reader (a slow replay, a consumer) holds dead letters
+/// unacked, the broker counts none of them: `list` and `stats` then say
+/// how many consumers the queue has and that what they hold is not
+/// counted (JSON: `consumers`). Nothing moves. (Before:
+/// "(0 messages)", exit 0, and nothing else.)
+#[tokio::test(flavor = "multi_thread")]
+async fn list_and_stats_say_when_a_consumer_may_hold_dead_letters_they_do_not_count() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "held").await;
+    dead_letters(&conn, &env.group, "h", 3).await;
+    let (g, dead) = (env.group.as_str(), env.dead());
+    // Nobody else reading: no note, 0 consumers.
+    let out = ok(&["dlq", "list", "--group", g]);
+    assert!(out.starts_with(&format!("{dead} (3 messages)\n")), "{out}");
+    assert!(!out.contains("note:"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["dlq", "stats", "--group", g, "--output", "json"])).unwrap();
+    assert_eq!(v[0]["consumers"], 0, "{v}");
+
+    let ch = conn.create_channel().await.unwrap();
+    // Held until the channel closes: dropping a lapin consumer cancels it.
+    let _consumer = ch
+        .basic_consume(
+            dead.as_str().into(),
+            "held-consumer".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    settle(&conn, &dead, 0).await;
+    let note = format!(
+        "  note: {dead} has 1 consumer (another reader, such as a replay in progress): the dead letters it holds unacked are not counted here; they go back to the queue unless it removes them\n"
+    );
+    let out = ok(&["dlq", "list", "--group", g]);
+    assert_eq!(out, format!("{dead} (0 messages)\n{note}"));
+    let out = ok(&["dlq", "stats", "--group", g]);
+    assert_eq!(
+        out,
+        format!("{dead}  0 dead letters  oldest -  newest -\n{note}")
+    );
+    for cmd in ["list", "stats"] {
+        let out = run(&["dlq", cmd, "--group", g, "--output", "json"]);
+        let v = json_of(&out, cmd);
+        assert_eq!(v[0]["consumers"], 1, "{cmd}: {v}");
+        assert_eq!(v[0]["coverage"]["total"], 0, "{cmd}: {v}");
+    }
+    // `show` finds nothing, and says why that may be.
+    let out = run(&["dlq", "show", "--group", g, "h-0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "warning: {}no dead letter with id \"h-0\" in {g}\n",
+            &note["  note: ".len()..]
+        )
+    );
+    ch.close(200, "done".into()).await.unwrap();
+    assert_eq!(peek_ids(&conn, &dead, 3).await, names("h", 0..3));
+}

@@ -41,6 +41,10 @@ pub struct Listing {
     pub queue: String,
     /// How much was read.
     pub coverage: Coverage,
+    /// Consumers on the queue when it was read (see
+    /// [`Coverage::consumers`]): the dead letters they hold unacked are
+    /// neither counted nor listed.
+    pub consumers: u32,
     /// The dead letters, head first.
     pub messages: Vec<Summary>,
 }
@@ -69,6 +73,7 @@ pub async fn list(
         group: group.to_owned(),
         queue,
         coverage,
+        consumers: coverage.consumers,
         messages,
     })
 }
@@ -95,8 +100,12 @@ pub struct GroupStats {
     pub group: String,
     /// Its dead-letter queue.
     pub queue: String,
-    /// Messages in the queue (from the broker's count).
+    /// Messages in the queue (from the broker's count: ready ones only).
     pub count: u64,
+    /// Consumers on the queue when it was read (see
+    /// [`Coverage::consumers`]): the dead letters they hold unacked are
+    /// not in `count` nor in the figures.
+    pub consumers: u32,
     /// How much was read for the rest of the figures.
     pub coverage: Coverage,
     /// Age of the oldest dead letter, seconds.
@@ -152,6 +161,7 @@ pub fn stats_of(listing: Listing) -> GroupStats {
         group: listing.group,
         queue: listing.queue,
         count: listing.coverage.total,
+        consumers: listing.consumers,
         coverage: listing.coverage,
         oldest_seconds: oldest,
         newest_seconds: newest,

@@ -105,6 +105,14 @@ pub struct Coverage {
     /// messages with more left in the queue (not because a selection's
     /// `limit` was reached): reading more needs a higher scan limit.
     pub scan_limit_reached: bool,
+    /// Consumers on the queue when the scan started (the broker's count,
+    /// the scan's own not included): another reader, such as a replay in
+    /// progress. What they hold unacked is in neither `total` nor what
+    /// was read; it goes back to the queue unless they remove it. Not in
+    /// the JSON of a coverage (the reports of `list` and `stats` carry it
+    /// as their own `consumers`).
+    #[serde(skip)]
+    pub consumers: u32,
 }
 
 impl Coverage {
@@ -121,9 +129,19 @@ impl std::fmt::Display for Coverage {
 }
 
 /// Counts the messages ready in a group's dead-letter queue (passive
-/// declare: reads nothing). A group whose queue name would be over AMQP's
-/// limit is [`OperatorError::NameTooLong`], before anything is sent.
+/// declare: reads nothing). Messages that a consumer holds unacked are
+/// not ready, and not counted. A group whose queue name would be over
+/// AMQP's limit is [`OperatorError::NameTooLong`], before anything is sent.
 pub async fn count(conn: &Connection, group: &str, rpc: Duration) -> Result<u64, OperatorError> {
+    Ok(count_and_consumers(conn, group, rpc).await?.0)
+}
+
+/// [`count`], and the consumers on the queue (the broker gives both).
+async fn count_and_consumers(
+    conn: &Connection,
+    group: &str,
+    rpc: Duration,
+) -> Result<(u64, u32), OperatorError> {
     crate::error::check_group_name(group)?;
     let queue = dead_queue(group);
     let ch = timed(rpc, "opening a channel", &queue, conn.create_channel()).await?;
@@ -153,7 +171,12 @@ pub(crate) async fn queue_exists(
     }
 }
 
-async fn passive_count(ch: &Channel, queue: &str, rpc: Duration) -> Result<u64, OperatorError> {
+/// The messages ready in `queue` and its consumers (a passive declare).
+async fn passive_count(
+    ch: &Channel,
+    queue: &str,
+    rpc: Duration,
+) -> Result<(u64, u32), OperatorError> {
     let declared = timed(
         rpc,
         "counting messages (passive declare)",
@@ -169,7 +192,7 @@ async fn passive_count(ch: &Channel, queue: &str, rpc: Duration) -> Result<u64, 
     )
     .await;
     match declared {
-        Ok(q) => Ok(u64::from(q.message_count())),
+        Ok(q) => Ok((u64::from(q.message_count()), q.consumer_count())),
         Err(OperatorError::Amqp { source, .. }) if is_not_found(&source) => {
             Err(OperatorError::NoSuchQueue {
                 queue: queue.to_owned(),
@@ -186,6 +209,7 @@ pub(crate) struct Scan {
     channel: Channel,
     consumer: Option<Consumer>,
     total: u64,
+    consumers: u32,
     target: usize,
     seen: usize,
     opts: ReadOptions,
@@ -200,7 +224,7 @@ impl Scan {
     ) -> Result<Scan, OperatorError> {
         let queue = dead_queue(group);
         let rpc = opts.rpc_timeout;
-        let total = count(conn, group, rpc).await?;
+        let (total, consumers) = count_and_consumers(conn, group, rpc).await?;
         let target = usize::try_from(total)
             .unwrap_or(usize::MAX)
             .min(opts.scan_limit.clamp(1, MAX_SCAN_LIMIT));
@@ -238,6 +262,7 @@ impl Scan {
             channel,
             consumer,
             total,
+            consumers,
             target,
             seen: 0,
             opts: opts.clone(),
@@ -334,6 +359,7 @@ impl Scan {
             total: self.total,
             scan_limit_reached: (self.seen as u64) < self.total
                 && self.seen >= self.opts.scan_limit.clamp(1, MAX_SCAN_LIMIT),
+            consumers: self.consumers,
         }
     }
 

@@ -52,6 +52,7 @@ async fn fifty_reads_change_nothing_count_order_bodies_properties_headers() {
                     scanned: 31,
                     total: 31,
                     scan_limit_reached: false,
+                    consumers: 0,
                 }
             );
             let ids: Vec<&str> = l.messages.iter().map(|m| m.info.id.as_str()).collect();

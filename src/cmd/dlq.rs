@@ -457,6 +457,33 @@ fn warn_partial(c: &op::Coverage, queue: &str) {
     }
 }
 
+/// What the broker's count leaves out when the queue had consumers when it
+/// was read (another reader, such as a replay in progress, holding dead
+/// letters unacked: they are not ready, so neither counted nor read);
+/// `None` when it had none.
+fn held(c: &op::Coverage, queue: &str) -> Option<String> {
+    let n = c.consumers;
+    let one = n == 1;
+    (n > 0).then(|| {
+        format!(
+            "{queue} has {n} consumer{} ({}, such as a replay in progress): the dead letters {} unacked are not counted here; they go back to the queue unless {} them",
+            if one { "" } else { "s" },
+            if one { "another reader" } else { "other readers" },
+            if one { "it holds" } else { "they hold" },
+            if one { "it removes" } else { "they remove" },
+        )
+    })
+}
+
+/// [`warn_partial`], and [`held`] as a warning: for the commands whose
+/// output is not a count (`show`, `replay`, `purge`, `export`).
+fn warn_coverage(c: &op::Coverage, queue: &str) {
+    warn_partial(c, queue);
+    if let Some(h) = held(c, queue) {
+        eprintln!("warning: {h}");
+    }
+}
+
 async fn stats(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
     let groups = groups(g, &a.groups)?;
     let c = conn(g).await?;
@@ -479,6 +506,9 @@ async fn stats(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
             age(s.oldest_seconds),
             age(s.newest_seconds)
         );
+        if let Some(h) = held(&s.coverage, &s.queue) {
+            outln!("  note: {h}");
+        }
         if s.count == 0 {
             continue;
         }
@@ -524,6 +554,9 @@ async fn list(g: &Global, a: ReadArgs) -> anyhow::Result<ExitCode> {
         warn_partial(&l.coverage, &l.queue);
         let n = l.coverage.total;
         outln!("{} ({n} message{})", l.queue, if n == 1 { "" } else { "s" });
+        if let Some(h) = held(&l.coverage, &l.queue) {
+            outln!("  note: {h}");
+        }
         if l.messages.is_empty() {
             continue;
         }
@@ -587,7 +620,7 @@ async fn show(g: &Global, a: ShowArgs) -> anyhow::Result<ExitCode> {
     for group in &groups {
         let (ds, cov) = op::show(&c, group, &a.id, &read_opts(&a.read)).await?;
         if ds.is_empty() {
-            warn_partial(&cov, &warren_topology::dead_queue(group));
+            warn_coverage(&cov, &warren_topology::dead_queue(group));
         }
         found.extend(ds);
     }
@@ -1010,7 +1043,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
                 // Never read: its error below is all there is to say.
                 continue;
             };
-            warn_partial(cov, &warren_topology::dead_queue(&r.group));
+            warn_coverage(cov, &warren_topology::dead_queue(&r.group));
             if r.dry_run {
                 outln!(
                     "{}: dry run: {} would be replayed ({} read); nothing moved",
@@ -1119,7 +1152,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
     }
     let total: usize = pending.iter().map(op::PendingPurge::count).sum();
     for p in &pending {
-        warn_partial(&p.coverage(), &warren_topology::dead_queue(p.group()));
+        warn_coverage(&p.coverage(), &warren_topology::dead_queue(p.group()));
     }
     let not_found = if a.select.ids.is_empty() {
         Some(Vec::new())
@@ -1345,7 +1378,7 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
             }
             Err(e) => return Err(e.into()),
         };
-        warn_partial(&r.coverage, &warren_topology::dead_queue(group));
+        warn_coverage(&r.coverage, &warren_topology::dead_queue(group));
         lines.push(export_line(&r, a.remove, false));
         reports.push(serde_json::to_value(&r)?);
     }
