@@ -323,9 +323,8 @@ async fn run(
     let mut publisher: Option<Confirmed<ReplayCopy>> = None;
     // Who the dropped `user_id`s named, for the one log line at the end.
     let mut dropped_users = DroppedUserIds::default();
-    let mut exchanges: HashMap<String, bool> = HashMap::new();
-    // Whether the work queue exists, once checked (replays to it only).
-    let mut work_queue_exists: Option<bool> = None;
+    // Whether each place copies go to exists, checked once per run.
+    let mut checked: HashMap<Needed, bool> = HashMap::new();
     let mut p = Progress {
         to_scan,
         ..Default::default()
@@ -375,14 +374,21 @@ async fn run(
                     continue;
                 }
             };
-            if !exchange.is_empty() {
-                let exists = match exchanges.get(&exchange) {
+            // A missing exchange or work queue would fail every copy (a
+            // channel error, or every copy returned): say which and what to
+            // do, and send nothing.
+            let needed = if !exchange.is_empty() {
+                Some(Needed::Exchange(exchange.clone()))
+            } else if opts.target == Target::WorkQueue {
+                Some(Needed::Queue(routing_key.clone()))
+            } else {
+                None
+            };
+            if let Some(needed) = needed {
+                let exists = match checked.get(&needed) {
                     Some(e) => *e,
-                    None => match exchange_exists(conn, &exchange, rpc).await {
-                        Ok(e) => {
-                            exchanges.insert(exchange.clone(), e);
-                            e
-                        }
+                    None => match needed.exists(conn, rpc).await {
+                        Ok(e) => *checked.entry(needed.clone()).or_insert(e),
                         Err(e) => {
                             failed(&e, report, &mut acks);
                             return Err(e);
@@ -391,33 +397,7 @@ async fn run(
                 };
                 if !exists {
                     acks.keep(tag);
-                    report.fail(format!(
-                        "{}: exchange {exchange:?} does not exist: declare it (`warren topology apply` does, if the topology file has it) and replay again, or replay to the group's work queue instead (without --to-original)",
-                        d.info.id
-                    ));
-                    progress(p);
-                    continue;
-                }
-            }
-            if opts.target == Target::WorkQueue {
-                // A missing work queue returns every copy ("no queue is
-                // bound"): say which queue and what to do, and send nothing.
-                let exists = match work_queue_exists {
-                    Some(e) => e,
-                    None => match crate::reader::queue_exists(conn, &routing_key, rpc).await {
-                        Ok(e) => *work_queue_exists.insert(e),
-                        Err(e) => {
-                            failed(&e, report, &mut acks);
-                            return Err(e);
-                        }
-                    },
-                };
-                if !exists {
-                    acks.keep(tag);
-                    report.fail(format!(
-                        "{}: work queue {routing_key:?} does not exist: `warren topology apply` declares it; then replay again",
-                        d.info.id
-                    ));
+                    report.fail(format!("{}: {}", d.info.id, needed.missing()));
                     progress(p);
                     continue;
                 }
@@ -612,6 +592,36 @@ fn removed(
 /// [`OperatorError::ExchangeCheck`], which stops the replay: read as "does
 /// not exist", it would fail every dead letter bound there with a wrong
 /// reason.
+/// Where a replay's copies go, which must exist.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Needed {
+    /// The original exchange (`--to-original`).
+    Exchange(String),
+    /// The group's work queue, through the default exchange.
+    Queue(String),
+}
+
+impl Needed {
+    async fn exists(&self, conn: &Connection, rpc: Duration) -> Result<bool, OperatorError> {
+        match self {
+            Needed::Exchange(name) => exchange_exists(conn, name, rpc).await,
+            Needed::Queue(name) => crate::reader::queue_exists(conn, name, rpc).await,
+        }
+    }
+
+    /// Why a copy was not sent, and what to do.
+    fn missing(&self) -> String {
+        match self {
+            Needed::Exchange(name) => format!(
+                "exchange {name:?} does not exist: declare it (`warren topology apply` does, if the topology file has it) and replay again, or replay to the group's work queue instead (without --to-original)"
+            ),
+            Needed::Queue(name) => format!(
+                "work queue {name:?} does not exist: `warren topology apply` declares it; then replay again"
+            ),
+        }
+    }
+}
+
 async fn exchange_exists(
     conn: &Connection,
     name: &str,
