@@ -1139,3 +1139,24 @@ fn json_output_is_a_document_even_when_publishing_cannot_start() {
         assert!(text.contains(message), "{doc}");
     }
 }
+
+/// A `--rate` so low that the wait between two messages does not fit a
+/// duration is a usage error before connecting, not a panic after it.
+#[test]
+fn a_rate_too_low_to_schedule_is_a_usage_error_not_a_panic() {
+    for (rate, shown) in [
+        ("1e-300", "1e-300"),
+        ("1e-19", "1e-19"),
+        ("0.0000000001", "1e-10"),
+    ] {
+        let (code, err) = run(&["publish", "-e", "x", "--body", "{}", "--rate", rate]);
+        assert_eq!(code, Some(2), "--rate {rate}: {err}");
+        assert!(!err.contains("panicked"), "--rate {rate}: {err}");
+        assert!(
+            err.contains(&format!(
+                "--rate must be a number of messages per second from 0.000000001 (one every 31 years) up, not {shown}"
+            )),
+            "--rate {rate}: {err}"
+        );
+    }
+}

@@ -174,6 +174,14 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
         if !(rate > 0.0 && rate.is_finite()) {
             return Err(UsageError(format!("--rate must be a positive number, not {rate}")).into());
         }
+        // The wait between two messages must be a duration the clock can
+        // add: below this rate it is not (or overflows the clock).
+        if rate < Pacer::MIN_RATE {
+            return Err(UsageError(format!(
+                "--rate must be a number of messages per second from 0.000000001 (one every 31 years) up, not {rate:e}"
+            ))
+            .into());
+        }
     }
     if args.timeout.is_zero() {
         return Err(UsageError("--timeout must be more than 0s".into()).into());
@@ -314,6 +322,9 @@ struct Pacer {
 
 impl Pacer {
     const SLACK: Duration = Duration::from_millis(10);
+    /// The lowest rate (a message every 31 years): a lower one's period
+    /// does not fit a [`Duration`], or overflows the clock when added.
+    const MIN_RATE: f64 = 1e-9;
 
     fn new(rate: f64) -> Pacer {
         Pacer {
