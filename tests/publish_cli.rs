@@ -1160,3 +1160,23 @@ fn a_rate_too_low_to_schedule_is_a_usage_error_not_a_panic() {
         );
     }
 }
+
+/// The default exchange ("") routes to the queue named by the routing key
+/// and takes no bindings: a message to a queue that does not exist says so,
+/// instead of telling the user to declare a binding.
+#[test]
+fn unroutable_on_the_default_exchange_names_the_missing_queue() {
+    let q = unique("pubnoqueue");
+    let out = warren()
+        .args(["publish", "-e", "", "-k", &q, "--body", "{}"])
+        .output_within(CLI_LIMIT);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "line 1: returned: unroutable: there is no queue named {q:?}: the default exchange \"\" delivers to the queue whose name is the routing key (broker said 312 NO_ROUTE); declare the queue (warren topology apply) or fix the routing key"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("binding"), "{text}");
+}

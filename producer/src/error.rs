@@ -44,7 +44,11 @@ impl std::fmt::Display for Stage {
 pub enum PublishError {
     /// The broker accepted the message but no queue is bound for it
     /// (`mandatory` returned it). Nothing was stored.
-    #[error("unroutable: no queue is bound to exchange {exchange:?} for routing key {routing_key:?} (broker said {reply_code} {reply_text}); declare the binding (warren topology apply) or fix the routing key")]
+    #[error(
+        "unroutable: {} (broker said {reply_code} {reply_text}); {}",
+        unroutable_why(exchange, routing_key),
+        unroutable_hint(exchange)
+    )]
     Unroutable {
         /// The exchange.
         exchange: String,
@@ -164,6 +168,25 @@ fn refusal_hint(reason: &str) -> &'static str {
         "; expiration must be a whole number of milliseconds from 0 to 315360000000 (ten years, RabbitMQ's limit), such as \"60000\""
     } else {
         ""
+    }
+}
+
+/// Why nothing took a returned message. The default exchange ("") takes no
+/// bindings: it delivers to the queue named by the routing key, if any.
+fn unroutable_why(exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() {
+        format!("there is no queue named {routing_key:?}: the default exchange \"\" delivers to the queue whose name is the routing key")
+    } else {
+        format!("no queue is bound to exchange {exchange:?} for routing key {routing_key:?}")
+    }
+}
+
+/// What to do about a returned message.
+fn unroutable_hint(exchange: &str) -> &'static str {
+    if exchange.is_empty() {
+        "declare the queue (warren topology apply) or fix the routing key"
+    } else {
+        "declare the binding (warren topology apply) or fix the routing key"
     }
 }
 
