@@ -1180,3 +1180,51 @@ fn unroutable_on_the_default_exchange_names_the_missing_queue() {
     );
     assert!(!text.contains("binding"), "{text}");
 }
+
+/// A body under `--max-message-size` but over the broker's own
+/// `max_message_size` (128 MiB in RabbitMQ 3.x) is refused by the broker:
+/// the failure says to keep the flag within the broker's limit, not to set
+/// a field of the Rust library, and the other messages still go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_brokers_max_message_size_names_the_flag() {
+    let topo = Topo::new("pubbrokersize", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    let file = std::env::temp_dir().join(format!("{}.jsonl", topo.p));
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        f.write_all(b"\"").unwrap();
+        let chunk = vec![b'x'; 1024 * 1024];
+        for _ in 0..128 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.write_all(b"\"\n{\"n\":2}\n").unwrap();
+    }
+    let out = warren()
+        .args(["publish", "-e", &topo.exchange(), "-k", "order.x"])
+        .args([
+            "--file",
+            file.to_str().unwrap(),
+            "--max-message-size",
+            "200MiB",
+        ])
+        .output_within(CLI_LIMIT);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("confirmed 1") && text.contains("failed 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "(406 PRECONDITION_FAILED - message size 134217730 is larger than configured max size 134217728); \
+             it was not stored, and sending it again would be refused the same way; \
+             the body is over the broker's max_message_size: keep --max-message-size within it \
+             (128 MiB by default in RabbitMQ 3.x), and such a body is refused before anything is sent"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("PublisherConfig"), "{text}");
+    assert_eq!(count(&conn, &topo.q("g")).await, 1, "the small one went");
+}
