@@ -12,7 +12,9 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::FieldTable;
+use std::collections::HashSet;
+
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ErrorKind};
 use serde::Serialize;
 
@@ -203,7 +205,7 @@ async fn check_queue(conn: &Connection, q: &PlannedQueue) -> Result<ObjectState,
             _ => Err(broker(err)),
         };
     }
-    let state = match ch
+    let text = match ch
         .queue_declare(
             q.name.as_str().into(),
             QueueDeclareOptions::durable(),
@@ -211,16 +213,137 @@ async fn check_queue(conn: &Connection, q: &PlannedQueue) -> Result<ObjectState,
         )
         .await
     {
-        Ok(_) => ObjectState::Matches,
+        Ok(_) => {
+            let _ = ch.close(200, "checked".into()).await;
+            return Ok(ObjectState::Matches);
+        }
         Err(err) => match soft_error(&err) {
-            Some((AMQPSoftError::PRECONDITIONFAILED, text)) => {
-                ObjectState::Differs(explain_precondition(&text))
-            }
+            Some((AMQPSoftError::PRECONDITIONFAILED, text)) => text,
             _ => return Err(broker(err)),
         },
     };
-    let _ = ch.close(200, "checked".into()).await;
-    Ok(state)
+    Ok(ObjectState::Differs(
+        every_difference(conn, q, text).await.join("; "),
+    ))
+}
+
+/// The most declares [`every_difference`] makes for one queue.
+const MAX_PROBES: usize = 16;
+
+/// What differs between queue `q` on the broker and its plan, given the
+/// broker's refusal `text` of the planned declare. The broker names only
+/// the first argument it finds different (in its own order: a classic queue
+/// wanted as quorum is refused for `x-queue-version` before `x-queue-type`),
+/// so the queue is declared again with the broker's value of each argument
+/// named so far, until the broker accepts (a no-op: an existing queue
+/// declared with its own arguments is left as it is) or names one it cannot
+/// be given back. Each declare is preceded by a passive one on the same
+/// channel, so that a queue deleted meanwhile is not created.
+async fn every_difference(conn: &Connection, q: &PlannedQueue, text: String) -> Vec<String> {
+    let mut differences = vec![explain_precondition(&text)];
+    let mut args = q.field_table().inner().clone();
+    let mut options = QueueDeclareOptions::durable();
+    let mut seen = HashSet::new();
+    let mut text = text;
+    while differences.len() < MAX_PROBES {
+        let Some((arg, current)) = inequivalent(&text) else {
+            break;
+        };
+        if !seen.insert(arg.clone()) {
+            break;
+        }
+        match (arg.as_str(), current) {
+            ("durable", Current::Value(v, None)) => options.durable = v == "true",
+            ("auto_delete", Current::Value(v, None)) => options.auto_delete = v == "true",
+            (a, Current::None) if a.starts_with("x-") => {
+                args.remove(a);
+            }
+            (a, Current::Value(v, Some(kind))) if a.starts_with("x-") => {
+                let Some(value) = amqp_value(&v, &kind) else {
+                    break;
+                };
+                args.insert(a.into(), value);
+            }
+            _ => break,
+        }
+        let Ok(ch) = conn.create_channel().await else {
+            break;
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..options
+        };
+        if ch
+            .queue_declare(q.name.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match ch
+            .queue_declare(
+                q.name.as_str().into(),
+                options,
+                FieldTable::from(args.clone()),
+            )
+            .await
+        {
+            Ok(_) => {
+                let _ = ch.close(200, "checked".into()).await;
+                break;
+            }
+            Err(err) => match soft_error(&err) {
+                Some((AMQPSoftError::PRECONDITIONFAILED, next)) => {
+                    differences.push(explain_precondition(&next));
+                    text = next;
+                }
+                _ => break,
+            },
+        }
+    }
+    differences
+}
+
+/// What the broker has for an argument, as its refusal says it.
+#[derive(Debug, PartialEq, Eq)]
+enum Current {
+    /// `current is none`.
+    None,
+    /// `current is the value 'V' of type 'T'`, or `current is 'V'` (a flag
+    /// such as `durable`, without a type).
+    Value(String, Option<String>),
+}
+
+/// The argument and the broker's value of RabbitMQ's "inequivalent arg
+/// 'A' for queue 'Q' in vhost 'V': received ... but current is ...".
+fn inequivalent(text: &str) -> Option<(String, Current)> {
+    let rest = text.split_once("inequivalent arg '")?.1;
+    let (arg, rest) = rest.split_once('\'')?;
+    let current = rest.rsplit_once("but current is ")?.1.trim_end();
+    if current == "none" {
+        return Some((arg.to_owned(), Current::None));
+    }
+    let current = current.strip_prefix("the value ").unwrap_or(current);
+    let current = current.strip_prefix('\'')?.strip_suffix('\'')?;
+    Some((
+        arg.to_owned(),
+        match current.rsplit_once("' of type '") {
+            Some((value, kind)) => Current::Value(value.to_owned(), Some(kind.to_owned())),
+            None => Current::Value(current.to_owned(), None),
+        },
+    ))
+}
+
+/// The value `v` of RabbitMQ's type `kind`, as a declare that the broker
+/// finds equivalent sends it (integers of any width are one class there).
+fn amqp_value(v: &str, kind: &str) -> Option<AMQPValue> {
+    Some(match kind {
+        "longstr" | "shortstr" => AMQPValue::LongString(v.into()),
+        "byte" | "short" | "signedint" | "long" | "unsignedbyte" | "unsignedshort"
+        | "unsignedint" => AMQPValue::LongLongInt(v.parse().ok()?),
+        "bool" => AMQPValue::Boolean(v.parse().ok()?),
+        _ => return None,
+    })
 }
 
 /// Checks every planned exchange and queue against the broker. Changes
@@ -457,5 +580,38 @@ mod tests {
             "x-message-ttl: the broker has 10000, the topology wants 20000"
         );
         assert_eq!(explain_precondition("something else"), "something else");
+    }
+
+    #[test]
+    fn the_brokers_value_is_read_from_its_refusal() {
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-queue-version' for queue 'g' in vhost '/': received none but current is the value '2' of type 'signedint'";
+        assert_eq!(
+            inequivalent(t),
+            Some((
+                "x-queue-version".into(),
+                Current::Value("2".into(), Some("signedint".into()))
+            ))
+        );
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'but current is' in vhost '/': received the value 'quorum' of type 'longstr' but current is the value 'classic' of type 'longstr'";
+        assert_eq!(
+            inequivalent(t),
+            Some((
+                "x-queue-type".into(),
+                Current::Value("classic".into(), Some("longstr".into()))
+            ))
+        );
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-overflow' for queue 'g' in vhost '/': received the value 'reject-publish' of type 'longstr' but current is none";
+        assert_eq!(inequivalent(t), Some(("x-overflow".into(), Current::None)));
+        let t = "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'g' in vhost '/': received 'true' but current is 'false'";
+        assert_eq!(
+            inequivalent(t),
+            Some(("durable".into(), Current::Value("false".into(), None)))
+        );
+        assert_eq!(inequivalent("something else"), None);
+        assert_eq!(
+            amqp_value("2", "signedint"),
+            Some(AMQPValue::LongLongInt(2))
+        );
+        assert_eq!(amqp_value("x", "table"), None);
     }
 }

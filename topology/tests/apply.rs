@@ -311,7 +311,7 @@ async fn every_differing_object_is_named_with_what_differs() {
     );
     let err = err.to_string();
     assert!(
-        err.starts_with(&format!("queue \"{p}shipping\" exists on the broker with other settings: x-dead-letter-exchange: the broker has none, the topology wants warren.dlx; also queue \"{p}shipping.dead\": x-queue-version: the broker has none, the topology wants 2. warren deleted nothing")),
+        err.starts_with(&format!("queue \"{p}shipping\" exists on the broker with other settings: x-dead-letter-exchange: the broker has none, the topology wants warren.dlx; x-dead-letter-routing-key: the broker has none, the topology wants {p}shipping; x-queue-version: the broker has none, the topology wants 2; also queue \"{p}shipping.dead\": x-queue-version: the broker has none, the topology wants 2. warren deleted nothing")),
         "{err}"
     );
 }
@@ -413,4 +413,79 @@ async fn a_refused_permission_says_which_permission_is_needed() {
     );
     reader.close(200, "done".into()).await.unwrap();
     binder.close(200, "done".into()).await.unwrap();
+}
+
+/// Changing a group's `queue_type` (classic to quorum, the usual
+/// migration) cannot be applied: verify and apply name the queue type, and
+/// every other argument that differs, not only the first one the broker
+/// compares (which was `x-queue-version`, an argument the user never
+/// wrote). The queues are left as they were.
+#[tokio::test]
+async fn a_changed_queue_type_is_named_with_every_argument_that_differs() {
+    let p = unique_prefix();
+    let t = topology(&p, FILE);
+    let plan = Plan::new(&t);
+    let _guard = Guard::new(&plan);
+    let conn = connect().await;
+    apply(&conn, &plan).await.unwrap();
+    let before = broker_queues(&p);
+
+    // shipping: classic to quorum; billing: quorum to classic.
+    let changed = FILE
+        .replace(
+            "queue_type = \"classic\"\nretry = [\"500ms\"]",
+            "retry = [\"500ms\"]\ndelivery_limit = 3",
+        )
+        .replace(
+            "retry = [\"1s\", \"10s\"]\ndelivery_limit = 5",
+            "retry = [\"1s\", \"10s\"]\nqueue_type = \"classic\"",
+        );
+    let changed_plan = Plan::new(&topology(&p, &changed));
+    let report = verify(&conn, &changed_plan).await.unwrap();
+    let detail = |name: &str| -> String {
+        let c = report
+            .checks
+            .iter()
+            .find(|c| c.name == format!("{p}{name}"))
+            .unwrap();
+        match &c.state {
+            ObjectState::Differs(d) => d.clone(),
+            other => panic!("{name}: expected a difference, got {other:?}"),
+        }
+    };
+    // The broker's own equivalence check decides: it does not compare
+    // x-delivery-limit once the type is settled.
+    assert_eq!(
+        detail("shipping"),
+        "x-queue-version: the broker has 2, the topology wants none; \
+         x-queue-type: the broker has classic, the topology wants quorum"
+    );
+    assert_eq!(
+        detail("shipping.retry.1"),
+        "x-overflow: the broker has none, the topology wants reject-publish; \
+         x-queue-version: the broker has 2, the topology wants none; \
+         x-queue-type: the broker has classic, the topology wants quorum"
+    );
+    assert_eq!(
+        detail("billing"),
+        "x-queue-type: the broker has quorum, the topology wants classic"
+    );
+    assert_eq!(
+        detail("billing.retry.1"),
+        "x-dead-letter-strategy: the broker has at-least-once, the topology wants none; \
+         x-overflow: the broker has reject-publish, the topology wants none; \
+         x-queue-type: the broker has quorum, the topology wants classic"
+    );
+    let err = apply(&conn, &changed_plan).await.unwrap_err();
+    assert!(matches!(&err, TopologyError::Mismatch { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("x-queue-type: the broker has classic, the topology wants quorum"),
+        "{err}"
+    );
+    assert_eq!(
+        broker_queues(&p),
+        before,
+        "nothing changed, created or deleted"
+    );
 }
