@@ -258,7 +258,15 @@ async fn every_difference(conn: &Connection, q: &PlannedQueue, text: String) -> 
             (a, Current::None) if a.starts_with("x-") => {
                 args.remove(a);
             }
-            (a, Current::Value(v, Some(kind))) if a.starts_with("x-") => {
+            (a, Current::Value(v, kind)) if a.starts_with("x-") => {
+                // Without a type in the text, the value is of the type sent.
+                let kind = kind.unwrap_or_else(|| {
+                    match args.get(a) {
+                        Some(AMQPValue::LongLongInt(_)) => "long",
+                        _ => "longstr",
+                    }
+                    .to_owned()
+                });
                 let Some(value) = amqp_value(&v, &kind) else {
                     break;
                 };

@@ -430,11 +430,12 @@ async fn a_changed_queue_type_is_named_with_every_argument_that_differs() {
     apply(&conn, &plan).await.unwrap();
     let before = broker_queues(&p);
 
-    // shipping: classic to quorum; billing: quorum to classic.
+    // shipping: classic to quorum, and its tier from 500ms to 700ms (the
+    // broker's text for a TTL gives no type); billing: quorum to classic.
     let changed = FILE
         .replace(
             "queue_type = \"classic\"\nretry = [\"500ms\"]",
-            "retry = [\"500ms\"]\ndelivery_limit = 3",
+            "retry = [\"700ms\"]\ndelivery_limit = 3",
         )
         .replace(
             "retry = [\"1s\", \"10s\"]\ndelivery_limit = 5",
@@ -453,8 +454,8 @@ async fn a_changed_queue_type_is_named_with_every_argument_that_differs() {
             other => panic!("{name}: expected a difference, got {other:?}"),
         }
     };
-    // The broker's own equivalence check decides: it does not compare
-    // x-delivery-limit once the type is settled.
+    // The broker's own equivalence check decides what it compares: a
+    // classic queue's x-delivery-limit, say, is not.
     assert_eq!(
         detail("shipping"),
         "x-queue-version: the broker has 2, the topology wants none; \
@@ -462,13 +463,15 @@ async fn a_changed_queue_type_is_named_with_every_argument_that_differs() {
     );
     assert_eq!(
         detail("shipping.retry.1"),
-        "x-overflow: the broker has none, the topology wants reject-publish; \
+        "x-message-ttl: the broker has 500, the topology wants 700; \
+         x-overflow: the broker has none, the topology wants reject-publish; \
          x-queue-version: the broker has 2, the topology wants none; \
          x-queue-type: the broker has classic, the topology wants quorum"
     );
     assert_eq!(
         detail("billing"),
-        "x-queue-type: the broker has quorum, the topology wants classic"
+        "x-queue-type: the broker has quorum, the topology wants classic; \
+         x-delivery-limit: the broker has 5, the topology wants none"
     );
     assert_eq!(
         detail("billing.retry.1"),
