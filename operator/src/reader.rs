@@ -21,8 +21,9 @@
 //!   quorum queue, a TTL) is refused with [`OperatorError::NotADeadQueue`]
 //!   rather than read.
 //! - Every broker call has a timeout; a queue that yields fewer messages
-//!   than it counted (another reader holds some) ends the scan after
-//!   [`ReadOptions::idle_timeout`].
+//!   than it counted (another reader took some, or they expired) ends the
+//!   scan after [`ReadOptions::idle_timeout`], and [`Coverage::stalled`]
+//!   says so.
 //! - A read that the broker ends before the scan read what it counted (it
 //!   cancels the consumer when the queue is deleted; a closed channel or
 //!   connection ends it too) is an error, [`OperatorError::ReadCut`], never
@@ -36,7 +37,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, Queu
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use serde::Serialize;
-use tracing::{debug, warn};
+use tracing::debug;
 use warren_topology::{dead_queue, explain_precondition, planned_dead_queue};
 
 use crate::error::{timed, OperatorError};
@@ -113,6 +114,14 @@ pub struct Coverage {
     /// as their own `consumers`).
     #[serde(skip)]
     pub consumers: u32,
+    /// Whether the queue stopped giving messages before the scan read what
+    /// it counted: no delivery came for [`ReadOptions::idle_timeout`].
+    /// Another reader took the others (it started after the count), or they
+    /// expired (a message published into the queue with an `expiration`).
+    /// What was read is reported; the rest was not seen. In the JSON only
+    /// when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stalled: bool,
 }
 
 impl Coverage {
@@ -212,6 +221,7 @@ pub(crate) struct Scan {
     consumers: u32,
     target: usize,
     seen: usize,
+    stalled: bool,
     opts: ReadOptions,
 }
 
@@ -265,6 +275,7 @@ impl Scan {
             consumers,
             target,
             seen: 0,
+            stalled: false,
             opts: opts.clone(),
         })
     }
@@ -279,9 +290,11 @@ impl Scan {
         };
         let delivery = match tokio::time::timeout(self.opts.idle_timeout, consumer.next()).await {
             Err(_) => {
-                warn!(queue = %self.queue, expected = self.target, read = self.seen,
-                    "the queue gave fewer messages than it counted (another reader may hold some); ending the scan");
+                // Callers report it from the coverage (`stalled`).
+                debug!(queue = %self.queue, expected = self.target, read = self.seen,
+                    "the queue gave fewer messages than it counted; ending the scan");
                 self.target = self.seen;
+                self.stalled = true;
                 return Ok(None);
             }
             // lapin ends the stream when the broker cancels the consumer
@@ -360,6 +373,7 @@ impl Scan {
             scan_limit_reached: (self.seen as u64) < self.total
                 && self.seen >= self.opts.scan_limit.clamp(1, MAX_SCAN_LIMIT),
             consumers: self.consumers,
+            stalled: self.stalled,
         }
     }
 

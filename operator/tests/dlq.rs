@@ -53,6 +53,7 @@ async fn fifty_reads_change_nothing_count_order_bodies_properties_headers() {
                     total: 31,
                     scan_limit_reached: false,
                     consumers: 0,
+                    stalled: false,
                 }
             );
             let ids: Vec<&str> = l.messages.iter().map(|m| m.info.id.as_str()).collect();
@@ -1826,4 +1827,69 @@ async fn a_purge_whose_queue_is_deleted_midway_says_it_deleted_nothing_and_what_
     );
     let in_archive: Vec<&str> = archived.messages().iter().map(|m| m.id.as_str()).collect();
     assert_eq!(in_archive, ids[..read]);
+}
+
+/// A queue that gives fewer messages than it counted (here two expired
+/// behind three live ones: a classic queue drops an expired message only
+/// when it reaches the head, so the count still has them) ends the scan
+/// after the idle timeout, and the coverage says so: `stalled`, what was
+/// read, and of how many.
+#[tokio::test]
+async fn a_queue_that_gives_fewer_messages_than_it_counted_is_a_stalled_scan() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    for i in 0..3 {
+        let body = format!("{{\"order\":{i}}}");
+        dead_letter(
+            &env.conn,
+            &env.billing,
+            &format!("m{i}"),
+            "permanent",
+            "no",
+            body.as_bytes(),
+            &env.orders,
+        )
+        .await;
+    }
+    for i in 0..2 {
+        let p = props(&format!("x{i}"), FieldTable::default()).with_expiration("50".into());
+        publish(&env.conn, DEAD_LETTER_EXCHANGE, &env.billing, b"{}", p).await;
+    }
+    wait_count(&env.conn, &dq, 5).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let opts = op::ReadOptions::default().idle_timeout(std::time::Duration::from_secs(1));
+    let l = op::list(&env.conn, &env.billing, &opts).await.unwrap();
+    let ids: Vec<&str> = l.messages.iter().map(|m| m.info.id.as_str()).collect();
+    assert_eq!(ids, ["m0", "m1", "m2"]);
+    assert_eq!(
+        l.coverage,
+        op::Coverage {
+            scanned: 3,
+            total: 5,
+            scan_limit_reached: false,
+            consumers: 0,
+            stalled: true
+        }
+    );
+    let json = serde_json::to_value(l.coverage).unwrap();
+    assert_eq!(json["stalled"], true, "{json}");
+
+    // A scan that reads all it counted is not stalled, and its JSON has no
+    // `stalled` (the three live ones were put back; the expired ones are gone).
+    let l = op::list(&env.conn, &env.billing, &opts).await.unwrap();
+    assert_eq!(
+        l.coverage,
+        op::Coverage {
+            scanned: 3,
+            total: 3,
+            scan_limit_reached: false,
+            consumers: 0,
+            stalled: false
+        }
+    );
+    assert_eq!(
+        serde_json::to_value(l.coverage).unwrap().get("stalled"),
+        None
+    );
 }

@@ -450,10 +450,14 @@ fn cut(s: &str, n: usize) -> String {
 }
 
 /// Warns when the scan limit, not the selection, left part of the queue
-/// unread.
+/// unread, or the queue stopped giving messages before the scan read what
+/// it counted.
 fn warn_partial(c: &op::Coverage, queue: &str) {
     if c.scan_limit_reached {
         eprintln!("warning: {queue}: {c} (raise --scan-limit to read more)");
+    }
+    if c.stalled {
+        eprintln!("warning: {queue}: {c}: the queue gave no more messages, so the others were not seen (another reader that started after the count holds them, or they expired); run the command again to read those back in the queue");
     }
 }
 
@@ -1231,6 +1235,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
                     coverage,
                     purged: 0,
                     ids: Vec::new(),
+                    unconfirmed: Vec::new(),
                     error: Some(e.to_string()),
                 });
                 None
@@ -1241,6 +1246,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
                 if !c.status().connected() {
                     *e = format!("the connection to the broker was lost ({e})");
                 }
+                e.push_str(&unconfirmed_text(&r.unconfirmed, &r.group));
             }
             let mut rec = op::AuditRecord::now("purge", &user, &host, &r.group, &selection);
             rec.count = r.purged;
@@ -1255,7 +1261,10 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", with_not_found(&reports, not_found.as_ref())?);
     } else {
         for r in &reports {
-            outln!("{}: {} purged", r.group, r.purged);
+            match r.unconfirmed.len() {
+                0 => outln!("{}: {} purged", r.group, r.purged),
+                n => outln!("{}: {} purged ({n} acked, unconfirmed)", r.group, r.purged),
+            }
         }
         if let Some(w) = &archive {
             outln!(
@@ -1276,6 +1285,23 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if failed { ExitCode::from(1) } else { code })
+}
+
+/// What a purge's error adds about the dead letters it acked without the
+/// broker confirming it (`ids`, in the order they were acked); nothing
+/// when there are none.
+fn unconfirmed_text(ids: &[String], group: &str) -> String {
+    let queue = warren_topology::dead_queue(group);
+    match ids {
+        [] => String::new(),
+        [id] => format!(
+            "; the broker did not confirm the ack of 1 dead letter ({id:?}): it was deleted or is back in {queue:?}"
+        ),
+        [first, .., last] => format!(
+            "; the broker did not confirm the acks of {} dead letters ({first:?} to {last:?}): each of them was deleted or is back in {queue:?}",
+            ids.len()
+        ),
+    }
 }
 
 /// Removes the archive of a purge that deleted nothing (declined, or
@@ -1303,6 +1329,7 @@ async fn abort_all(pending: Vec<op::PendingPurge>) -> anyhow::Result<Vec<op::Pur
             coverage: p.coverage(),
             purged: 0,
             ids: Vec::new(),
+            unconfirmed: Vec::new(),
             error: None,
         });
         p.abort().await?;
