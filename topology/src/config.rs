@@ -235,7 +235,9 @@ impl Topology {
         };
         let raw: RawFile = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
-            at(span, &field_of(text, e.span()), first_line(e.message()))
+            let field = field_of(text, e.span());
+            let message = allowed(&field, first_line(e.message()));
+            at(span, &field, message)
         })?;
 
         let mut exchanges = Vec::new();
@@ -644,6 +646,33 @@ fn check_name(name: &Spanned<String>, _field: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A type error of the file in its own words: serde says what Rust type it
+/// wanted ("expected u16"), which is not what a file may hold.
+fn allowed(field: &str, message: String) -> String {
+    if let Some(head) = message.strip_suffix("expected u16") {
+        // prefetch and concurrency; 0 is refused on its own, with why.
+        return format!("{head}expected a whole number from 1 to 65535");
+    }
+    if let Some(head) = message.strip_suffix("expected u32") {
+        // delivery_limit.
+        return format!("{head}expected a whole number from 1 to 4294967295");
+    }
+    if let Some(head) = message.strip_suffix("expected a sequence") {
+        return match field {
+            "[exchange]" | "[group]" => {
+                let table = field.trim_matches(['[', ']']);
+                format!("{message}: write [[{table}]], with double brackets, before each {table}")
+            }
+            "group.bindings" => {
+                format!("{head}expected a list, such as [\"order.created\", \"order.paid\"]")
+            }
+            "group.retry" => format!("{head}expected a list, such as [\"1s\", \"10s\", \"1m\"]"),
+            _ => message,
+        };
+    }
+    message
+}
+
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or_default().trim().to_owned()
 }
@@ -674,6 +703,11 @@ fn field_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
         .unwrap_or_default();
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or_default();
+    let header = line.trim();
+    if header.starts_with('[') && header.ends_with(']') && !header.contains(['"', ',', '=']) {
+        // The error is about a table header itself ("[group]", "[group.x]").
+        return header.to_owned();
+    }
     let key = line.split('=').next().unwrap_or_default().trim();
     match (table.is_empty(), key.is_empty() || key.starts_with('[')) {
         (true, _) => key.to_owned(),

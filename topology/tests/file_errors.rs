@@ -295,3 +295,57 @@ fn the_demo_topology_is_valid() {
     assert_eq!(t.groups.len(), 2);
     assert!(t.lints().is_empty(), "{:?}", t.lints());
 }
+
+/// Numbers out of range or of another type say the range allowed, in the
+/// file's words ("expected u16" is Rust's); a single `[exchange]` table
+/// and a key for a list given one string say how to write them; an error
+/// about a table header names that header (`[group]` after an
+/// `[[exchange]]` was named "exchange", `[group.extra]` "group.").
+#[test]
+fn type_errors_say_what_is_allowed() {
+    let cases = [
+        (
+            group("prefetch = 70000\n"),
+            "warren.toml:9:12: group.prefetch: invalid value: integer `70000`, expected a whole number from 1 to 65535",
+        ),
+        (
+            group("prefetch = -1\n"),
+            "warren.toml:9:12: group.prefetch: invalid value: integer `-1`, expected a whole number from 1 to 65535",
+        ),
+        (
+            group("prefetch = \"32\"\n"),
+            "warren.toml:9:12: group.prefetch: invalid type: string \"32\", expected a whole number from 1 to 65535",
+        ),
+        (
+            group("concurrency = 1.5\n"),
+            "warren.toml:9:15: group.concurrency: invalid type: floating point `1.5`, expected a whole number from 1 to 65535",
+        ),
+        (
+            group("delivery_limit = 5000000000\n"),
+            "warren.toml:9:18: group.delivery_limit: invalid value: integer `5000000000`, expected a whole number from 1 to 4294967295",
+        ),
+        (
+            "[exchange]\nname = \"orders\"\nkind = \"topic\"\n".to_owned(),
+            "warren.toml:1:1: [exchange]: invalid type: map, expected a sequence: write [[exchange]], with double brackets, before each exchange",
+        ),
+        (
+            format!("{EXCHANGE}[group]\nname = \"billing\"\nexchange = \"orders\"\n"),
+            "warren.toml:5:1: [group]: invalid type: map, expected a sequence: write [[group]], with double brackets, before each group",
+        ),
+        (
+            format!("{EXCHANGE}[[group]]\nname = \"billing\"\nexchange = \"orders\"\nbindings = \"order.created\"\n"),
+            "warren.toml:8:12: group.bindings: invalid type: string \"order.created\", expected a list, such as [\"order.created\", \"order.paid\"]",
+        ),
+        (
+            group("[group.extra]\nx = 1\n"),
+            "warren.toml:9:8: [group.extra]: unknown field `extra`, expected one of `name`, `exchange`, `bindings`, `queue_type`, `retry`, `prefetch`, `concurrency`, `handler_timeout`, `delivery_limit`",
+        ),
+        (
+            group("retry = \"1s\"\n"),
+            "warren.toml:9:9: group.retry: invalid type: string \"1s\", expected a list, such as [\"1s\", \"10s\", \"1m\"]",
+        ),
+    ];
+    for (file, want) in cases {
+        assert_eq!(err(&file), want, "{file}");
+    }
+}
