@@ -403,13 +403,24 @@ async fn run(
                 }
             }
             if let Some(rate) = opts.rate.filter(|r| *r > 0.0) {
-                let due = started
-                    + Duration::from_secs_f64(report.selected.saturating_sub(1) as f64 / rate);
+                // A rate so low that the message is due past what a clock
+                // can hold (`1e-300`) waits for the stop.
+                let due = Duration::try_from_secs_f64(
+                    report.selected.saturating_sub(1) as f64 / rate,
+                )
+                .ok()
+                .and_then(|d| started.checked_add(d));
+                let wait = async {
+                    match due {
+                        Some(due) => tokio::time::sleep_until(due.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 // A slow rate can wait for seconds: a stop must not wait with it,
                 // nor send this message afterwards. Not published, it is not
                 // taken: it goes back with the rest, in its place.
                 tokio::select! {
-                    () = tokio::time::sleep_until(due.into()) => {}
+                    () = wait => {}
                     () = cancel.cancelled() => {
                         acks.keep(tag);
                         report.selected -= 1;

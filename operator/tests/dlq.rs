@@ -1893,3 +1893,58 @@ async fn a_queue_that_gives_fewer_messages_than_it_counted_is_a_stalled_scan() {
         None
     );
 }
+
+/// A replay rate so low that the second copy is due past what a clock holds
+/// (`1e-300` a second) sends the first copy, then waits for the stop, which
+/// puts the second dead letter back in its place. It used to panic building
+/// that moment (`Duration::from_secs_f64`).
+#[tokio::test]
+async fn a_replay_rate_too_low_for_a_clock_waits_for_the_stop() {
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    for i in 0..2 {
+        dead_letter(
+            &env.conn,
+            &env.billing,
+            &format!("r{i}"),
+            "permanent",
+            "no",
+            b"{}",
+            &env.orders,
+        )
+        .await;
+    }
+    wait_count(&env.conn, &dq, 2).await;
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        stop.cancel();
+    });
+    let opts = op::ReplayOptions {
+        rate: Some(1e-300),
+        read: quick(),
+        ..Default::default()
+    };
+    let sel = op::Selection {
+        all: true,
+        ..Default::default()
+    };
+    let r = op::replay(
+        &env.conn,
+        &env.billing,
+        &sel,
+        &opts,
+        &op::Metrics::unregistered(),
+        &no_progress,
+        &cancel,
+    )
+    .await
+    .unwrap();
+    stopper.await.unwrap();
+    assert_eq!((r.selected, r.replayed), (1, 1));
+    assert!(r.stopped_early);
+    wait_count(&env.conn, &dq, 1).await;
+    assert_eq!(take_ids(&env.conn, &dq).await, ["r1"]);
+    assert_eq!(take_ids(&env.conn, &env.billing).await, ["r0"]);
+}
