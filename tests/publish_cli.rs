@@ -1228,3 +1228,33 @@ async fn a_body_over_the_brokers_max_message_size_names_the_flag() {
     assert!(!text.contains("PublisherConfig"), "{text}");
     assert_eq!(count(&conn, &topo.q("g")).await, 1, "the small one went");
 }
+
+/// Reading messages from a terminal says what it waits for (one JSON
+/// document per line, Ctrl-D to end) instead of waiting in silence; a pipe
+/// gets no such line.
+#[test]
+fn publish_reading_a_terminal_says_what_it_waits_for() {
+    const HINT: &str =
+        "reading messages from the terminal, one JSON document per line; end with Ctrl-D";
+    // `script` (util-linux) runs the command on a terminal of its own; its
+    // own stdin, empty, ends the input.
+    let cmd = format!(
+        "{} publish --exchange '' --routing-key h12-nowhere",
+        env!("CARGO_BIN_EXE_warren")
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("WARREN_TOPOLOGY")
+        .env_remove("RUST_LOG")
+        .env("WARREN_AMQP_URL", URL)
+        .stdin(Stdio::null())
+        .output_within(CLI_LIMIT);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(HINT), "{text}");
+    assert!(text.contains("nothing to publish"), "{text}");
+    assert_eq!(out.status.code(), Some(2), "{text}");
+
+    let (code, stderr) = publish_stdin(&["--exchange", "", "--routing-key", "h12-nowhere"], b"");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains(HINT), "{stderr}");
+}

@@ -594,7 +594,14 @@ fn read_input(args: &PublishArgs) -> anyhow::Result<Input> {
                 regular.then_some(p),
             )
         }
-        _ => ("stdin".to_owned(), Box::new(std::io::stdin().lock()), None),
+        _ => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                // Reading a terminal waits for the user: say what for.
+                eprintln!("reading messages from the terminal, one JSON document per line; end with Ctrl-D (or give --body or --file)");
+            }
+            ("stdin".to_owned(), Box::new(stdin.lock()), None)
+        }
     };
     let mut lines =
         checked_lines(reader, name.clone(), limit).map(|l| l.map_err(BadLine::before_sending));
