@@ -121,6 +121,16 @@ impl Drop for Running {
 
 /// Publishes `n` dead letters with ids `{tag}-{i}` to `warren.dlx`, confirmed.
 async fn dead_letters(conn: &Connection, group: &str, tag: &str, n: usize) {
+    padded_dead_letters(conn, group, tag, n, 0).await;
+}
+
+/// [`dead_letters`] whose bodies hold `pad` more bytes (none: `{"i":N}`).
+async fn padded_dead_letters(conn: &Connection, group: &str, tag: &str, n: usize, pad: usize) {
+    let padding = if pad == 0 {
+        String::new()
+    } else {
+        format!(",\"pad\":\"{}\"", "x".repeat(pad))
+    };
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -146,7 +156,7 @@ async fn dead_letters(conn: &Connection, group: &str, tag: &str, n: usize) {
                 DEAD_LETTER_EXCHANGE.into(),
                 group.into(),
                 BasicPublishOptions::default(),
-                format!("{{\"i\":{i}}}").as_bytes(),
+                format!("{{\"i\":{i}{padding}}}").as_bytes(),
                 p,
             )
             .await
@@ -569,7 +579,9 @@ fn on_a_terminal_then(
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Each phase may take long on a loaded machine (a debug build, the
+    // broker's CLI in `meanwhile`): a deadline that only a hang reaches.
+    let deadline = Instant::now() + CLI_LIMIT;
     let mut shown = Vec::new();
     while !text(&shown).contains(prompt) {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -587,6 +599,7 @@ fn on_a_terminal_then(
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(format!("{answer}\n").as_bytes()).unwrap();
     drop(stdin);
+    let deadline = Instant::now() + CLI_LIMIT;
     loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(chunk) => shown.extend(chunk),
@@ -2465,6 +2478,320 @@ fn close_connections_of(user: &str) {
     }
 }
 
+/// A TCP proxy between `warren` and the broker that reads the AMQP frames
+/// going each way, so that a test can wait for what the client sent (its
+/// acks, its `connection.close-ok`) instead of guessing how long it takes,
+/// and can hold what the broker sends (from a frame it chooses) until it
+/// releases it. What the broker has sent and the proxy holds is, for the
+/// broker, delivered; for the client, not yet received.
+struct Proxy {
+    port: u16,
+    shared: Arc<ProxyShared>,
+}
+
+#[derive(Default)]
+struct ProxyShared {
+    state: Mutex<ProxyState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// The methods (class id, method id) the client sent, in order.
+    from_client: Vec<(u16, u16)>,
+    /// The methods the broker sent (forwarded or not), in order.
+    from_broker: Vec<(u16, u16)>,
+    /// Frames from the broker are held from the first one this returns
+    /// true for, until [`ProxyShared::release`].
+    hold: Option<HoldWhen>,
+    /// Whether the broker's frames are held now.
+    holding: bool,
+    /// Set when the proxy is dropped: nothing is held any more.
+    closed: bool,
+    /// Whether the client closed its end of the connection.
+    client_closed: bool,
+}
+
+/// Says from which of the broker's frames on the proxy holds them.
+type HoldWhen = Box<dyn FnMut(&ProxyFrame) -> bool + Send>;
+
+/// One AMQP frame as it went through the proxy.
+struct ProxyFrame {
+    kind: u8,
+    payload: Vec<u8>,
+}
+
+impl ProxyFrame {
+    /// Reads one frame (header, payload, frame end) into `raw` too.
+    fn read(from: &mut impl std::io::Read, raw: &mut Vec<u8>) -> std::io::Result<ProxyFrame> {
+        let mut header = [0u8; 7];
+        from.read_exact(&mut header)?;
+        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
+        let mut rest = vec![0u8; size + 1];
+        from.read_exact(&mut rest)?;
+        if rest[size] != 0xCE {
+            return Err(std::io::Error::other("no AMQP frame end"));
+        }
+        raw.clear();
+        raw.extend_from_slice(&header);
+        raw.extend_from_slice(&rest);
+        rest.truncate(size);
+        Ok(ProxyFrame {
+            kind: header[0],
+            payload: rest,
+        })
+    }
+
+    /// (class id, method id) of a method frame.
+    fn method(&self) -> Option<(u16, u16)> {
+        let p = &self.payload;
+        (self.kind == 1 && p.len() >= 4).then(|| {
+            (
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]]),
+            )
+        })
+    }
+
+    /// The routing key of a `basic.deliver`.
+    fn delivered_with_key(&self) -> Option<String> {
+        if self.method() != Some(BASIC_DELIVER) {
+            return None;
+        }
+        let p = &self.payload[4..];
+        let short = |at: usize| -> Option<(String, usize)> {
+            let n = *p.get(at)? as usize;
+            let s = p.get(at + 1..at + 1 + n)?;
+            Some((String::from_utf8_lossy(s).into_owned(), at + 1 + n))
+        };
+        let (_consumer_tag, at) = short(0)?;
+        // delivery tag (8 bytes), redelivered (1 byte)
+        let (_exchange, at) = short(at + 9)?;
+        Some(short(at)?.0)
+    }
+}
+
+const BASIC_DELIVER: (u16, u16) = (60, 60);
+const BASIC_ACK: (u16, u16) = (60, 80);
+const CHANNEL_CLOSE: (u16, u16) = (20, 40);
+const CONNECTION_CLOSE_OK: (u16, u16) = (10, 51);
+
+impl Proxy {
+    /// Listens on a free local port; forwards each connection to the broker.
+    fn start() -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(ProxyShared::default());
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if lock(&s.state).closed {
+                    break;
+                }
+                let Ok(client) = client else { break };
+                let Ok(broker) = connect_to_broker() else {
+                    continue;
+                };
+                let (c2, b2) = (client.try_clone().unwrap(), broker.try_clone().unwrap());
+                let s1 = s.clone();
+                std::thread::spawn(move || proxy_client_to_broker(client, broker, &s1));
+                let s2 = s.clone();
+                std::thread::spawn(move || proxy_broker_to_client(b2, c2, &s2));
+            }
+        });
+        Proxy { port, shared }
+    }
+
+    /// `url` (the broker's) with the proxy's port.
+    fn url(&self, url: &str) -> String {
+        assert!(url.contains("@127.0.0.1:5672"), "{url}");
+        url.replace("@127.0.0.1:5672", &format!("@127.0.0.1:{}", self.port))
+    }
+
+    /// What another thread needs to wait and release.
+    fn handle(&self) -> Arc<ProxyShared> {
+        self.shared.clone()
+    }
+}
+
+impl std::ops::Deref for Proxy {
+    type Target = ProxyShared;
+    fn deref(&self) -> &ProxyShared {
+        &self.shared
+    }
+}
+
+impl Drop for Proxy {
+    // Nothing stays held; the listener stops (woken by a connection).
+    fn drop(&mut self) {
+        {
+            let mut st = lock(&self.shared.state);
+            st.closed = true;
+            st.hold = None;
+            st.holding = false;
+        }
+        self.shared.changed.notify_all();
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+impl ProxyShared {
+    /// Holds the broker's frames from the first one `when` returns true for.
+    fn hold_when(&self, when: impl FnMut(&ProxyFrame) -> bool + Send + 'static) {
+        lock(&self.state).hold = Some(Box::new(when));
+    }
+
+    /// Waits until the broker's frames are held (a minute at most).
+    fn wait_holding(&self) {
+        let st = lock(&self.state);
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, Duration::from_secs(60), |st| !st.holding)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let holding = st.holding;
+        drop(st);
+        assert!(holding, "the proxy held nothing within a minute");
+    }
+
+    /// Forwards what was held, and the rest as it comes.
+    fn release(&self) {
+        {
+            let mut st = lock(&self.state);
+            st.hold = None;
+            st.holding = false;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until `cond` holds for the methods the client sent and
+    /// whether it closed its end of the connection (a minute at most).
+    fn wait_client(&self, what: &str, cond: impl Fn(&[(u16, u16)], bool) -> bool) {
+        let st = lock(&self.state);
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, Duration::from_secs(60), |st| {
+                !cond(&st.from_client, st.client_closed)
+            })
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (sent, got, closed) = (
+            st.from_client.clone(),
+            st.from_broker.clone(),
+            st.client_closed,
+        );
+        drop(st);
+        assert!(
+            cond(&sent, closed),
+            "the client did not {what} within a minute: it sent {sent:?} (and closed the \
+             connection: {closed}); the broker sent {got:?}"
+        );
+    }
+}
+
+/// `m` locked, also after a thread panicked holding it (a failed test's
+/// proxy must still release what it holds and stop).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether `sent` holds `first` and, after it, `then`, in that order
+/// (`n` of `first` before the first `then` that follows them).
+fn sent_in_order(sent: &[(u16, u16)], first: (u16, u16), n: usize, then: (u16, u16)) -> bool {
+    let mut seen = 0;
+    for m in sent {
+        if *m == first {
+            seen += 1;
+        } else if *m == then && seen >= n {
+            return true;
+        }
+    }
+    false
+}
+
+/// A connection to the broker with a small receive buffer (64 KiB; set,
+/// so the kernel does not grow it): what the broker can send beyond what
+/// the proxy forwarded is bounded by it and the broker's own send buffer
+/// (at most `net.ipv4.tcp_wmem`'s 4 MiB by default).
+fn connect_to_broker() -> std::io::Result<std::net::TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(64 * 1024)?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 5672));
+        socket.connect(addr).await?.into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Forwards the client's bytes to the broker, noting each method, until
+/// the client closes its end; then closes the broker's. When the broker is
+/// gone it keeps reading (and noting) what the client sends, as a client
+/// does not know yet that no one reads it.
+fn proxy_client_to_broker(
+    client: std::net::TcpStream,
+    mut broker: std::net::TcpStream,
+    shared: &ProxyShared,
+) {
+    use std::io::{Read, Write};
+    let mut from = std::io::BufReader::new(client);
+    let mut protocol_header = [0u8; 8];
+    let mut raw = Vec::new();
+    let mut forward =
+        from.read_exact(&mut protocol_header).is_ok() && broker.write_all(&protocol_header).is_ok();
+    while let Ok(frame) = ProxyFrame::read(&mut from, &mut raw) {
+        if let Some(m) = frame.method() {
+            lock(&shared.state).from_client.push(m);
+            shared.changed.notify_all();
+        }
+        forward = forward && broker.write_all(&raw).is_ok();
+    }
+    lock(&shared.state).client_closed = true;
+    shared.changed.notify_all();
+    let _ = broker.shutdown(std::net::Shutdown::Write);
+}
+
+/// Forwards the broker's frames to the client, noting each method and
+/// holding them as [`ProxyShared::hold_when`] says, until the broker closes
+/// its end; then closes the client's (its reading side: the client may
+/// still answer, as it would to a broker that closed the connection).
+fn proxy_broker_to_client(
+    broker: std::net::TcpStream,
+    mut client: std::net::TcpStream,
+    shared: &ProxyShared,
+) {
+    use std::io::Write;
+    let mut raw = Vec::new();
+    let mut from = std::io::BufReader::new(broker);
+    while let Ok(frame) = ProxyFrame::read(&mut from, &mut raw) {
+        {
+            let mut st = lock(&shared.state);
+            if let Some(m) = frame.method() {
+                st.from_broker.push(m);
+            }
+            if !st.holding && !st.closed {
+                if let Some(hold) = st.hold.as_mut() {
+                    if hold(&frame) {
+                        st.holding = true;
+                        shared.changed.notify_all();
+                    }
+                }
+            }
+            while st.holding && !st.closed {
+                st = shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
+        if client.write_all(&raw).is_err() {
+            break;
+        }
+    }
+    let _ = client.shutdown(std::net::Shutdown::Write);
+}
+
 /// A replay whose connection is lost partway (closed on the broker while
 /// it runs at 5 messages a second) exits 1 with its summary and writes its
 /// audit record: both name what was replayed before, and the error. What
@@ -2730,13 +3057,20 @@ async fn new_archive_export_and_audit_files_have_their_directory_fsynced_before_
 /// run exits 1 with its summary and the error, and the audit record says
 /// what it did (nothing) and why. (Before: a bare `error: acking ...`, no
 /// summary and no audit record.)
+///
+/// The `y` is typed once warren has answered the broker's
+/// `connection.close` (seen through a [`Proxy`]): `rabbitmqctl
+/// close_connection` returns once the broker has sent it, and a `y` typed
+/// before warren reads it sends acks that the broker drops (the test
+/// below).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_purge_whose_connection_is_lost_before_the_yes_says_so_in_its_summary_and_audit_record() {
     let conn = connect().await;
     let env = Env::new(&conn, "purgelost").await;
     dead_letters(&conn, &env.group, "q", 3).await;
     let user = warren_testkit::TempUser::create();
-    let url = user.url();
+    let proxy = Proxy::start();
+    let url = proxy.url(user.url().expose());
     let dir = std::env::temp_dir().join(format!("warren-purgelost-{}", env.group));
     std::fs::create_dir_all(&dir).unwrap();
     let audit = dir.join("audit.jsonl");
@@ -2744,7 +3078,7 @@ async fn a_purge_whose_connection_is_lost_before_the_yes_says_so_in_its_summary_
     let g = env.group.as_str();
     let args = [
         "--amqp-url",
-        url.expose(),
+        &url,
         "dlq",
         "purge",
         "--group",
@@ -2753,10 +3087,19 @@ async fn a_purge_whose_connection_is_lost_before_the_yes_says_so_in_its_summary_
         "--audit-log",
         audit.to_str().unwrap(),
     ];
-    let (shown, code) =
-        on_a_terminal_then(&args, "[y/N] ", &|| close_connections_of(&user.name), "y");
+    let lost = || {
+        close_connections_of(&user.name);
+        // warren has taken in the broker's connection.close once it
+        // answers it, or closes its end of the connection (the broker
+        // closes its own right after its connection.close, and lapin then
+        // closes without answering): an ack after that fails.
+        proxy.wait_client("answer the broker's connection.close", |sent, closed| {
+            closed || sent.contains(&CONNECTION_CLOSE_OK)
+        });
+    };
+    let (shown, code) = on_a_terminal_then(&args, "[y/N] ", &lost, "y");
     assert_eq!(code, Some(1), "{shown:?}");
-    assert!(shown.contains(&format!("{g}: 0 purged")), "{shown:?}");
+    assert!(shown.contains(&format!("{g}: 0 purged\r\n")), "{shown:?}");
     let said = shown
         .lines()
         .find(|l| l.starts_with("error: "))
@@ -2782,6 +3125,101 @@ async fn a_purge_whose_connection_is_lost_before_the_yes_says_so_in_its_summary_
     assert!(recorded.starts_with(&error), "{recorded}");
     assert!(said.contains(recorded), "{said}\n{recorded}");
     assert_eq!(take_ids(&conn, &env.dead(), 3).await, names("q", 0..3));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A purge whose connection the broker closes after the `y`, before warren
+/// learns of it: warren's 3 acks go out, and the broker, which has closed
+/// the connection, drops them (every dead letter is back in the queue).
+/// An ack gets no answer; the close of the scan channel does, after the
+/// acks, and it never comes. So 0 are purged, in the summary and the audit
+/// record, and the error names the 3 whose acks got no answer and says
+/// where they may be. (Before: "3 purged" and an audit record of 3 purged
+/// while the 3 were all still in the queue.)
+///
+/// The broker's `connection.close` is held by a [`Proxy`] until warren has
+/// sent its acks and its `channel.close`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_whose_acks_get_no_answer_does_not_count_them_as_purged() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "purgeunans").await;
+    dead_letters(&conn, &env.group, "u", 3).await;
+    let user = warren_testkit::TempUser::create();
+    let proxy = Proxy::start();
+    let url = proxy.url(user.url().expose());
+    let dir = std::env::temp_dir().join(format!("warren-purgeunans-{}", env.group));
+    std::fs::create_dir_all(&dir).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&audit);
+    let g = env.group.as_str();
+    let dq = env.dead();
+    let args = [
+        "--amqp-url",
+        &url,
+        "dlq",
+        "purge",
+        "--group",
+        g,
+        "--all",
+        "--audit-log",
+        audit.to_str().unwrap(),
+    ];
+    let releaser = Mutex::new(None);
+    let closed = || {
+        proxy.hold_when(|_| true);
+        close_connections_of(&user.name);
+        let p = proxy.handle();
+        *releaser.lock().unwrap() = Some(std::thread::spawn(move || {
+            let waited = std::panic::catch_unwind(|| {
+                p.wait_client("send 3 acks, then channel.close", |sent, _| {
+                    sent_in_order(sent, BASIC_ACK, 3, CHANNEL_CLOSE)
+                });
+            });
+            p.release();
+            waited
+        }));
+    };
+    let (shown, code) = on_a_terminal_then(&args, "[y/N] ", &closed, "y");
+    let waited = releaser.lock().unwrap().take().unwrap().join().unwrap();
+    if let Err(e) = waited {
+        std::panic::resume_unwind(e);
+    }
+    assert_eq!(code, Some(1), "{shown:?}");
+    assert!(
+        shown.contains(&format!("{g}: 0 purged (3 acked, unconfirmed)\r\n")),
+        "{shown:?}"
+    );
+    let said = shown
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error: {shown:?}"))
+        .trim_end();
+    let unanswered = format!(
+        "; the broker did not confirm the acks of 3 dead letters (\"u-0\" to \"u-2\"): each of \
+         them was deleted or is back in {dq:?}"
+    );
+    assert!(
+        said.starts_with(&format!(
+            "error: {g}: the purge stopped: the connection to the broker was lost ("
+        )),
+        "{said}"
+    );
+    assert!(
+        said.ends_with(&format!(
+            "{unanswered}; the dead letters it did not delete are still in {dq}"
+        )),
+        "{said}"
+    );
+    let lines = audit_lines(&audit);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["action"], "purge");
+    assert_eq!(lines[0]["count"], 0);
+    assert_eq!(lines[0]["ids"], serde_json::json!([]));
+    let recorded = lines[0]["error"].as_str().expect("the error in the record");
+    assert!(recorded.ends_with(&unanswered), "{recorded}");
+    assert!(said.contains(recorded), "{said}\n{recorded}");
+    // What the broker did: it deleted none.
+    assert_eq!(take_ids(&conn, &dq, 3).await, names("u", 0..3));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -2860,14 +3298,9 @@ impl TwoGroups {
     }
 }
 
-/// Lines in `path` (0 when it is not there yet).
-fn lines_in(path: &std::path::Path) -> usize {
-    std::fs::read(path).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
-}
-
 /// `warren dlq export FILE --remove` (every group of the topology: `a`
 /// with 3 dead letters, then `b` with 10 000) while `b`'s dead-letter
-/// queue is deleted as soon as its first lines reach the file: exit 1,
+/// queue is deleted after its first deliveries reached warren: exit 1,
 /// and the summary says that `a`'s 3 were exported and removed, and how
 /// many of `b`'s were written to the file (its lines, named) and that none
 /// was removed; the error names the queue and says it was deleted. The
@@ -2876,10 +3309,23 @@ fn lines_in(path: &std::path::Path) -> usize {
 /// hundred read had been the whole queue; and an export that failed
 /// partway printed only its error, nothing of what it had written and
 /// removed.)
+///
+/// warren reads through a [`Proxy`] that holds the broker's frames from
+/// `b`'s 101st delivery on while the test deletes the queue: the broker
+/// can have sent no more of `b` than the socket buffers between them take
+/// (its send buffer, at most 4 MiB with Linux's default `tcp_wmem`, and
+/// the proxy's 64 KiB receive buffer), so with 20 MB of dead letters the
+/// read is cut partway however loaded the machine is. (Deleting the queue
+/// when `b`'s first lines reached the file raced with the read: under
+/// load warren had read 4 250 of the 10 000 by then, and could read them
+/// all.) The hold must end within the scan's idle timeout (5 s).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_export_that_stops_partway_says_what_each_group_wrote_and_removed() {
     use serde_json::json;
     const N: usize = 10_000;
+    // 10 000 bodies of 2 kB, 20 MB: far more than the broker's send
+    // buffer and the proxy's receive buffer hold.
+    const PAD: usize = 2_000;
     let conn = connect().await;
     let env = TwoGroups::new(&conn, "expcut").await;
     let (a_dead, b_dead) = (format!("{}.dead", env.a), format!("{}.dead", env.b));
@@ -2887,28 +3333,33 @@ async fn an_export_that_stops_partway_says_what_each_group_wrote_and_removed() {
     std::fs::create_dir_all(&dir).unwrap();
     for output in ["table", "json"] {
         dead_letters(&conn, &env.a, "a", 3).await;
-        dead_letters(&conn, &env.b, "b", N).await;
+        padded_dead_letters(&conn, &env.b, "b", N, PAD).await;
         settle(&conn, &b_dead, N).await;
         let file = dir.join(format!("export-{output}.jsonl"));
         let _ = std::fs::remove_file(&file);
         let f = file.to_str().unwrap();
+        let proxy = Proxy::start();
+        let (b, mut delivered) = (env.b.clone(), 0);
+        proxy.hold_when(move |frame| {
+            if frame.delivered_with_key().as_deref() == Some(b.as_str()) {
+                delivered += 1;
+            }
+            delivered > 100
+        });
         let child = Running::spawn(
             warren()
+                .env("WARREN_AMQP_URL", proxy.url(URL))
                 .args(["-f", env.file.path(), "--output", output])
                 .args(["dlq", "export", f, "--remove"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
         );
-        // `a`'s 3 lines are fsynced before `b` is read; more is `b`'s.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while lines_in(&file) <= 3 {
-            assert!(Instant::now() < deadline, "{output}: b's lines never came");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        tokio::task::block_in_place(|| proxy.wait_holding());
         let ch = conn.create_channel().await.unwrap();
         ch.queue_delete(b_dead.as_str().into(), Default::default())
             .await
             .unwrap();
+        proxy.release();
         let out = child.wait_within(CLI_LIMIT);
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
         assert_eq!(out.status.code(), Some(1), "{output}: {stdout}\n{stderr}");
@@ -2916,7 +3367,7 @@ async fn an_export_that_stops_partway_says_what_each_group_wrote_and_removed() {
         let k = written.len() - 3;
         assert!(
             k < N,
-            "{output}: all {N} read before the deletion: nothing to show"
+            "{output}: all {N} read before the deletion: the socket buffers took them all"
         );
         let mut want: Vec<String> = (0..3).map(|i| format!("a-{i}")).collect();
         want.extend((0..k).map(|i| format!("b-{i}")));

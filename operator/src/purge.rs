@@ -5,9 +5,12 @@
 //!
 //! [`prepare_purge`] reads the queue, holds the selected messages (unacked,
 //! so still in the queue) and writes each to the archive when one is given.
-//! [`PendingPurge::commit`] fsyncs the archive first, then acks (deletes).
-//! [`PendingPurge::abort`], or dropping the connection, puts everything back
-//! in order.
+//! [`PendingPurge::commit`] fsyncs the archive first, then acks (deletes),
+//! then closes the scan's channel: the broker answers the close only after
+//! it has handled every ack sent before it on that channel, so only then
+//! are the dead letters known to be deleted (an ack itself gets no
+//! answer). [`PendingPurge::abort`], or dropping the connection, puts
+//! everything back in order.
 //!
 //! An archive on standard output ([`ExportWriter::stdout`]) is refused by
 //! both steps ([`OperatorError::CopyNotStored`]): flushing a pipe says
@@ -49,10 +52,16 @@ pub struct PurgeReport {
     pub group: String,
     /// How much of the queue was read.
     pub coverage: Coverage,
-    /// Messages deleted.
+    /// Messages deleted: acked, and the broker confirmed it.
     pub purged: usize,
     /// Their ids.
     pub ids: Vec<String>,
+    /// The ids of messages acked when the connection was lost before the
+    /// broker confirmed the acks: each was either deleted or is back in
+    /// the queue, and which is not known. Empty unless the purge stopped
+    /// (`error`); not in the JSON when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed: Vec<String>,
     /// What stopped the purge before it deleted every message it held
     /// (see [`OperatorError::PurgeIncomplete`]); `None` when it did not stop.
     pub error: Option<String>,
@@ -136,12 +145,15 @@ impl PendingPurge {
     /// `archive` on standard output deletes nothing: every message goes back
     /// ([`OperatorError::CopyNotStored`]).
     ///
-    /// An ack that fails (a lost connection) stops the purge:
-    /// [`OperatorError::PurgeIncomplete`] holds the report of what was
-    /// deleted before it; the rest go back to the queue. An ack is not
-    /// answered by the broker: when the connection is lost, the last ones
-    /// sent may not have reached it, and those dead letters come back too
-    /// (they are in the archive as well: a duplicate, never a loss).
+    /// The acks are confirmed by the close of the scan's channel, which
+    /// the broker answers after it has handled them. When the connection
+    /// is lost first (an ack or the close fails), the purge stops:
+    /// [`OperatorError::PurgeIncomplete`] holds the report, in which none
+    /// is `purged` and those acked are `unconfirmed` (the broker may have
+    /// handled some before the loss, or none: a broker that closed the
+    /// connection drops what arrives after). Every dead letter not
+    /// deleted goes back to the queue; an archive holds every one acked,
+    /// so one that came back is there too (a duplicate, never a loss).
     pub async fn commit(
         self,
         archive: Option<&mut ExportWriter>,
@@ -162,25 +174,34 @@ impl PendingPurge {
             tags,
             mut ids,
         } = self;
-        let mut purged = 0;
+        let mut acked = 0;
         let mut failure = None;
         for tag in &tags {
             if let Err(e) = scan.ack(*tag).await {
                 failure = Some(e);
                 break;
             }
-            purged += 1;
+            acked += 1;
         }
         let coverage = scan.coverage();
-        if let Err(e) = scan.finish().await {
-            failure.get_or_insert(e);
-        }
+        // Sent is not handled: an ack written to a connection that the
+        // broker has closed (and warren does not know it yet) is dropped.
+        // The close's answer comes after the broker handled the acks.
+        let purged = match scan.finish().await {
+            Ok(_) => acked,
+            Err(e) => {
+                failure.get_or_insert(e);
+                0
+            }
+        };
+        let unconfirmed = ids[purged..acked].to_vec();
         ids.truncate(purged);
         let mut report = PurgeReport {
             group,
             coverage,
             purged,
             ids,
+            unconfirmed,
             error: None,
         };
         match failure {
@@ -189,7 +210,7 @@ impl PendingPurge {
                 Ok(report)
             }
             Some(source) => {
-                info!(group = %report.group, purged, selected = tags.len(), error = %source, "purge stopped partway");
+                info!(group = %report.group, purged, unconfirmed = report.unconfirmed.len(), selected = tags.len(), error = %source, "purge stopped partway");
                 report.error = Some(source.to_string());
                 Err(OperatorError::PurgeIncomplete {
                     report: Box::new(report),

@@ -1235,6 +1235,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
                     coverage,
                     purged: 0,
                     ids: Vec::new(),
+                    unconfirmed: Vec::new(),
                     error: Some(e.to_string()),
                 });
                 None
@@ -1245,6 +1246,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
                 if !c.status().connected() {
                     *e = format!("the connection to the broker was lost ({e})");
                 }
+                e.push_str(&unconfirmed_text(&r.unconfirmed, &r.group));
             }
             let mut rec = op::AuditRecord::now("purge", &user, &host, &r.group, &selection);
             rec.count = r.purged;
@@ -1259,7 +1261,10 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", with_not_found(&reports, not_found.as_ref())?);
     } else {
         for r in &reports {
-            outln!("{}: {} purged", r.group, r.purged);
+            match r.unconfirmed.len() {
+                0 => outln!("{}: {} purged", r.group, r.purged),
+                n => outln!("{}: {} purged ({n} acked, unconfirmed)", r.group, r.purged),
+            }
         }
         if let Some(w) = &archive {
             outln!(
@@ -1280,6 +1285,23 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if failed { ExitCode::from(1) } else { code })
+}
+
+/// What a purge's error adds about the dead letters it acked without the
+/// broker confirming it (`ids`, in the order they were acked); nothing
+/// when there are none.
+fn unconfirmed_text(ids: &[String], group: &str) -> String {
+    let queue = warren_topology::dead_queue(group);
+    match ids {
+        [] => String::new(),
+        [id] => format!(
+            "; the broker did not confirm the ack of 1 dead letter ({id:?}): it was deleted or is back in {queue:?}"
+        ),
+        [first, .., last] => format!(
+            "; the broker did not confirm the acks of {} dead letters ({first:?} to {last:?}): each of them was deleted or is back in {queue:?}",
+            ids.len()
+        ),
+    }
 }
 
 /// Removes the archive of a purge that deleted nothing (declined, or
@@ -1307,6 +1329,7 @@ async fn abort_all(pending: Vec<op::PendingPurge>) -> anyhow::Result<Vec<op::Pur
             coverage: p.coverage(),
             purged: 0,
             ids: Vec::new(),
+            unconfirmed: Vec::new(),
             error: None,
         });
         p.abort().await?;
