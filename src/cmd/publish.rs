@@ -192,6 +192,9 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     short_string("--exchange", "", &args.exchange)?;
     short_string("--routing-key", "", &args.routing_key)?;
     let properties = properties(&args.properties, &args.headers, url.login().as_deref())?;
+    for w in warren_header_warnings(&properties) {
+        eprintln!("warning: {w}");
+    }
     let input = read_input(&args)?;
     if input.messages() == 0 {
         return Err(UsageError("nothing to publish: the input has no message".into()).into());
@@ -964,6 +967,35 @@ fn properties(
     Ok(p)
 }
 
+/// What `--header` values of warren's own headers (`x-warren-*`) do to the
+/// message: a consumer group reads them as its bookkeeping, so setting one
+/// by hand is allowed (the header contract takes them on the way in) but
+/// rarely meant.
+fn warren_header_warnings(p: &BasicProperties) -> Vec<String> {
+    use warren_topology::headers;
+    let Some(table) = p.headers() else {
+        return Vec::new();
+    };
+    let mut names: Vec<&str> = table
+        .inner()
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.starts_with("x-warren-"))
+        .collect();
+    names.sort_unstable();
+    names
+        .into_iter()
+        .map(|k| {
+            let what = match k {
+                headers::ATTEMPTS => "a consumer group counts the message's failed attempts with it, so the message gets fewer retries (none once it reaches the group's last tier)",
+                headers::REPLAYS => "it counts how often an operator replayed the message",
+                _ => "a consumer group and `warren dlq` read it as the message's failure details",
+            };
+            format!("--header {k}: x-warren-* headers are warren's own: {what}")
+        })
+        .collect()
+}
+
 /// The largest `expiration` RabbitMQ accepts: ten years in milliseconds (a
 /// larger one closes the channel with `value_too_large`).
 const MAX_EXPIRATION_MS: u64 = 315_360_000_000;
@@ -1124,6 +1156,21 @@ mod tests {
     fn props(p: &[&str], h: &[&str]) -> Result<BasicProperties, String> {
         let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         properties(&own(p), &own(h), Some("guest")).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn warrens_own_headers_given_by_hand_are_warned_of() {
+        let p = props(
+            &[],
+            &["x-warren-attempts:=3", "tenant=a", "x-warren-error=boom"],
+        )
+        .unwrap();
+        let w = warren_header_warnings(&p);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("--header x-warren-attempts: x-warren-* headers are warren's own: a consumer group counts the message's failed attempts"), "{w:?}");
+        assert!(w[1].starts_with("--header x-warren-error: "), "{w:?}");
+        assert!(warren_header_warnings(&props(&[], &["tenant=a"]).unwrap()).is_empty());
+        assert!(warren_header_warnings(&props(&[], &[]).unwrap()).is_empty());
     }
 
     #[test]
