@@ -86,6 +86,11 @@ pub const DEFAULT_REQUEUE_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_COPY_HOLD: Duration = Duration::from_secs(5 * 60);
 /// The longest pause between two publishes of a held delivery's copy.
 const COPY_RETRY_MAX_WAIT: Duration = Duration::from_secs(30);
+/// The longest duration a builder setting takes: 100 years, "for ever".
+/// Longer ones (`Duration::MAX`) are taken as this: added to a clock's
+/// `Instant` (a deadline, the end of a hold) they would overflow it and
+/// panic.
+const FOR_EVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// What happens to a delivery, decided from the handler's result. The one
 /// place where results map to ack / retry / dead-letter.
@@ -162,32 +167,35 @@ impl<H: Handler> ConsumerGroupBuilder<H> {
     /// file says otherwise). Not checked here: the topology file refuses
     /// less than [`warren_topology::MIN_HANDLER_TIMEOUT`] (100 ms), and
     /// with zero every handler that awaits anything times out. It can only
-    /// cancel at an `.await`: see [`Handler`] on blocking.
+    /// cancel at an `.await`: see [`Handler`] on blocking. More than 100
+    /// years (`Duration::MAX`) is taken as 100 years, as in every duration
+    /// setter here.
     pub fn handler_timeout(mut self, d: Duration) -> Self {
-        self.settings.group.handler_timeout = d;
+        self.settings.group.handler_timeout = d.min(FOR_EVER);
         self
     }
 
     /// How long shutdown waits for in-flight handlers before requeueing what
     /// did not finish. Default: 30 s ([`DEFAULT_SHUTDOWN_GRACE`]).
+    /// `Duration::MAX` waits for them for ever (100 years).
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
-        self.settings.grace = d;
+        self.settings.grace = d.min(FOR_EVER);
         self
     }
 
     /// How long to wait for the confirm of a retry or dead-letter copy
     /// before requeueing the delivery. Default: 10 s
-    /// ([`DEFAULT_CONFIRM_TIMEOUT`]).
+    /// ([`DEFAULT_CONFIRM_TIMEOUT`]). At most 100 years (`Duration::MAX`).
     pub fn confirm_timeout(mut self, d: Duration) -> Self {
-        self.settings.confirm_timeout = d;
+        self.settings.confirm_timeout = d.min(FOR_EVER);
         self
     }
 
     /// Pause before requeueing a delivery whose copy was not confirmed (its
     /// handler slot stays taken meanwhile). Default: 1 s
-    /// ([`DEFAULT_REQUEUE_DELAY`]).
+    /// ([`DEFAULT_REQUEUE_DELAY`]). At most 100 years (`Duration::MAX`).
     pub fn requeue_delay(mut self, d: Duration) -> Self {
-        self.settings.requeue_delay = d;
+        self.settings.requeue_delay = d.min(FOR_EVER);
         self
     }
 
@@ -207,9 +215,10 @@ impl<H: Handler> ConsumerGroupBuilder<H> {
     /// the session (a lost connection, shutdown); the delivery then goes
     /// back to the queue.
     /// Zero requeues after [`Self::requeue_delay`], without publishing the
-    /// copy again.
+    /// copy again; `Duration::MAX` holds it until the copy is taken or the
+    /// session ends (100 years at most).
     pub fn copy_hold(mut self, d: Duration) -> Self {
-        self.settings.copy_hold = d;
+        self.settings.copy_hold = d.min(FOR_EVER);
         self
     }
 

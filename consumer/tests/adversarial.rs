@@ -1914,3 +1914,53 @@ async fn shutdown_without_grace_acks_what_had_finished() {
         8.0
     );
 }
+
+/// `Duration::MAX` for the copy hold, the confirm timeout and the shutdown
+/// grace ("for ever", as a service that never wants to give up writes it)
+/// holds a delivery whose copy the tier refuses until the tier takes it,
+/// then shuts down after its handlers, without a panic. Each of them used
+/// to overflow the clock: the confirm deadline panicked in every copy's
+/// publish (the handler's task died, its delivery was never settled and
+/// never handled again until the group stopped), the end of the hold
+/// likewise, and the shutdown's deadline panicked in `run` itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_of_for_ever_hold_a_copy_and_shut_down_without_a_panic() {
+    let f = Fixture::new(&topology("classic", "'200ms'", 8, 4, "")).await;
+    let g = f.group(0);
+    let tier = g.retry_queue(1);
+    let policy = refuse_copies(&f, &tier).await;
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |d| {
+            if d.attempt() == 1 {
+                Err(HandlerError::retryable("not yet"))
+            } else {
+                Ok(())
+            }
+        }),
+        "adv-forever",
+        |b| {
+            b.requeue_delay(Duration::from_millis(100))
+                .copy_hold(Duration::MAX)
+                .confirm_timeout(Duration::MAX)
+                .shutdown_grace(Duration::MAX)
+        },
+    )
+    .await;
+    let reg = run.registry.clone();
+    publish_and_see_it_held(&f, &log, &reg, "forever-1", 600).await;
+    drop(policy);
+    wait_for(
+        Duration::from_secs(15),
+        "through the tier once it takes copies",
+        || log.succeeded("forever-1"),
+    )
+    .await;
+    run.stop().await;
+    assert_eq!(log.of("forever-1").len(), 2);
+    assert_eq!(metric(&reg, "warren_retries_total", &[("tier", "1")]), 1.0);
+    assert_eq!(metric(&reg, "warren_deliveries_total", &[]), settled(&reg));
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&tier).await, 0);
+}
