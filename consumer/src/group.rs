@@ -62,7 +62,7 @@ use crate::acks::{AckOp, AckWindow, Settle, Stragglers};
 use crate::delivery::Delivery;
 use crate::error::ConsumerError;
 use crate::handler::{ErrorKind, Handler, HandlerError, HandlerResult};
-use crate::headers::{failure_headers, CopyTarget, Failure};
+use crate::headers::{failure_headers, one_line_error, CopyTarget, Failure};
 use crate::metrics::Metrics;
 
 /// Default grace period for in-flight handlers at shutdown: 30 s.
@@ -1250,6 +1250,10 @@ async fn process<H: Handler>(
     let Err(failure) = result else {
         return Settle::Ack;
     };
+    // Logged as the copy stores it: one line, at most 1 KiB. The handler's
+    // text may span lines (an upstream's response), which would pass for
+    // log lines of their own, or be megabytes long.
+    let logged_error = one_line_error(failure.message());
     let failure_copy = |target: CopyTarget, error: &str, exchange: &str, key: &str| {
         let headers = failure_headers(
             delivery.headers(),
@@ -1311,12 +1315,12 @@ async fn process<H: Handler>(
                 // work queue's own dead-letter exchange (warren.dlx, key
                 // {group}, as DESIGN declares every work queue) takes it
                 // whole into {group}.dead.
-                error!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %failure.message(), error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published; rejecting the delivery so that the broker dead-letters it unchanged into the group's dead-letter queue");
+                error!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %logged_error, error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published; rejecting the delivery so that the broker dead-letters it unchanged into the group's dead-letter queue");
                 m.handled.with_label_values(&[group, "reject"]).inc();
                 return Settle::Reject;
             }
             Err(why) if never_publishable(&why) => {
-                error!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %failure.message(), error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published, and the work queue was not found to dead-letter to warren.dlx (a reject could drop the message); requeueing the delivery: run `warren topology verify`");
+                error!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %logged_error, error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published, and the work queue was not found to dead-letter to warren.dlx (a reject could drop the message); requeueing the delivery: run `warren topology verify`");
                 return requeue(ctx, ends).await;
             }
             Err(why) => why,
@@ -1359,10 +1363,10 @@ async fn process<H: Handler>(
         Some(tier) => {
             match ctx.retry_warned.due(Instant::now(), RETRY_WARN_EVERY) {
                 Some(quiet) => {
-                    warn!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, retried_quietly = quiet, "handler failed; retrying later (one retry a minute is logged at WARN, the others at INFO; retried_quietly: since the last)")
+                    warn!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), error = %logged_error, tier, queue = %key, retried_quietly = quiet, "handler failed; retrying later (one retry a minute is logged at WARN, the others at INFO; retried_quietly: since the last)")
                 }
                 None => {
-                    info!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), tier, queue = %key, "handler failed; retrying later")
+                    info!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), error = %logged_error, tier, queue = %key, "handler failed; retrying later")
                 }
             }
             m.handled.with_label_values(&[group, "retry"]).inc();
@@ -1371,7 +1375,7 @@ async fn process<H: Handler>(
                 .inc();
         }
         None => {
-            warn!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), error = %failure.message(), "handler failed; dead-lettered");
+            warn!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), error = %logged_error, "handler failed; dead-lettered");
             m.handled.with_label_values(&[group, "dead_letter"]).inc();
         }
     }

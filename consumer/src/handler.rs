@@ -63,8 +63,8 @@ impl fmt::Display for ErrorKind {
 
 /// A handler's failure: its kind and a message (stored, one line and at most
 /// 1 KiB, in `x-warren-error`; the next attempt reads it with
-/// [`Delivery::last_error`]). The message goes to the broker and the log as
-/// it is: keep secrets out of it.
+/// [`Delivery::last_error`]). The message goes to the broker and to the
+/// log (there too as one line of at most 1 KiB): keep secrets out of it.
 ///
 /// | constructor | `x-warren-error-kind` | what happens |
 /// |---|---|---|

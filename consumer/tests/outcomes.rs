@@ -1596,3 +1596,76 @@ async fn a_closed_connection_is_reopened_and_nothing_is_lost() {
     assert_eq!(f.count(&g.dead_queue()).await, 0);
     assert!(ledger.len() >= n);
 }
+
+/// What the process logs, as text (without colours), for every test of
+/// this binary from the first call on.
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = logs.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Sink(sink.clone()))
+            .init();
+        logs
+    })
+    .clone()
+}
+
+/// A handler's error is logged as its copy stores it in `x-warren-error`:
+/// one line, at most 1 KiB. Handlers pass on what failed (an upstream's
+/// response, an exception's text): a multi-line text used to be logged
+/// as it was, so that its lines passed for log lines of their own (here
+/// a forged ERROR line), and a 100 KB text was logged whole at every
+/// attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handlers_error_is_logged_on_one_line_of_at_most_1_kib() {
+    let logs = captured_logs();
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let forged = "1999-01-01T00:00:00.000000Z ERROR forged: the database is gone";
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |_d: Delivery| async move {
+            Err(HandlerError::retryable(format!(
+                "upstream said:\n{forged}\n{}",
+                "x".repeat(100_000)
+            )))
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"{}", props("one-line-1"))
+        .await;
+    let dead = f.take(&g.dead_queue(), 1, Duration::from_secs(10)).await;
+    run.stop().await;
+    let stored = header_str(&dead[0], headers::ERROR).unwrap();
+    assert!(stored.starts_with("upstream said: 1999-01-01T00:00:00.000000Z ERROR forged"));
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        !text.lines().any(|l| l.starts_with("1999-01-01")),
+        "a line of the handler's error passed for a log line"
+    );
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("one-line-1") && l.contains("handler failed"))
+        .collect();
+    assert_eq!(failed.len(), 2, "the retry and the dead letter: {failed:?}");
+    for line in failed {
+        assert!(line.contains(&stored), "logged as stored: {line}");
+        assert!(line.len() < 2048, "{} bytes", line.len());
+    }
+}
