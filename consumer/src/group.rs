@@ -1254,6 +1254,15 @@ async fn process<H: Handler>(
     // text may span lines (an upstream's response), which would pass for
     // log lines of their own, or be megabytes long.
     let logged_error = one_line_error(failure.message());
+    // A message published without an id gets one on its first copy, the
+    // same for every publish of that copy: one the broker took but reported
+    // as failed (nacked by another queue of the route, confirmed too late)
+    // and that is then published again is a duplicate that handlers and
+    // operators tell by its id.
+    let new_id = delivery
+        .message_id()
+        .is_none()
+        .then(|| uuid::Uuid::new_v4().to_string());
     let failure_copy = |target: CopyTarget, error: &str, exchange: &str, key: &str| {
         let headers = failure_headers(
             delivery.headers(),
@@ -1268,7 +1277,7 @@ async fn process<H: Handler>(
                 target,
             },
         );
-        copy_message(copies, exchange, key, &delivery, headers)
+        copy_message(copies, exchange, key, &delivery, new_id.as_deref(), headers)
     };
     let (mut target, mut error) = (target, None::<String>);
     let mut copy = failure_copy(target, failure.message(), &exchange, &key);
@@ -1298,7 +1307,10 @@ async fn process<H: Handler>(
             &key,
         )
     };
-    let message_id = delivery.message_id().unwrap_or("");
+    let message_id = delivery
+        .message_id()
+        .or(new_id.as_deref())
+        .unwrap_or_default();
     let mut published = copies.publisher.publish(copy).await.map(|_| ());
     // From the first copy the broker did not take: since when the delivery
     // is held, and how many publishes of its copy failed.
@@ -1421,7 +1433,8 @@ fn never_publishable(e: &warren_producer::PublishError) -> bool {
 
 /// A copy of a delivery (properties kept but `expiration`,
 /// `x-delivery-count` and a `user_id` of another user than the copies'
-/// connection, see [`warren_topology::copy_properties_for`]). The copies'
+/// connection, see [`warren_topology::copy_properties_for`]), with
+/// `new_id` as its `message_id` when the delivery has none. The copies'
 /// publisher sends it mandatory and waits for its confirm; unroutable,
 /// nacked or unconfirmed within `confirm_timeout` is an error.
 fn copy_message(
@@ -1429,13 +1442,17 @@ fn copy_message(
     exchange: &str,
     key: &str,
     delivery: &Delivery,
+    new_id: Option<&str>,
     headers: FieldTable,
 ) -> Message {
-    let props = warren_topology::copy_properties_for(
+    let mut props = warren_topology::copy_properties_for(
         delivery.properties(),
         headers,
         copies.login.as_deref(),
     );
+    if let (None, Some(id)) = (props.message_id(), new_id) {
+        props = props.with_message_id(id.into());
+    }
     Message::bytes(exchange, key, delivery.body().to_vec())
         .properties(props)
         .as_is()

@@ -1964,3 +1964,72 @@ async fn durations_of_for_ever_hold_a_copy_and_shut_down_without_a_panic() {
     assert_eq!(f.count(&g.work_queue()).await, 0);
     assert_eq!(f.count(&tier).await, 0);
 }
+
+/// A message published without a `message_id` gets one on its first copy
+/// (the README), and every publish of that copy while its delivery is held
+/// carries the same one: a copy the broker took but reported as failed
+/// (here a second queue bound to `warren.dlx` with the group's key refuses
+/// it, so the publish is nacked while `{group}.dead` keeps its copy) is a
+/// duplicate that a handler or an operator can tell by its id. Each
+/// publish of the held copy used to get an id of its own: five dead
+/// letters of one failure, five ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_publish_of_a_held_copy_of_a_message_without_an_id_carries_one_id() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    let f = Fixture::new(&topology("classic", "", 8, 4, "")).await;
+    let g = f.group(0);
+    // A queue of this test's connection (exclusive: gone with it) that
+    // refuses everything, bound next to the group's dead-letter queue.
+    let refuser = format!("{}.refuser", g.name);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    f.ch.queue_declare(
+        refuser.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    f.ch.queue_bind(
+        refuser.as_str().into(),
+        warren_topology::DEAD_LETTER_EXCHANGE.into(),
+        g.name.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let log = Log::default();
+    let run = Running::start(
+        g.clone(),
+        logged(&log, |_| Err(HandlerError::permanent("no such order"))),
+        "adv-held-id",
+        |b| {
+            b.requeue_delay(Duration::from_millis(50))
+                .copy_hold(Duration::from_secs(60))
+        },
+    )
+    .await;
+    let bare = BasicProperties::default().with_delivery_mode(2);
+    f.publish(&f.exchange(), "order.created", b"no id", bare)
+        .await;
+    wait_for_count(&f, &g.dead_queue(), 3, Duration::from_secs(10)).await;
+    run.stop().await;
+    f.ch.queue_delete(refuser.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 1, "handled once: the delivery was held");
+    let n = f.count(&g.dead_queue()).await as usize;
+    let dead = f.take(&g.dead_queue(), n, Duration::from_secs(5)).await;
+    let ids: Vec<String> = dead.iter().map(message_id).collect();
+    assert!(ids.len() >= 3, "{ids:?}");
+    assert_eq!(ids[0].len(), 36, "a UUID: {ids:?}");
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+}
