@@ -31,6 +31,21 @@ pub enum ConsumerError {
         /// Why.
         source: warren_producer::PublishError,
     },
+    /// The broker refused the user access to the work queue (RabbitMQ's
+    /// ACCESS_REFUSED): the user needs the read permission on it.
+    #[error("consumer group {group:?}: user {user:?} may not consume from queue {queue:?} in vhost {vhost:?} ({detail}): the read pattern (the third of rabbitmqctl set_permissions -p {vhost} {user} CONFIGURE WRITE READ) must match the queue's name, and for retry and dead-letter copies the write pattern must match amq.default (the default exchange) and warren.dlx; rabbitmqctl list_user_permissions {user} shows the current ones")]
+    AccessRefused {
+        /// The group.
+        group: String,
+        /// The queue.
+        queue: String,
+        /// The user the broker named.
+        user: String,
+        /// The vhost.
+        vhost: String,
+        /// What the broker said.
+        detail: String,
+    },
     /// A broker error while setting up a channel.
     #[error("consumer group {group:?}: {what}: {source}")]
     Broker {
@@ -48,9 +63,25 @@ impl ConsumerError {
     pub fn is_transient(&self) -> bool {
         match self {
             ConsumerError::Connect { source, .. } => source.is_transient(),
-            ConsumerError::QueueMissing { .. } => false,
+            ConsumerError::QueueMissing { .. } | ConsumerError::AccessRefused { .. } => false,
             ConsumerError::Copies { source, .. } => source.is_transient(),
             ConsumerError::Broker { source, .. } => source.is_io_error() || !source.is_amqp_error(),
         }
     }
+}
+
+/// Reads RabbitMQ's refusal of a queue: `ACCESS_REFUSED - access to queue
+/// 'Q' in vhost 'V' refused for user 'U'`, as `(the broker's words, Q, V, U)`.
+pub(crate) fn queue_access_refused(text: &str) -> Option<(String, String, String, String)> {
+    let said = &text[text.find("ACCESS_REFUSED - ")?..];
+    let rest = said.split_once("access to queue '")?.1;
+    let (queue, rest) = rest.split_once("' in vhost '")?;
+    let (vhost, rest) = rest.split_once("' refused for user '")?;
+    let user = rest.strip_suffix('\'').unwrap_or(rest);
+    Some((
+        said.to_owned(),
+        queue.to_owned(),
+        vhost.to_owned(),
+        user.to_owned(),
+    ))
 }

@@ -443,8 +443,10 @@ impl<H: Handler> ConsumerGroup<H> {
     /// - `Err` for what retrying cannot fix, after aborting the handlers
     ///   still running (their deliveries go back to the queue): a queue of
     ///   the group missing ([`ConsumerError::QueueMissing`]), the broker
-    ///   refusing the login or the vhost ([`ConsumerError::Connect`]) or a
-    ///   permission ([`ConsumerError::Broker`]). Transient failures are
+    ///   refusing the login or the vhost ([`ConsumerError::Connect`]), the
+    ///   read permission on the work queue
+    ///   ([`ConsumerError::AccessRefused`]) or another permission
+    ///   ([`ConsumerError::Broker`]). Transient failures are
     ///   retried here, so a returned error is never
     ///   [`ConsumerError::is_transient`].
     pub async fn run(
@@ -634,7 +636,18 @@ impl<H: Handler> ConsumerGroup<H> {
                 FieldTable::default(),
             )
             .await
-            .map_err(err("basic.consume"))?;
+            .map_err(
+                |e| match crate::error::queue_access_refused(&e.to_string()) {
+                    Some((detail, queue, vhost, user)) => ConsumerError::AccessRefused {
+                        group: group.name.clone(),
+                        queue,
+                        user,
+                        vhost,
+                        detail,
+                    },
+                    None => err("basic.consume")(e),
+                },
+            )?;
         info!(group = %group.name, queue = %queue, prefetch = group.prefetch, concurrency = group.concurrency, consumer_tag = %consumer.tag(), "consuming");
         Ok(Session {
             consume,

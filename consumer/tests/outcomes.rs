@@ -1669,3 +1669,49 @@ async fn a_handlers_error_is_logged_on_one_line_of_at_most_1_kib() {
         assert!(line.len() < 2048, "{} bytes", line.len());
     }
 }
+
+/// A consumer whose user may not read the work queue stops with an error
+/// that says which permission to grant and how, as a refused publish does.
+/// It said "basic.consume: protocol error: AMQP soft error:
+/// ACCESS-REFUSED: ..." and no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_may_not_read_the_work_queue_is_told_which_permission_to_grant() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let user = warren_testkit::TempUser::create();
+    warren_testkit::rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", "^$"]);
+    let group = warren_consumer::ConsumerGroup::builder(
+        g.clone(),
+        handler_fn(|_d: Delivery| async { Ok(()) }),
+    )
+    .build()
+    .unwrap();
+    let broker = Arc::new(warren_topology::Broker::new(
+        warren_topology::ConnectOptions::new(user.url(), "consumer-test").attempts(3),
+    ));
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        group.run(&broker, tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("the group stops at once");
+    broker.close().await;
+    let e = result.expect_err("refused");
+    assert!(!e.is_transient());
+    let text = e.to_string();
+    let (u, q) = (&user.name, g.work_queue());
+    assert!(
+        text.starts_with(&format!(
+            "consumer group \"{}\": user \"{u}\" may not consume from queue \"{q}\" in vhost \"/\" (ACCESS_REFUSED - access to queue '{q}' in vhost '/' refused for user '{u}'): ",
+            g.name
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "the read pattern (the third of rabbitmqctl set_permissions -p / {u} CONFIGURE WRITE READ) must match the queue's name"
+        )),
+        "{text}"
+    );
+    assert_eq!(f.count(&q).await, 0);
+}
