@@ -37,6 +37,11 @@ pub struct PublisherConfig {
 }
 
 impl PublisherConfig {
+    /// The longest any of its durations (and a [`crate::Message`]'s own
+    /// timeout) is taken to be: 100 years. A longer one, such as
+    /// `Duration::MAX` for "for ever", counts as this long, since a
+    /// deadline past what a clock holds cannot be computed.
+    pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
     /// Default window: 1024 unconfirmed publishes.
     pub const DEFAULT_WINDOW: usize = 1024;
     /// Default publish timeout: 30 s.

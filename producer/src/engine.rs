@@ -324,7 +324,8 @@ impl Engine {
                 let delay = self
                     .backoff
                     .next()
-                    .unwrap_or(self.config.reconnect_max_delay);
+                    .unwrap_or(self.config.reconnect_max_delay)
+                    .min(PublisherConfig::MAX_DURATION);
                 warn!(error = %e, retry_in = ?delay, "publisher cannot get a channel; retrying");
                 self.last_error = Some(e.to_string());
                 self.connect_after = Some(Instant::now() + delay);

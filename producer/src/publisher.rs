@@ -258,7 +258,10 @@ impl Publisher {
     /// `submit` then `wait`.
     pub async fn submit(&self, mut msg: Message) -> Result<PendingConfirm, PublishError> {
         let started = Instant::now();
-        let timeout = msg.timeout.unwrap_or(self.inner.config.publish_timeout);
+        let timeout = msg
+            .timeout
+            .unwrap_or(self.inner.config.publish_timeout)
+            .min(PublisherConfig::MAX_DURATION);
         let deadline = started + timeout;
         let limit = self.inner.config.max_message_size;
         if msg.body.len() > limit {
@@ -386,7 +389,9 @@ impl Publisher {
         self.inner.cancel.cancel();
         let task = self.inner.task.lock().await.take();
         if let Some(task) = task {
-            let wait = self.inner.config.publish_timeout + REPLY_GRACE * 5;
+            let wait = (self.inner.config.publish_timeout)
+                .min(PublisherConfig::MAX_DURATION)
+                .saturating_add(REPLY_GRACE * 5);
             let _ = tokio::time::timeout(wait, task).await;
         }
         if self.inner.owns_broker {

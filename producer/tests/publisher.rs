@@ -1048,3 +1048,27 @@ async fn properties_after_a_header_keep_the_header() {
     );
     p.close().await;
 }
+
+/// `Duration::MAX` ("for ever") as the publish timeout, a message's own
+/// timeout or the longest reconnect delay publishes and closes like any
+/// other value: it used to panic in `submit` and `close`, whose deadlines
+/// overflowed the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_of_for_ever_publish_and_close_without_a_panic() {
+    let mut fx = Fixture::new().await;
+    let (ex, q) = (unique("ex"), unique("q"));
+    fx.exchange(&ex).await;
+    fx.queue(&q, &ex, "k", FieldTable::default()).await;
+    let config = PublisherConfig::default()
+        .publish_timeout(Duration::MAX)
+        .reconnect_backoff(Duration::from_millis(1), Duration::MAX);
+    let (p, _registry, _) = publisher(config).await;
+    p.publish(Message::bytes(&ex, "k", b"one".to_vec()))
+        .await
+        .unwrap();
+    p.publish(Message::bytes(&ex, "k", b"two".to_vec()).timeout(Duration::MAX))
+        .await
+        .unwrap();
+    p.close().await;
+    assert_eq!(fx.count(&q).await, 2);
+}
