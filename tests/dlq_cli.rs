@@ -2573,7 +2573,9 @@ impl ProxyFrame {
 
 const BASIC_DELIVER: (u16, u16) = (60, 60);
 const BASIC_ACK: (u16, u16) = (60, 80);
+const BASIC_PUBLISH: (u16, u16) = (60, 40);
 const CHANNEL_CLOSE: (u16, u16) = (20, 40);
+const CONNECTION_CLOSE: (u16, u16) = (10, 50);
 const CONNECTION_CLOSE_OK: (u16, u16) = (10, 51);
 
 impl Proxy {
@@ -2651,6 +2653,17 @@ impl ProxyShared {
         let holding = st.holding;
         drop(st);
         assert!(holding, "the proxy held nothing within a minute");
+    }
+
+    /// Forwards what was held, and what follows, up to the first frame
+    /// `when` returns true for: the proxy holds from that one on.
+    fn hold_instead(&self, when: impl FnMut(&ProxyFrame) -> bool + Send + 'static) {
+        {
+            let mut st = lock(&self.state);
+            st.hold = Some(Box::new(when));
+            st.holding = false;
+        }
+        self.changed.notify_all();
     }
 
     /// Forwards what was held, and the rest as it comes.
@@ -2796,11 +2809,13 @@ fn proxy_broker_to_client(
 /// it runs at 5 messages a second) exits 1 with its summary and writes its
 /// audit record: both name what was replayed before, and the error. What
 /// they say holds on the broker: every id they name as replayed or copied
-/// has its copy in the work queue, every copy there is one they name, and
-/// nothing is lost (every dead letter is either copied or still there; at
-/// most the one in flight at the close is both). (Before: `error: closing
-/// the scan channel ...`, no summary and no audit record, while the copies
-/// made before stayed in the work queue.)
+/// has its copy in the work queue, every copy there is one they name, none
+/// named replayed is still a dead letter, and nothing is lost (every dead
+/// letter is either copied or still there; at most the one in flight at
+/// the close is both, besides those named copied and not removed or with
+/// their removal unconfirmed). (Before: `error: closing the scan channel
+/// ...`, no summary and no audit record, while the copies made before
+/// stayed in the work queue.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replay_whose_connection_is_lost_partway_reports_and_audits_what_it_moved() {
     use serde_json::json;
@@ -2859,8 +2874,13 @@ async fn a_replay_whose_connection_is_lost_partway_reports_and_audits_what_it_mo
     };
     let replayed = strings(&r["ids"]);
     let not_removed = strings(&r["not_removed"]);
+    // Acked, and the connection lost before the broker confirmed it.
+    let unconfirmed = r.get("unconfirmed").map(strings).unwrap_or_default();
     assert_eq!(r["replayed"], json!(replayed.len()));
-    assert!(replayed.len() >= 3, "copies seen before the close: {r}");
+    assert!(
+        replayed.len() + not_removed.len() + unconfirmed.len() >= 3,
+        "copies seen before the close: {r}"
+    );
     assert!(replayed.len() < N, "{r}");
     let failed: Vec<String> = strings(&r["errors"])
         .iter()
@@ -2895,7 +2915,11 @@ async fn a_replay_whose_connection_is_lost_partway_reports_and_audits_what_it_mo
     );
     let work = ids(&conn, &env.group).await;
     let dead = ids(&conn, &env.dead()).await;
-    let copied: HashSet<&String> = replayed.iter().chain(&not_removed).collect();
+    let copied: HashSet<&String> = replayed
+        .iter()
+        .chain(&not_removed)
+        .chain(&unconfirmed)
+        .collect();
     let in_work: HashSet<&String> = work.iter().collect();
     assert_eq!(work.len(), in_work.len(), "a copy twice: {work:?}");
     assert!(
@@ -2912,8 +2936,17 @@ async fn a_replay_whose_connection_is_lost_partway_reports_and_audits_what_it_mo
     for id in names("l", 0..N) {
         assert!(in_work.contains(&id) || in_dead.contains(&id), "{id} lost");
     }
+    for id in &replayed {
+        assert!(
+            !in_dead.contains(id),
+            "{id}: replayed, still a dead letter: {r}"
+        );
+    }
     let both = in_work.intersection(&in_dead).count();
-    assert!(both <= 1 + not_removed.len(), "duplicates: {both}: {r}");
+    assert!(
+        both <= 1 + not_removed.len() + unconfirmed.len(),
+        "duplicates: {both}: {r}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -3220,6 +3253,155 @@ async fn a_purge_whose_acks_get_no_answer_does_not_count_them_as_purged() {
     assert!(said.contains(recorded), "{said}\n{recorded}");
     // What the broker did: it deleted none.
     assert_eq!(take_ids(&conn, &dq, 3).await, names("u", 0..3));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Blocks until no channel of `user` has a publish the broker has not
+/// confirmed yet (its confirms are on the wire), for a minute at most.
+fn wait_confirms_sent(user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = warren_testkit::rabbitmqctl(&[
+            "list_channels",
+            "user",
+            "messages_unconfirmed",
+            "-q",
+            "--no-table-headers",
+        ]);
+        let waiting: u64 = rows
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(u, _)| *u == user)
+            .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+            .sum();
+        if waiting == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{user}: {waiting} publishes still unconfirmed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A replay whose connection the broker closes after it confirmed the 3
+/// copies and before warren takes in the close: warren acks the 3 dead
+/// letters, and the broker, which has closed the connection, drops the
+/// acks (every dead letter is back in its queue, and its copy is in the
+/// work queue). An ack gets no answer; only a later answered request on
+/// the scan's channel (its close) would say that the broker handled it,
+/// and it never comes. So none is replayed: the summary, the JSON and
+/// the audit record name the 3 as copied with their removal unconfirmed.
+/// (Before: "3 replayed", and an audit record of 3 replayed, while all 3
+/// were still dead letters: a second replay duplicates them.)
+///
+/// A [`Proxy`] holds the broker's confirms until the broker has sent them
+/// all and closed the connection, then lets them through and holds the
+/// broker's `connection.close` until warren has sent its acks and closed
+/// a channel after them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_whose_acks_get_no_answer_does_not_count_them_as_replayed() {
+    use serde_json::json;
+    const N: usize = 3;
+    let conn = connect().await;
+    let env = Env::new(&conn, "repunans").await;
+    let (g, dq) = (env.group.as_str(), env.dead());
+    let dir = std::env::temp_dir().join(format!("warren-repunans-{g}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let unanswered = format!(
+        "; the broker did not confirm the acks of 3 dead letters (\"v-0\" to \"v-2\"): their \
+         copies are in the target, and each of them was removed or is still in {dq:?} (a \
+         second replay duplicates those still there)"
+    );
+    for output in ["json", "table"] {
+        dead_letters(&conn, g, "v", N).await;
+        let audit = dir.join(format!("audit-{output}.jsonl"));
+        let _ = std::fs::remove_file(&audit);
+        let user = warren_testkit::TempUser::create();
+        let proxy = Proxy::start();
+        let url = proxy.url(user.url().expose());
+        // The broker's first confirm (the only basic.ack it sends).
+        proxy.hold_when(|f| f.method() == Some(BASIC_ACK));
+        let child = Running::spawn(
+            warren()
+                .args(["--amqp-url", &url, "--output", output])
+                .args(["dlq", "replay", "--group", g, "--all"])
+                .args(["--audit-log", audit.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        tokio::task::block_in_place(|| {
+            proxy.wait_holding();
+            proxy.wait_client("publish 3 copies", |sent, _| {
+                sent.iter().filter(|m| **m == BASIC_PUBLISH).count() >= N
+            });
+        });
+        // The broker routed the 3 copies and sent their confirms, then
+        // closes the connection: its connection.close follows them.
+        settle(&conn, g, N).await;
+        tokio::task::block_in_place(|| {
+            wait_confirms_sent(&user.name);
+            close_connections_of(&user.name);
+            proxy.hold_instead(|f| f.method() == Some(CONNECTION_CLOSE));
+            proxy.wait_client("ack, then close a channel", |sent, _| {
+                sent_in_order(sent, BASIC_ACK, 1, CHANNEL_CLOSE)
+            });
+            proxy.release();
+        });
+        let out = child.wait_within(CLI_LIMIT);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{output}: {stdout}\n{stderr}");
+        let said = stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("{output}: no error: {stderr}"));
+        assert!(
+            said.starts_with(&format!(
+                "error: {g}: the replay stopped: the connection to the broker was lost ("
+            )),
+            "{output}: {said}"
+        );
+        assert!(
+            said.ends_with(&format!(
+                "{unanswered}; what it replayed before is in the summary and the audit record"
+            )),
+            "{output}: {said}"
+        );
+        if output == "json" {
+            let v = json_of(&out, "replay");
+            let r = &v[0];
+            assert_eq!(r["replayed"], 0, "{r}");
+            assert_eq!(r["ids"], json!([]), "{r}");
+            assert_eq!(r["unconfirmed"], json!(names("v", 0..N)), "{r}");
+            assert_eq!(r["not_removed"], json!([]), "{r}");
+            assert_eq!(r["failed"], 0, "{r}");
+            let error = r["error"].as_str().expect("the error");
+            assert!(error.ends_with(&unanswered), "{error}");
+        } else {
+            assert_eq!(
+                stdout,
+                format!(
+                    "{g}: 0 replayed to work queue {g:?}, 0 failed (left in the dead-letter \
+                     queue), stopped early\n  3 copied, removal unconfirmed (removed or still \
+                     dead letters: a second replay duplicates those still there): v-0, v-1, \
+                     v-2\n"
+                )
+            );
+        }
+        let lines = audit_lines(&audit);
+        assert_eq!(lines.len(), 1, "{output}: {lines:?}");
+        assert_eq!(lines[0]["action"], "replay");
+        assert_eq!(lines[0]["count"], 0);
+        assert_eq!(lines[0]["ids"], json!([]));
+        assert!(lines[0].get("not_removed").is_none(), "{}", lines[0]);
+        let recorded = lines[0]["error"].as_str().expect("the error in the record");
+        assert!(recorded.ends_with(&unanswered), "{recorded}");
+        assert!(said.contains(recorded), "{said}\n{recorded}");
+        // What the broker did: it removed none, and took every copy.
+        assert_eq!(take_ids(&conn, &dq, N).await, names("v", 0..N));
+        assert_eq!(take_ids(&conn, g, N).await, names("v", 0..N));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -217,6 +217,8 @@ pub(crate) struct Scan {
     queue: String,
     channel: Channel,
     consumer: Option<Consumer>,
+    /// The prefetch window set when the read started (0: no read).
+    window: u16,
     total: u64,
     consumers: u32,
     target: usize,
@@ -241,8 +243,8 @@ impl Scan {
         let channel = timed(rpc, "opening a channel", &queue, conn.create_channel()).await?;
         check_dead_queue(&channel, group, rpc).await?;
         let mut consumer = None;
+        let window = u16::try_from(target).unwrap_or(u16::MAX);
         if target > 0 {
-            let window = u16::try_from(target).unwrap_or(u16::MAX);
             timed(
                 rpc,
                 "setting the prefetch window",
@@ -271,6 +273,7 @@ impl Scan {
             queue,
             channel,
             consumer,
+            window,
             total,
             consumers,
             target,
@@ -361,6 +364,29 @@ impl Scan {
             &self.queue,
             self.channel
                 .basic_ack(tag, BasicAckOptions { multiple: true }),
+        )
+        .await
+    }
+
+    /// Confirms the acks sent before it: an ack gets no answer, so a
+    /// request that does is sent after them on the scan's channel (a
+    /// `basic.qos` with the window the read already has, which changes
+    /// nothing), and the broker answers it only after it has handled
+    /// what came before it on that channel. `Ok` means every earlier ack
+    /// was handled; an error (a lost connection: a broker that closed it
+    /// drops what arrives after) leaves them unconfirmed, and the channel
+    /// unusable. Costs one round trip.
+    pub(crate) async fn sync(&self) -> Result<(), OperatorError> {
+        if self.consumer.is_none() {
+            // Nothing was read, so nothing was acked.
+            return Ok(());
+        }
+        timed(
+            self.opts.rpc_timeout,
+            "confirming the acks (basic.qos)",
+            &self.queue,
+            self.channel
+                .basic_qos(self.window, BasicQosOptions::default()),
         )
         .await
     }

@@ -13,12 +13,26 @@
 //! letters that are not selected, or whose publish failed, go back to the
 //! queue unchanged and in order when the scan ends.
 //!
+//! ## Acks are confirmed later
+//!
+//! An ack gets no answer, and a broker that has closed the connection
+//! drops whatever arrives after its `connection.close` (warren may not
+//! have read it yet, so the ack is written without error). A dead letter
+//! counts as replayed only once a request sent after its ack on the
+//! scan's channel is answered, since the broker answers it after handling
+//! the acks before it: a `basic.qos` that changes nothing, every
+//! [`ReplayOptions::sync_every`] acks or [`ReplayOptions::SYNC_INTERVAL`]
+//! at most while acks wait for one (one round trip each), and the close
+//! of the channel at the end. Acked dead letters still waiting for it when the
+//! connection is lost are [`ReplayReport::unconfirmed`].
+//!
 //! ## A run that breaks
 //!
 //! An error partway (a lost connection, a read, publish or ack that fails)
 //! stops sending; the copies in flight are settled, and the result is
 //! still the report: what was replayed before, the copies confirmed whose
-//! dead letter could not be acked any more ([`ReplayReport::not_removed`]),
+//! dead letter could not be acked any more ([`ReplayReport::not_removed`])
+//! or whose ack the broker did not confirm ([`ReplayReport::unconfirmed`]),
 //! and the error ([`ReplayReport::error`]).
 //!
 //! ## `user_id`
@@ -74,6 +88,13 @@ pub struct ReplayOptions {
     pub dry_run: bool,
     /// Publishes awaiting a confirm at once. Default [`DEFAULT_WINDOW`].
     pub window: usize,
+    /// Acks sent before the broker is asked to confirm them (one round
+    /// trip on the scan's channel; it is asked after
+    /// [`ReplayOptions::SYNC_INTERVAL`] too, and at the end). When the
+    /// connection is lost, the dead letters acked since the last
+    /// confirmation are [`ReplayReport::unconfirmed`]. Default
+    /// [`ReplayOptions::DEFAULT_SYNC_EVERY`]; 0 counts as 1.
+    pub sync_every: usize,
     /// How the queue is read.
     pub read: ReadOptions,
     /// The user the connection logs in as ([`warren_topology::AmqpUrl::login`]):
@@ -83,6 +104,15 @@ pub struct ReplayOptions {
     pub login: Option<String>,
 }
 
+impl ReplayOptions {
+    /// Default most acks sent before the broker is asked to confirm them
+    /// ([`ReplayOptions::sync_every`]).
+    pub const DEFAULT_SYNC_EVERY: usize = 1_000;
+    /// Longest time a replay's acks wait before the broker is asked to
+    /// confirm them (see [`ReplayOptions::sync_every`]).
+    pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+}
+
 impl Default for ReplayOptions {
     fn default() -> Self {
         ReplayOptions {
@@ -90,6 +120,7 @@ impl Default for ReplayOptions {
             rate: None,
             dry_run: false,
             window: DEFAULT_WINDOW,
+            sync_every: ReplayOptions::DEFAULT_SYNC_EVERY,
             read: ReadOptions::default(),
             login: None,
         }
@@ -105,7 +136,10 @@ pub struct Progress {
     pub to_scan: usize,
     /// Selected so far.
     pub selected: usize,
-    /// Replayed (confirmed and acked) so far.
+    /// Replayed so far: the copy confirmed, and the broker confirmed the
+    /// ack of the dead letter (see the module's "Acks are confirmed
+    /// later"), so it lags the acks sent by up to
+    /// [`ReplayOptions::SYNC_INTERVAL`].
     pub replayed: usize,
 }
 
@@ -122,7 +156,8 @@ pub struct ReplayReport {
     pub dry_run: bool,
     /// Dead letters the selection took.
     pub selected: usize,
-    /// Replayed: confirmed and removed from the dead-letter queue.
+    /// Replayed: the copy confirmed, and the dead letter removed from the
+    /// dead-letter queue (the broker confirmed its ack).
     pub replayed: usize,
     /// Selected but not replayed (left in the dead-letter queue).
     pub failed: usize,
@@ -138,15 +173,22 @@ pub struct ReplayReport {
     /// connection). The copy is in the target and the dead letter is back
     /// in its queue, so a second replay duplicates them.
     pub not_removed: Vec<String>,
+    /// Selected, copied (the copy was confirmed) and acked, but the
+    /// connection was lost before the broker confirmed that it handled
+    /// the ack (see the module's "Acks are confirmed later"): the copy is
+    /// in the target, and each dead letter was removed or is still in its
+    /// queue, which is not known (a broker that closed the connection
+    /// drops the acks that arrive after). A second replay duplicates those
+    /// still there. Empty unless [`ReplayReport::error`] is set; not in
+    /// the JSON when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed: Vec<String>,
     /// Stopped before the end (Ctrl-C, a broken channel or connection).
     pub stopped_early: bool,
     /// The error that stopped the run before the end (a lost connection,
     /// a read, publish or ack that failed); `None` when none did. What was
     /// done before it is counted above: every selected dead letter is
-    /// replayed, failed or not removed. An ack gets no answer: when the
-    /// connection is lost, the last acks sent may not have reached the
-    /// broker, and those dead letters come back although counted as
-    /// replayed (a duplicate, never a loss).
+    /// replayed, failed, not removed or unconfirmed.
     pub error: Option<String>,
 }
 
@@ -242,24 +284,35 @@ pub async fn replay(
     let to_scan = usize::try_from(scan.coverage().total)
         .unwrap_or(usize::MAX)
         .min(opts.read.scan_limit);
-    run(
+    let replayed = metrics.replayed.with_label_values(&[group]);
+    let mut acks = Acks::new(opts.sync_every);
+    let mut p = run(
         conn,
         &mut scan,
         selection,
         opts,
-        metrics,
+        &replayed,
         progress,
         cancel,
         to_scan,
         &mut report,
+        &mut acks,
     )
     .await;
     report.coverage = Some(scan.coverage());
     // Closing the channel puts back what was not acked; failing to close it
     // (a lost connection) puts it back too, but the run did not end well.
-    if let Err(e) = scan.finish().await {
-        report.stop(e.to_string());
+    // Its answer confirms the acks sent before it.
+    match scan.finish().await {
+        Ok(_) => acks.confirmed(&mut report, &replayed, &mut p),
+        Err(e) => {
+            report.stop(e.to_string());
+            report
+                .unconfirmed
+                .extend(acks.pending.drain(..).map(|c| c.id));
+        }
     }
+    progress(p);
     if let Some(error) = report.error.as_mut() {
         if !conn.status().connected() {
             *error = format!("the connection to the broker was lost ({error})");
@@ -280,6 +333,7 @@ pub async fn replay(
             replayed = report.replayed,
             failed = report.failed,
             not_removed = report.not_removed.len(),
+            unconfirmed = report.unconfirmed.len(),
             error = %error,
             "replay stopped by an error; what it replayed before is reported"
         ),
@@ -288,36 +342,101 @@ pub async fn replay(
 }
 
 /// Which dead letters can be acked: those below the first that stays in
-/// the queue (with one `multiple` ack), and none once an ack failed.
-#[derive(Debug, Default)]
+/// the queue (with one `multiple` ack), and none once an ack failed; and
+/// those acked that the broker has not confirmed yet.
 struct Acks {
     /// The first delivery tag that stays in the queue: every tag before it
     /// is replayed, so confirmed copies below it are acked with one
     /// `multiple` ack (settled in publish order, which is tag order).
     kept: Option<u64>,
-    /// An ack failed: the channel is gone, and with it every unacked
-    /// delivery (the broker puts them back).
+    /// An ack (or the request that confirms acks) failed: the channel is
+    /// gone, and with it every unacked delivery (the broker puts them
+    /// back).
     broken: bool,
+    /// Copies whose dead letter was acked since the broker last confirmed
+    /// the acks, in ack order.
+    pending: Vec<ReplayCopy>,
+    /// When the broker last confirmed the acks (or the run started).
+    last_sync: Instant,
+    /// [`ReplayOptions::sync_every`], at least 1.
+    sync_every: usize,
 }
 
 impl Acks {
+    fn new(sync_every: usize) -> Acks {
+        Acks {
+            kept: None,
+            broken: false,
+            pending: Vec::new(),
+            last_sync: Instant::now(),
+            sync_every: sync_every.max(1),
+        }
+    }
+
     fn keep(&mut self, tag: u64) {
         self.kept = Some(self.kept.map_or(tag, |k| k.min(tag)));
     }
+
+    /// The broker confirmed every ack sent so far: their dead letters are
+    /// replayed.
+    fn confirmed(
+        &mut self,
+        report: &mut ReplayReport,
+        replayed: &prometheus::IntCounter,
+        p: &mut Progress,
+    ) {
+        for copy in self.pending.drain(..) {
+            report.replayed += 1;
+            p.replayed += 1;
+            replayed.inc();
+            report.ids.push(copy.id);
+        }
+        self.last_sync = Instant::now();
+    }
+
+    /// Asks the broker to confirm the acks sent so far, when
+    /// `sync_every` of them wait, or the broker last confirmed acks
+    /// [`ReplayOptions::SYNC_INTERVAL`] ago or more. A failure stops the
+    /// run and every later ack; the acks stay unconfirmed (the close of
+    /// the channel may still confirm them).
+    async fn sync_if_due(
+        &mut self,
+        scan: &Scan,
+        report: &mut ReplayReport,
+        replayed: &prometheus::IntCounter,
+        p: &mut Progress,
+    ) {
+        let due = self.pending.len() >= self.sync_every
+            || self.last_sync.elapsed() >= ReplayOptions::SYNC_INTERVAL;
+        if self.broken || self.pending.is_empty() || !due {
+            return;
+        }
+        match scan.sync().await {
+            Ok(()) => self.confirmed(report, replayed, p),
+            Err(e) => {
+                info!(error = %e, unconfirmed = self.pending.len(), "confirming the acks failed: the dead letters not acked yet go back to their queue");
+                self.broken = true;
+                report.stop(e.to_string());
+            }
+        }
+    }
 }
 
+/// Reads, copies and acks; returns the progress so far (the acks it
+/// leaves in `acks.pending` are confirmed, or not, by the caller).
 #[allow(clippy::too_many_arguments)]
 async fn run(
     conn: &Connection,
     scan: &mut Scan,
     selection: &Selection,
     opts: &ReplayOptions,
-    metrics: &Metrics,
+    replayed: &prometheus::IntCounter,
     progress: &(dyn Fn(Progress) + Sync),
     cancel: &CancellationToken,
     to_scan: usize,
     report: &mut ReplayReport,
-) {
+    acks: &mut Acks,
+) -> Progress {
     let now = SystemTime::now();
     let rpc = opts.read.rpc_timeout;
     let mut publisher: Option<Confirmed<ReplayCopy>> = None;
@@ -330,9 +449,7 @@ async fn run(
         ..Default::default()
     };
     let started = Instant::now();
-    let replayed = metrics.replayed.with_label_values(&[scan_group(scan)]);
     let limit = selection.limit.unwrap_or(usize::MAX);
-    let mut acks = Acks::default();
     let result = async {
         loop {
             if cancel.is_cancelled() {
@@ -390,7 +507,7 @@ async fn run(
                     None => match needed.exists(conn, rpc).await {
                         Ok(e) => *checked.entry(needed.clone()).or_insert(e),
                         Err(e) => {
-                            failed(&e, report, &mut acks);
+                            failed(&e, report, acks);
                             return Err(e);
                         }
                     },
@@ -435,7 +552,7 @@ async fn run(
                 None => match Confirmed::open(conn, opts.window, rpc).await {
                     Ok(c) => publisher.insert(c),
                     Err(e) => {
-                        failed(&e, report, &mut acks);
+                        failed(&e, report, acks);
                         return Err(e);
                     }
                 },
@@ -445,8 +562,9 @@ async fn run(
             // leaves fewer copies whose dead letter is still there).
             if opts.rate.is_some() {
                 while confirms.front_settled() {
-                    settle(confirms, scan, report, &replayed, &mut p, &mut acks).await;
+                    settle(confirms, scan, report, acks).await;
                 }
+                acks.sync_if_due(scan, report, replayed, &mut p).await;
                 if acks.broken {
                     // The run stops (the report holds why); this one was not
                     // taken: it goes back with the rest.
@@ -470,12 +588,13 @@ async fn run(
                 .publish(&exchange, &routing_key, &d.body, properties, copy)
                 .await
             {
-                failed(&e, report, &mut acks);
+                failed(&e, report, acks);
                 return Err(e);
             }
             while confirms.full() {
-                settle(confirms, scan, report, &replayed, &mut p, &mut acks).await;
+                settle(confirms, scan, report, acks).await;
             }
+            acks.sync_if_due(scan, report, replayed, &mut p).await;
             progress(p);
             if acks.broken {
                 break;
@@ -489,9 +608,11 @@ async fn run(
         info!(group = %scan_group(scan), error = %e, "the replay stops; settling the copies in flight");
         report.stop(e.to_string());
     }
+    // The last acks are confirmed by the close of the scan's channel,
+    // which comes next: no sync point here.
     if let Some(mut confirms) = publisher {
         while confirms.in_flight() > 0 {
-            settle(&mut confirms, scan, report, &replayed, &mut p, &mut acks).await;
+            settle(&mut confirms, scan, report, acks).await;
         }
         progress(p);
         confirms.close().await;
@@ -505,6 +626,7 @@ async fn run(
             "replayed without their user_id: the broker takes only the login's own user_id; every other property and header is kept"
         );
     }
+    p
 }
 
 /// A copy in flight: the dead letter's delivery tag and id, and whether
@@ -524,13 +646,12 @@ fn scan_group(scan: &Scan) -> &str {
 /// in the queue, one ack each for the others. A copy that was not
 /// confirmed leaves its dead letter in the queue. A confirmed copy whose
 /// ack fails (or comes after one that failed) is reported as not removed,
-/// and the failure stops the run.
+/// and the failure stops the run; one whose ack went out waits in
+/// `acks.pending` for the broker to confirm it.
 async fn settle(
     confirms: &mut Confirmed<ReplayCopy>,
     scan: &Scan,
     report: &mut ReplayReport,
-    replayed: &prometheus::IntCounter,
-    p: &mut Progress,
     acks: &mut Acks,
 ) {
     let batch = confirms.next_batch().await;
@@ -553,11 +674,11 @@ async fn settle(
     }
     if let Some(last) = below.last().map(|c| c.tag) {
         let acked = !acks.broken && ack_or_stop(scan.ack_up_to(last).await, report, acks);
-        removed(below, acked, report, replayed, p);
+        removed(below, acked, report, acks);
     }
     for copy in alone {
         let acked = !acks.broken && ack_or_stop(scan.ack(copy.tag).await, report, acks);
-        removed(vec![copy], acked, report, replayed, p);
+        removed(vec![copy], acked, report, acks);
     }
 }
 
@@ -574,22 +695,14 @@ fn ack_or_stop(r: Result<(), OperatorError>, report: &mut ReplayReport, acks: &m
     }
 }
 
-/// Counts confirmed copies: replayed when their dead letters were acked,
-/// not removed otherwise.
-fn removed(
-    copies: Vec<ReplayCopy>,
-    acked: bool,
-    report: &mut ReplayReport,
-    replayed: &prometheus::IntCounter,
-    p: &mut Progress,
-) {
+/// Counts confirmed copies: waiting for the broker to confirm their acks
+/// when their dead letters were acked (an ack written is not an ack
+/// handled), not removed otherwise.
+fn removed(copies: Vec<ReplayCopy>, acked: bool, report: &mut ReplayReport, acks: &mut Acks) {
     for copy in copies {
         report.user_id_dropped += usize::from(copy.dropped_user);
         if acked {
-            report.replayed += 1;
-            p.replayed += 1;
-            replayed.inc();
-            report.ids.push(copy.id);
+            acks.pending.push(copy);
         } else {
             report.not_removed.push(copy.id);
         }

@@ -964,12 +964,12 @@ async fn numbered_dead_letters(env: &Env, tag: &str, n: usize) -> Vec<String> {
 }
 
 /// A replay whose connection is closed after it moved `K` dead letters
-/// (one copy in flight at a time; the broker has processed their acks
-/// before the close): the result is its report, not a bare error, and it
-/// names exactly the `K` moved, with what stopped it. Nothing is lost:
-/// the copies are in the work queue, the rest are still dead letters, in
-/// order. (Before: `Err(closing the scan channel ...)`, the `K` moved
-/// reported nowhere.)
+/// (one copy in flight at a time, and the broker asked to confirm each
+/// ack: the broker has confirmed their acks before the close): the
+/// result is its report, not a bare error, and it names exactly the `K`
+/// moved, with what stopped it. Nothing is lost: the copies are in the
+/// work queue, the rest are still dead letters, in order. (Before:
+/// `Err(closing the scan channel ...)`, the `K` moved reported nowhere.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_whose_connection_is_closed_midway_reports_exactly_what_it_moved() {
     const N: usize = 12;
@@ -998,6 +998,7 @@ async fn a_replay_whose_connection_is_closed_midway_reports_exactly_what_it_move
         &op::ReplayOptions {
             read: quick(),
             window: 1,
+            sync_every: 1,
             ..Default::default()
         },
         &metrics,
@@ -1009,6 +1010,7 @@ async fn a_replay_whose_connection_is_closed_midway_reports_exactly_what_it_move
     assert_eq!(r.replayed, K, "{r:?}");
     assert_eq!(r.ids, ids[..K]);
     assert!(r.not_removed.is_empty(), "{r:?}");
+    assert!(r.unconfirmed.is_empty(), "{r:?}");
     assert_eq!(r.selected, r.replayed + r.failed, "{r:?}");
     assert!(r.stopped_early);
     let error = r.error.as_deref().expect("what stopped it");
@@ -1026,6 +1028,111 @@ async fn a_replay_whose_connection_is_closed_midway_reports_exactly_what_it_move
     wait_count(&env.conn, &dq, (N - K) as u32).await;
     assert_eq!(take_ids(&env.conn, &env.billing).await, ids[..K]);
     assert_eq!(take_ids(&env.conn, &dq).await, ids[K..]);
+}
+
+/// A long replay whose connection is lost late: the dead letters whose
+/// acks the broker confirmed at the sync points before the loss (asked
+/// every `SYNC` acks) stay replayed, and only those acked since are
+/// unconfirmed. What the report says holds on the broker: every dead
+/// letter it names as replayed is gone from the dead-letter queue and
+/// has its copy in the work queue, every one it names as unconfirmed or
+/// not removed has its copy there, and nothing is lost. (A replay that
+/// took only the close of its scan's channel as the broker's word would
+/// report none replayed here, after 2 000 dead letters were moved.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_connection_is_lost_late_keeps_what_the_broker_confirmed_before() {
+    const N: usize = 3_000;
+    const SYNC: usize = 500;
+    let env = setup().await;
+    let dq = dead_queue(&env.billing);
+    let ids = many_dead_letters(&env, "z", N).await;
+    let user = warren_testkit::TempUser::create();
+    let operator = connect_as(user.url()).await;
+    let closed = std::sync::atomic::AtomicBool::new(false);
+    // Blocks the replay (the callback runs in it) while the broker closes
+    // the connection.
+    let progress = |p: op::Progress| {
+        if p.replayed >= 2 * SYNC && !closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            close_connections_of(&user.name);
+        }
+    };
+    let r = op::replay(
+        &operator,
+        &env.billing,
+        &op::Selection {
+            all: true,
+            ..Default::default()
+        },
+        &op::ReplayOptions {
+            read: quick(),
+            sync_every: SYNC,
+            ..Default::default()
+        },
+        &op::Metrics::unregistered(),
+        &progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("a run that stopped partway is a report");
+    let summary = format!(
+        "replayed {}, unconfirmed {}, not removed {}, failed {}, selected {}: {:?}",
+        r.replayed,
+        r.unconfirmed.len(),
+        r.not_removed.len(),
+        r.failed,
+        r.selected,
+        r.error
+    );
+    assert!(
+        closed.load(std::sync::atomic::Ordering::SeqCst),
+        "{summary}"
+    );
+    assert!(r.replayed >= 2 * SYNC, "{summary}");
+    assert!(r.replayed < N, "{summary}");
+    assert!(r.error.is_some() && r.stopped_early, "{summary}");
+    assert_eq!(
+        r.selected,
+        r.replayed + r.unconfirmed.len() + r.not_removed.len() + r.failed,
+        "{summary}"
+    );
+    // Acked in order: the replayed first, then the unconfirmed.
+    assert_eq!(r.ids, ids[..r.replayed], "{summary}");
+    assert_eq!(
+        r.unconfirmed,
+        ids[r.replayed..r.replayed + r.unconfirmed.len()],
+        "{summary}"
+    );
+    // The closed connection's unacked dead letters are back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while u64::from(count(&env.conn, &dq).await) != tokio::task::block_in_place(|| held(&dq)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still unacked: {summary}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let work: std::collections::HashSet<String> = take_ids(&env.conn, &env.billing)
+        .await
+        .into_iter()
+        .collect();
+    let dead: std::collections::HashSet<String> =
+        take_ids(&env.conn, &dq).await.into_iter().collect();
+    for id in &r.ids {
+        assert!(work.contains(id), "{id}: replayed, no copy: {summary}");
+        assert!(
+            !dead.contains(id),
+            "{id}: replayed, still a dead letter: {summary}"
+        );
+    }
+    for id in r.unconfirmed.iter().chain(&r.not_removed) {
+        assert!(work.contains(id), "{id}: copied, no copy: {summary}");
+    }
+    for id in &ids {
+        assert!(
+            work.contains(id) || dead.contains(id),
+            "{id} lost: {summary}"
+        );
+    }
 }
 
 /// The connection is closed once `K` copies are confirmed and before any

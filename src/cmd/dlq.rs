@@ -985,7 +985,10 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
         .await;
         pb.finish_and_clear();
         let r = match r {
-            Ok(r) => {
+            Ok(mut r) => {
+                if let Some(e) = r.error.as_mut() {
+                    e.push_str(&unconfirmed_replay_text(&r.unconfirmed, &r.group));
+                }
                 // Also when an error stopped it partway: what moved before
                 // the error is recorded, and the error with it.
                 let mut rec = op::AuditRecord::now("replay", &user, &host, group, &selection);
@@ -1085,6 +1088,13 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
                         r.not_removed.iter().map(|id| esc(id)).collect::<Vec<_>>().join(", ")
                     );
                 }
+                if !r.unconfirmed.is_empty() {
+                    outln!(
+                        "  {} copied, removal unconfirmed (removed or still dead letters: a second replay duplicates those still there): {}",
+                        r.unconfirmed.len(),
+                        r.unconfirmed.iter().map(|id| esc(id)).collect::<Vec<_>>().join(", ")
+                    );
+                }
             }
         }
     }
@@ -1095,7 +1105,7 @@ async fn replay(g: &Global, a: ReplayArgs) -> anyhow::Result<ExitCode> {
             (Some(e), Some(_)) => eprintln!(
                 "error: {}: the replay stopped: {e}{}",
                 r.group,
-                if r.replayed + r.not_removed.len() > 0 {
+                if r.replayed + r.not_removed.len() + r.unconfirmed.len() > 0 {
                     "; what it replayed before is in the summary and the audit record"
                 } else {
                     ""
@@ -1299,6 +1309,23 @@ fn unconfirmed_text(ids: &[String], group: &str) -> String {
         ),
         [first, .., last] => format!(
             "; the broker did not confirm the acks of {} dead letters ({first:?} to {last:?}): each of them was deleted or is back in {queue:?}",
+            ids.len()
+        ),
+    }
+}
+
+/// What a replay's error adds about the dead letters whose copy was
+/// confirmed and whose ack the broker did not confirm (`ids`, in the order
+/// they were acked); nothing when there are none.
+fn unconfirmed_replay_text(ids: &[String], group: &str) -> String {
+    let queue = warren_topology::dead_queue(group);
+    match ids {
+        [] => String::new(),
+        [id] => format!(
+            "; the broker did not confirm the ack of 1 dead letter ({id:?}): its copy is in the target, and it was removed or is still in {queue:?} (a second replay duplicates it if it is)"
+        ),
+        [first, .., last] => format!(
+            "; the broker did not confirm the acks of {} dead letters ({first:?} to {last:?}): their copies are in the target, and each of them was removed or is still in {queue:?} (a second replay duplicates those still there)",
             ids.len()
         ),
     }
