@@ -2574,6 +2574,7 @@ impl ProxyFrame {
 const BASIC_DELIVER: (u16, u16) = (60, 60);
 const BASIC_ACK: (u16, u16) = (60, 80);
 const BASIC_PUBLISH: (u16, u16) = (60, 40);
+const BASIC_CONSUME_OK: (u16, u16) = (60, 21);
 const CHANNEL_CLOSE: (u16, u16) = (20, 40);
 const CONNECTION_CLOSE: (u16, u16) = (10, 50);
 const CONNECTION_CLOSE_OK: (u16, u16) = (10, 51);
@@ -3401,6 +3402,101 @@ async fn a_replay_whose_acks_get_no_answer_does_not_count_them_as_replayed() {
         // What the broker did: it removed none, and took every copy.
         assert_eq!(take_ids(&conn, &dq, N).await, names("v", 0..N));
         assert_eq!(take_ids(&conn, g, N).await, names("v", 0..N));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `export FILE --remove` whose connection the broker closes after it
+/// delivered the 3 dead letters and before warren takes in the close:
+/// warren writes and fsyncs the 3, then acks them, and the broker, which
+/// has closed the connection, drops the ack (all 3 are back in the
+/// queue). The ack gets no answer, and the close of the scan's channel,
+/// which would say it was handled, never comes: so none is counted as
+/// removed; the summary and the error say the 3 were acked without the
+/// broker confirming it, and that the export holds them all. (Before: "3
+/// exported, 3 removed" while all 3 were still in the queue.)
+///
+/// A [`Proxy`] holds the broker's `basic.consume-ok` (and the deliveries
+/// behind it) until the broker has delivered all 3 and closed the
+/// connection, then lets them through and holds the broker's
+/// `connection.close` until warren has acked and closed the channel.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_whose_removing_ack_gets_no_answer_does_not_count_them_as_removed() {
+    use serde_json::json;
+    const N: usize = 3;
+    let conn = connect().await;
+    let env = Env::new(&conn, "expunans").await;
+    let (g, dq) = (env.group.as_str(), env.dead());
+    let dir = std::env::temp_dir().join(format!("warren-expunans-{g}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for output in ["table", "json"] {
+        dead_letters(&conn, g, "e", N).await;
+        let file = dir.join(format!("export-{output}.jsonl"));
+        let _ = std::fs::remove_file(&file);
+        let f = file.to_str().unwrap();
+        let user = warren_testkit::TempUser::create();
+        let proxy = Proxy::start();
+        let url = proxy.url(user.url().expose());
+        proxy.hold_when(|frame| frame.method() == Some(BASIC_CONSUME_OK));
+        let child = Running::spawn(
+            warren()
+                .args(["--amqp-url", &url, "--output", output])
+                .args(["dlq", "export", f, "--group", g, "--remove"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        tokio::task::block_in_place(|| proxy.wait_holding());
+        // Every dead letter is delivered (behind the held consume-ok);
+        // then the broker closes the connection.
+        settle(&conn, &dq, 0).await;
+        tokio::task::block_in_place(|| {
+            close_connections_of(&user.name);
+            proxy.hold_instead(|f| f.method() == Some(CONNECTION_CLOSE));
+            proxy.wait_client("ack, then close the channel", |sent, _| {
+                sent_in_order(sent, BASIC_ACK, 1, CHANNEL_CLOSE)
+            });
+            proxy.release();
+        });
+        let out = child.wait_within(CLI_LIMIT);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{output}: {stdout}\n{stderr}");
+        let unconfirmed = format!(
+            "; before it, 3 dead letters were written to the export (lines 1-3) and 0 removed \
+             from the queue; the broker did not confirm the ack of those 3: each of them was \
+             removed or is still in {dq:?}, and the export holds them all (exporting again \
+             writes those still there again); the export is {f}"
+        );
+        let said = stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("{output}: no error: {stderr}"));
+        assert!(
+            said.starts_with(&format!("error: the export of {dq:?} stopped: ")),
+            "{output}: {said}"
+        );
+        assert!(said.ends_with(&unconfirmed), "{output}: {said}");
+        if output == "table" {
+            assert_eq!(
+                stdout,
+                format!(
+                    "{g}: 3 exported, 0 removed (3 acked, unconfirmed) (stopped by an \
+                     error)\nwrote {f}\n"
+                )
+            );
+        } else {
+            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            let r = &v[0];
+            assert_eq!(
+                (&r["exported"], &r["removed"]),
+                (&json!(3), &json!(0)),
+                "{r}"
+            );
+            assert_eq!(r["unconfirmed"], 3, "{r}");
+            assert!(r["error"].is_string(), "{r}");
+        }
+        assert_eq!(op_ids(&file), names("e", 0..N), "{output}: the file");
+        // What the broker did: it removed none.
+        assert_eq!(take_ids(&conn, &dq, N).await, names("e", 0..N));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

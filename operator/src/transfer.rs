@@ -368,14 +368,27 @@ pub struct ExportReport {
     /// file's).
     pub exported: usize,
     /// Messages removed from the queue (`--remove`): all those exported,
-    /// or none.
+    /// or none. Counted once the broker confirmed the ack that removes
+    /// them (the close of the scan's channel, answered after it).
     pub removed: usize,
+    /// Messages acked to be removed (`--remove`) when the connection was
+    /// lost before the broker confirmed the ack (a broker that closed the
+    /// connection drops what arrives after): each was removed or is still
+    /// in the queue, which is not known. The export holds them all, so
+    /// none is lost (exporting again writes those still there again).
+    /// Not in the JSON when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unconfirmed: usize,
     /// The lines of the export that hold them (1-based; the lines of the
     /// groups exported before come first); `None` when none was written.
     pub lines: Option<Lines>,
     /// What stopped the export before the end (see
     /// [`OperatorError::ExportIncomplete`]); `None` when nothing did.
     pub error: Option<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Writes a group's dead letters to `out`; with `remove`, removes them
@@ -392,10 +405,12 @@ pub struct ExportReport {
 /// [`OperatorError::ExportIncomplete`]: its report says how many were
 /// written (what was written is fsynced first, also then) and removed. A
 /// read that fails removes nothing: those exported are in the file and
-/// still in the queue. The ack that removes gets no answer: when the
-/// connection is lost right after it, the broker may not have taken it and
-/// those dead letters come back (a duplicate of the file's lines, never a
-/// loss).
+/// still in the queue. The ack that removes gets no answer: they count as
+/// removed only once the close of the scan's channel is answered (the
+/// broker answers it after it handled the ack). When the connection is
+/// lost first, they are [`ExportReport::unconfirmed`]: removed or back in
+/// the queue, and in the file either way (at worst a duplicate of the
+/// file's lines, never a loss).
 pub async fn export(
     conn: &Connection,
     group: &str,
@@ -434,23 +449,31 @@ pub async fn export(
     if let Err(e) = out.sync() {
         failure.get_or_insert(e);
     }
-    let mut removed = 0;
+    let mut acked = 0;
     if let (true, None, Some(tag)) = (remove, &failure, last_tag) {
         // Every message read up to `tag` was written: one ack removes them.
         match scan.ack_up_to(tag).await {
-            Ok(()) => removed = exported,
+            Ok(()) => acked = exported,
             Err(e) => failure = Some(e),
         }
     }
     let coverage = scan.coverage();
-    if let Err(e) = scan.finish().await {
-        failure.get_or_insert(e);
-    }
+    // Sent is not handled: an ack written to a connection that the broker
+    // has closed (and warren does not know it yet) is dropped. The close's
+    // answer comes after the broker handled the ack.
+    let (removed, unconfirmed) = match scan.finish().await {
+        Ok(_) => (acked, 0),
+        Err(e) => {
+            failure.get_or_insert(e);
+            (0, acked)
+        }
+    };
     let mut report = ExportReport {
         group: group.to_owned(),
         coverage,
         exported,
         removed,
+        unconfirmed,
         lines: (exported > 0).then(|| Lines {
             first: before + 1,
             last: before + exported,
@@ -463,7 +486,7 @@ pub async fn export(
             Ok(report)
         }
         Some(source) => {
-            info!(group, exported, removed, file = %out.path().display(), error = %source,
+            info!(group, exported, removed, unconfirmed, file = %out.path().display(), error = %source,
                 "export stopped partway; what it exported and removed before is reported");
             report.error = Some(source.to_string());
             Err(OperatorError::ExportIncomplete {
@@ -490,7 +513,7 @@ pub(crate) fn export_incomplete(report: &ExportReport, source: &OperatorError) -
     if matches!(source, OperatorError::Io { .. }) && report.exported > 0 {
         text.push_str(" (the file may not hold them all: it could not be written)");
     }
-    let kept = report.exported - report.removed;
+    let kept = report.exported - report.removed - report.unconfirmed;
     let gone = matches!(
         source,
         OperatorError::ReadCut {
@@ -506,9 +529,11 @@ pub(crate) fn export_incomplete(report: &ExportReport, source: &OperatorError) -
         text.push_str(&format!(
             "; the {kept} exported and not removed are still in {queue:?}: exporting it again writes them again"
         ));
-    } else if report.removed > 0 {
+    }
+    if report.unconfirmed > 0 {
         text.push_str(&format!(
-            "; the ack that removed them got no answer: if the connection was lost right after it, they are back in {queue:?} as well (a duplicate, never a loss)"
+            "; the broker did not confirm the ack of those {}: each of them was removed or is still in {queue:?}, and the export holds them all (exporting again writes those still there again)",
+            report.unconfirmed
         ));
     }
     text

@@ -44,10 +44,12 @@ pub enum DlqCmd {
     /// Write dead letters to a JSON Lines file (non-destructive unless --remove).
     ///
     /// With --remove, a group's dead letters are removed (one ack) only
-    /// once the file is fsynced. Exit 1 when an error (a lost connection, a
-    /// queue deleted while it was read, a full disk) stopped it partway:
-    /// its summary says what each group wrote to the file and removed
-    /// before; the rest are still in their queues.
+    /// once the file is fsynced, and counted removed once the broker has
+    /// confirmed the ack. Exit 1 when an error (a lost connection, a queue
+    /// deleted while it was read, a full disk) stopped it partway: its
+    /// summary says what each group wrote to the file and removed before
+    /// (and acked without the broker confirming it: removed or not, they
+    /// are in the file); the rest are still in their queues.
     Export(ExportArgs),
     /// Put an export back into the dead-letter queues.
     ///
@@ -1466,16 +1468,18 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `billing: 3 exported, 3 removed` (`removed` only with `--remove`).
+/// `billing: 3 exported, 3 removed` (`removed` only with `--remove`;
+/// `billing: 3 exported, 0 removed (3 acked, unconfirmed)` when the
+/// connection was lost before the broker confirmed the ack).
 fn export_line(r: &op::ExportReport, remove: bool, stopped: bool) -> String {
     format!(
         "{}: {} exported{}{}",
         r.group,
         r.exported,
-        if remove {
-            format!(", {} removed", r.removed)
-        } else {
-            String::new()
+        match (remove, r.unconfirmed) {
+            (false, _) => String::new(),
+            (true, 0) => format!(", {} removed", r.removed),
+            (true, n) => format!(", {} removed ({n} acked, unconfirmed)", r.removed),
         },
         if stopped {
             " (stopped by an error)"
