@@ -155,8 +155,11 @@ pub enum OperatorError {
         source: Box<OperatorError>,
     },
     /// A purge stopped partway: the report's `purged` dead letters (its
-    /// `ids`) were deleted, the others the purge held stay in the queue.
-    #[error("{source}; {} of {selected} dead letters purged before it (the rest stay in {:?})", report.purged, warren_topology::dead_queue(&report.group))]
+    /// `ids`) were deleted; its `unconfirmed` ones were acked without the
+    /// broker confirming it (each deleted or back in the queue: not
+    /// known); the others the purge held, not acked, are back in the
+    /// queue. The text says so.
+    #[error("{}", purge_incomplete(report, *selected, source))]
     PurgeIncomplete {
         /// What was purged.
         report: Box<crate::PurgeReport>,
@@ -217,6 +220,37 @@ impl OperatorError {
     }
 }
 
+/// [`OperatorError::PurgeIncomplete`]'s text: the failure, then what is
+/// known of the dead letters the purge held: deleted, acked without the
+/// broker confirming it (deleted or back), not acked (back).
+fn purge_incomplete(
+    report: &crate::PurgeReport,
+    selected: usize,
+    source: &OperatorError,
+) -> String {
+    let queue = dead_queue(&report.group);
+    let unconfirmed = report.unconfirmed.len();
+    let mut text = format!(
+        "{source}; {} of {selected} dead letters purged before it",
+        report.purged
+    );
+    match unconfirmed {
+        0 => {}
+        1 => text.push_str(&format!(
+            "; 1 acked without the broker confirming it: it was deleted or is back in {queue:?}"
+        )),
+        n => text.push_str(&format!(
+            "; {n} acked without the broker confirming it: each of them was deleted or is back in {queue:?}"
+        )),
+    }
+    match selected.saturating_sub(report.purged + unconfirmed) {
+        0 => {}
+        1 => text.push_str(&format!("; the 1 not acked is back in {queue:?}")),
+        n => text.push_str(&format!("; the {n} not acked are back in {queue:?}")),
+    }
+    text
+}
+
 /// [`OperatorError::NameTooLong`]'s text: the name's start (the whole of
 /// it would fill the screen) and its length.
 pub(crate) fn name_too_long(group: &str) -> String {
@@ -265,5 +299,81 @@ pub(crate) async fn timed<T>(
             object: object.to_owned(),
             after,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn purge_stopped(purged: usize, unconfirmed: usize, selected: usize) -> String {
+        let ids = |from: usize, to: usize| (from..to).map(|i| format!("p-{i}")).collect();
+        OperatorError::PurgeIncomplete {
+            report: Box::new(crate::PurgeReport {
+                group: "g".into(),
+                coverage: crate::Coverage {
+                    scanned: selected,
+                    total: selected as u64,
+                    scan_limit_reached: false,
+                    consumers: 0,
+                    stalled: false,
+                },
+                purged,
+                ids: ids(0, purged),
+                unconfirmed: ids(purged, purged + unconfirmed),
+                error: Some("lost".into()),
+            }),
+            selected,
+            source: Box::new(OperatorError::Timeout {
+                what: "closing the scan channel",
+                object: "g.dead".into(),
+                after: Duration::from_secs(30),
+            }),
+        }
+        .to_string()
+    }
+
+    /// A purge that stopped says what is known of each dead letter it
+    /// held: deleted (the broker confirmed the ack), acked without the
+    /// broker confirming it (deleted or back: not known), or not acked
+    /// (back in the queue).
+    #[test]
+    fn a_stopped_purge_says_what_is_known_of_each_dead_letter_it_held() {
+        let stopped =
+            "closing the scan channel on \"g.dead\": no answer from the broker within 30s; ";
+        for (purged, unconfirmed, selected, said) in [
+            (
+                0,
+                0,
+                4,
+                "0 of 4 dead letters purged before it; the 4 not acked are back in \"g.dead\"",
+            ),
+            (
+                0,
+                3,
+                3,
+                "0 of 3 dead letters purged before it; 3 acked without the broker confirming \
+                 it: each of them was deleted or is back in \"g.dead\"",
+            ),
+            (
+                1,
+                1,
+                3,
+                "1 of 3 dead letters purged before it; 1 acked without the broker confirming \
+                 it: it was deleted or is back in \"g.dead\"; the 1 not acked is back in \
+                 \"g.dead\"",
+            ),
+            (
+                2,
+                0,
+                5,
+                "2 of 5 dead letters purged before it; the 3 not acked are back in \"g.dead\"",
+            ),
+        ] {
+            assert_eq!(
+                purge_stopped(purged, unconfirmed, selected),
+                format!("{stopped}{said}")
+            );
+        }
     }
 }

@@ -1368,7 +1368,7 @@ async fn a_purge_whose_connection_is_lost_reports_what_it_deleted_and_loses_noth
             .to_string();
             assert!(
                 text.ends_with(&format!(
-                    "; 0 of 4 dead letters purged before it (the rest stay in {dq:?})"
+                    "; 0 of 4 dead letters purged before it; the 4 not acked are back in {dq:?}"
                 )),
                 "{text}"
             );
