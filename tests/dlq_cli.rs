@@ -3257,35 +3257,6 @@ async fn a_purge_whose_acks_get_no_answer_does_not_count_them_as_purged() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Blocks until no channel of `user` has a publish the broker has not
-/// confirmed yet (its confirms are on the wire), for a minute at most.
-fn wait_confirms_sent(user: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let rows = warren_testkit::rabbitmqctl(&[
-            "list_channels",
-            "user",
-            "messages_unconfirmed",
-            "-q",
-            "--no-table-headers",
-        ]);
-        let waiting: u64 = rows
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .filter(|(u, _)| *u == user)
-            .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
-            .sum();
-        if waiting == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{user}: {waiting} publishes still unconfirmed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A replay whose connection the broker closes after it confirmed the 3
 /// copies and before warren takes in the close: warren acks the 3 dead
 /// letters, and the broker, which has closed the connection, drops the
@@ -3342,7 +3313,7 @@ async fn a_replay_whose_acks_get_no_answer_does_not_count_them_as_replayed() {
         // closes the connection: its connection.close follows them.
         settle(&conn, g, N).await;
         tokio::task::block_in_place(|| {
-            wait_confirms_sent(&user.name);
+            warren_testkit::wait_confirms_sent(&user.name);
             close_connections_of(&user.name);
             proxy.hold_instead(|f| f.method() == Some(CONNECTION_CLOSE));
             proxy.wait_client("ack, then close a channel", |sent, _| {

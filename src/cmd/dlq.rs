@@ -1299,38 +1299,38 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
     Ok(if failed { ExitCode::from(1) } else { code })
 }
 
-/// What a purge's error adds about the dead letters it acked without the
-/// broker confirming it (`ids`, in the order they were acked); nothing
-/// when there are none.
-fn unconfirmed_text(ids: &[String], group: &str) -> String {
-    let queue = warren_topology::dead_queue(group);
+/// What an error adds about the dead letters acked without the broker
+/// confirming the acks (`ids`, in the order they were acked): `one` and
+/// `many` say what is known of one or several; nothing when there are none.
+fn unconfirmed_acks(ids: &[String], one: &str, many: &str) -> String {
     match ids {
         [] => String::new(),
-        [id] => format!(
-            "; the broker did not confirm the ack of 1 dead letter ({id:?}): it was deleted or is back in {queue:?}"
-        ),
+        [id] => format!("; the broker did not confirm the ack of 1 dead letter ({id:?}): {one}"),
         [first, .., last] => format!(
-            "; the broker did not confirm the acks of {} dead letters ({first:?} to {last:?}): each of them was deleted or is back in {queue:?}",
+            "; the broker did not confirm the acks of {} dead letters ({first:?} to {last:?}): {many}",
             ids.len()
         ),
     }
 }
 
-/// What a replay's error adds about the dead letters whose copy was
-/// confirmed and whose ack the broker did not confirm (`ids`, in the order
-/// they were acked); nothing when there are none.
+/// [`unconfirmed_acks`] of a purge.
+fn unconfirmed_text(ids: &[String], group: &str) -> String {
+    let queue = warren_topology::dead_queue(group);
+    unconfirmed_acks(
+        ids,
+        &format!("it was deleted or is back in {queue:?}"),
+        &format!("each of them was deleted or is back in {queue:?}"),
+    )
+}
+
+/// [`unconfirmed_acks`] of a replay, whose copies were confirmed.
 fn unconfirmed_replay_text(ids: &[String], group: &str) -> String {
     let queue = warren_topology::dead_queue(group);
-    match ids {
-        [] => String::new(),
-        [id] => format!(
-            "; the broker did not confirm the ack of 1 dead letter ({id:?}): its copy is in the target, and it was removed or is still in {queue:?} (a second replay duplicates it if it is)"
-        ),
-        [first, .., last] => format!(
-            "; the broker did not confirm the acks of {} dead letters ({first:?} to {last:?}): their copies are in the target, and each of them was removed or is still in {queue:?} (a second replay duplicates those still there)",
-            ids.len()
-        ),
-    }
+    unconfirmed_acks(
+        ids,
+        &format!("its copy is in the target, and it was removed or is still in {queue:?} (a second replay duplicates it if it is)"),
+        &format!("their copies are in the target, and each of them was removed or is still in {queue:?} (a second replay duplicates those still there)"),
+    )
 }
 
 /// Removes the archive of a purge that deleted nothing (declined, or

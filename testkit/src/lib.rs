@@ -42,6 +42,36 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Blocks until no channel of `user` has a publish the broker has not
+/// confirmed yet (its confirms are on the wire, ahead of anything it sends
+/// later), for a minute at most.
+pub fn wait_confirms_sent(user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = rabbitmqctl(&[
+            "list_channels",
+            "user",
+            "messages_unconfirmed",
+            "-q",
+            "--no-table-headers",
+        ]);
+        let waiting: u64 = rows
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(u, _)| *u == user)
+            .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+            .sum();
+        if waiting == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{user}: {waiting} publishes still unconfirmed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The broker's pids of the connections whose client properties contain
 /// `name` (a connection name such as `warren-<component>@` or
 /// `warren-<component>-copies@`; RabbitMQ 3.10's `name` column is the peer

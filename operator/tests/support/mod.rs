@@ -11,7 +11,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use warren_topology::{headers, Plan, Topology, DEAD_LETTER_EXCHANGE};
 
-pub use warren_testkit::{connect, count, drain, publish, url, Cleanup as Guard};
+pub use warren_testkit::{
+    connect, count, drain, publish, url, wait_confirms_sent, Cleanup as Guard,
+};
 
 /// A prefix no other test (or run) uses: `op<pid>-<n>-<nanos>.`.
 pub fn unique_prefix() -> String {
@@ -263,36 +265,6 @@ pub fn wait_held(queue: &str, n: u64) {
         assert!(
             std::time::Instant::now() < deadline,
             "{queue}: the broker holds {now}, expected {n}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Blocks until every channel of `user` has its publishes confirmed by the
-/// broker (the confirms are on the wire, ahead of anything sent later), for
-/// at most 20 seconds.
-pub fn wait_confirms_sent(user: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let rows = warren_testkit::rabbitmqctl(&[
-            "list_channels",
-            "user",
-            "messages_unconfirmed",
-            "-q",
-            "--no-table-headers",
-        ]);
-        let waiting: u64 = rows
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .filter(|(u, _)| *u == user)
-            .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
-            .sum();
-        if waiting == 0 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{user}: {waiting} publishes still unconfirmed"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
