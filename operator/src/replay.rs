@@ -709,13 +709,6 @@ fn removed(copies: Vec<ReplayCopy>, acked: bool, report: &mut ReplayReport, acks
     }
 }
 
-/// Whether exchange `name` exists: a passive declare on a channel of its
-/// own. Only the broker's NOT_FOUND (404, which closes that channel) means
-/// it does not; any other answer (ACCESS_REFUSED, a closed channel or
-/// connection) says nothing about the exchange and is an
-/// [`OperatorError::ExchangeCheck`], which stops the replay: read as "does
-/// not exist", it would fail every dead letter bound there with a wrong
-/// reason.
 /// Where a replay's copies go, which must exist.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Needed {
@@ -746,6 +739,13 @@ impl Needed {
     }
 }
 
+/// Whether exchange `name` exists: a passive declare on a channel of its
+/// own. Only the broker's NOT_FOUND (404, which closes that channel) means
+/// it does not; any other answer (ACCESS_REFUSED, a closed channel or
+/// connection) says nothing about the exchange and is an
+/// [`OperatorError::ExchangeCheck`], which stops the replay: read as "does
+/// not exist", it would fail every dead letter bound there with a wrong
+/// reason.
 async fn exchange_exists(
     conn: &Connection,
     name: &str,
