@@ -117,25 +117,16 @@ pub fn explain_precondition(text: &str) -> String {
     let Some(rest) = text.strip_prefix("inequivalent arg '") else {
         return text.to_owned();
     };
-    let Some((arg, rest)) = rest.split_once('\'') else {
-        return text.to_owned();
-    };
-    // "... received the value '2000' of type ..." / "received '2000' ..." / "received none"
-    let value_after = |s: &str, marker: &str| -> Option<String> {
-        let rest = s[s.find(marker)? + marker.len()..].trim_start();
-        let rest = rest.strip_prefix("the value ").unwrap_or(rest);
-        if let Some(q) = rest.strip_prefix('\'') {
-            return Some(q[..q.find('\'')?].to_owned());
-        }
-        rest.starts_with("none").then(|| "none".to_owned())
-    };
-    let (Some(wanted), Some(current)) = (
-        value_after(rest, "received"),
-        value_after(rest, "but current is"),
-    ) else {
-        return format!("argument {arg}: {text}");
-    };
-    format!("{arg}: the broker has {current}, the topology wants {wanted}")
+    match parse_inequivalent(text) {
+        Some(i) => format!(
+            "{}: the broker has {}, the topology wants {}",
+            i.arg, i.current, i.received
+        ),
+        None => match rest.split_once('\'') {
+            Some((arg, _)) => format!("argument {arg}: {text}"),
+            None => text.to_owned(),
+        },
+    }
 }
 
 async fn check_exchange(
@@ -312,34 +303,68 @@ async fn every_difference(conn: &Connection, q: &PlannedQueue, text: String) -> 
     differences
 }
 
-/// What the broker has for an argument, as its refusal says it.
+/// A value as RabbitMQ's refusal says it: what the declare sent
+/// (`received ...`) or what the broker has (`current is ...`).
 #[derive(Debug, PartialEq, Eq)]
 enum Current {
-    /// `current is none`.
+    /// `none`.
     None,
-    /// `current is the value 'V' of type 'T'`, or `current is 'V'` (a flag
+    /// `the value 'V' of type 'T'`, `'V' of type 'T'`, or `'V'` (a flag
     /// such as `durable`, without a type).
     Value(String, Option<String>),
+}
+
+impl std::fmt::Display for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Current::None => f.write_str("none"),
+            Current::Value(v, _) => f.write_str(v),
+        }
+    }
+}
+
+/// RabbitMQ's "inequivalent arg 'A' for queue 'Q' in vhost 'V': received
+/// R but current is C", read once for [`explain_precondition`] and for
+/// [`every_difference`].
+struct Inequivalent {
+    arg: String,
+    received: Current,
+    current: Current,
+}
+
+/// Reads [`Inequivalent`] from the broker's words. The last `received`
+/// and `but current is` are taken, so a queue or vhost named with those
+/// words is read right.
+fn parse_inequivalent(text: &str) -> Option<Inequivalent> {
+    let rest = text.split_once("inequivalent arg '")?.1;
+    let (arg, rest) = rest.split_once('\'')?;
+    let (before, current) = rest.rsplit_once("but current is ")?;
+    let received = before.rsplit_once("received ")?.1;
+    Some(Inequivalent {
+        arg: arg.to_owned(),
+        received: value_said(received)?,
+        current: value_said(current)?,
+    })
+}
+
+/// One value of the refusal's text (see [`Current`]).
+fn value_said(s: &str) -> Option<Current> {
+    let s = s.trim();
+    if s == "none" {
+        return Some(Current::None);
+    }
+    let s = s.strip_prefix("the value ").unwrap_or(s);
+    let s = s.strip_prefix('\'')?.strip_suffix('\'')?;
+    Some(match s.rsplit_once("' of type '") {
+        Some((value, kind)) => Current::Value(value.to_owned(), Some(kind.to_owned())),
+        None => Current::Value(s.to_owned(), None),
+    })
 }
 
 /// The argument and the broker's value of RabbitMQ's "inequivalent arg
 /// 'A' for queue 'Q' in vhost 'V': received ... but current is ...".
 fn inequivalent(text: &str) -> Option<(String, Current)> {
-    let rest = text.split_once("inequivalent arg '")?.1;
-    let (arg, rest) = rest.split_once('\'')?;
-    let current = rest.rsplit_once("but current is ")?.1.trim_end();
-    if current == "none" {
-        return Some((arg.to_owned(), Current::None));
-    }
-    let current = current.strip_prefix("the value ").unwrap_or(current);
-    let current = current.strip_prefix('\'')?.strip_suffix('\'')?;
-    Some((
-        arg.to_owned(),
-        match current.rsplit_once("' of type '") {
-            Some((value, kind)) => Current::Value(value.to_owned(), Some(kind.to_owned())),
-            None => Current::Value(current.to_owned(), None),
-        },
-    ))
+    parse_inequivalent(text).map(|i| (i.arg, i.current))
 }
 
 /// The value `v` of RabbitMQ's type `kind`, as a declare that the broker
