@@ -69,19 +69,3 @@ impl ConsumerError {
         }
     }
 }
-
-/// Reads RabbitMQ's refusal of a queue: `ACCESS_REFUSED - access to queue
-/// 'Q' in vhost 'V' refused for user 'U'`, as `(the broker's words, Q, V, U)`.
-pub(crate) fn queue_access_refused(text: &str) -> Option<(String, String, String, String)> {
-    let said = &text[text.find("ACCESS_REFUSED - ")?..];
-    let rest = said.split_once("access to queue '")?.1;
-    let (queue, rest) = rest.split_once("' in vhost '")?;
-    let (vhost, rest) = rest.split_once("' refused for user '")?;
-    let user = rest.strip_suffix('\'').unwrap_or(rest);
-    Some((
-        said.to_owned(),
-        queue.to_owned(),
-        vhost.to_owned(),
-        user.to_owned(),
-    ))
-}

@@ -636,18 +636,19 @@ impl<H: Handler> ConsumerGroup<H> {
                 FieldTable::default(),
             )
             .await
-            .map_err(
-                |e| match crate::error::queue_access_refused(&e.to_string()) {
-                    Some((detail, queue, vhost, user)) => ConsumerError::AccessRefused {
+            .map_err(|e| {
+                match warren_topology::refused_access(&e.to_string()).filter(|r| r.kind == "queue")
+                {
+                    Some(r) => ConsumerError::AccessRefused {
                         group: group.name.clone(),
-                        queue,
-                        user,
-                        vhost,
-                        detail,
+                        queue: r.name,
+                        user: r.user,
+                        vhost: r.vhost,
+                        detail: r.said,
                     },
                     None => err("basic.consume")(e),
-                },
-            )?;
+                }
+            })?;
         info!(group = %group.name, queue = %queue, prefetch = group.prefetch, concurrency = group.concurrency, consumer_tag = %consumer.tag(), "consuming");
         Ok(Session {
             consume,

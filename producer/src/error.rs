@@ -205,16 +205,10 @@ fn missing_hint(exchange: &str) -> &'static str {
 /// publish: `ACCESS_REFUSED - access to exchange 'X' in vhost 'V' refused
 /// for user 'U'` (the default exchange is named 'amq.default' there).
 fn access_hint(reason: &str) -> String {
-    let Some(rest) = reason.split_once("access to exchange '").map(|(_, r)| r) else {
+    let Some(r) = warren_topology::refused_access(reason).filter(|r| r.kind == "exchange") else {
         return String::new();
     };
-    let Some((exchange, rest)) = rest.split_once("' in vhost '") else {
-        return String::new();
-    };
-    let Some((vhost, rest)) = rest.split_once("' refused for user '") else {
-        return String::new();
-    };
-    let user = rest.strip_suffix('\'').unwrap_or(rest);
+    let (exchange, vhost, user) = (&r.name, &r.vhost, &r.user);
     format!(
         "; user {user:?} needs the write permission on exchange {exchange:?} in vhost {vhost:?}: \
          the write pattern (the second of rabbitmqctl set_permissions -p {vhost} {user} CONFIGURE WRITE READ) \

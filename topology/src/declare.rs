@@ -108,6 +108,44 @@ fn broker_error(object: String, source: lapin::Error, needs: &'static str) -> To
     }
 }
 
+/// RabbitMQ's refusal of an object for lack of a permission, read from
+/// its words: `ACCESS_REFUSED - access to KIND 'NAME' in vhost 'VHOST'
+/// refused for user 'USER'` (the default exchange is `amq.default` there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedAccess {
+    /// The broker's words, from `ACCESS_REFUSED` on (the whole text when
+    /// that is missing).
+    pub said: String,
+    /// `exchange` or `queue`.
+    pub kind: String,
+    /// The object's name.
+    pub name: String,
+    /// The vhost.
+    pub vhost: String,
+    /// The user refused.
+    pub user: String,
+}
+
+/// Reads [`RefusedAccess`] from an error's text; `None` when it is not
+/// such a refusal.
+pub fn refused_access(text: &str) -> Option<RefusedAccess> {
+    let said = text
+        .find("ACCESS_REFUSED - ")
+        .map_or(text, |at| &text[at..]);
+    let rest = said.split_once("access to ")?.1;
+    let (kind, rest) = rest.split_once(" '")?;
+    let (name, rest) = rest.split_once("' in vhost '")?;
+    let (vhost, rest) = rest.split_once("' refused for user '")?;
+    let user = rest.strip_suffix('\'').unwrap_or(rest);
+    Some(RefusedAccess {
+        said: said.to_owned(),
+        kind: kind.to_owned(),
+        name: name.to_owned(),
+        vhost: vhost.to_owned(),
+        user: user.to_owned(),
+    })
+}
+
 /// Turns RabbitMQ's "inequivalent arg 'x-message-ttl' for queue 'q' in vhost
 /// '/': received the value '2000' of type 'signedint' but current is the
 /// value '1000' of type 'signedint'" into "x-message-ttl: the broker has 1000,
@@ -594,6 +632,29 @@ pub async fn apply(conn: &Connection, plan: &Plan) -> Result<Vec<Applied>, Topol
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_access_is_read_from_the_brokers_words() {
+        let t = "protocol error: ACCESS_REFUSED - access to queue 'g' in vhost '/' refused for user 'bob'";
+        assert_eq!(
+            refused_access(t),
+            Some(RefusedAccess {
+                said: "ACCESS_REFUSED - access to queue 'g' in vhost '/' refused for user 'bob'"
+                    .into(),
+                kind: "queue".into(),
+                name: "g".into(),
+                vhost: "/".into(),
+                user: "bob".into(),
+            })
+        );
+        let t = "access to exchange 'amq.default' in vhost 'v' refused for user 'u'";
+        let r = refused_access(t).unwrap();
+        assert_eq!(
+            (r.kind.as_str(), r.name.as_str(), r.said.as_str()),
+            ("exchange", "amq.default", t)
+        );
+        assert_eq!(refused_access("NOT_FOUND - no queue 'g'"), None);
+    }
 
     #[test]
     fn precondition_text_is_explained() {

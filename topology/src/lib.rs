@@ -35,7 +35,8 @@ pub use connect::{
     close, connect, redact, AmqpUrl, Broker, ConnectOptions, DEFAULT_AMQP_URL, DEFAULT_FRAME_MAX,
 };
 pub use declare::{
-    apply, explain_precondition, verify, Action, Applied, Check, ObjectState, Report,
+    apply, explain_precondition, refused_access, verify, Action, Applied, Check, ObjectState,
+    RefusedAccess, Report,
 };
 pub use error::{ConfigError, TopologyError};
 pub use names::{dead_queue, headers, metrics, retry_queue, work_queue, DEAD_LETTER_EXCHANGE};
