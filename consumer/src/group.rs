@@ -86,11 +86,11 @@ pub const DEFAULT_REQUEUE_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_COPY_HOLD: Duration = Duration::from_secs(5 * 60);
 /// The longest pause between two publishes of a held delivery's copy.
 const COPY_RETRY_MAX_WAIT: Duration = Duration::from_secs(30);
-/// The longest duration a builder setting takes: 100 years, "for ever".
-/// Longer ones (`Duration::MAX`) are taken as this: added to a clock's
-/// `Instant` (a deadline, the end of a hold) they would overflow it and
-/// panic.
-const FOR_EVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+/// The longest duration a builder setting takes: 100 years, "for ever",
+/// as for the publisher ([`PublisherConfig::MAX_DURATION`]). Longer ones
+/// (`Duration::MAX`) are taken as this: added to a clock's `Instant` (a
+/// deadline, the end of a hold) they would overflow it and panic.
+const FOR_EVER: Duration = PublisherConfig::MAX_DURATION;
 
 /// What happens to a delivery, decided from the handler's result. The one
 /// place where results map to ack / retry / dead-letter.
