@@ -391,23 +391,21 @@ fn record(
 
 /// What a failure says, in the command line's words: a body the broker
 /// refused as over its `max_message_size` names `--max-message-size`
-/// (the library's text names `PublisherConfig`).
+/// where the library's text names `PublisherConfig`; the rest of the
+/// library's text is kept.
 fn error_text(e: &PublishError) -> String {
+    let text = e.to_string();
     match e {
-        PublishError::MessageRefused {
-            exchange,
-            routing_key,
-            message_id,
-            reply_code,
-            reason,
-        } if reason.contains("message size") => format!(
-            "the broker refused message {message_id:?} to exchange {exchange:?} with routing key \
-             {routing_key:?} and closed the channel ({reply_code} {reason}); it was not stored, and \
-             sending it again would be refused the same way; the body is over the broker's \
-             max_message_size: keep --max-message-size within it (128 MiB by default in RabbitMQ \
-             3.x), and such a body is refused before anything is sent"
-        ),
-        e => e.to_string(),
+        PublishError::MessageRefused { reason, .. } if reason.contains("message size") => {
+            match text.split_once(" max_message_size: set PublisherConfig::") {
+                Some((head, _)) => format!(
+                    "{head} max_message_size: keep --max-message-size within it (128 MiB by \
+                     default in RabbitMQ 3.x), and such a body is refused before anything is sent"
+                ),
+                None => text,
+            }
+        }
+        _ => text,
     }
 }
 
