@@ -9,6 +9,12 @@
 //! Which messages fail is decided by a hash of `X-Warren-Message-Id`, so the
 //! outcome of a message does not depend on which replica handles it.
 //!
+//! On SIGTERM or SIGINT it stops accepting connections, finishes the
+//! requests in flight and exits 0. It must: in a container it is process 1,
+//! and the kernel gives process 1 no default action for SIGTERM, so without a
+//! handler `docker compose stop` (or Kubernetes) waits out its whole grace
+//! period and then kills it.
+//!
 //! ```sh
 //! cargo run --example demo_handler -- --listen 127.0.0.1:8080
 //! ```
@@ -68,7 +74,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/orders", post(orders))
         .route("/healthz", get(|| async { "ok" }));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    eprintln!("demo_handler listening on {}", args.listen);
-    axum::serve(listener, app).await?;
+    eprintln!("demo_handler listening on {}", listener.local_addr()?);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            eprintln!("demo_handler: stopping (requests in flight finish first)");
+        })
+        .await?;
     Ok(())
 }
