@@ -1749,7 +1749,7 @@ async fn with_json_logs_the_start_and_stop_are_json_events() {
         info[1]["fields"],
         serde_json::json!({
             "message": "stopped consuming", "group": group, "handled": 0, "acked": 0,
-            "retried": 0, "dead_lettered": 0, "rejected": 0, "requeued": 0,
+            "retried": 0, "dead_lettered": 0, "rejected": 0, "requeued": 0, "unfinished": 0,
         })
     );
 }
@@ -1864,7 +1864,7 @@ async fn with_output_json_the_counts_are_the_last_line_of_stdout() {
         v,
         serde_json::json!({
             "group": group, "handled": 2, "acked": 1, "retried": 0, "dead_lettered": 1,
-            "rejected": 0, "requeued": 0, "error": null,
+            "rejected": 0, "requeued": 0, "unfinished": 0, "error": null,
         })
     );
     let stop = format!(
@@ -1897,4 +1897,144 @@ async fn with_output_json_the_counts_are_the_last_line_of_stdout() {
     let message = v["error"]["message"].as_str().unwrap();
     assert!(err.contains(message), "{message} not in {err}");
     assert!(message.contains(&other.q("g")), "{message}");
+}
+
+/// `warren consume --output json` for group `g` of `topo`, logging in with
+/// `url`, `/metrics` on a free port of 127.0.0.1; stdout goes to the
+/// returned file. Does not wait for it to be ready.
+fn json_worker(topo: &Topo, url: &str, args: &[&str]) -> (Worker, std::path::PathBuf) {
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("{}-{port}.log", topo.p));
+    let out = std::env::temp_dir().join(format!("{}-{port}.out", topo.p));
+    let (group, addr) = (topo.q("g"), format!("127.0.0.1:{port}"));
+    let mut all = vec![
+        "consume",
+        "-f",
+        topo.file(),
+        "--group",
+        &group,
+        "--metrics-addr",
+        &addr,
+        "--output",
+        "json",
+    ];
+    all.extend_from_slice(args);
+    let child = warren()
+        .env("WARREN_AMQP_URL", url)
+        .args(&all)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (Worker { child, port, log }, out)
+}
+
+/// The lines of a file, which is then removed.
+fn take_lines(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let _ = std::fs::remove_file(path);
+    text.lines().map(str::to_owned).collect()
+}
+
+/// A handler still running when the shutdown grace ends is stopped and its
+/// delivery goes back to the queue: the stop line and the JSON counts say
+/// so. They used to say "1 handled (1 acked, 0 retried, 0 dead-lettered)"
+/// and nothing of the command killed mid-work (the library's line about it
+/// is at INFO), so a grace too short for the handlers went unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_stopped_at_the_end_of_the_grace_is_counted_unfinished() {
+    let topo = Topo::new("unfinished", &[SLOW_GROUP]);
+    topo.apply();
+    let dir = Scratch::new("unfinisheddir");
+    let cmd = format!(
+        "cat > /dev/null; echo $$ >> {}; [ \"$WARREN_MESSAGE_ID\" = hang-1 ] && exec sleep 47; \
+         exit 0",
+        dir.path("pids")
+    );
+    let (mut w, out) = json_worker(&topo, URL, &["--exec", &cmd, "--grace", "300ms"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || async { ready(&w) }).await,
+        "worker not ready in 20s; log:\n{}",
+        w.log_text()
+    );
+    let conn = connect().await;
+    publish(&conn, &topo.exchange(), "order.created", "ok-1", b"{}").await;
+    publish(&conn, &topo.exchange(), "order.created", "hang-1", b"{}").await;
+    let group = topo.q("g");
+    let acked = format!("warren_handled_total{{group=\"{group}\",outcome=\"ack\"}}");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            w.metric(&acked) == 1.0 && dir.lines("pids").len() == 2
+        })
+        .await,
+        "{}",
+        w.log_text()
+    );
+    w.sigterm();
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        w.log_text()
+    );
+    let log = w.log_text();
+    let stop = format!(
+        "stopped consuming group \"{group}\": 1 handled (1 acked, 0 retried, 0 dead-lettered), \
+         1 unfinished (still running at the end of the 300ms grace: stopped, and their \
+         deliveries went back to the queue)"
+    );
+    assert!(log.lines().any(|l| l == stop), "{log}");
+    let stdout = take_lines(&out);
+    let v: serde_json::Value = serde_json::from_str(stdout.last().expect("a line")).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "group": group, "handled": 1, "acked": 1, "retried": 0, "dead_lettered": 0,
+            "rejected": 0, "requeued": 0, "unfinished": 1, "error": null,
+        })
+    );
+    wait_gone(&dir, "pids", 2).await;
+    requeued_untouched(&topo, "hang-1").await;
+}
+
+/// A worker stopped before it could consume (here the broker cannot be
+/// reached) says so, exits 0 as after any drain, and with `--output json`
+/// still ends stdout with its counts. It used to print nothing at all: no
+/// stop line, and an empty stdout where a supervisor reads the JSON line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_before_consuming_started_still_says_it_stopped() {
+    let topo = Topo::new("stopearly", &[GROUP]);
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let (mut w, out) = json_worker(&topo, &url, &["--exec", "true"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            w.log_text()
+                .contains("connecting to the broker failed; retrying")
+        })
+        .await,
+        "{}",
+        w.log_text()
+    );
+    w.sigterm();
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        w.log_text()
+    );
+    let group = topo.q("g");
+    let log = w.log_text();
+    let stop = format!("stopped group \"{group}\" before it started consuming: nothing handled");
+    assert!(log.lines().any(|l| l == stop), "{log}");
+    assert!(!log.contains("stopped consuming"), "{log}");
+    let stdout = take_lines(&out);
+    assert_eq!(stdout.len(), 1, "{stdout:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout[0]).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "group": group, "handled": 0, "acked": 0, "retried": 0, "dead_lettered": 0,
+            "rejected": 0, "requeued": 0, "unfinished": 0, "error": null,
+        })
+    );
 }

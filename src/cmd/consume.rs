@@ -52,7 +52,9 @@ Before the first delivery the group's queues are checked: a missing one exits 1 
 
 With --output json, the last line of standard output is one JSON object: the \
 counts of the stop line (group, handled, acked, retried, dead_lettered, \
-rejected, requeued) and \"error\" (null after SIGTERM/SIGINT); a run that \
+rejected, requeued, unfinished: handlers still running when the grace ended, \
+stopped, their messages back in the queue) and \"error\" (null after \
+SIGTERM/SIGINT, also when it came before consuming started); a run that \
 fails before consuming prints {\"error\": {...}}.
 
 Exit codes: 0 stopped by SIGTERM/SIGINT after the drain; 1 a failure (a missing \
@@ -133,7 +135,7 @@ async fn metrics_addrs(spec: &str) -> anyhow::Result<Vec<SocketAddr>> {
 
 /// Runs `warren consume`. With `--output json`, standard output ends with
 /// one JSON line: the stop's counts ([`Handled`]) with `"error": null`,
-/// or the error that ended the run (`{"error": ...}` alone when it ended
+/// or the error that ended the run (`{"error": ...}` alone when it failed
 /// before consuming; see [`crate::cli::error_json`]). One line, since
 /// `--exec` commands write to the same standard output before it; a
 /// second signal, which quits at once, prints none.
@@ -352,9 +354,17 @@ async fn serve_group<H: Handler>(
     health.set_ready(false);
     broker.close().await;
     server_stop.cancel();
-    if started.load(Ordering::SeqCst) {
+    // A run that consumed, or that a signal stopped before it could (the
+    // broker unreachable, say), says so and prints its counts; one that
+    // failed before consuming prints only its error (see `run`).
+    let consumed = started.load(Ordering::SeqCst);
+    if consumed || result.is_ok() {
         let handled = Handled::of(&registry, &said.group);
-        said.stopped(&handled);
+        let ended_by = match &result {
+            Ok(()) => Ended::Grace(args.grace),
+            Err(_) => Ended::Error,
+        };
+        said.stopped(&handled, consumed, ended_by);
         if g.json() {
             let error = result.as_ref().err().map(crate::cli::error_json);
             outln!(
@@ -384,6 +394,10 @@ struct Handled {
     rejected: u64,
     /// Requeued: their copy was not confirmed (not counted as handled).
     requeued: u64,
+    /// Given to a handler that never finished: still running when the
+    /// shutdown grace ended (or when an error ended the run), stopped (an
+    /// `--exec` command killed), its delivery back in the queue unacked.
+    unfinished: u64,
 }
 
 impl Handled {
@@ -395,16 +409,33 @@ impl Handled {
             count("dead_letter"),
             count("reject"),
         );
+        let handled = acked + retried + dead_lettered + rejected;
+        let requeued = count("requeue");
+        // Every delivery given to a handler ends with one outcome, or with
+        // none when its handler is stopped before it finishes.
+        let given = samples(registry, "warren_deliveries_total", group)
+            .iter()
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum::<u64>();
         Handled {
             group: group.to_owned(),
-            handled: acked + retried + dead_lettered + rejected,
+            handled,
             acked,
             retried,
             dead_lettered,
             rejected,
-            requeued: count("requeue"),
+            requeued,
+            unfinished: given.saturating_sub(handled + requeued),
         }
     }
+}
+
+/// What ended a run: the shutdown (in-flight handlers had this grace), or
+/// an error.
+#[derive(Debug, Clone, Copy)]
+enum Ended {
+    Grace(Duration),
+    Error,
 }
 
 /// `consume --output json`'s line: the counts, and the error that ended
@@ -468,9 +499,12 @@ impl Said {
 
     /// `stopped consuming group "G": N handled (A acked, R retried, D
     /// dead-lettered)` (with how many were rejected, for the broker to
-    /// dead-letter, and how many were requeued because their copy was not
-    /// confirmed, when any), or the event `stopped consuming` with them.
-    fn stopped(&self, h: &Handled) {
+    /// dead-letter, how many were requeued because their copy was not
+    /// confirmed, and how many handlers were stopped unfinished, when any),
+    /// or the event `stopped consuming` with them. A run stopped before it
+    /// consumed (`consumed` false: it never got to its queue) says that
+    /// instead of counts: `stopped group "G" before it started consuming`.
+    fn stopped(&self, h: &Handled, consumed: bool, ended_by: Ended) {
         let group = &self.group;
         let &Handled {
             handled: total,
@@ -479,40 +513,62 @@ impl Said {
             dead_lettered,
             rejected,
             requeued,
+            unfinished,
             ..
         } = h;
         if self.json {
             as_info_event(|| {
-                info!(
-                    group = %group,
-                    handled = total,
-                    acked,
-                    retried,
-                    dead_lettered,
-                    rejected,
-                    requeued,
-                    "stopped consuming"
-                )
+                if consumed {
+                    info!(
+                        group = %group,
+                        handled = total,
+                        acked,
+                        retried,
+                        dead_lettered,
+                        rejected,
+                        requeued,
+                        unfinished,
+                        "stopped consuming"
+                    )
+                } else {
+                    info!(group = %group, "stopped before consuming")
+                }
             });
-        } else {
-            let rejected = if rejected > 0 {
-                format!(
-                    ", {rejected} rejected: the broker dead-lettered them unchanged, as their \
-                     copy could not be published"
-                )
-            } else {
-                String::new()
-            };
-            let requeued = if requeued > 0 {
-                format!(", {requeued} requeued (their copy was not confirmed)")
-            } else {
-                String::new()
-            };
-            eprintln!(
-                "stopped consuming group {group:?}: {total} handled ({acked} acked, {retried} \
-                 retried, {dead_lettered} dead-lettered{rejected}){requeued}"
-            );
+            return;
         }
+        if !consumed {
+            eprintln!("stopped group {group:?} before it started consuming: nothing handled");
+            return;
+        }
+        let rejected = if rejected > 0 {
+            format!(
+                ", {rejected} rejected: the broker dead-lettered them unchanged, as their \
+                 copy could not be published"
+            )
+        } else {
+            String::new()
+        };
+        let requeued = if requeued > 0 {
+            format!(", {requeued} requeued (their copy was not confirmed)")
+        } else {
+            String::new()
+        };
+        let unfinished = match (unfinished, ended_by) {
+            (0, _) => String::new(),
+            (n, Ended::Grace(grace)) => format!(
+                ", {n} unfinished (still running at the end of the {} grace: stopped, and \
+                 their deliveries went back to the queue)",
+                humantime::format_duration(grace)
+            ),
+            (n, Ended::Error) => format!(
+                ", {n} unfinished (still running when the error ended the run: stopped, and \
+                 their deliveries went back to the queue)"
+            ),
+        };
+        eprintln!(
+            "stopped consuming group {group:?}: {total} handled ({acked} acked, {retried} \
+             retried, {dead_lettered} dead-lettered{rejected}){requeued}{unfinished}"
+        );
     }
 }
 
