@@ -170,6 +170,26 @@ pub enum Command {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// The lowest `--rate` of `publish` and `dlq replay`: a message every 31
+/// years. The wait between two messages at a lower rate does not fit a
+/// duration, or overflows the clock when added: such a run would send its
+/// first message and then wait until it is stopped.
+pub const MIN_RATE: f64 = 1e-9;
+
+/// Checks `--rate` (`publish`, `dlq replay`, before connecting): a number of
+/// messages per second from [`MIN_RATE`] up, refused otherwise (exit 2).
+pub fn check_rate(rate: Option<f64>) -> Result<(), UsageError> {
+    match rate {
+        Some(r) if !(r > 0.0 && r.is_finite()) => Err(UsageError(format!(
+            "--rate must be a positive number, not {r}"
+        ))),
+        Some(r) if r < MIN_RATE => Err(UsageError(format!(
+            "--rate must be a number of messages per second from 0.000000001 (one every 31 years) up, not {r:e}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl std::fmt::Debug for Global {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Global")
@@ -497,6 +517,30 @@ mod tests {
             assert!(!text.contains("s3cret"), "{raw}: {text}");
             assert!(text.contains("***"), "{raw}: {text}");
             assert!(!format!("{g:?}").contains("s3cret"), "{g:?}");
+        }
+    }
+
+    #[test]
+    fn a_rate_is_checked_the_same_for_every_command() {
+        assert!(check_rate(None).is_ok());
+        for ok in [MIN_RATE, 0.5, 1.0, 1e9] {
+            assert!(check_rate(Some(ok)).is_ok(), "{ok}");
+        }
+        for (bad, text) in [
+            (0.0, "--rate must be a positive number, not 0"),
+            (-1.0, "--rate must be a positive number, not -1"),
+            (f64::NAN, "--rate must be a positive number, not NaN"),
+            (f64::INFINITY, "--rate must be a positive number, not inf"),
+            (
+                1e-300,
+                "--rate must be a number of messages per second from 0.000000001 (one every 31 years) up, not 1e-300",
+            ),
+            (
+                9.9e-10,
+                "--rate must be a number of messages per second from 0.000000001 (one every 31 years) up, not 9.9e-10",
+            ),
+        ] {
+            assert_eq!(check_rate(Some(bad)).unwrap_err().0, text, "{bad}");
         }
     }
 

@@ -4141,3 +4141,48 @@ async fn list_and_stats_say_when_a_consumer_may_hold_dead_letters_they_do_not_co
     ch.close(200, "done".into()).await.unwrap();
     assert_eq!(peek_ids(&conn, &dead, 3).await, names("h", 0..3));
 }
+
+/// `replay --rate` is checked as `publish --rate` is, with the same words:
+/// a rate below one message every 31 years is a usage error before
+/// anything moves. (Before: any positive rate was taken, and `1e-300`
+/// replayed the first dead letter, then waited until it was stopped.)
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_refuses_a_rate_too_low_to_schedule_as_publish_does() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "lowrate").await;
+    dead_letters(&conn, &env.group, "r", 2).await;
+    let g = env.group.as_str();
+    for rate in ["1e-300", "0.0000000001", "0", "-1", "NaN"] {
+        let flag = format!("--rate={rate}");
+        let replay = warren()
+            .args(["dlq", "replay", "--group", g, "--all", &flag])
+            .output_within(Duration::from_secs(30));
+        let publish = run(&["publish", "-e", &env.orders, "--body", "{}", &flag]);
+        assert_eq!(replay.status.code(), Some(2), "--rate {rate}: {replay:?}");
+        assert_eq!(publish.status.code(), Some(2), "--rate {rate}: {publish:?}");
+        assert_eq!(text(&replay.stderr), text(&publish.stderr), "--rate {rate}");
+        assert!(
+            text(&replay.stderr).starts_with("error: --rate must be a "),
+            "{}",
+            text(&replay.stderr)
+        );
+    }
+    let out = run(&["dlq", "replay", "--group", g, "--all", "--rate", "1e-300"]);
+    assert_eq!(
+        text(&out.stderr),
+        "error: --rate must be a number of messages per second from 0.000000001 (one every 31 years) up, not 1e-300\n"
+    );
+    // The lowest rate allowed is taken (here a dry run: nothing waits).
+    ok(&[
+        "dlq",
+        "replay",
+        "--group",
+        g,
+        "--all",
+        "--rate",
+        "1e-9",
+        "--dry-run",
+    ]);
+    assert_eq!(count(&conn, &env.group).await, 0, "nothing replayed");
+    assert_eq!(peek_ids(&conn, &env.dead(), 2).await, names("r", 0..2));
+}

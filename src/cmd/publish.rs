@@ -73,8 +73,8 @@ pub struct PublishArgs {
     /// Publish every message this many times (for load).
     #[arg(long, default_value_t = 1)]
     pub count: u64,
-    /// At most this many messages per second (default: as fast as confirms
-    /// allow); after a stall, the schedule starts again rather than catching
+    /// At most this many messages per second (from 0.000000001, one every 31
+    /// years, up; default: as fast as confirms allow); after a stall, the schedule starts again rather than catching
     /// up in a burst.
     #[arg(long)]
     pub rate: Option<f64>,
@@ -170,19 +170,8 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     if args.count == 0 {
         return Err(UsageError("--count must be at least 1".into()).into());
     }
-    if let Some(rate) = args.rate {
-        if !(rate > 0.0 && rate.is_finite()) {
-            return Err(UsageError(format!("--rate must be a positive number, not {rate}")).into());
-        }
-        // The wait between two messages must be a duration the clock can
-        // add: below this rate it is not (or overflows the clock).
-        if rate < Pacer::MIN_RATE {
-            return Err(UsageError(format!(
-                "--rate must be a number of messages per second from 0.000000001 (one every 31 years) up, not {rate:e}"
-            ))
-            .into());
-        }
-    }
+    // The wait between two messages must be a duration the clock can add.
+    crate::cli::check_rate(args.rate)?;
     if args.timeout.is_zero() {
         return Err(UsageError("--timeout must be more than 0s".into()).into());
     }
@@ -325,10 +314,8 @@ struct Pacer {
 
 impl Pacer {
     const SLACK: Duration = Duration::from_millis(10);
-    /// The lowest rate (a message every 31 years): a lower one's period
-    /// does not fit a [`Duration`], or overflows the clock when added.
-    const MIN_RATE: f64 = 1e-9;
 
+    /// `rate`: at least [`crate::cli::MIN_RATE`], as `--rate` is checked.
     fn new(rate: f64) -> Pacer {
         Pacer {
             period: Duration::from_secs_f64(1.0 / rate),
