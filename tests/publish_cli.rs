@@ -1258,3 +1258,75 @@ fn publish_reading_a_terminal_says_what_it_waits_for() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(!stderr.contains(HINT), "{stderr}");
 }
+
+/// Headers too large for one frame are the same for every message: they
+/// are refused before connecting, as other bad input is (exit 2, nothing
+/// published), with the frame size and what to change; the limit is the
+/// publisher's own (a header one byte shorter is published). (Before:
+/// exit 1 after connecting, every message "failed".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_too_large_for_a_frame_are_refused_before_anything_is_sent() {
+    let topo = Topo::new("pubframe", &[GROUP]);
+    topo.apply();
+    let conn = connect().await;
+    let exchange = topo.exchange();
+    let big = format!("a={}", "x".repeat(70_000));
+    let big2 = format!("b={}", "x".repeat(70_000));
+    let small = |n: usize| format!("a={}", "x".repeat(n));
+    let (fit, over) = (small(4000), small(4001));
+    let frame_4096 = "amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=4096";
+    // No broker listens there: a check after connecting would take retries
+    // and exit 1.
+    let nowhere = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f?frame_max=4096",
+        free_port()
+    );
+    let default_text = "error: --header: the message's properties and headers do not fit in one frame of 131072 bytes, and they cannot be split across frames (the broker would close the connection on such a message); nothing was published. The limit is frame_max 131072, the frame size the connection asks for; send fewer or smaller headers (the body can be larger than a frame)\n";
+    let small_text = "error: --header: the message's properties and headers do not fit in one frame of 4096 bytes, and they cannot be split across frames (the broker would close the connection on such a message); nothing was published. The limit is the frame size the URL asks for (?frame_max=4096); raise it, up to the broker's frame_max (128 KiB by default), or send fewer or smaller headers (the body can be larger than a frame)\n";
+    for (url, headers, want) in [
+        (URL, vec![&big, &big2], default_text),
+        (frame_4096, vec![&over], small_text),
+        (nowhere.as_str(), vec![&over], small_text),
+    ] {
+        let mut args = vec![
+            "--amqp-url",
+            url,
+            "publish",
+            "-e",
+            &exchange,
+            "-k",
+            "order.x",
+        ];
+        args.extend(["--body", "{}", "--count", "3"]);
+        for h in &headers {
+            args.extend(["--header", h.as_str()]);
+        }
+        let started = Instant::now();
+        let out = warren().args(&args).output_within(CLI_LIMIT);
+        assert_eq!(out.status.code(), Some(2), "{url}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), want, "{url}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "", "{url}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{url}: no retries"
+        );
+        args.extend(["--output", "json"]);
+        let out = warren().args(&args).output_within(CLI_LIMIT);
+        assert_eq!(out.status.code(), Some(2), "{url}: {out:?}");
+        let doc = json(&out.stdout);
+        assert_eq!(doc["error"]["kind"], "usage", "{doc}");
+        assert_eq!(
+            doc["error"]["message"].as_str().unwrap(),
+            want.strip_prefix("error: ").unwrap().trim_end()
+        );
+    }
+    assert_eq!(count(&conn, &topo.q("g")).await, 0, "nothing was sent");
+    // One byte less fits: published and confirmed.
+    let out = warren()
+        .args(["--amqp-url", frame_4096, "publish", "-e", &exchange])
+        .args(["-k", "order.x", "--body", "{}", "--header", &fit])
+        .output_within(CLI_LIMIT);
+    assert!(out.status.success(), "{out:?}");
+    let got = warren_testkit::drain(&conn, &topo.q("g")).await;
+    assert_eq!(got.len(), 1);
+}

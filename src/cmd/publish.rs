@@ -184,6 +184,11 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     for w in warren_header_warnings(&properties) {
         eprintln!("warning: {w}");
     }
+    // The frame the connection asks for (the URL's frame_max, or warren's
+    // default): the broker may allow less, checked once connected.
+    let asked =
+        warren_topology::Broker::new(ConnectOptions::new(url.clone(), "publish")).frame_max();
+    check_frame(&properties, asked, FrameOf::Asked)?;
     let input = read_input(&args)?;
     if input.messages() == 0 {
         return Err(UsageError("nothing to publish: the input has no message".into()).into());
@@ -201,6 +206,14 @@ async fn publish(g: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
             PublishError::Connect(e) => anyhow::Error::new(e),
             e => anyhow::Error::new(e),
         })?;
+
+    let allowed = publisher.broker().frame_max();
+    if allowed < asked {
+        if let Err(e) = check_frame(&properties, allowed, FrameOf::Allowed) {
+            publisher.close().await;
+            return Err(e.into());
+        }
+    }
 
     let total = input.messages() as u64 * args.count;
     let bar = progress(total, args.quiet);
@@ -950,6 +963,57 @@ fn properties(
         p = p.with_headers(table);
     }
     Ok(p)
+}
+
+/// Where the frame size [`check_frame`] checks against comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrameOf {
+    /// What the connection asks for, before connecting.
+    Asked,
+    /// What the broker allowed, once connected (less than was asked).
+    Allowed,
+}
+
+/// Refuses properties and headers that do not fit in one content-header
+/// frame of `frame_max` bytes (exit 2, nothing published): they are the
+/// same for every message, and the publisher would fail each one with
+/// nothing sent (the broker would close the whole connection on it).
+fn check_frame(p: &BasicProperties, frame_max: u32, of: FrameOf) -> Result<(), UsageError> {
+    // Measured as the publisher sends them: it adds an id (a UUID, 36
+    // bytes), a timestamp and a delivery mode where none is given, whose
+    // encoded sizes do not depend on their values. (Were it to add more,
+    // its own check still fails the message, with exit 1.)
+    let mut p = p.clone();
+    if p.message_id().is_none() {
+        p = p.with_message_id(ShortString::from(uuid::Uuid::nil().to_string()));
+    }
+    if p.timestamp().is_none() {
+        p = p.with_timestamp(0);
+    }
+    if p.delivery_mode().is_none() {
+        p = p.with_delivery_mode(warren_producer::PERSISTENT);
+    }
+    if Message::bytes("", "", Vec::new())
+        .properties(p)
+        .fits_in_frame(frame_max)
+    {
+        return Ok(());
+    }
+    let what = match of {
+        FrameOf::Asked if frame_max < warren_topology::DEFAULT_FRAME_MAX => format!(
+            "the frame size the URL asks for (?frame_max={frame_max}); raise it, up to the broker's frame_max (128 KiB by default), or"
+        ),
+        FrameOf::Asked => format!("frame_max {frame_max}, the frame size the connection asks for;"),
+        FrameOf::Allowed => format!(
+            "frame_max {frame_max}, the largest frame the broker allows (its frame_max setting);"
+        ),
+    };
+    Err(UsageError(format!(
+        "--header: the message's properties and headers do not fit in one frame of {frame_max} bytes, \
+         and they cannot be split across frames (the broker would close the connection on such a \
+         message); nothing was published. The limit is {what} send fewer or smaller headers (the \
+         body can be larger than a frame)"
+    )))
 }
 
 /// What `--header` values of warren's own headers (`x-warren-*`) do to the
