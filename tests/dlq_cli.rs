@@ -3941,10 +3941,14 @@ async fn import_of_a_group_too_long_for_a_queue_name_is_refused_naming_the_line(
     assert_eq!(take_ids(&conn, &env.dead(), 3).await, names("L", 0..3));
 }
 
-/// `import --to-group` naming a group that has no dead-letter queue says to
-/// check `--to-group` (import has no `--group`); an export line whose own
-/// group has none is named with what to do. Nothing is sent either way.
-/// (Before: "... or check --group" for both.)
+/// `import` into a group without a dead-letter queue sends nothing and
+/// says what to check, named by what chose the queue (`--to-group`, or the
+/// file's line: import has no `--group`). As `--group` elsewhere (`dlq
+/// list --group`, `consume --group`): a group that is neither in the
+/// topology file nor on the broker is a usage error (exit 2) listing the
+/// file's groups; a group of the file whose queue is missing needs `warren
+/// topology apply` (exit 1). (Before: exit 1 for both, and "if it is a
+/// group of the topology" where warren could look.)
 #[tokio::test(flavor = "multi_thread")]
 async fn an_import_into_a_group_without_a_dead_letter_queue_names_what_to_check() {
     let conn = connect().await;
@@ -3954,32 +3958,89 @@ async fn an_import_into_a_group_without_a_dead_letter_queue_names_what_to_check(
     let file = TempFile(std::env::temp_dir().join(format!("{g}export.jsonl")));
     ok(&["dlq", "export", file.path(), "--group", g]);
     let nosuch = format!("{g}nosuch");
-
-    let out = run(&["dlq", "import", file.path(), "--to-group", &nosuch]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert_eq!(
-        text(&out.stderr),
+    // The topology file: the group, and one never applied.
+    let unapplied = format!("{g}unapplied");
+    let topology = TempFile(std::env::temp_dir().join(format!("{g}2.toml")));
+    std::fs::write(
+        &topology.0,
         format!(
-            "error: --to-group {nosuch:?}: queue \"{nosuch}.dead\" does not exist: check --to-group, or run `warren topology apply` first if {nosuch:?} is a group of the topology\n"
-        )
+            "{}\n[[group]]\nname = \"{unapplied}\"\nexchange = \"{}\"\nbindings = [\"o.#\"]\nqueue_type = \"classic\"\nretry = [\"1s\"]\n",
+            env.toml, env.orders
+        ),
+    )
+    .unwrap();
+    let t = topology.path();
+    // Each case, in table and JSON output: exit code, kind, message.
+    let check = |args: &[&str], code: i32, kind: &str, message: &str| {
+        let mut all = vec!["-f", t, "dlq", "import", file.path()];
+        all.extend(args);
+        let out = run(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stderr), format!("error: {message}\n"), "{args:?}");
+        assert_eq!(text(&out.stdout), "", "{args:?}");
+        all.extend(["--output", "json"]);
+        let out = run(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: not one JSON document ({e}): {}",
+                text(&out.stdout)
+            )
+        });
+        assert_eq!(
+            doc,
+            serde_json::json!({ "error": { "kind": kind, "message": message } }),
+            "{args:?}"
+        );
+    };
+
+    check(
+        &["--to-group", &nosuch],
+        2,
+        "usage",
+        &format!("--to-group {nosuch:?}: no group {nosuch:?} in {t} and no queue \"{nosuch}.dead\" on the broker; groups: {g}, {unapplied}"),
     );
-    assert_eq!(text(&out.stdout), "");
+    check(
+        &["--to-group", &unapplied],
+        1,
+        "error",
+        &format!("--to-group {unapplied:?}: queue \"{unapplied}.dead\" does not exist: {unapplied:?} is a group of {t}: run `warren topology apply` first"),
+    );
 
-    // Line 2 of the file names a group without a queue.
+    // Line 2 of the file names a group without a queue: one that is
+    // nowhere, then one of the topology file.
     let exported = std::fs::read_to_string(&file.0).unwrap();
-    let mut lines: Vec<String> = exported.lines().map(str::to_owned).collect();
-    let mut second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
-    second["group"] = nosuch.as_str().into();
-    lines[1] = second.to_string();
-    std::fs::write(&file.0, lines.join("\n") + "\n").unwrap();
-    let out = run(&["dlq", "import", file.path()]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert_eq!(
-        text(&out.stderr),
-        format!(
-            "error: {}:2: group {nosuch:?}: queue \"{nosuch}.dead\" does not exist: run `warren topology apply` first if it is a group of the topology, or import the file into another group with --to-group\n",
-            file.path()
-        )
+    let with_group = |group: &str| {
+        let mut lines: Vec<String> = exported.lines().map(str::to_owned).collect();
+        let mut second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+        second["group"] = group.into();
+        lines[1] = second.to_string();
+        std::fs::write(&file.0, lines.join("\n") + "\n").unwrap();
+    };
+    let f = file.path();
+    with_group(&nosuch);
+    check(
+        &[],
+        2,
+        "usage",
+        &format!("{f}:2: group {nosuch:?}: no group {nosuch:?} in {t} and no queue \"{nosuch}.dead\" on the broker; groups: {g}, {unapplied}; import the file into a group that exists with --to-group"),
+    );
+    with_group(&unapplied);
+    check(
+        &[],
+        1,
+        "error",
+        &format!("{f}:2: group {unapplied:?}: queue \"{unapplied}.dead\" does not exist: {unapplied:?} is a group of {t}: run `warren topology apply` first, or import the file into another group with --to-group"),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(peek_ids(&conn, &env.dead(), 2).await, names("q", 0..2));

@@ -346,10 +346,7 @@ async fn check_groups(g: &Global, c: &Connection, given: &[String]) -> anyhow::R
     if given.is_empty() {
         return Ok(());
     }
-    let known: Option<Vec<String>> = match g.topology() {
-        Ok(t) => Some(t.groups.iter().map(|g| g.name.clone()).collect()),
-        Err(_) => None,
-    };
+    let known = file_groups(g);
     for group in given {
         if known.as_ref().is_some_and(|k| k.contains(group)) {
             continue;
@@ -360,24 +357,45 @@ async fn check_groups(g: &Global, c: &Connection, given: &[String]) -> anyhow::R
             return Err(UsageError(format!("--group: {e}")).into());
         }
         if let Err(op::OperatorError::NoSuchQueue { queue }) = counted {
-            let file = g.topology.display();
-            return Err(UsageError(match &known {
-                Some(k) => format!(
-                    "no group {group:?} in {file} and no queue {queue:?} on the broker; groups: {}",
-                    if k.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        k.join(", ")
-                    }
-                ),
-                None => format!(
-                    "no queue {queue:?} on the broker: check --group ({file} cannot be read to list the groups)"
-                ),
-            })
-            .into());
+            return Err(
+                UsageError(unknown_group(g, known.as_deref(), "--group", group, &queue)).into(),
+            );
         }
     }
     Ok(())
+}
+
+/// The groups of the topology file; `None` when it cannot be read.
+fn file_groups(g: &Global) -> Option<Vec<String>> {
+    g.topology()
+        .ok()
+        .map(|t| t.groups.iter().map(|g| g.name.clone()).collect())
+}
+
+/// What a usage error says of a `group` (given with `flag`) that is neither
+/// in the topology file (whose groups are `known`, `None` when it cannot be
+/// read) nor has its dead-letter queue `queue` on the broker.
+fn unknown_group(
+    g: &Global,
+    known: Option<&[String]>,
+    flag: &str,
+    group: &str,
+    queue: &str,
+) -> String {
+    let file = g.topology.display();
+    match known {
+        Some(k) => format!(
+            "no group {group:?} in {file} and no queue {queue:?} on the broker; groups: {}",
+            if k.is_empty() {
+                "none".to_owned()
+            } else {
+                k.join(", ")
+            }
+        ),
+        None => format!(
+            "no queue {queue:?} on the broker: check {flag} ({file} cannot be read to list the groups)"
+        ),
+    }
 }
 
 async fn conn(g: &Global) -> anyhow::Result<Connection> {
@@ -1515,11 +1533,7 @@ async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
             return Err(UsageError(format!("--to-group: {e}")).into())
         }
         Err(op::OperatorError::NoSuchQueue { queue }) => {
-            return Err(anyhow::anyhow!(no_import_queue(
-                &export,
-                a.to_group.as_deref(),
-                &queue
-            )))
+            return Err(no_import_queue(g, &export, a.to_group.as_deref(), &queue))
         }
         Err(e) => return Err(e.into()),
     };
@@ -1597,29 +1611,52 @@ async fn import(g: &Global, a: ImportArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// What to do when an import's target `queue` does not exist (checked
-/// before anything is sent): the flag that chose it, `--to-group`, or the
-/// first line of the file whose group it is (import has no `--group`).
-fn no_import_queue(export: &op::ExportFile, to_group: Option<&str>, queue: &str) -> String {
+/// before anything is sent), named with what chose it: `--to-group`, or the
+/// first line of the file whose group it is (import has no `--group`). As
+/// for `--group` elsewhere, a group that is neither in the topology file
+/// nor on the broker was named wrong: a usage error (exit 2); a group of
+/// the topology file whose queue is missing needs `warren topology apply`
+/// (exit 1).
+fn no_import_queue(
+    g: &Global,
+    export: &op::ExportFile,
+    to_group: Option<&str>,
+    queue: &str,
+) -> anyhow::Error {
+    let known = file_groups(g);
+    let in_file = |group: &str| known.as_ref().is_some_and(|k| k.iter().any(|x| x == group));
+    let file = g.topology.display();
     if let Some(to) = to_group {
-        return format!(
-            "--to-group {to:?}: queue {queue:?} does not exist: check --to-group, or run `warren topology apply` first if {to:?} is a group of the topology"
-        );
+        if in_file(to) {
+            return anyhow::anyhow!(
+                "--to-group {to:?}: queue {queue:?} does not exist: {to:?} is a group of {file}: run `warren topology apply` first"
+            );
+        }
+        let why = unknown_group(g, known.as_deref(), "--to-group", to, queue);
+        return UsageError(format!("--to-group {to:?}: {why}")).into();
     }
     let first = export
         .messages()
         .iter()
         .zip(export.lines())
         .find(|(m, _)| warren_topology::dead_queue(&m.group) == queue);
-    match first {
-        Some((m, line)) => format!(
-            "{}:{line}: group {:?}: queue {queue:?} does not exist: run `warren topology apply` first if it is a group of the topology, or import the file into another group with --to-group",
-            export.name(),
-            m.group
-        ),
-        None => format!(
+    let Some((m, line)) = first else {
+        return anyhow::anyhow!(
             "queue {queue:?} does not exist: run `warren topology apply` first, or import the file into another group with --to-group"
-        ),
+        );
+    };
+    let at = format!("{}:{line}: group {:?}", export.name(), m.group);
+    if in_file(&m.group) {
+        return anyhow::anyhow!(
+            "{at}: queue {queue:?} does not exist: {:?} is a group of {file}: run `warren topology apply` first, or import the file into another group with --to-group",
+            m.group
+        );
     }
+    let why = unknown_group(g, known.as_deref(), "the line's \"group\"", &m.group, queue);
+    UsageError(format!(
+        "{at}: {why}; import the file into a group that exists with --to-group"
+    ))
+    .into()
 }
 
 /// `s` as one shell word: as it is when it holds only characters a shell
