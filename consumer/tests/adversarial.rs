@@ -2033,3 +2033,93 @@ async fn every_publish_of_a_held_copy_of_a_message_without_an_id_carries_one_id(
     assert_eq!(ids[0].len(), 36, "a UUID: {ids:?}");
     assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
 }
+
+/// Handlers still running when the connection is lost finish after the
+/// group consumes again, while the broker's redeliveries of the same
+/// messages (delivery tags 1 to 4 again, on the new channel) are being
+/// handled. The old handlers' results must be dropped: settling their tags
+/// on the new channel would ack the redeliveries under their running
+/// handlers, and a stop (or a crash) would then lose those messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_of_a_lost_channel_never_settle_the_new_channels_deliveries() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let f = Fixture::new(&topology("classic", "'200ms'", 8, 8, "")).await;
+    let g = f.group(0);
+    let component = component();
+    let (calls, old_done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let (c, od) = (calls.clone(), old_done.clone());
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |_d: Delivery| {
+            let (c, od, mut opened) = (c.clone(), od.clone(), opened.clone());
+            async move {
+                if c.fetch_add(1, SeqCst) < 4 {
+                    // The first four: the connection is closed under them.
+                    let _ = opened.wait_for(|o| *o).await;
+                    od.fetch_add(1, SeqCst);
+                    return Ok(());
+                }
+                // Their redeliveries: still running when the group stops.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(())
+            }
+        }),
+        &component,
+        |b| {
+            b.handler_timeout(Duration::from_secs(120))
+                .shutdown_grace(Duration::ZERO)
+        },
+    )
+    .await;
+    let reg = run.registry.clone();
+    let in_flight = |n: f64| {
+        let reg = reg.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while metric(&reg, "warren_in_flight", &[]) != n {
+                assert!(Instant::now() < deadline, "never {n} handlers running");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    f.publish_numbered("order.created", b"x", "lc", 4).await;
+    in_flight(4.0).await;
+    close_connection(&format!("warren-{component}@"));
+    // The four redelivered on the new channel, next to the four old ones.
+    in_flight(8.0).await;
+    assert_eq!(
+        metric(
+            &reg,
+            "warren_reconnects_total",
+            &[("component", "consumer")]
+        ),
+        1.0
+    );
+    gate.send_replace(true);
+    wait_for(Duration::from_secs(5), "the old handlers finish", || {
+        old_done.load(SeqCst) == 4
+    })
+    .await;
+    // An ack of their tags would have gone out by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    run.stop().await;
+    let back = f.take(&g.work_queue(), 4, Duration::from_secs(5)).await;
+    let mut ids: Vec<String> = back.iter().map(message_id).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["lc0", "lc1", "lc2", "lc3"],
+        "none acked under its handler"
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_eq!(f.count(&g.dead_queue()).await, 0);
+    assert_eq!(
+        metric(
+            &reg,
+            "warren_reconnects_total",
+            &[("component", "consumer")]
+        ),
+        1.0
+    );
+}
