@@ -200,5 +200,14 @@ async fn a_crash_loop_ends_in_the_dead_letter_queue_after_the_delivery_limit() {
         header_str(m, warren_topology::headers::ERROR_KIND).is_none(),
         "the broker dead-lettered it, not warren"
     );
+    // What `warren dlq list|show|stats` reports of it: kind `broker`, its
+    // reason and queue taken from x-death.
+    let info = warren_operator::Info::from_parts(&m.delivery.properties, &m.delivery.data);
+    assert_eq!(info.kind, "broker");
+    assert_eq!(
+        info.error,
+        format!("delivery_limit in queue {:?}", g.work_queue())
+    );
+    assert_eq!(info.id, "poison");
     assert_eq!(f.count(&g.work_queue()).await, 0);
 }
