@@ -192,6 +192,20 @@ async fn retryable_goes_through_every_tier_then_dead_letters() {
     assert!(first.ends_with('Z') && first.len() == 24, "{first}");
     assert!(first < dead_at, "{first} < {dead_at}");
     assert_eq!(header_str(m, "x-custom").as_deref(), Some("kept"));
+    // Each retry copy went to its tier through the default exchange, and
+    // came back when the tier's TTL ran out: the broker's `x-death` says so.
+    let mut deaths = x_deaths(m);
+    deaths.sort();
+    assert_eq!(
+        deaths,
+        [1, 2].map(|n| (
+            g.retry_queue(n),
+            String::new(),
+            "expired".to_owned(),
+            g.retry_queue(n)
+        )),
+        "(queue, exchange, reason, routing key) of each x-death entry"
+    );
     let p = &m.delivery.properties;
     assert_eq!(p.message_id().as_ref().unwrap().as_str(), "r-1");
     assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "corr-r-1");
@@ -213,6 +227,43 @@ async fn retryable_goes_through_every_tier_then_dead_letters() {
     for n in 1..=2 {
         assert_eq!(f.count(&g.retry_queue(n)).await, 0);
     }
+}
+
+/// The `x-death` entries of a message: (queue, exchange, reason, first
+/// routing key) each.
+fn x_deaths(m: &lapin::message::BasicGetMessage) -> Vec<(String, String, String, String)> {
+    let text = |t: &FieldTable, k: &str| match t.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("x-death {k}: {other:?}"),
+    };
+    let h = m.delivery.properties.headers().as_ref().expect("headers");
+    let Some(AMQPValue::FieldArray(deaths)) = h.inner().get("x-death") else {
+        panic!("no x-death: {h:?}");
+    };
+    deaths
+        .as_slice()
+        .iter()
+        .map(|d| {
+            let AMQPValue::FieldTable(t) = d else {
+                panic!("x-death entry: {d:?}");
+            };
+            let Some(AMQPValue::FieldArray(keys)) = t.inner().get("routing-keys") else {
+                panic!("x-death routing-keys: {t:?}");
+            };
+            let key = match keys.as_slice().first() {
+                Some(AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                other => panic!("x-death routing key: {other:?}"),
+            };
+            (
+                text(t, "queue"),
+                text(t, "exchange"),
+                text(t, "reason"),
+                key,
+            )
+        })
+        .collect()
 }
 
 #[derive(serde::Deserialize)]
@@ -541,6 +592,23 @@ async fn a_retry_queue_missing_on_the_broker_stops_the_group_before_any_handler_
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0, "no handler ran");
     assert_eq!(f.count(&g.work_queue()).await, 1, "the message waits");
+    // Checked passively: the consumer declares nothing the operator did
+    // not apply.
+    let ch = f.conn.create_channel().await.unwrap();
+    let declared = ch
+        .queue_declare(
+            g.retry_queue(2).as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(
+        declared.is_err_and(|e| e.to_string().contains("NOT_FOUND")),
+        "the missing tier was not created by the consumer"
+    );
 }
 
 /// Frames of 16 KiB: a URL that asks for them, and properties (message id
@@ -1069,6 +1137,7 @@ fn timed_handler(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_handlers_finish_and_acks_them() {
+    let logs = captured_logs();
     let f = Fixture::new(&classic("'200ms'", "")).await;
     let g = f.group(0);
     let (started, finished) = (Ledger::default(), Ledger::default());
@@ -1090,14 +1159,51 @@ async fn shutdown_lets_handlers_finish_and_acks_them() {
         .await
         .unwrap()
         .unwrap();
+    // Published while the handlers finish: the consumer is cancelled
+    // (basic.cancel), so the broker keeps them (8 of the 16 prefetch slots
+    // are free: without the cancel it would deliver them).
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    f.publish_numbered("order.created", b"x", "late", 3).await;
     tokio::time::timeout(Duration::from_secs(10), run.task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
     assert_eq!(finished.len(), 8, "every handler finished");
-    assert_eq!(f.count(&g.work_queue()).await, 0, "and was acked");
-    assert_eq!(started.len(), 8, "nothing handled twice");
+    assert_eq!(started.len(), 8, "nothing handled twice, nothing new taken");
+    let late = f.take(&g.work_queue(), 3, Duration::from_secs(2)).await;
+    let mut ids: Vec<String> = late
+        .iter()
+        .map(|m| {
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["late0", "late1", "late2"], "the 8 were acked");
+    assert!(
+        late.iter().all(|m| !m.delivery.redelivered),
+        "the late ones were never delivered to the cancelled consumer"
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    assert_no_ack_twice(&logs);
+}
+
+/// No delivery was acked twice in this binary so far: the broker closes the
+/// channel of a second ack of a delivery tag ("PRECONDITION_FAILED -
+/// unknown delivery tag"), which lapin logs, and the consumer logs the
+/// next ack on that channel as failed.
+fn assert_no_ack_twice(logs: &std::sync::Mutex<Vec<u8>>) {
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let bad: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("unknown delivery tag") || l.contains("ack failed"))
+        .collect();
+    assert!(bad.is_empty(), "a delivery was acked twice: {bad:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1163,6 +1269,7 @@ async fn shutdown_requeues_what_does_not_finish_in_the_grace_period() {
 /// the unfinished one goes back to the queue, nothing is handled twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_acks_what_finished_behind_an_unfinished_delivery() {
+    let logs = captured_logs();
     let f = Fixture::new(&classic("'200ms'", "")).await;
     let g = f.group(0);
     let finished = Ledger::default();
@@ -1212,6 +1319,7 @@ async fn shutdown_acks_what_finished_behind_an_unfinished_delivery() {
     );
     assert!(back[0].delivery.redelivered);
     assert_eq!(finished.len(), 5, "nothing handled twice");
+    assert_no_ack_twice(&logs);
 }
 
 fn quorum_shutdown(prefetch: u16, concurrency: u16) -> String {
@@ -1654,6 +1762,11 @@ async fn a_handlers_error_is_logged_on_one_line_of_at_most_1_kib() {
     run.stop().await;
     let stored = header_str(&dead[0], headers::ERROR).unwrap();
     assert!(stored.starts_with("upstream said: 1999-01-01T00:00:00.000000Z ERROR forged"));
+    assert!(
+        stored.len() == 1024,
+        "x-warren-error cut to at most 1 KiB: {} bytes",
+        stored.len()
+    );
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(
         !text.lines().any(|l| l.starts_with("1999-01-01")),
@@ -1714,4 +1827,387 @@ async fn a_user_who_may_not_read_the_work_queue_is_told_which_permission_to_gran
         "{text}"
     );
     assert_eq!(f.count(&q).await, 0);
+}
+
+/// `prefetch` bounds the deliveries the broker hands out unacked and
+/// `concurrency` the handlers running: with 6 and 3 and a backlog of slow
+/// messages, handlers run three at a time (concurrently, never more) while
+/// the broker counts at most six deliveries unacked (the other three wait
+/// in the client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_bounds_the_deliveries_and_concurrency_the_handlers_running() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let ledger = Ledger::default();
+    let (r, p, l) = (running.clone(), peak.clone(), ledger.clone());
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let (r, p, l) = (r.clone(), p.clone(), l.clone());
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+                l.note(&d);
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b.prefetch(6).concurrency(3),
+    )
+    .await;
+    let n = 24;
+    f.publish_numbered("order.created", b"x", "pc", n).await;
+    let (mut most_unacked, mut most_in_flight, mut samples) = (0u64, 0.0f64, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Sampled while at least a full window is still waiting.
+    while ledger.len() + 9 < n {
+        assert!(Instant::now() < deadline, "the backlog was not handled");
+        most_unacked = most_unacked.max(unacked(&g.work_queue()));
+        most_in_flight = most_in_flight.max(run.metric("warren_in_flight", &[]));
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for(Duration::from_secs(10), "every message handled", || {
+        ledger.len() == n
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        3,
+        "handlers ran three at a time, never more"
+    );
+    assert!(most_in_flight <= 3.0, "warren_in_flight {most_in_flight}");
+    assert!(samples >= 2, "{samples} samples");
+    assert_eq!(
+        most_unacked, 6,
+        "the broker handed out a full prefetch window and no more"
+    );
+    assert_eq!(f.count(&g.work_queue()).await, 0);
+    for i in 0..n {
+        assert_eq!(ledger.count(&format!("pc{i}")), 1);
+    }
+}
+
+/// Each delivery is handled in a `delivery` span carrying its group,
+/// `message_id`, attempt and `redelivered`: what the handler logs, and what
+/// the runtime logs of its outcome, name the message and the attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_delivery_is_handled_in_a_span_with_its_group_message_id_and_attempt() {
+    let logs = captured_logs();
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let run = Running::start(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            let l = l.clone();
+            async move {
+                tracing::info!("span probe: handling");
+                l.note(&d);
+                if d.attempt() == 1 {
+                    return Err(HandlerError::retryable("span probe fails once"));
+                }
+                Ok(())
+            }
+        }),
+        "consumer-test",
+        |b| b,
+    )
+    .await;
+    f.publish(&f.exchange(), "order.created", b"{}", props("span-1"))
+        .await;
+    wait_for(Duration::from_secs(10), "handled twice", || {
+        ledger.count("span-1") == 2
+    })
+    .await;
+    run.stop().await;
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let span = |attempt: u32| {
+        format!(
+            "delivery{{group={} message_id=\"span-1\" attempt={attempt} redelivered=false}}",
+            g.name
+        )
+    };
+    let probes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("span probe: handling"))
+        .collect();
+    assert_eq!(probes.len(), 2, "{probes:?}");
+    assert!(probes[0].contains(&span(1)), "{}", probes[0]);
+    assert!(probes[1].contains(&span(2)), "{}", probes[1]);
+    let retried: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("span probe fails once") && l.contains("retrying later"))
+        .collect();
+    assert_eq!(retried.len(), 1, "{retried:?}");
+    assert!(retried[0].contains(&span(1)), "{}", retried[0]);
+}
+
+/// Two groups of one process share one `Metrics`: every series carries its
+/// group, and each counts only its own deliveries, outcomes, retries,
+/// handler times and handlers running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_counted_per_group_with_the_design_labels() {
+    let toml = "[[exchange]]\nname = 'orders'\nkind = 'topic'\n\
+        [[group]]\nname = 'billing'\nexchange = 'orders'\nbindings = ['#']\nqueue_type = 'classic'\nretry = ['200ms']\n\
+        [[group]]\nname = 'audit'\nexchange = 'orders'\nbindings = ['#']\nqueue_type = 'classic'\nretry = ['200ms']\n";
+    let f = Fixture::new(toml).await;
+    let (billing, audit) = (f.group(0), f.group(1));
+    let registry = prometheus::Registry::new();
+    let metrics = warren_consumer::Metrics::register(&registry).unwrap();
+    let broker = Arc::new(
+        warren_topology::Broker::connect(
+            warren_topology::ConnectOptions::new(url(), "consumer-test").attempts(3),
+        )
+        .await
+        .unwrap(),
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (billed, audited) = (Ledger::default(), Ledger::default());
+    let b = billed.clone();
+    // billing: m1 fails once then succeeds, m2 fails for good.
+    let billing_group = warren_consumer::ConsumerGroup::builder(
+        billing.clone(),
+        handler_fn(move |d: Delivery| {
+            let b = b.clone();
+            async move {
+                b.note(&d);
+                match (d.message_id(), d.attempt()) {
+                    (Some("m1"), 1) => Err(HandlerError::retryable("once")),
+                    (Some("m2"), _) => Err(HandlerError::permanent("never")),
+                    _ => Ok(()),
+                }
+            }
+        }),
+    )
+    .metrics(metrics.clone())
+    .build()
+    .unwrap();
+    // audit: each takes 150 ms; m2 waits for the gate.
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let a = audited.clone();
+    let audit_group = warren_consumer::ConsumerGroup::builder(
+        audit.clone(),
+        handler_fn(move |d: Delivery| {
+            let (a, mut opened) = (a.clone(), opened.clone());
+            async move {
+                if d.message_id() == Some("m2") {
+                    let _ = opened.wait_for(|o| *o).await;
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                a.note(&d);
+                Ok(())
+            }
+        }),
+    )
+    .metrics(metrics)
+    .build()
+    .unwrap();
+    let mut readies = [billing_group.ready(), audit_group.ready()];
+    let (br, c) = (broker.clone(), cancel.clone());
+    let task_b = tokio::spawn(async move { billing_group.run(&br, c).await });
+    let (br, c) = (broker.clone(), cancel.clone());
+    let task_a = tokio::spawn(async move { audit_group.run(&br, c).await });
+    for r in &mut readies {
+        tokio::time::timeout(Duration::from_secs(10), r.wait_for(|r| *r))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    for id in ["m1", "m2"] {
+        f.publish(&f.exchange(), "order.created", b"{}", props(id))
+            .await;
+    }
+    let m = |name: &str, labels: &[(&str, &str)]| metric(&registry, name, labels);
+    let (bn, an) = (billing.name.as_str(), audit.name.as_str());
+    wait_for(
+        Duration::from_secs(10),
+        "billing done, audit m1 done",
+        || {
+            m("warren_handled_total", &[("group", bn)]) == 3.0
+                && m("warren_handled_total", &[("group", an)]) == 1.0
+        },
+    )
+    .await;
+    assert_eq!(m("warren_in_flight", &[("group", an)]), 1.0, "m2 waits");
+    assert_eq!(m("warren_in_flight", &[("group", bn)]), 0.0);
+    gate.send_replace(true);
+    wait_for(Duration::from_secs(10), "audit m2 done", || {
+        audited.len() == 2
+    })
+    .await;
+    cancel.cancel();
+    task_b.await.unwrap().unwrap();
+    task_a.await.unwrap().unwrap();
+    broker.close().await;
+    assert_eq!(billed.len(), 3);
+    for (name, labels, want) in [
+        ("warren_deliveries_total", vec![("group", bn)], 3.0),
+        ("warren_deliveries_total", vec![("group", an)], 2.0),
+        (
+            "warren_handled_total",
+            vec![("group", bn), ("outcome", "ack")],
+            1.0,
+        ),
+        (
+            "warren_handled_total",
+            vec![("group", bn), ("outcome", "retry")],
+            1.0,
+        ),
+        (
+            "warren_handled_total",
+            vec![("group", bn), ("outcome", "dead_letter")],
+            1.0,
+        ),
+        (
+            "warren_handled_total",
+            vec![("group", an), ("outcome", "ack")],
+            2.0,
+        ),
+        ("warren_handled_total", vec![("group", an)], 2.0),
+        (
+            "warren_retries_total",
+            vec![("group", bn), ("tier", "1")],
+            1.0,
+        ),
+        ("warren_retries_total", vec![("group", an)], 0.0),
+        ("warren_handler_seconds_count", vec![("group", bn)], 3.0),
+        ("warren_handler_seconds_count", vec![("group", an)], 2.0),
+        ("warren_in_flight", vec![("group", bn)], 0.0),
+        ("warren_in_flight", vec![("group", an)], 0.0),
+        (
+            "warren_reconnects_total",
+            vec![("component", "consumer")],
+            0.0,
+        ),
+    ] {
+        assert_eq!(m(name, &labels), want, "{name} {labels:?}");
+    }
+    let audit_secs = m("warren_handler_seconds_sum", &[("group", an)]);
+    assert!(
+        (0.3..5.0).contains(&audit_secs),
+        "two handlers of at least 150 ms: {audit_secs} s"
+    );
+    assert!(
+        m("warren_handler_seconds_sum", &[("group", bn)]) < 0.3,
+        "billing's handlers return at once"
+    );
+    // The series that exist, and nothing else named warren_*.
+    let names: std::collections::BTreeSet<String> = registry
+        .gather()
+        .iter()
+        .map(|mf| mf.name().to_owned())
+        .collect();
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        [
+            "warren_deliveries_total",
+            "warren_handled_total",
+            "warren_handler_seconds",
+            "warren_in_flight",
+            "warren_reconnects_total",
+            "warren_retries_total",
+        ]
+    );
+    assert_eq!(f.count(&billing.dead_queue()).await, 1);
+    assert_eq!(f.count(&audit.work_queue()).await, 0);
+}
+
+/// Channels the broker lists on the connection `pid`.
+fn channels_of(pid: &str) -> usize {
+    warren_testkit::rabbitmqctl(&["list_channels", "-q", "--no-table-headers", "connection"])
+        .lines()
+        .filter(|l| l.trim() == pid)
+        .count()
+}
+
+/// When `run` returns after a shutdown, what the group opened is closed:
+/// its consuming channel and the connection of its retry and dead-letter
+/// copies. The consuming connection, which other groups of the process may
+/// share, stays open until the caller's `Broker::close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_consuming_channel_and_the_copies_connection() {
+    let f = Fixture::new(&classic("'200ms'", "")).await;
+    let g = f.group(0);
+    let component = format!("ctest-{}", unique_prefix().trim_end_matches('.'));
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let group = warren_consumer::ConsumerGroup::builder(
+        g.clone(),
+        handler_fn(move |d: Delivery| {
+            l.note(&d);
+            async move {
+                if d.attempt() == 1 {
+                    return Err(HandlerError::retryable("once"));
+                }
+                Ok(())
+            }
+        }),
+    )
+    .build()
+    .unwrap();
+    let broker = Arc::new(
+        warren_topology::Broker::connect(
+            warren_topology::ConnectOptions::new(url(), component.as_str()).attempts(3),
+        )
+        .await
+        .unwrap(),
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut ready = group.ready();
+    let (b, c) = (broker.clone(), cancel.clone());
+    let task = tokio::spawn(async move { group.run(&b, c).await });
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+    f.publish(&f.exchange(), "order.created", b"{}", props("cl-1"))
+        .await;
+    wait_for(Duration::from_secs(10), "retried and handled", || {
+        ledger.count("cl-1") == 2
+    })
+    .await;
+    let (consuming, copies) = (
+        format!("warren-{component}@"),
+        format!("warren-{component}-copies@"),
+    );
+    let pid = connection_pids(&consuming);
+    assert_eq!(pid.len(), 1, "{pid:?}");
+    assert_eq!(connection_pids(&copies).len(), 1);
+    assert_eq!(channels_of(&pid[0]), 1, "the consuming channel");
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops in time")
+        .unwrap()
+        .unwrap();
+    let closed = warren_testkit::wait_until(Duration::from_secs(3), || {
+        let done = connection_pids(&copies).is_empty() && channels_of(&pid[0]) == 0;
+        async move { done }
+    })
+    .await;
+    assert!(
+        closed,
+        "after run returned: copies connections {:?}, consuming channels {}",
+        connection_pids(&copies),
+        channels_of(&pid[0])
+    );
+    assert_eq!(
+        connection_pids(&consuming),
+        pid,
+        "the shared connection is the caller's to close"
+    );
+    broker.close().await;
+    let gone = warren_testkit::wait_until(Duration::from_secs(3), || {
+        let done = connection_pids(&consuming).is_empty();
+        async move { done }
+    })
+    .await;
+    assert!(gone, "Broker::close closed the consuming connection");
+    assert_eq!(f.count(&g.work_queue()).await, 0);
 }
