@@ -4247,3 +4247,77 @@ async fn replay_refuses_a_rate_too_low_to_schedule_as_publish_does() {
     assert_eq!(count(&conn, &env.group).await, 0, "nothing replayed");
     assert_eq!(peek_ids(&conn, &env.dead(), 2).await, names("r", 0..2));
 }
+
+/// A purge or an export that fails before it removed or wrote anything (a
+/// wrong password, a group of the topology file not applied yet) leaves no
+/// file behind: the same command, run again once the cause is fixed,
+/// works. (Before: the empty file it had created refused the second run,
+/// "already exists, and warren never overwrites a file".)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_or_export_that_fails_before_anything_moved_leaves_no_file() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "nofile").await;
+    dead_letters(&conn, &env.group, "n", 2).await;
+    let g = env.group.as_str();
+    let unapplied = format!("{g}unapplied");
+    let topology = TempFile(std::env::temp_dir().join(format!("{g}2.toml")));
+    std::fs::write(
+        &topology.0,
+        format!(
+            "{}\n[[group]]\nname = \"{unapplied}\"\nexchange = \"{}\"\nbindings = [\"o.#\"]\nqueue_type = \"classic\"\nretry = [\"1s\"]\n",
+            env.toml, env.orders
+        ),
+    )
+    .unwrap();
+    let t = topology.path();
+    let file = TempFile(std::env::temp_dir().join(format!("{g}out.jsonl")));
+    let f = file.path();
+    let bad_password = "amqp://guest:wrong-s3cret@127.0.0.1:5672/%2f";
+    let missing = format!(
+        "error: queue \"{unapplied}.dead\" does not exist (run `warren topology apply` first, or check --group)\n"
+    );
+    let cases: Vec<(&str, Vec<&str>, Option<&str>)> = vec![
+        (
+            bad_password,
+            vec!["purge", "--group", g, "--all", "--yes", "--archive", f],
+            None,
+        ),
+        (
+            URL,
+            vec![
+                "purge",
+                "--group",
+                g,
+                "--group",
+                &unapplied,
+                "--all",
+                "--yes",
+                "--archive",
+                f,
+            ],
+            Some(&missing),
+        ),
+        (bad_password, vec!["export", f, "--group", g], None),
+        (
+            URL,
+            vec!["export", f, "--group", &unapplied],
+            Some(&missing),
+        ),
+    ];
+    for (url, args, want) in &cases {
+        let out = warren()
+            .args(["-f", t, "--amqp-url", url, "dlq"])
+            .args(args)
+            .output_within(CLI_LIMIT);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        if let Some(want) = want {
+            assert_eq!(text(&out.stderr), *want, "{args:?}");
+        }
+        assert!(!text(&out.stderr).contains("s3cret"), "{out:?}");
+        assert!(!file.0.exists(), "{args:?}: {f} was left behind");
+    }
+    assert_eq!(peek_ids(&conn, &env.dead(), 2).await, names("n", 0..2));
+    // Fixed, the same export works.
+    ok(&["-f", t, "dlq", "export", f, "--group", g]);
+    assert_eq!(std::fs::read_to_string(&file.0).unwrap().lines().count(), 2);
+}

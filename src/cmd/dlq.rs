@@ -1158,8 +1158,20 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         Some(p) => Some(op::ExportWriter::create_new(p)?),
         None => None,
     };
-    let c = conn(g).await?;
-    check_groups(g, &c, &a.read.groups).await?;
+    // Until something is deleted, a failure leaves no archive behind: the
+    // same command, run again once the cause is fixed, must not be refused
+    // for a file this run created.
+    let c = match conn(g).await {
+        Ok(c) => c,
+        Err(e) => {
+            discard_archive(archive);
+            return Err(e);
+        }
+    };
+    if let Err(e) = check_groups(g, &c, &a.read.groups).await {
+        discard_archive(archive);
+        return Err(e);
+    }
     let mut pending = Vec::new();
     for group in &groups {
         let p =
@@ -1170,6 +1182,7 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
                 for p in pending {
                     let _ = p.abort().await;
                 }
+                discard_archive(archive);
                 return Err(e.into());
             }
         }
@@ -1341,11 +1354,11 @@ fn unconfirmed_replay_text(ids: &[String], group: &str) -> String {
     )
 }
 
-/// Removes the archive of a purge that deleted nothing (declined, or
-/// nothing matched): it holds copies of dead letters that are all still in
-/// their queues, so importing it would duplicate them, and the file this
-/// run created would make the same command, run again, fail on a file that
-/// exists.
+/// Removes the archive of a purge that deleted nothing (declined, nothing
+/// matched, or stopped by an error before deleting): it holds copies of
+/// dead letters that are all still in their queues, so importing it would
+/// duplicate them, and the file this run created would make the same
+/// command, run again, fail on a file that exists.
 fn discard_archive(archive: Option<op::ExportWriter>) {
     if let Some(w) = archive {
         let path = w.path().to_owned();
@@ -1440,7 +1453,20 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
                 stopped = Some(format!("{group}: {e}; nothing of it was exported"));
                 break;
             }
-            Err(e) => return Err(e.into()),
+            // Nothing exported: the file this run created goes, so that
+            // the same command can be run again once the cause is fixed
+            // (run `warren topology apply`, say).
+            Err(e) => {
+                if !to_stdout && out.written() == 0 {
+                    let path = out.path().to_owned();
+                    drop(out);
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        warn!(file = %path.display(), error = %e, "the empty export file could not be removed");
+                    }
+                }
+                warren_topology::close(&c, "bye").await;
+                return Err(e.into());
+            }
         };
         warn_coverage(&r.coverage, &warren_topology::dead_queue(group));
         lines.push(export_line(&r, a.remove, false));
