@@ -366,10 +366,35 @@ impl<H> std::fmt::Debug for ConsumerGroup<H> {
 struct Session {
     consume: Channel,
     consumer: Consumer,
-    /// Cancelled when the session ends (lost, or shutting down): deliveries
-    /// held while their copy is published again are then requeued. In an
+    /// How the session ended, as its deliveries' tasks see it. In an
     /// `Arc`: every delivery takes a clone, and a token's own clone locks.
-    ends: Arc<CancellationToken>,
+    ends: Arc<SessionEnd>,
+}
+
+/// The end of a session, for the tasks of its deliveries.
+#[derive(Default)]
+struct SessionEnd {
+    /// Cancelled when the session ends (lost, or shutting down): deliveries
+    /// held while their copy is published again are then requeued.
+    token: CancellationToken,
+    /// Set, before `token` is cancelled, when the session was lost: its
+    /// channel is gone and the broker redelivers every delivery it had not
+    /// acked, so a copy published for one of them now would be a second
+    /// copy of the same attempt (a duplicate dead letter, or a message
+    /// retried twice from then on), and an ack can no longer be sent.
+    lost: AtomicBool,
+}
+
+impl SessionEnd {
+    /// The session was lost (see `lost`).
+    fn lose(&self) {
+        self.lost.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
 }
 
 /// Why a session ended.
@@ -522,7 +547,7 @@ impl<H: Handler> ConsumerGroup<H> {
                     return Ok(());
                 }
                 Ended::Lost => {
-                    session.ends.cancel();
+                    session.ends.lose();
                     warn!(group = %self.ctx.name, "channel or connection lost; deliveries in flight will be redelivered by the broker");
                     // The connection is not dropped here: `Broker::channel`
                     // opens a new one when it is closed or closing, and it
@@ -653,7 +678,7 @@ impl<H: Handler> ConsumerGroup<H> {
         Ok(Session {
             consume,
             consumer,
-            ends: Arc::new(CancellationToken::new()),
+            ends: Arc::default(),
         })
     }
 
@@ -855,7 +880,7 @@ impl<H: Handler> ConsumerGroup<H> {
         d: lapin::message::Delivery,
         epoch: u64,
         permit: OwnedSemaphorePermit,
-        ends: &Arc<CancellationToken>,
+        ends: &Arc<SessionEnd>,
     ) {
         let ctx = self.ctx.clone();
         let ends = ends.clone();
@@ -895,7 +920,7 @@ impl<H: Handler> ConsumerGroup<H> {
         info!(group = %name, in_flight = tasks.len(), grace = ?self.ctx.settings.grace, "shutting down: cancelling the consumer");
         // Deliveries held while their copy is published again go back to
         // the queue now rather than at the end of the grace.
-        s.ends.cancel();
+        s.ends.token.cancel();
         let tag = s.consumer.tag();
         let cancelled = match with_timeout(
             Duration::from_secs(5),
@@ -1191,7 +1216,7 @@ async fn process<H: Handler>(
     handler: &H,
     copies: &Copies,
     delivery: Delivery,
-    ends: &CancellationToken,
+    ends: &SessionEnd,
     slot: OwnedSemaphorePermit,
 ) -> Settle {
     // One of the group's `concurrency` slots, held while the handler runs
@@ -1244,6 +1269,14 @@ async fn process<H: Handler>(
     let tiers = ctx.settings.group.retry.len();
     let decided = disposition(&result, delivery.failed_attempts(), tiers);
     let (target, mut exchange, mut key, mut tier) = match decided {
+        Disposition::Ack if ends.lost() => {
+            debug!(
+                group,
+                message_id = delivery.message_id().unwrap_or(""),
+                "handled after its channel was lost: not acked; the broker redelivers it"
+            );
+            return requeue(ctx, &ends.token).await;
+        }
         Disposition::Ack => {
             m.handled.with_label_values(&[group, "ack"]).inc();
             return Settle::Ack;
@@ -1325,6 +1358,12 @@ async fn process<H: Handler>(
         .message_id()
         .or(new_id.as_deref())
         .unwrap_or_default();
+    if ends.lost() {
+        // The broker redelivers the delivery: its next attempt makes the
+        // copy, and one made now would be a second copy of this attempt.
+        info!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %logged_error, "the handler failed after its channel was lost: no copy is published; the broker redelivers the message and the handler runs again");
+        return requeue(ctx, &ends.token).await;
+    }
     let mut published = copies.publisher.publish(copy).await.map(|_| ());
     // From the first copy the broker did not take: since when the delivery
     // is held, and how many publishes of its copy failed.
@@ -1347,7 +1386,7 @@ async fn process<H: Handler>(
             }
             Err(why) if never_publishable(&why) => {
                 error!(group, message_id, attempt = delivery.attempt(), kind = %failure.kind(), handler_error = %logged_error, error = %why, exchange = %exchange, routing_key = %key, "the copy can never be published, and the work queue was not found to dead-letter to warren.dlx (a reject could drop the message); requeueing the delivery: run `warren topology verify`");
-                return requeue(ctx, ends).await;
+                return requeue(ctx, &ends.token).await;
             }
             Err(why) => why,
         };
@@ -1365,7 +1404,7 @@ async fn process<H: Handler>(
             } else {
                 error!(group, message_id, attempt = delivery.attempt(), error = %why, exchange = %exchange, routing_key = %key, held = ?now.duration_since(since), publishes = tries, "the copy was still not taken at the end of copy_hold; requeueing the delivery (its handler runs again)");
             }
-            return requeue(ctx, ends).await;
+            return requeue(ctx, &ends.token).await;
         }
         if tries == 1 {
             drop(slot.take());
@@ -1374,9 +1413,9 @@ async fn process<H: Handler>(
             debug!(group, message_id, error = %why, again_in = ?wait, publishes = tries, "the held delivery's copy was not taken again");
         }
         tokio::select! {
-            _ = ends.cancelled() => {
+            _ = ends.token.cancelled() => {
                 info!(group, message_id, "the session ended while the delivery was held for its copy; the broker requeues it");
-                return requeue(ctx, ends).await;
+                return requeue(ctx, &ends.token).await;
             }
             _ = tokio::time::sleep(wait) => {}
         }
@@ -1410,7 +1449,9 @@ async fn process<H: Handler>(
 
 /// Requeues a delivery whose copy was not taken, after `requeue_delay` (so
 /// that a broken route does not become a hot redelivery loop) or at once
-/// when the session ends.
+/// when the session ends; and counts one that its lost session left
+/// unsettled (at once: that session's token is cancelled), which the broker
+/// redelivers.
 async fn requeue(ctx: &Ctx, ends: &CancellationToken) -> Settle {
     ctx.metrics
         .handled

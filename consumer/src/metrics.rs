@@ -11,7 +11,7 @@ use prometheus::{
 /// | metric | labels | what |
 /// |---|---|---|
 /// | `warren_deliveries_total` | `group` | deliveries received |
-/// | `warren_handled_total` | `group`, `outcome` | deliveries settled: `ack` (the handler succeeded), `retry` and `dead_letter` (the copy confirmed, then the delivery acked), `requeue` (the copy was not taken within `copy_hold`, the session ended while the delivery was held, or the copy can never be published and the work queue was not found to dead-letter: the delivery goes back to the queue), `reject` (a copy that can never be published: the broker dead-letters the delivery itself). Counted when the outcome is decided: an ack lost with its channel is counted, and the redelivery is counted again |
+/// | `warren_handled_total` | `group`, `outcome` | deliveries settled: `ack` (the handler succeeded), `retry` and `dead_letter` (the copy confirmed, then the delivery acked), `requeue` (the copy was not taken within `copy_hold`, the session ended while the delivery was held, or the copy can never be published and the work queue was not found to dead-letter: the delivery goes back to the queue; or the handler finished after its channel was lost: no copy is published and no ack sent for it, as the broker redelivers it), `reject` (a copy that can never be published: the broker dead-letters the delivery itself). Counted when the outcome is decided: an ack lost with its channel after that is counted, and the redelivery is counted again |
 /// | `warren_handler_seconds` | `group` | handler run time (histogram), timeouts and panics included |
 /// | `warren_in_flight` | `group` | handlers running now |
 /// | `warren_retries_total` | `group`, `tier` | copies sent to retry tier `tier` (1-based) |

@@ -392,7 +392,9 @@ struct Handled {
     /// Rejected for the broker to dead-letter, unchanged: their copy could
     /// not be published.
     rejected: u64,
-    /// Requeued: their copy was not confirmed (not counted as handled).
+    /// Requeued, back in the queue unacked: their copy was not confirmed,
+    /// or their channel was lost before they were settled (not counted as
+    /// handled).
     requeued: u64,
     /// Given to a handler that never finished: still running when the
     /// shutdown grace ended (or when an error ended the run), stopped (an
@@ -549,7 +551,10 @@ impl Said {
             String::new()
         };
         let requeued = if requeued > 0 {
-            format!(", {requeued} requeued (their copy was not confirmed)")
+            format!(
+                ", {requeued} requeued (their copy was not confirmed, or their channel was lost \
+                 before they were settled)"
+            )
         } else {
             String::new()
         };
