@@ -447,6 +447,23 @@ pub fn init_tracing(g: &Global, quiet: bool) {
         .init();
 }
 
+/// Runs `event` (an INFO event of warren's) where it is written: to the
+/// process's subscriber when that shows INFO, else to a JSON subscriber
+/// writing to stderr, as `--log-format json` does. For what a command says
+/// at every verbosity (on stderr as text otherwise), so that with
+/// `--log-format json` every line of stderr is JSON.
+pub fn as_info_event(event: impl Fn()) {
+    if tracing::enabled!(tracing::Level::INFO) {
+        event();
+    } else {
+        let json = tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .finish();
+        tracing::subscriber::with_default(json, event);
+    }
+}
+
 /// Whether an event may print the password: the AMQP client's TRACE events
 /// show the URL (`amq_protocol_tcp`: "Connecting", with the URI) and whole
 /// frames, the login's `connection.start-ok` among them. They are dropped at

@@ -2160,6 +2160,43 @@ async fn watch_refuses_a_group_in_neither_the_topology_file_nor_on_the_broker() 
     assert_eq!(v["event"], "watching", "{v}");
 }
 
+/// With `--log-format json`, every line `dlq watch` writes to stderr is
+/// JSON, its start too (it was a text line: "watching G; metrics on ...").
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_with_json_logs_writes_only_json_to_stderr() {
+    let conn = connect().await;
+    let env = Env::new(&conn, "watchjsonlog").await;
+    let mut child = Running::spawn(
+        warren()
+            .args([
+                "--log-format",
+                "json",
+                "dlq",
+                "watch",
+                "--group",
+                &env.group,
+            ])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stderr.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&first)
+        .unwrap_or_else(|e| panic!("the first line of stderr is not JSON ({e}): {first:?}"));
+    assert_eq!(
+        v["fields"]["message"], "watching dead-letter queues; /metrics and /healthz served",
+        "{v}"
+    );
+    assert_eq!(v["fields"]["groups"], env.group.as_str(), "{v}");
+    assert_eq!(v["level"], "INFO", "{v}");
+}
+
 /// The name /etc/passwd gives this process's uid, else `uid:N`.
 fn this_user() -> String {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

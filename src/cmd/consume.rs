@@ -480,7 +480,7 @@ impl Said {
         } = self;
         let queue = warren_topology::work_queue(group);
         if self.json {
-            as_info_event(|| {
+            crate::cli::as_info_event(|| {
                 info!(
                     group = %group,
                     queue = %queue,
@@ -519,7 +519,7 @@ impl Said {
             ..
         } = h;
         if self.json {
-            as_info_event(|| {
+            crate::cli::as_info_event(|| {
                 if consumed {
                     info!(
                         group = %group,
@@ -574,21 +574,6 @@ impl Said {
             "stopped consuming group {group:?}: {total} handled ({acked} acked, {retried} \
              retried, {dead_lettered} dead-lettered{rejected}){requeued}{unfinished}"
         );
-    }
-}
-
-/// Runs `event` (an INFO event of this module) where it is written: to the
-/// process's subscriber when that shows INFO, else to a JSON subscriber
-/// writing to stderr, as `--log-format json` does.
-fn as_info_event(event: impl Fn()) {
-    if tracing::enabled!(tracing::Level::INFO) {
-        event();
-    } else {
-        let json = tracing_subscriber::fmt()
-            .json()
-            .with_writer(std::io::stderr)
-            .finish();
-        tracing::subscriber::with_default(json, event);
     }
 }
 

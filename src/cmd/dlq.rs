@@ -1729,11 +1729,17 @@ async fn watch(g: &Global, a: WatchArgs) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let addr =
         crate::serve::spawn(a.metrics_addr, registry, health.clone(), shutdown.clone()).await?;
-    info!(%addr, groups = %groups.join(","), "watching dead-letter queues; /metrics and /healthz served");
-    eprintln!(
-        "watching {}; metrics on http://{addr}/metrics",
-        groups.join(", ")
-    );
+    let watching = || info!(%addr, groups = %groups.join(","), "watching dead-letter queues; /metrics and /healthz served");
+    if g.log_format == crate::cli::LogFormat::Json {
+        // Every line of stderr JSON: the event, at every verbosity.
+        crate::cli::as_info_event(watching);
+    } else {
+        watching();
+        eprintln!(
+            "watching {}; metrics on http://{addr}/metrics",
+            groups.join(", ")
+        );
+    }
     {
         let s = shutdown.clone();
         tokio::spawn(async move {
