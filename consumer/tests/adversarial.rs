@@ -97,15 +97,6 @@ where
     })
 }
 
-fn message_id(m: &lapin::message::BasicGetMessage) -> String {
-    m.delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|s| s.to_string())
-        .unwrap_or_default()
-}
-
 /// Every settled outcome of `warren_handled_total`, summed.
 fn settled(reg: &prometheus::Registry) -> f64 {
     metric(reg, "warren_handled_total", &[])

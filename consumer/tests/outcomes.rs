@@ -317,24 +317,12 @@ async fn permanent_and_undecodable_go_straight_to_dead_letters() {
     f.publish(&f.exchange(), "order.created", b"{\"id\":1}", props("good"))
         .await;
     let mut dead = f.take(&g.dead_queue(), 3, Duration::from_secs(10)).await;
-    dead.sort_by_key(|m| {
-        m.delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .unwrap()
-            .to_string()
-    });
+    dead.sort_by_key(message_id);
     let kinds: Vec<(String, Option<String>, Option<i64>)> = dead
         .iter()
         .map(|m| {
             (
-                m.delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .unwrap()
-                    .to_string(),
+                message_id(m),
                 header_str(m, headers::ERROR_KIND),
                 header_int(m, headers::ATTEMPTS),
             )
@@ -1087,13 +1075,7 @@ async fn malformed_attempt_headers_count_as_absent_and_never_loop() {
         .take(&g.dead_queue(), bad.len(), Duration::from_secs(10))
         .await;
     for m in &dead {
-        let id = m
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .unwrap()
-            .to_string();
+        let id = message_id(m);
         assert_eq!(
             header_int(m, headers::ATTEMPTS),
             Some(2),
@@ -1172,19 +1154,11 @@ async fn shutdown_lets_handlers_finish_and_acks_them() {
     assert_eq!(finished.len(), 8, "every handler finished");
     assert_eq!(started.len(), 8, "nothing handled twice, nothing new taken");
     let late = f.take(&g.work_queue(), 3, Duration::from_secs(2)).await;
-    let mut ids: Vec<String> = late
-        .iter()
-        .map(|m| {
-            m.delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    ids.sort();
-    assert_eq!(ids, ["late0", "late1", "late2"], "the 8 were acked");
+    assert_eq!(
+        sorted_ids(&late),
+        ["late0", "late1", "late2"],
+        "the 8 were acked"
+    );
     assert!(
         late.iter().all(|m| !m.delivery.redelivered),
         "the late ones were never delivered to the cancelled consumer"
@@ -1246,19 +1220,7 @@ async fn shutdown_requeues_what_does_not_finish_in_the_grace_period() {
     );
     // q0 was acked; the five unfinished went back to the queue.
     let back = f.take(&g.work_queue(), 5, Duration::from_secs(5)).await;
-    let mut ids: Vec<String> = back
-        .iter()
-        .map(|m| {
-            m.delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    ids.sort();
-    assert_eq!(ids, ["q1", "q2", "q3", "q4", "q5"]);
+    assert_eq!(sorted_ids(&back), ["q1", "q2", "q3", "q4", "q5"]);
     assert!(back.iter().all(|m| m.delivery.redelivered));
     assert_eq!(f.count(&g.work_queue()).await, 0);
     assert_eq!(f.count(&g.dead_queue()).await, 0);
@@ -1307,16 +1269,7 @@ async fn shutdown_acks_what_finished_behind_an_unfinished_delivery() {
         "only the unfinished one goes back to the queue"
     );
     let back = f.take(&g.work_queue(), 1, Duration::from_secs(2)).await;
-    assert_eq!(
-        back[0]
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .unwrap()
-            .as_str(),
-        "slow"
-    );
+    assert_eq!(message_id(&back[0]), "slow");
     assert!(back[0].delivery.redelivered);
     assert_eq!(finished.len(), 5, "nothing handled twice");
     assert_no_ack_twice(&logs);

@@ -133,6 +133,23 @@ pub fn props(id: &str) -> BasicProperties {
         .with_headers(h)
 }
 
+/// The message's `message_id` ("" when it has none).
+pub fn message_id(m: &lapin::message::BasicGetMessage) -> String {
+    m.delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
+/// The `message_id`s of `ms`, sorted.
+pub fn sorted_ids(ms: &[lapin::message::BasicGetMessage]) -> Vec<String> {
+    let mut ids: Vec<String> = ms.iter().map(message_id).collect();
+    ids.sort();
+    ids
+}
+
 pub fn header_str(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
     match m
         .delivery
