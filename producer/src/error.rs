@@ -154,8 +154,19 @@ pub enum PublishError {
     #[error("the publisher is closed")]
     Closed,
     /// The metrics could not be registered.
-    #[error("cannot register the producer metrics: {0}")]
+    #[error("cannot register the producer metrics: {0}{hint}", hint = metrics_hint(.0))]
     Metrics(#[from] prometheus::Error),
+}
+
+/// What to do when the producer metrics are in the registry already: a
+/// second `Publisher::connect` or `with_broker` on one registry.
+fn metrics_hint(e: &prometheus::Error) -> &'static str {
+    match e {
+        prometheus::Error::AlreadyReg => {
+            " (a registry takes them once: call PublisherMetrics::register once, or take publisher.metrics() from the first publisher, and build the others with Publisher::with_metrics, or Publisher::owning for one with a connection of its own)"
+        }
+        _ => "",
+    }
 }
 
 /// What to do about a refused message, from the broker's words.
@@ -295,6 +306,36 @@ mod tests {
                     .into(),
         };
         assert!(size.to_string().contains("max_message_size"), "{size}");
+    }
+
+    /// A second publisher on one registry: the user is told how to share
+    /// the metrics instead of prometheus's bare "Duplicate metrics
+    /// collector registration attempted". It fails before connecting.
+    #[tokio::test]
+    async fn a_second_registration_says_how_to_share_the_metrics() {
+        let registry = prometheus::Registry::new();
+        let _first = crate::PublisherMetrics::register(&registry).expect("first registration");
+        let opts = warren_topology::ConnectOptions::new(
+            warren_topology::AmqpUrl::default(),
+            "producer-test",
+        );
+        let Err(e) =
+            crate::Publisher::connect(crate::PublisherConfig::default(), opts, &registry).await
+        else {
+            panic!("a second registration must fail");
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("cannot register the producer metrics: Duplicate metrics collector registration attempted (a registry takes them once"),
+            "{text}"
+        );
+        assert!(text.contains("Publisher::with_metrics"), "{text}");
+        // Other prometheus errors get no such advice.
+        let other = PublishError::from(prometheus::Error::Msg("bad name".into()));
+        assert_eq!(
+            other.to_string(),
+            "cannot register the producer metrics: Error: bad name"
+        );
     }
 
     #[test]
