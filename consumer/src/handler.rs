@@ -72,6 +72,10 @@ impl fmt::Display for ErrorKind {
 /// | [`HandlerError::permanent`] | `permanent` | a copy to `warren.dlx` (key `{group}`) at once |
 /// | [`HandlerError::decode`] | `decode` | a copy to `warren.dlx` at once |
 /// | `new(kind, ..)` | that kind | as the kind's [`ErrorKind::is_retryable`] says |
+///
+/// No other error converts into it by itself (which kind an I/O or a
+/// database error is, only the handler knows): each constructor takes any
+/// `Display`, so `call().await.map_err(HandlerError::retryable)?`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError {
     kind: ErrorKind,
@@ -177,6 +181,30 @@ impl<F> fmt::Debug for HandlerFn<F> {
 ///         return Err(HandlerError::permanent("empty body"));
 ///     }
 ///     Ok(())
+/// });
+/// # let _ = h;
+/// ```
+///
+/// The closure is called once per delivery, so it is `Fn`: what it shares
+/// (a client, a pool, a [`warren_producer::Publisher`]) is cloned into each
+/// future, not moved into it, which does not compile ("cannot move out of
+/// `client`, a captured variable in an `Fn` closure"). And `?` needs a
+/// [`HandlerError`]: there is no conversion from other errors, because only
+/// you know whether a failure is worth retrying, so pick the kind with
+/// `map_err`:
+///
+/// ```
+/// use std::sync::Arc;
+/// use warren_consumer::{handler_fn, Delivery, HandlerError};
+/// let seen = Arc::new(std::sync::Mutex::new(Vec::<u64>::new())); // shared state
+/// let h = handler_fn(move |d: Delivery| {
+///     let seen = seen.clone(); // one clone per delivery
+///     async move {
+///         let text = std::str::from_utf8(d.body()).map_err(HandlerError::decode)?;
+///         let id: u64 = text.trim().parse().map_err(HandlerError::permanent)?;
+///         seen.lock().map_err(|_| HandlerError::retryable("poisoned"))?.push(id);
+///         Ok(())
+///     }
 /// });
 /// # let _ = h;
 /// ```

@@ -29,6 +29,59 @@
 //! `x-warren-attempts` that is not an integer from 0 to [`MAX_ATTEMPTS`]
 //! counts as absent (logged at WARN).
 //!
+//! # One group
+//!
+//! The example of the README's "Libraries" section, whole (keep the two
+//! alike): it runs in an `async fn` whose error type takes every error
+//! here (`Box<dyn std::error::Error + Send + Sync>` or `anyhow::Error`:
+//! each is `std::error::Error + Send + Sync + 'static`).
+//!
+//! ```no_run
+//! # async fn readme() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use std::sync::Arc;
+//! use tokio_util::sync::CancellationToken;
+//! use warren_consumer::{ConsumerGroup, Delivery, HandlerError};
+//! use warren_topology::{AmqpUrl, Broker, ConnectOptions, Topology};
+//!
+//! let url: AmqpUrl = "amqp://guest:guest@127.0.0.1:5672/%2f".parse()?; // prints with the password masked
+//! let cancel_token = CancellationToken::new();         // your signal handler cancels it
+//! let topology = Topology::from_file("warren.toml")?;
+//! let group = topology.group("billing").cloned().expect("a billing group");
+//! let handler = warren_consumer::handler_fn(|d: Delivery| async move {
+//!     let order: serde_json::Value = d.json()?;          // decode failure: dead-lettered, kind `decode`
+//!     if order["amount_cents"].as_i64().is_some_and(|a| a < 0) {
+//!         return Err(HandlerError::permanent("negative amount"));   // straight to billing.dead
+//!     }
+//!     Ok(())                                              // ack
+//! });
+//! let registry = prometheus::Registry::new();
+//! let consumer = ConsumerGroup::builder(group, handler).registry(&registry)?.build()?;
+//! let broker = Arc::new(Broker::new(ConnectOptions::new(url, "consumer")));
+//! consumer.run(&broker, cancel_token).await?;             // reconnects; drains on cancel
+//! broker.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Dependencies and logs
+//!
+//! The types in these signatures come from other crates, at these
+//! versions: `prometheus = "0.14"` (`Registry`), `tokio-util = "0.7"`
+//! (`CancellationToken`), `tokio = "1"` (with `macros` and
+//! `rt-multi-thread` for `#[tokio::main]`); the AMQP client's own types
+//! (`AMQPValue`, `FieldTable`) through [`warren_topology::lapin`]. Another
+//! major version of one of them is another crate, whose types are not
+//! these: the compiler then reports a mismatch between two `Registry` (or
+//! `CancellationToken`) types.
+//!
+//! The AMQP client (`lapin`) logs through `tracing` too, at ERROR for every
+//! channel the broker closes, routine ones included (each object that
+//! `warren_topology::apply` checks and finds missing; a publish to a
+//! missing exchange, which [`warren_producer::Publisher`] answers with an
+//! error), and at WARN with the whole message for each one returned as
+//! unroutable. warren logs and returns what matters itself: filter them
+//! out as the `warren` binary does, with
+//! `EnvFilter::new("info,lapin=off,amq_protocol=off")`.
+//!
 //! # A service with two groups
 //!
 //! One [`warren_topology::Broker`] (one connection) for both groups, one

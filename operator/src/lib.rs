@@ -3,9 +3,23 @@
 //! Read them without consuming (`stats`, `list`, `show`), put dead letters
 //! back to work (`replay`), delete them (`purge`), move them between
 //! brokers or keep them (`export`, `import`), and watch them (`watch`).
-//! Every function takes a connection (or connect options) and a
-//! [`Metrics`]; none reads the environment, installs a signal handler or
-//! serves HTTP: the `warren dlq` command does that.
+//! They take a `lapin::Connection` (from [`warren_topology::connect`];
+//! `watch` takes the connect options and reconnects itself), and `replay`
+//! and `watch` a [`Metrics`] too; none reads the environment, installs a
+//! signal handler or serves HTTP: the `warren dlq` command does that.
+//!
+//! ```no_run
+//! # async fn inbox() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use warren_operator::{stats, ReadOptions};
+//! use warren_topology::{close, connect, AmqpUrl, ConnectOptions};
+//!
+//! let url: AmqpUrl = "amqp://guest:guest@127.0.0.1:5672/%2f".parse()?;
+//! let conn = connect(&ConnectOptions::new(url, "operator")).await?;
+//! let billing = stats(&conn, "billing", &ReadOptions::default()).await?; // reads billing.dead, consumes nothing
+//! println!("{} dead letters, by kind {:?}", billing.count, billing.by_kind);
+//! close(&conn, "done").await;
+//! # Ok(()) }
+//! ```
 //!
 //! # Layout
 //!

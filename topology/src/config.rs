@@ -471,7 +471,8 @@ impl Topology {
         Ok(Topology { exchanges, groups })
     }
 
-    /// The group called `name`.
+    /// The group called `name`; `None` when the file has none of that
+    /// name (say which it has: `self.groups.iter().map(|g| &g.name)`).
     pub fn group(&self, name: &str) -> Option<&Group> {
         self.groups.iter().find(|g| g.name == name)
     }

@@ -5,6 +5,29 @@
 //! to the broker (with backoff, and a URL that never shows its password), and
 //! declaring or verifying a topology.
 //!
+//! ```no_run
+//! # async fn deploy() -> Result<(), warren_topology::TopologyError> {
+//! use warren_topology::{apply, close, connect, AmqpUrl, ConnectOptions, Plan, Topology};
+//!
+//! let topology = Topology::from_file("warren.toml")?; // errors name file, line and field
+//! for lint in topology.lints() {
+//!     tracing::warn!(%lint, "topology");
+//! }
+//! let url: AmqpUrl = "amqp://guest:guest@127.0.0.1:5672/%2f".parse()?;
+//! let conn = connect(&ConnectOptions::new(url, "deploy")).await?; // retries with backoff
+//! let applied = apply(&conn, &Plan::new(&topology)).await?; // declares nothing if an object differs
+//! close(&conn, "applied").await;
+//! # let _ = applied;
+//! # Ok(()) }
+//! ```
+//!
+//! `apply` and `verify` check each object with a passive declare, and the
+//! broker closes the channel of each one that is missing: the AMQP client
+//! (`lapin`) logs every such close at ERROR, on a first `apply` that
+//! succeeds too. warren returns or logs what matters itself; filter the
+//! client out as the `warren` binary does
+//! (`EnvFilter::new("info,lapin=off,amq_protocol=off")`).
+//!
 //! # Layout
 //!
 //! - `config`: [`Topology`], [`Group`], [`Exchange`]: parsing `warren.toml`
