@@ -188,3 +188,35 @@ pub use handler::{
 };
 pub use headers::{one_line_error, MAX_ATTEMPTS};
 pub use metrics::Metrics;
+
+#[cfg(test)]
+mod tests {
+    /// The code of a Markdown or rustdoc block: the lines between the
+    /// fence that opens with `open` and the next fence, without rustdoc's
+    /// `//! ` and the lines it hides (`# `).
+    fn block(text: &str, open: &str) -> Vec<String> {
+        text.lines()
+            .map(|l| match l.strip_prefix("//!") {
+                Some(doc) => doc.strip_prefix(' ').unwrap_or(doc),
+                None => l,
+            })
+            .skip_while(|l| *l != open)
+            .skip(1)
+            .take_while(|l| !l.starts_with("```"))
+            .filter(|l| !l.starts_with("# "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_library_example_is_the_compiled_one() {
+        let readme = block(include_str!("../../README.md"), "```rust");
+        let doctest = block(include_str!("lib.rs"), "```no_run");
+        assert!(doctest.len() > 10, "the doctest was found: {doctest:?}");
+        assert_eq!(
+            readme, doctest,
+            "the README's Libraries example differs from the doctest \"One group\" of \
+             consumer/src/lib.rs, which the compiler checks: keep the two alike"
+        );
+    }
+}
