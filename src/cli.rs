@@ -220,8 +220,14 @@ impl Global {
     /// that still holds the [`TopologyError`] (for [`error_json`]).
     pub fn topology(&self) -> anyhow::Result<Topology> {
         Topology::from_file(&self.topology).map_err(|e| match e {
-            TopologyError::Invalid(_) | TopologyError::Read { .. } => {
+            TopologyError::Invalid(_) => {
                 let text = e.to_string();
+                anyhow::Error::new(e).context(UsageError(text))
+            }
+            // The library's error knows no flags: the way to another file
+            // is the command line's.
+            TopologyError::Read { .. } => {
+                let text = format!("{e} (pass another with -f or WARREN_TOPOLOGY)");
                 anyhow::Error::new(e).context(UsageError(text))
             }
             other => other.into(),

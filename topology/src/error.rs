@@ -35,9 +35,7 @@ impl std::error::Error for ConfigError {}
 #[non_exhaustive]
 pub enum TopologyError {
     /// The topology file could not be read.
-    #[error(
-        "cannot read topology file {file}: {source} (pass another with -f or WARREN_TOPOLOGY)"
-    )]
+    #[error("cannot read topology file {file}: {source}")]
     Read {
         /// The path.
         file: String,
