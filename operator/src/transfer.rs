@@ -249,8 +249,28 @@ impl ExportWriter {
             .create_new(true)
             .open(path)
             .map_err(|source| match source.kind() {
+                std::io::ErrorKind::AlreadyExists if path.is_dir() => io(
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::IsADirectory,
+                        "is a directory: give the path of a new file",
+                    ),
+                ),
                 std::io::ErrorKind::AlreadyExists => OperatorError::FileExists {
                     file: path.display().to_string(),
+                },
+                std::io::ErrorKind::NotFound => match path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => io(
+                        path,
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!(
+                                "directory {} does not exist (create it first)",
+                                dir.display()
+                            ),
+                        ),
+                    ),
+                    _ => io(path, source),
                 },
                 _ => io(path, source),
             })?;
@@ -1053,7 +1073,7 @@ mod tests {
     }
 
     #[test]
-    fn create_new_refuses_a_file_that_exists_and_leaves_none_where_the_directory_is_missing() {
+    fn create_new_refuses_a_file_that_exists_a_directory_and_a_missing_directory_by_name() {
         let dir = temp_dir("create");
         let file = dir.join("export.jsonl");
         let w = ExportWriter::create_new(&file).unwrap();
@@ -1064,8 +1084,25 @@ mod tests {
             other => panic!("expected FileExists, got {other:?}"),
         }
         let nowhere = dir.join("missing").join("export.jsonl");
-        assert!(ExportWriter::create_new(&nowhere).is_err());
+        let e = ExportWriter::create_new(&nowhere).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: directory {} does not exist (create it first)",
+                nowhere.display(),
+                dir.join("missing").display()
+            )
+        );
         assert!(!nowhere.exists());
+        // A directory is not "a file that exists".
+        let e = ExportWriter::create_new(&dir).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: is a directory: give the path of a new file",
+                dir.display()
+            )
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
