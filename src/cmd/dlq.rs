@@ -104,12 +104,34 @@ pub struct SelectArgs {
     pub all: bool,
 }
 
+/// The regex crate's error on one line: its syntax errors span four
+/// (`regex parse error:`, the pattern, a caret under the place, `error:
+/// what`), which read as two errors on stderr. "what (at character N)".
+fn regex_error_line(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(what) = lines.last().and_then(|l| l.strip_prefix("error: ")) else {
+        return text.replace('\n', " ");
+    };
+    // The caret line, under the pattern indented by four spaces.
+    match lines
+        .iter()
+        .find(|l| l.trim_start().starts_with('^'))
+        .and_then(|l| l.find('^'))
+    {
+        Some(at) => format!("{what} (at character {})", at.saturating_sub(4) + 1),
+        None => what.to_owned(),
+    }
+}
+
 impl SelectArgs {
     fn selection(&self) -> anyhow::Result<op::Selection> {
         let error = match &self.error {
-            Some(re) => {
-                Some(op::Regex::new(re).map_err(|e| UsageError(format!("--error {re:?}: {e}")))?)
-            }
+            Some(re) => Some(op::Regex::new(re).map_err(|e| {
+                UsageError(format!(
+                    "--error {re:?} is not a regular expression: {}",
+                    regex_error_line(&e.to_string())
+                ))
+            })?),
             None => None,
         };
         let s = op::Selection {
@@ -1891,6 +1913,28 @@ fn watch_line(event: &op::WatchEvent) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_regex_error_is_one_line_with_its_place() {
+        let e = warren_operator::Regex::new("ab(").unwrap_err().to_string();
+        assert!(
+            e.contains('\n'),
+            "the regex crate's error spans lines: {e:?}"
+        );
+        assert_eq!(
+            super::regex_error_line(&e),
+            "unclosed group (at character 3)"
+        );
+        let e = warren_operator::Regex::new("a{2,1}")
+            .unwrap_err()
+            .to_string();
+        let line = super::regex_error_line(&e);
+        assert!(
+            !line.contains('\n') && line.ends_with("(at character 2)"),
+            "{line}"
+        );
+        assert_eq!(super::regex_error_line("one line"), "one line");
+    }
+
     use super::*;
 
     #[test]
