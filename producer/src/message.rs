@@ -169,6 +169,27 @@ impl Message {
         )
     }
 
+    /// [`Message::fits_in_frame`] for the message as
+    /// [`Publisher::publish`] sends it: with the id, timestamp, content type
+    /// and delivery mode it adds where none is given (their encoded sizes do
+    /// not depend on their values). For checking properties shared by many
+    /// messages before anything is sent; the body does not count.
+    ///
+    /// [`Publisher::publish`]: crate::Publisher::publish
+    pub fn fits_in_frame_as_sent(&self, frame_max: u32) -> bool {
+        let mut sent = Message {
+            exchange: String::new(),
+            routing_key: String::new(),
+            body: Vec::new(),
+            properties: self.properties.clone(),
+            timeout: None,
+            json: self.json,
+            as_is: self.as_is,
+        };
+        sent.finish_properties();
+        sent.fits_in_frame(frame_max)
+    }
+
     /// Fills the defaults the message contract asks for and returns the
     /// message id.
     pub(crate) fn finish_properties(&mut self) -> String {
@@ -355,6 +376,39 @@ fn value_scan(v: &AMQPValue) -> Scan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fits_as_sent_counts_what_publish_adds() {
+        // Headers that leave room for the given properties alone, but not
+        // for the id, timestamp, content type and delivery mode publish adds.
+        let frame_max = 4096;
+        let given = |n: usize| {
+            Message::bytes("e", "k", b"body".to_vec()).properties(
+                BasicProperties::default().with_headers(FieldTable::from(
+                    std::collections::BTreeMap::from([(
+                        ShortString::from("h"),
+                        AMQPValue::LongString("x".repeat(n).into()),
+                    )]),
+                )),
+            )
+        };
+        let n = (3900..4096)
+            .rev()
+            .find(|&n| given(n).fits_in_frame(frame_max))
+            .expect("some size fits");
+        assert!(given(n).fits_in_frame(frame_max));
+        assert!(!given(n).fits_in_frame_as_sent(frame_max));
+        let sent = (3800..n)
+            .rev()
+            .find(|&n| given(n).fits_in_frame_as_sent(frame_max))
+            .expect("a smaller one fits as sent");
+        // The difference: a 36-byte id, an 8-byte timestamp, a 24-byte
+        // content type and a delivery mode, with their lengths.
+        assert!(n - sent > 60, "{n} - {sent}");
+        let mut m = given(sent);
+        m.finish_properties();
+        assert!(m.fits_in_frame(frame_max));
+    }
 
     #[test]
     fn as_is_fills_only_the_message_id() {
