@@ -1180,35 +1180,36 @@ async fn purge(g: &Global, a: PurgeArgs) -> anyhow::Result<ExitCode> {
         Some(p) => Some(op::ExportWriter::create_new(p)?),
         None => None,
     };
+    let prepared = async {
+        let c = conn(g).await?;
+        check_groups(g, &c, &a.read.groups).await?;
+        let mut pending = Vec::new();
+        for group in &groups {
+            let p = op::prepare_purge(&c, group, &selection, &read_opts(&a.read), archive.as_mut())
+                .await;
+            match p {
+                Ok(p) => pending.push(p),
+                Err(e) => {
+                    for p in pending {
+                        let _ = p.abort().await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        anyhow::Ok((c, pending))
+    }
+    .await;
     // Until something is deleted, a failure leaves no archive behind: the
     // same command, run again once the cause is fixed, must not be refused
     // for a file this run created.
-    let c = match conn(g).await {
-        Ok(c) => c,
+    let (c, pending) = match prepared {
+        Ok(prepared) => prepared,
         Err(e) => {
             discard_archive(archive);
             return Err(e);
         }
     };
-    if let Err(e) = check_groups(g, &c, &a.read.groups).await {
-        discard_archive(archive);
-        return Err(e);
-    }
-    let mut pending = Vec::new();
-    for group in &groups {
-        let p =
-            op::prepare_purge(&c, group, &selection, &read_opts(&a.read), archive.as_mut()).await;
-        match p {
-            Ok(p) => pending.push(p),
-            Err(e) => {
-                for p in pending {
-                    let _ = p.abort().await;
-                }
-                discard_archive(archive);
-                return Err(e.into());
-            }
-        }
-    }
     let total: usize = pending.iter().map(op::PendingPurge::count).sum();
     for p in &pending {
         warn_coverage(&p.coverage(), &warren_topology::dead_queue(p.group()));
@@ -1383,11 +1384,17 @@ fn unconfirmed_replay_text(ids: &[String], group: &str) -> String {
 /// command, run again, fail on a file that exists.
 fn discard_archive(archive: Option<op::ExportWriter>) {
     if let Some(w) = archive {
-        let path = w.path().to_owned();
-        drop(w);
-        if let Err(e) = std::fs::remove_file(&path) {
-            warn!(file = %path.display(), error = %e, "the archive of a purge that deleted nothing could not be removed");
-        }
+        discard_file(w, "the archive of a purge that deleted nothing");
+    }
+}
+
+/// Removes the file `w` writes (one this run created and has no use for),
+/// saying so at WARN when it cannot.
+fn discard_file(w: op::ExportWriter, what: &str) {
+    let path = w.path().to_owned();
+    drop(w);
+    if let Err(e) = std::fs::remove_file(&path) {
+        warn!(file = %path.display(), error = %e, "{what} could not be removed");
     }
 }
 
@@ -1480,11 +1487,7 @@ async fn export(g: &Global, a: ExportArgs) -> anyhow::Result<ExitCode> {
             // (run `warren topology apply`, say).
             Err(e) => {
                 if !to_stdout && out.written() == 0 {
-                    let path = out.path().to_owned();
-                    drop(out);
-                    if let Err(e) = std::fs::remove_file(&path) {
-                        warn!(file = %path.display(), error = %e, "the empty export file could not be removed");
-                    }
+                    discard_file(out, "the empty export file");
                 }
                 warren_topology::close(&c, "bye").await;
                 return Err(e.into());
