@@ -501,8 +501,9 @@ impl Said {
 
     /// `stopped consuming group "G": N handled (A acked, R retried, D
     /// dead-lettered)` (with how many were rejected, for the broker to
-    /// dead-letter, how many were requeued because their copy was not
-    /// confirmed, and how many handlers were stopped unfinished, when any),
+    /// dead-letter, how many were requeued (their copy not confirmed, or
+    /// their channel lost first), and how many handlers were stopped
+    /// unfinished, when any),
     /// or the event `stopped consuming` with them. A run stopped before it
     /// consumed (`consumed` false: it never got to its queue) says that
     /// instead of counts: `stopped group "G" before it started consuming`.
